@@ -1,0 +1,159 @@
+"""``sasoftmax.attention``: argument checking, SSMax, and dispatch to a backend."""
+
+from __future__ import annotations
+
+import math
+from typing import Union
+
+import torch
+from torch import Tensor
+
+from . import backends
+from .backends import BACKENDS, AttentionCall, BiasFunction
+from .normalizers import check_eps, check_normalizer
+
+
+def attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    normalizer: str = "sa_norm",
+    causal: bool = False,
+    mask: Tensor | None = None,
+    bias: Union[Tensor, BiasFunction, None] = None,
+    scale: float | None = None,
+    ssmax: Union[float, Tensor, None] = None,
+    eps: float = 1e-6,
+    dropout_p: float = 0.0,
+    backend: str = "auto",
+) -> Tensor:
+    """Attention with a choice of normalizer, in the layout of ``scaled_dot_product_attention``.
+
+    Args:
+        q: (B, Hq, L, D) queries.
+        k: (B, Hkv, S, D) keys; Hq % Hkv == 0 is grouped-query attention (query head h reads kv head
+            h // (Hq / Hkv)).
+        v: (B, Hkv, S, Dv) values.
+        normalizer: "softmax", "sa" (x·softmax(x)) or "sa_norm" (min-max normalised SA-Softmax).
+        causal: query i may attend keys j <= i + S − L (aligned lower-right, as in FlashAttention).
+        mask: bool, broadcastable to (B, Hq, L, S), True = attend.
+        bias: additive float tensor broadcastable to (B, Hq, L, S) (−inf = masked), or a bias function
+            ``bias(q_pos, k_pos)`` evaluated per tile (see :data:`sasoftmax.backends.BiasFunction`).
+        scale: logit scale, default 1/√D.
+        ssmax: Scalable-Softmax s: None (off), a float > 0 for every head, or a (Hq,) tensor (learnable).
+            Logits become x = s_h · ln(n_i) · z with n_i the number of keys row i may attend.
+        eps: ε in sa_norm's denominator M − m + ε.
+        dropout_p: dropout probability on the weights (applied whenever > 0, like SDPA).
+        backend: "auto", "eager", "cpu" or "triton".
+
+    Returns:
+        (B, Hq, L, Dv) in q's dtype. Math runs in float32 (float64 for float64 inputs). Rows with no
+        allowed key are zero and pass zero gradients.
+    """
+    call = make_call(q, k, v, normalizer, causal, mask, bias, scale, ssmax, eps, dropout_p)
+    return backends.load(choose_backend(call, backend)).attention(call)
+
+
+def choose_backend(call: AttentionCall, backend: str) -> str:
+    """The backend that serves ``call``: ``backend`` itself, checked, or the fastest one for "auto"."""
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a str, one of {('auto',) + BACKENDS}; got {type(backend).__name__}")
+    if backend == "auto":
+        preference = ("triton", "eager") if call.q.is_cuda else ("cpu", "eager")
+        for name in preference:
+            if backends.unavailable(name) is None and backends.load(name).unsupported(call) is None:
+                return name
+        raise AssertionError("the eager backend serves every call")  # pragma: no cover
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {('auto',) + BACKENDS}; got {backend!r}")
+    reason = backends.unavailable(backend) or backends.load(backend).unsupported(call)
+    if reason:
+        raise ValueError(f"backend={backend!r} cannot serve this call: {reason}")
+    return backend
+
+
+def make_call(q, k, v, normalizer, causal, mask, bias, scale, ssmax, eps, dropout_p) -> AttentionCall:
+    """Validate the arguments of :func:`attention` and bundle them; raises ValueError/TypeError."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor; got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating tensor (float16, bfloat16, float32, float64); got {t.dtype}")
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be 4-D (batch, heads, length, head_dim); got shape {tuple(t.shape)}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k and v must have one dtype; got q {q.dtype}, k {k.dtype}, v {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k and v must be on one device; got q {q.device}, k {k.device}, v {v.device}")
+    b, hq, lq, d = q.shape
+    if k.shape[0] != b or v.shape[0] != b:
+        raise ValueError(f"batch size of k and v must equal q's {b}; got k {k.shape[0]}, v {v.shape[0]}")
+    if k.shape[-1] != d:
+        raise ValueError(f"head_dim of k must equal q's {d}; got {k.shape[-1]}")
+    if k.shape[1] != v.shape[1]:
+        raise ValueError(f"k and v must have the same number of heads; got k {k.shape[1]}, v {v.shape[1]}")
+    if k.shape[2] != v.shape[2]:
+        raise ValueError(f"k and v must have the same length; got k {k.shape[2]}, v {v.shape[2]}")
+    hkv, lk = k.shape[1], k.shape[2]
+    if hkv == 0 or hq % hkv != 0:
+        raise ValueError(f"q heads ({hq}) must be a multiple of k/v heads ({hkv}) (grouped-query attention)")
+    check_normalizer(normalizer)
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool; got {type(causal).__name__}")
+    full = (b, hq, lq, lk)
+    if mask is not None:
+        if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
+            got = mask.dtype if isinstance(mask, Tensor) else type(mask).__name__
+            raise TypeError(f"mask must be a bool tensor (True = attend); got {got}. Pass additive masks as bias=")
+        check_broadcast("mask", mask, full, q.device)
+    if bias is not None:
+        if isinstance(bias, Tensor):
+            if not bias.is_floating_point():
+                raise TypeError(f"bias must be a floating tensor (additive; use mask= for bool); got {bias.dtype}")
+            check_broadcast("bias", bias, full, q.device)
+        elif not callable(bias):
+            raise TypeError(f"bias must be a float tensor or a function (q_pos, k_pos); got {type(bias).__name__}")
+    if scale is None:
+        scale = 1.0 / math.sqrt(d) if d > 0 else 1.0
+    elif isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"scale must be a float > 0 or None; got {type(scale).__name__}")
+    elif not (0 < scale < float("inf")):
+        raise ValueError(f"scale must be a finite float > 0; got {scale}")
+    ssmax = ssmax_tensor(ssmax, hq, q.device)
+    eps = check_eps(eps)
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)):
+        raise TypeError(f"dropout_p must be a float in [0, 1); got {type(dropout_p).__name__}")
+    if not 0 <= dropout_p < 1:
+        raise ValueError(f"dropout_p must be in [0, 1); got {dropout_p}")
+    return AttentionCall(q, k, v, normalizer, causal, mask, bias, float(scale), ssmax, eps, float(dropout_p))
+
+
+def check_broadcast(name: str, t: Tensor, full: tuple[int, ...], device: torch.device) -> None:
+    if t.device != device:
+        raise ValueError(f"{name} must be on q's device {device}; got {t.device}")
+    try:
+        ok = t.dim() <= 4 and torch.broadcast_shapes(t.shape, full) == torch.Size(full)
+    except RuntimeError:
+        ok = False
+    if not ok:
+        raise ValueError(f"{name} of shape {tuple(t.shape)} is not broadcastable to (B, Hq, L, S) = {full}")
+
+
+def ssmax_tensor(ssmax: Union[float, Tensor, None], heads: int, device: torch.device) -> Tensor | None:
+    """SSMax's s as a (heads,) tensor, or None; a float must be > 0."""
+    if ssmax is None:
+        return None
+    if isinstance(ssmax, Tensor):
+        if not ssmax.is_floating_point():
+            raise TypeError(f"ssmax tensor must be floating; got {ssmax.dtype}")
+        if ssmax.shape != (heads,):
+            raise ValueError(f"ssmax tensor must have shape (Hq,) = ({heads},); got {tuple(ssmax.shape)}")
+        if ssmax.device != device:
+            raise ValueError(f"ssmax must be on q's device {device}; got {ssmax.device}")
+        return ssmax
+    if isinstance(ssmax, bool) or not isinstance(ssmax, (int, float)):
+        raise TypeError(f"ssmax must be None, a float > 0 or a (Hq,) tensor; got {type(ssmax).__name__}")
+    if not (0 < ssmax < float("inf")):
+        raise ValueError(f"ssmax must be a finite float > 0; got {ssmax}")
+    return torch.full((heads,), float(ssmax), device=device)
