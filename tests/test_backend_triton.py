@@ -1,0 +1,319 @@
+"""The Triton backend against the eager reference (forward and gradients).
+
+Without a GPU the kernels run on CPU tensors in Triton's interpreter (tests/conftest.py sets
+TRITON_INTERPRET=1 before triton is imported): float32 must match eager to 1e-4 relative, float16 must
+pass the FlashAttention rule. The interpreter's bfloat16 arithmetic is wrong, so bfloat16 runs on CUDA
+only. On a CUDA machine every dtype is held to the FlashAttention rule: the error against a float64
+reference is at most twice that of a plain PyTorch implementation computing in the same dtype.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+
+# Triton ships wheels for Linux only; elsewhere (macOS, Windows) there is nothing to run these kernels with.
+pytest.importorskip("triton", reason="triton is not installed: it has wheels for Linux only (pip install 'sasoftmax[triton]')")
+
+from sasoftmax import attention, backends  # noqa: E402
+from sasoftmax.attention import choose_backend, make_call  # noqa: E402
+from sasoftmax.backends import triton as triton_backend  # noqa: E402
+from sasoftmax.normalizers import masked_weights  # noqa: E402
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+NORMALIZERS = ("softmax", "sa", "sa_norm")
+needs_kernels = pytest.mark.skipif(
+    not CUDA and not triton_backend.INTERPRET,
+    reason="no CUDA and Triton's interpreter is off (TRITON_INTERPRET=1 must be set before triton is imported)",
+)
+
+# (B, Hq, Hkv, L, S, D, Dv): odd lengths that leave partial tiles, grouped-query attention, D not a power
+# of two and Dv != D, L > S (causal rows with no key), decoding with one query.
+SHAPES = [
+    (1, 2, 2, 37, 37, 16, 16),
+    (2, 4, 2, 17, 40, 24, 32),
+    (1, 2, 1, 40, 17, 16, 16),
+    (1, 4, 1, 1, 70, 32, 32),
+]
+MASKED_SHAPE = (2, 2, 1, 17, 40, 16, 16)  # for mask and bias tests: padding differs per batch, GQA
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if CUDA else [])
+
+
+def make_inputs(shape, seed=0, transposed=False):
+    """float64 q, k, v and dO drawn from a seeded generator."""
+    b, hq, hkv, lq, lk, d, dv = shape
+    gen = torch.Generator().manual_seed(seed)
+
+    def rand(*size):
+        return torch.randn(*size, generator=gen, dtype=torch.float64)
+
+    if transposed:  # (B, L, H, D) memory, as projections produce it
+        q, k, v = (rand(b, n, h, e).transpose(1, 2) for n, h, e in ((lq, hq, d), (lk, hkv, d), (lk, hkv, dv)))
+    else:
+        q, k, v = rand(b, hq, lq, d), rand(b, hkv, lk, d), rand(b, hkv, lk, dv)
+    return q, k, v, rand(b, hq, lq, dv)
+
+
+def make_masks(shape, seed=0):
+    """A key-padding mask (B, 1, 1, S) and a full random mask (B, Hq, L, S) with some fully masked rows."""
+    b, hq, _, lq, lk, _, _ = shape
+    gen = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(1, lk + 1, (b,), generator=gen)
+    padding = (torch.arange(lk)[None, :] < lengths[:, None]).view(b, 1, 1, lk)
+    full = torch.rand(b, hq, lq, lk, generator=gen) < 0.7
+    full[:, :, ::5] = False
+    return {"padding": padding.to(DEVICE), "dense": full.to(DEVICE)}
+
+
+def make_bias(shape, seed=0):
+    """An ALiBi-like (1, Hq, L, S) bias with a −inf band (keys further than 24 back) and a random
+    (B, 1, L, S) one, float32."""
+    b, hq, _, lq, lk, _, _ = shape
+    distance = (torch.arange(lk - lq, lk)[:, None] - torch.arange(lk)[None, :]).abs().float()
+    slopes = 2.0 ** -torch.arange(1, hq + 1).float()
+    alibi = -slopes.view(1, hq, 1, 1) * distance
+    alibi = alibi.masked_fill(distance > 24, float("-inf"))
+    noise = torch.randn(b, 1, lq, lk, generator=torch.Generator().manual_seed(seed))
+    return {"alibi": alibi.to(DEVICE), "random": noise.to(DEVICE)}
+
+
+def run(inputs, dtype, backend, ssmax=None, **kwargs):
+    """Output and gradients (q, k, v, and SSMax's s if given) of ``attention`` in ``dtype``."""
+    leaves = [t.to(DEVICE, dtype).detach().requires_grad_() for t in inputs[:3]]
+    if ssmax is not None:
+        ssmax = ssmax.to(DEVICE, torch.float32).detach().requires_grad_()
+        leaves.append(ssmax)
+    if backend == "plain":
+        out = plain_attention(*leaves[:3], ssmax=ssmax, **kwargs)
+    else:
+        out = attention(*leaves[:3], ssmax=ssmax, backend=backend, **kwargs)
+    grads = torch.autograd.grad(out, leaves, inputs[3].to(DEVICE, dtype))
+    return [out, *grads]
+
+
+def plain_attention(q, k, v, *, normalizer, causal, ssmax=None, mask=None, bias=None, eps=1e-6):
+    """Materialised attention computed entirely in the input dtype (the FlashAttention rule's baseline)."""
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
+    lq, lk = q.shape[2], k.shape[2]
+    x = q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5
+    allowed = torch.ones(lq, lk, dtype=torch.bool, device=q.device)
+    if causal:
+        allowed = torch.arange(lk, device=q.device)[None, :] <= torch.arange(lk - lq, lk, device=q.device)[:, None]
+    if mask is not None:
+        allowed = allowed & mask
+    if bias is not None:
+        allowed = allowed & ~torch.isneginf(bias)
+        x = x + bias.masked_fill(torch.isneginf(bias), 0).to(q.dtype)
+    allowed = allowed.expand_as(x)
+    if ssmax is not None:
+        n = allowed.sum(-1, keepdim=True).clamp_min(1).to(q.dtype)
+        x = x * (ssmax.to(q.dtype).view(1, -1, 1, 1) * torch.log(n))
+    w = masked_weights(x, allowed, normalizer, eps)
+    return w @ v
+
+
+def assert_matches_eager(shape, dtype, seed=0, ssmax=None, transposed=False, **kwargs):
+    inputs = make_inputs(shape, seed, transposed)
+    got = run(inputs, dtype, "triton", ssmax, **kwargs)
+    names = ["out", "dq", "dk", "dv", "ds"]
+    for name, t in zip(names, got):
+        assert torch.isfinite(t).all(), f"{name} has non-finite entries"
+    if dtype == torch.float32 and not CUDA:
+        ref = run(inputs, dtype, "eager", ssmax, **kwargs)
+        for name, a, r in zip(names, got, ref):
+            err = (a - r).abs().max().item()
+            assert err <= 1e-4 * r.abs().max().item() + 1e-7, f"{name}: max error {err:.3g} vs eager"
+        return
+    ref = run(inputs, torch.float64, "eager", ssmax, **kwargs)
+    base = run(inputs, dtype, "plain", ssmax, **kwargs)
+    for name, a, p, r in zip(names, got, base, ref):
+        err, err_plain = (a.double() - r).abs().max().item(), (p.double() - r).abs().max().item()
+        assert err <= 2 * err_plain + 1e-5, f"{name} ({dtype}): error {err:.3g} > 2 × plain PyTorch's {err_plain:.3g}"
+
+
+@needs_kernels
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}-H{}/{}-L{}-S{}-D{}/{}".format(*s))
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("normalizer", NORMALIZERS)
+def test_float32_matches_eager(normalizer, causal, shape):
+    assert_matches_eager(shape, torch.float32, normalizer=normalizer, causal=causal)
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [d for d in DTYPES if d != torch.float32], ids=str)
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("normalizer", NORMALIZERS)
+def test_half_precision_flash_rule(normalizer, causal, dtype):
+    assert_matches_eager(SHAPES[1], dtype, normalizer=normalizer, causal=causal)
+
+
+@needs_kernels
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("normalizer", NORMALIZERS)
+def test_ssmax_including_its_gradient(normalizer, causal):
+    ssmax = torch.tensor([0.3, 0.5, 0.8, 1.2], dtype=torch.float64)
+    assert_matches_eager((1, 4, 2, 20, 33, 16, 16), torch.float32, ssmax=ssmax, normalizer=normalizer, causal=causal)
+
+
+@needs_kernels
+@pytest.mark.parametrize("kind", ["padding", "dense"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("normalizer", NORMALIZERS)
+def test_bool_masks(normalizer, causal, kind):
+    mask = make_masks(MASKED_SHAPE, seed=1)[kind]
+    assert_matches_eager(MASKED_SHAPE, torch.float32, normalizer=normalizer, causal=causal, mask=mask)
+
+
+@needs_kernels
+@pytest.mark.parametrize("kind", ["alibi", "random"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("normalizer", NORMALIZERS)
+def test_bias_tensors(normalizer, causal, kind):
+    bias = make_bias(MASKED_SHAPE, seed=4)[kind]
+    assert_matches_eager(MASKED_SHAPE, torch.float32, normalizer=normalizer, causal=causal, bias=bias)
+
+
+@needs_kernels
+@pytest.mark.parametrize("kind", ["padding", "dense"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_ssmax_counts_masked_keys(causal, kind):
+    """n_i counts the keys left by mask ∧ causal (a prefix sum for padding masks)."""
+    shape = (2, 4, 2, 20, 33, 16, 16)
+    ssmax = torch.tensor([0.3, 0.5, 0.8, 1.2], dtype=torch.float64)
+    mask = make_masks(shape, seed=2)[kind]
+    assert_matches_eager(shape, torch.float32, ssmax=ssmax, normalizer="sa_norm", causal=causal, mask=mask)
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [d for d in DTYPES if d != torch.float32], ids=str)
+def test_half_precision_ssmax_rows_with_one_key(dtype):
+    """Causal SSMax: row 0 has n = 1, so t = 0 and x ≡ 0; sa_norm's dx there is ~1/ε, beyond float16's
+    range, yet every gradient must stay finite and match eager (which computes in float32)."""
+    inputs = make_inputs((1, 2, 2, 20, 20, 16, 16), seed=7)
+    ssmax = torch.tensor([0.5, 0.8], dtype=torch.float64)
+    got = run(inputs, dtype, "triton", ssmax, normalizer="sa_norm", causal=True)
+    ref = run(inputs, dtype, "eager", ssmax, normalizer="sa_norm", causal=True)
+    for name, a, r in zip(["out", "dq", "dk", "dv", "ds"], got, ref):
+        assert torch.isfinite(a).all(), f"{name} has non-finite entries"
+        torch.testing.assert_close(a.float(), r.float(), rtol=0.02, atol=0.02 * r.abs().max().item())
+
+
+@needs_kernels
+@pytest.mark.parametrize("normalizer", NORMALIZERS)
+def test_strided_inputs(normalizer):
+    assert_matches_eager(SHAPES[1], torch.float32, transposed=True, normalizer=normalizer, causal=True)
+
+
+@needs_kernels
+@pytest.mark.parametrize("sign", [1.0, -1.0], ids=["all-positive", "all-negative"])
+def test_sa_norm_rows_of_one_sign(sign):
+    """All logits > 0 (m = 0: only the max term) or < 0 (M = 0: only the min term)."""
+    q, k, v, do = make_inputs(SHAPES[0], seed=3)
+    inputs = (q.abs(), sign * k.abs(), v, do)
+    got = run(inputs, torch.float32, "triton", normalizer="sa_norm", causal=True)
+    ref = run(inputs, torch.float32, "eager", normalizer="sa_norm", causal=True)
+    for a, r in zip(got, ref):
+        torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-4 * r.abs().max().item())
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_huge_logits_and_rows_without_keys_stay_finite(dtype):
+    """Logits ~1e3 and causal rows with no key (L > S): finite, those rows and their gradients zero."""
+    q, k, v, do = make_inputs((1, 2, 1, 40, 17, 16, 16), seed=5)
+    inputs = (q * 30, k * 30, v, do)
+    for normalizer in NORMALIZERS:
+        out, dq, dk, dv = run(inputs, dtype, "triton", normalizer=normalizer, causal=True)
+        for t in (out, dq, dk, dv):
+            assert torch.isfinite(t).all()
+        empty = slice(0, 40 - 17)
+        assert (out[:, :, empty] == 0).all() and (dq[:, :, empty] == 0).all()
+        ref = run(inputs, dtype, "eager", normalizer=normalizer, causal=True)[0].float()
+        torch.testing.assert_close(out.float(), ref, rtol=0.02, atol=0.02 * ref.abs().max().item())
+
+
+@needs_kernels
+def test_double_backward_raises():
+    q, k, v, _ = make_inputs(SHAPES[3])
+    q, k, v = (t.float().to(DEVICE).requires_grad_() for t in (q, k, v))
+    out = attention(q, k, v, backend="triton")
+    (dq,) = torch.autograd.grad(out.sum(), q, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|does not require grad"):
+        dq.sum().backward()
+
+
+def supported_call(**kwargs):
+    q, k, v, _ = make_inputs(SHAPES[1])
+    args = {"normalizer": "sa_norm", "causal": True, "mask": None, "bias": None, "scale": None, "ssmax": None}
+    args.update({"eps": 1e-6, "dropout_p": 0.0})
+    args.update(kwargs)
+    dtype = args.pop("dtype", torch.float32)
+    return make_call(q.to(DEVICE, dtype), k.to(DEVICE, dtype), v.to(DEVICE, dtype), **args)
+
+
+def unsupported_calls():
+    """Calls the kernels cannot serve, each with a phrase its reason must contain."""
+    b, hq, _, lq, lk, _, _ = SHAPES[1]
+    bias = torch.zeros(1, hq, lq, lk, device=DEVICE)
+    yield supported_call(bias=bias.requires_grad_()), "requires grad"
+    yield supported_call(bias=lambda qp, kp: -(qp[:, None] - kp[None, :]).abs().float()), "bias functions"
+    yield supported_call(bias=bias.detach(), ssmax=0.5), "SSMax together with an additive bias"
+    yield supported_call(dropout_p=0.1), "dropout"
+    yield supported_call(dtype=torch.float64), "float64"
+    for d in (8, 300):
+        q = torch.randn(1, 2, 5, d, device=DEVICE)
+        yield make_call(q, q, q, "sa_norm", False, None, None, None, None, 1e-6, 0.0), f"is {d}"
+    q = torch.randn(1, 2, 0, 16, device=DEVICE)
+    yield make_call(q, q, q, "sa_norm", False, None, None, None, None, 1e-6, 0.0), "empty"
+
+
+@pytest.mark.parametrize("case", range(8))
+def test_unsupported_calls_fall_back_or_raise(case):
+    call, phrase = list(unsupported_calls())[case]
+    reason = triton_backend.unsupported(call)
+    assert reason is not None and phrase in reason
+    chosen = choose_backend(call, "auto")
+    assert chosen != "triton" and backends.load(chosen).unsupported(call) is None
+    with pytest.raises(ValueError, match="backend='triton' cannot serve"):
+        choose_backend(call, "triton")
+
+
+def test_cpu_tensors_need_the_interpreter(monkeypatch):
+    monkeypatch.setattr(triton_backend, "INTERPRET", False)
+    call = make_call(*(torch.randn(1, 2, 5, 16) for _ in range(3)), "sa", False, None, None, None, None, 1e-6, 0.0)
+    assert "CUDA" in triton_backend.unsupported(call)
+    with pytest.raises(ValueError, match="need CUDA tensors"):
+        choose_backend(call, "triton")
+    assert choose_backend(call, "auto") != "triton"
+
+
+@pytest.mark.skipif(not CUDA, reason="auto prefers triton only for CUDA tensors")
+def test_auto_prefers_triton_on_cuda():
+    assert choose_backend(supported_call(), "auto") == "triton"
+
+
+@needs_kernels
+def test_supported_call_is_served():
+    call = supported_call(ssmax=0.5, mask=make_masks(SHAPES[1])["padding"])
+    assert triton_backend.unsupported(call) is None
+    assert choose_backend(call, "triton") == "triton"
+    bias = make_bias(SHAPES[1])["alibi"].requires_grad_()
+    with torch.no_grad():  # a learnable bias is fine when no gradient is wanted
+        assert triton_backend.unsupported(supported_call(bias=bias)) is None
+
+
+def test_without_triton_the_backend_is_unavailable(monkeypatch):
+    for name in ("sasoftmax.backends.triton", "sasoftmax.backends.triton_kernels"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    monkeypatch.setitem(sys.modules, "triton", None)  # makes `import triton` raise ImportError
+    reason = backends.unavailable("triton")
+    assert reason is not None and "triton is not installed" in reason
+    q = torch.randn(1, 2, 5, 16)
+    call = make_call(q, q, q, "sa", False, None, None, None, None, 1e-6, 0.0)
+    assert choose_backend(call, "auto") != "triton"
+    with pytest.raises(ValueError, match="triton is not installed"):
+        choose_backend(call, "triton")
