@@ -15,7 +15,7 @@ import pytest
 import torch
 
 # Triton ships wheels for Linux only; elsewhere (macOS, Windows) there is nothing to run these kernels with.
-pytest.importorskip("triton", reason="triton is not installed: it has wheels for Linux only (pip install 'sasoftmax[triton]')")
+pytest.importorskip("triton", reason="triton is not installed (it has wheels for Linux only)")
 
 from sasoftmax import attention, backends  # noqa: E402
 from sasoftmax.attention import choose_backend, make_call  # noqa: E402
