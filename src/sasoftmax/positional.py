@@ -1,0 +1,219 @@
+"""Positional encodings of the harness (DESIGN §6), as the papers and their reference code define them.
+
+Three kinds, by what they need from the attention:
+
+- **rotary** (:class:`RoPE`): rotates queries and keys; called as ``rope(q, k) -> (q, k)`` on the
+  head-split (B, H, L, D) tensors.
+- **bias functions** (:class:`ALiBi`, :class:`Kerple`, :class:`FIRE`): functions of positions only,
+  ``bias(q_pos, k_pos) -> (1, H, Lt, St)``, handed to :func:`sasoftmax.attention` as ``bias=`` so fused
+  backends evaluate them per tile and never hold an (H, L, S) tensor (see
+  :data:`sasoftmax.backends.BiasFunction`; q_pos are lower-right aligned, so i − j is the distance).
+- **score-dependent** (:class:`DAPEKerple`, :class:`DAPEV2Kerple`): read the materialised scaled scores
+  A (B, H, L, S) and return the full additive bias; the attention then computes A + bias. They need the
+  whole score map, so they cost O(L·S) memory whatever backend serves the call.
+
+The normalizer's SA factor and SSMax act on the final logits, positional bias included.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+POSITIONAL: tuple[str, ...] = ("nope", "rope", "alibi", "kerple", "fire", "dape_kerple", "dapev2_kerple")
+"""Names accepted by :func:`make_positional` (and ``--pos``)."""
+
+SCORE_DEPENDENT: tuple[str, ...] = ("dape_kerple", "dapev2_kerple")
+"""Encodings that read the materialised score map (see :class:`ScoreBias`)."""
+
+
+def check_positional(name: object) -> str:
+    """Return ``name`` if it is one of :data:`POSITIONAL`, else raise ValueError/TypeError."""
+    if not isinstance(name, str):
+        raise TypeError(f"pos must be a str, one of {POSITIONAL}; got {type(name).__name__}")
+    if name not in POSITIONAL:
+        raise ValueError(f"pos must be one of {POSITIONAL}; got {name!r}")
+    return name
+
+
+def relative_distance(q_pos: Tensor, k_pos: Tensor) -> Tensor:
+    """i − j as float32, shape (Lt, St)."""
+    return (q_pos[:, None] - k_pos[None, :]).to(torch.float32)
+
+
+class RoPE(nn.Module):
+    """Rotary position embedding, rotate-half form (GPT-NeoX/Llama), base 10000.
+
+    ``forward(q, k)`` takes (B, H, L, D) queries and (B, Hkv, S, D) keys; queries sit at positions
+    S − L .. S − 1 (lower-right, matching causal masking), keys at 0 .. S − 1.
+    """
+
+    def __init__(self, head_dim: int, base: float = 10000.0) -> None:
+        super().__init__()
+        if head_dim <= 0 or head_dim % 2:
+            raise ValueError(f"RoPE needs an even head_dim > 0; got {head_dim}")
+        inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def rotate(self, x: Tensor, positions: Tensor) -> Tensor:
+        angles = positions.to(torch.float32)[:, None] * self.inv_freq[None, :]  # (T, D/2)
+        cos = torch.cat((angles.cos(), angles.cos()), -1).to(x.dtype)
+        sin = torch.cat((angles.sin(), angles.sin()), -1).to(x.dtype)
+        x1, x2 = x.chunk(2, dim=-1)
+        return x * cos + torch.cat((-x2, x1), -1) * sin
+
+    def forward(self, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
+        lq, lk = q.shape[-2], k.shape[-2]
+        q_pos = torch.arange(lk - lq, lk, device=q.device)
+        return self.rotate(q, q_pos), self.rotate(k, torch.arange(lk, device=k.device))
+
+
+def alibi_slopes(num_heads: int) -> list[float]:
+    """ALiBi's m_h: 2^(−8h/H) for h = 1..H when H is a power of two, else the interleaving of the
+    next power of two's slopes (Press et al., reference implementation)."""
+
+    def power_of_two(n: int) -> list[float]:
+        start = 2.0 ** (-8.0 / n)
+        return [start ** (h + 1) for h in range(n)]
+
+    if math.log2(num_heads).is_integer():
+        return power_of_two(num_heads)
+    closest = 2 ** math.floor(math.log2(num_heads))
+    return power_of_two(closest) + alibi_slopes(2 * closest)[0::2][: num_heads - closest]
+
+
+class ALiBi(nn.Module):
+    """Bias function −m_h·(i − j); no parameters."""
+
+    def __init__(self, num_heads: int) -> None:
+        super().__init__()
+        self.register_buffer("slopes", torch.tensor(alibi_slopes(num_heads)), persistent=False)
+
+    def forward(self, q_pos: Tensor, k_pos: Tensor) -> Tensor:
+        """(1, H, Lt, St)."""
+        return -self.slopes[None, :, None, None] * relative_distance(q_pos, k_pos)
+
+
+class Kerple(nn.Module):
+    """Kerple, logarithmic variant: bias −r1_h·ln(1 + r2_h·|i − j|), r1 and r2 learnable per head.
+
+    Initialised r1 ~ U(0, 2), r2 ~ U(0, 1) and kept >= ``eps`` = 1e-2 (clamped where used; the
+    reference code clamps the stored values in place, which gives the same logits).
+    """
+
+    def __init__(self, num_heads: int, eps: float = 1e-2) -> None:
+        super().__init__()
+        self.eps = eps
+        self.r1 = nn.Parameter(torch.rand(num_heads) * 2)
+        self.r2 = nn.Parameter(torch.rand(num_heads))
+
+    def forward(self, q_pos: Tensor, k_pos: Tensor) -> Tensor:
+        """(1, H, Lt, St)."""
+        r1 = self.r1.clamp(min=self.eps)[None, :, None, None]
+        r2 = self.r2.clamp(min=self.eps)[None, :, None, None]
+        return -r1 * torch.log1p(r2 * relative_distance(q_pos, k_pos).abs())
+
+
+class FIRE(nn.Module):
+    """FIRE (Li et al., 2023): bias f_θ(ψ(i − j) / ψ(max(L, i))), ψ(x) = ln(c·|x| + 1).
+
+    f_θ is an MLP 1 → ``width`` → H (ReLU); c (init 0.1) and the threshold L (init ``train_len``,
+    learnt through a multiplier as in the reference code) are learnable.
+    """
+
+    def __init__(self, num_heads: int, train_len: int, width: int = 32, c: float = 0.1, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(1, width), nn.ReLU(), nn.Linear(width, num_heads))
+        self.c = nn.Parameter(torch.tensor(float(c)))
+        self.register_buffer("init_threshold", torch.tensor(float(train_len)))
+        self.threshold_multiplier = nn.Parameter(torch.tensor(1.0))
+        self.eps = eps
+
+    def forward(self, q_pos: Tensor, k_pos: Tensor) -> Tensor:
+        """(1, H, Lt, St)."""
+        threshold = (self.threshold_multiplier * self.init_threshold).abs()
+        normaliser = torch.maximum(q_pos.to(torch.float32), threshold)[:, None]
+        distance = torch.log((self.c * relative_distance(q_pos, k_pos)).abs() + 1)
+        normalised = distance / (torch.log((self.c * normaliser).abs() + 1) + self.eps)
+        return self.mlp(normalised.unsqueeze(-1)).permute(2, 0, 1).unsqueeze(0)
+
+
+class ScoreBias(nn.Module):
+    """Base of the score-dependent encodings: ``forward(scores) -> bias``.
+
+    ``scores`` are the scaled scores A = q·kᵀ/√D of shape (B, H, L, S) (queries lower-right aligned);
+    the result is the full additive bias (B, H, L, S) such that the logits are A + bias. Future entries
+    (j > i) of the result are arbitrary: the caller masks them causally.
+    """
+
+    def __init__(self, num_heads: int) -> None:
+        super().__init__()
+        self.kerple = Kerple(num_heads)
+
+    def kerple_bias(self, scores: Tensor) -> Tensor:
+        lq, lk = scores.shape[-2:]
+        return self.kerple(torch.arange(lk - lq, lk, device=scores.device), torch.arange(lk, device=scores.device))
+
+
+class DAPEKerple(ScoreBias):
+    """DAPE (Zheng et al., 2024) over Kerple: logits A + B + MLP([A; B]), B the Kerple bias.
+
+    The MLP (2H → ``width`` → H, LeakyReLU) mixes heads at every (i, j) independently, so future
+    scores cannot leak into allowed entries.
+    """
+
+    def __init__(self, num_heads: int, width: int = 32) -> None:
+        super().__init__(num_heads)
+        self.mlp = nn.Sequential(nn.Linear(2 * num_heads, width), nn.LeakyReLU(), nn.Linear(width, num_heads))
+
+    def forward(self, scores: Tensor) -> Tensor:
+        kerple = self.kerple_bias(scores).to(scores.dtype).expand_as(scores)
+        mixed = self.mlp(torch.cat((scores, kerple), 1).permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        return kerple + mixed
+
+
+class DAPEV2Kerple(ScoreBias):
+    """DAPEV2 (Zheng et al., 2024) over Kerple, the SA-Softmax paper's headline setting:
+    logits A + B + Conv(tril([A; B])).
+
+    Conv is Conv2d(2H → ``width``, (1, 3), padding (0, 1)) → LeakyReLU → Conv2d(``width`` → H, (1, 3),
+    padding (0, 1)) along the key axis. Future entries are zeroed before the convolution: a 1×3 kernel
+    would otherwise let key j + 1 reach entry (i, j).
+    """
+
+    def __init__(self, num_heads: int, width: int = 32) -> None:
+        super().__init__(num_heads)
+        self.conv1 = nn.Conv2d(2 * num_heads, width, (1, 3), padding=(0, 1))
+        self.conv2 = nn.Conv2d(width, num_heads, (1, 3), padding=(0, 1))
+
+    def forward(self, scores: Tensor) -> Tensor:
+        lq, lk = scores.shape[-2:]
+        kerple = self.kerple_bias(scores).to(scores.dtype).expand_as(scores)
+        past = torch.ones(lq, lk, dtype=torch.bool, device=scores.device).tril(lk - lq)
+        stacked = torch.cat((scores, kerple), 1).masked_fill(~past, 0.0)
+        return kerple + self.conv2(F.leaky_relu(self.conv1(stacked)))
+
+
+def make_positional(name: str, num_heads: int, head_dim: int, train_len: int, width: int = 32) -> nn.Module | None:
+    """The module for positional encoding ``name`` (None for NoPE).
+
+    ``train_len`` initialises FIRE's threshold; ``width`` is the hidden width of FIRE's MLP and of the
+    DAPE networks.
+    """
+    check_positional(name)
+    if name == "nope":
+        return None
+    if name == "rope":
+        return RoPE(head_dim)
+    if name == "alibi":
+        return ALiBi(num_heads)
+    if name == "kerple":
+        return Kerple(num_heads)
+    if name == "fire":
+        return FIRE(num_heads, train_len, width)
+    if name == "dape_kerple":
+        return DAPEKerple(num_heads, width)
+    return DAPEV2Kerple(num_heads, width)

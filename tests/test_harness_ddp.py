@@ -1,0 +1,77 @@
+"""Data-parallel training: `torchrun --nproc_per_node 2` (gloo on CPU) matches one process with the same batch."""
+
+import json
+import os
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import pytest
+import torch
+
+from sasoftmax.train import make_config, read_checkpoint, train
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models: intra-op threads only add overhead (and oversubscribe a CPU shared by test runs)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_torchrun_two_processes_match_one(tmp_path):
+    root = Path(sysconfig.get_paths()["stdlib"])
+    data = tmp_path / "corpus.txt"
+    data.write_text((root / "textwrap.py").read_text() + (root / "argparse.py").read_text())
+    args = dict(normalizer="sa_norm", ssmax=0.43, pos="kerple", steps=4, grad_accum=2, data=str(data))
+    train(make_config("smoke", **args), tmp_path / "one", progress=False)
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+        "-m", "sasoftmax", "train", "--preset", "smoke", "--normalizer", "sa_norm", "--ssmax", "0.43",
+        "--pos", "kerple", "--steps", "4", "--grad-accum", "2", "--data", str(data),
+        "--out", str(tmp_path / "two"), "--no-progress",
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    def losses(out):
+        return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+    one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert len(one) == len(two) == 4
+    assert two == pytest.approx(one, rel=1e-5)
+    a, b = read_checkpoint(tmp_path / "one")["model"], read_checkpoint(tmp_path / "two")["model"]
+    for key in a:
+        assert torch.allclose(a[key], b[key], atol=1e-5), key
+    assert read_checkpoint(tmp_path / "two")["world_size"] == 2 and read_checkpoint(tmp_path / "one")["world_size"] == 1
+
+
+def test_torchrun_splits_each_batch_between_the_ranks(tmp_path):
+    """Through the Python API under torchrun: each rank sees batch_size / 2 rows, and the run still matches."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    data = tmp_path / "corpus.txt"
+    data.write_text((root / "textwrap.py").read_text() + (root / "argparse.py").read_text())
+    script = tmp_path / "run.py"
+    script.write_text(
+        "import sys\n"
+        "from sasoftmax.train import make_config, train\n"
+        f"config = make_config('smoke', pos='alibi', normalizer='sa', steps=3, data={str(data)!r})\n"
+        "hook = lambda step, model, x, y: {'rows': x.shape[0]}\n"
+        "train(config, sys.argv[1], progress=False, step_hook=hook, hook_every=1)\n"
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               str(script), str(tmp_path / "two")]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [json.loads(line)["rows"] for line in (tmp_path / "two" / "hooks.jsonl").read_text().splitlines()]
+    assert rows == [2, 2, 2]  # smoke's batch of 4, halved
+    train(make_config("smoke", pos="alibi", normalizer="sa", steps=3, data=str(data)), tmp_path / "one",
+          progress=False)
+    a, b = read_checkpoint(tmp_path / "one")["model"], read_checkpoint(tmp_path / "two")["model"]
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)

@@ -1,0 +1,195 @@
+"""Positional encodings (DESIGN §6): formulas, gradients, and every backend against the eager reference."""
+
+import math
+
+import pytest
+import torch
+
+from sasoftmax import attention
+from sasoftmax.backends import BACKENDS, load, unavailable
+from sasoftmax.backends.call import AttentionCall
+from sasoftmax.positional import (
+    FIRE,
+    POSITIONAL,
+    ALiBi,
+    DAPEKerple,
+    DAPEV2Kerple,
+    Kerple,
+    RoPE,
+    alibi_slopes,
+    check_positional,
+    make_positional,
+)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models: intra-op threads only add overhead (and oversubscribe a CPU shared by test runs)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+
+def positions(lq, lk):
+    return torch.arange(lk - lq, lk), torch.arange(lk)
+
+
+def test_alibi_slopes_power_of_two_and_interleaved():
+    assert alibi_slopes(8) == pytest.approx([2.0 ** (-h) for h in range(1, 9)])
+    assert alibi_slopes(4) == pytest.approx([2.0 ** (-2 * h) for h in range(1, 5)])
+    # 6 heads: the 4-head slopes, then every other slope of the 8-head set.
+    assert alibi_slopes(6) == pytest.approx([2**-2, 2**-4, 2**-6, 2**-8, 2**-1, 2**-3])
+
+
+def test_alibi_bias_is_minus_slope_times_distance():
+    q_pos, k_pos = positions(3, 5)
+    bias = ALiBi(4)(q_pos, k_pos)
+    assert bias.shape == (1, 4, 3, 5)
+    slopes = alibi_slopes(4)
+    for h in range(4):
+        for i in range(3):
+            for j in range(5):
+                assert bias[0, h, i, j].item() == pytest.approx(-slopes[h] * (i + 2 - j))
+
+
+def test_kerple_formula_clamp_and_gradients():
+    torch.manual_seed(0)
+    kerple = Kerple(3)
+    assert ((kerple.r1 >= 0) & (kerple.r1 <= 2)).all() and ((kerple.r2 >= 0) & (kerple.r2 <= 1)).all()
+    with torch.no_grad():
+        kerple.r1.copy_(torch.tensor([0.5, 1e-4, 1.5]))
+        kerple.r2.copy_(torch.tensor([0.2, 0.7, 1e-5]))
+    q_pos, k_pos = positions(4, 4)
+    bias = kerple(q_pos, k_pos)
+    r1, r2 = [0.5, 1e-2, 1.5], [0.2, 0.7, 1e-2]
+    for h in range(3):
+        for i in range(4):
+            for j in range(4):
+                expected = -r1[h] * math.log(1 + r2[h] * abs(i - j))
+                assert bias[0, h, i, j].item() == pytest.approx(expected, rel=1e-5, abs=1e-7)
+    bias.sum().backward()
+    assert kerple.r1.grad[0] != 0 and kerple.r2.grad[0] != 0
+    assert kerple.r1.grad[1] == 0  # clamped at 1e-2: no gradient below the floor
+
+
+def test_fire_formula_and_gradients():
+    torch.manual_seed(0)
+    fire = FIRE(2, train_len=4, width=8)
+    q_pos, k_pos = positions(6, 6)
+    bias = fire(q_pos, k_pos)
+    assert bias.shape == (1, 2, 6, 6)
+    c, threshold = 0.1, 4.0
+    for i in range(6):
+        for j in range(6):
+            x = math.log(c * abs(i - j) + 1) / (math.log(c * max(threshold, i) + 1) + 1e-6)
+            expected = fire.mlp(torch.tensor([[x]]))[0]
+            assert torch.allclose(bias[0, :, i, j], expected, atol=1e-6)
+    bias.square().sum().backward()
+    for name, p in fire.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+    assert fire.c.grad != 0 and fire.threshold_multiplier.grad != 0
+
+
+def test_rope_depends_only_on_relative_position_and_aligns_lower_right():
+    torch.manual_seed(0)
+    rope = RoPE(8)
+    q, k = torch.randn(1, 1, 1, 8), torch.randn(1, 1, 1, 8)
+
+    def score(i, j):
+        qi = rope.rotate(q, torch.tensor([i]))
+        kj = rope.rotate(k, torch.tensor([j]))
+        return (qi * kj).sum().item()
+
+    assert score(5, 2) == pytest.approx(score(13, 10), abs=1e-5)
+    assert score(5, 2) != pytest.approx(score(5, 3), abs=1e-3)
+    # Norms are preserved (a rotation) and the first pair of dims rotates by angle = position.
+    x = torch.randn(1, 1, 3, 8)
+    assert torch.allclose(rope.rotate(x, torch.arange(3)).norm(dim=-1), x.norm(dim=-1), atol=1e-5)
+    e = torch.zeros(1, 1, 1, 8)
+    e[..., 0] = 1
+    rotated = rope.rotate(e, torch.tensor([2]))
+    assert rotated[0, 0, 0, 0].item() == pytest.approx(math.cos(2)) and rotated[0, 0, 0, 4].item() == pytest.approx(
+        math.sin(2)
+    )
+    # Two queries among five keys sit at positions 3 and 4.
+    qs, ks = torch.randn(1, 2, 2, 8), torch.randn(1, 2, 5, 8)
+    rq, rk = rope(qs, ks)
+    assert torch.equal(rq, rope.rotate(qs, torch.tensor([3, 4])))
+    assert torch.equal(rk, rope.rotate(ks, torch.arange(5)))
+
+
+def test_dape_kerple_is_kerple_plus_mlp_over_scores_and_bias():
+    torch.manual_seed(0)
+    dape = DAPEKerple(2, width=8)
+    scores = torch.randn(3, 2, 4, 4)
+    kerple = dape.kerple(*positions(4, 4))
+    out = dape(scores)
+    for b in range(3):
+        for i in range(4):
+            for j in range(4):
+                features = torch.cat((scores[b, :, i, j], kerple[0, :, i, j]))
+                assert torch.allclose(out[b, :, i, j], kerple[0, :, i, j] + dape.mlp(features), atol=1e-6)
+
+
+def test_dapev2_sees_no_future_scores_but_its_neighbours():
+    torch.manual_seed(0)
+    dape = DAPEV2Kerple(2, width=8)
+    scores = torch.randn(1, 2, 5, 5)
+    out = dape(scores)
+    future = scores.clone()
+    future[..., torch.ones(5, 5, dtype=torch.bool).triu(1)] = 100.0
+    past = torch.ones(5, 5, dtype=torch.bool).tril()
+    assert torch.equal(dape(future)[..., past], out[..., past])
+    # The 1×3 kernels (two layers) reach two keys back: entry (4, 4) depends on (4, 2), not on (4, 1).
+    near, far = scores.clone(), scores.clone()
+    near[0, 0, 4, 2] += 1.0
+    far[0, 0, 4, 1] += 1.0
+    assert not torch.allclose(dape(near)[0, :, 4, 4], out[0, :, 4, 4])
+    assert torch.equal(dape(far)[0, :, 4, 4], out[0, :, 4, 4])
+    # Lower-right alignment: 2 queries among 5 keys see keys up to 3 and 4.
+    two = dape(scores[:, :, 3:])
+    shifted = scores[:, :, 3:].clone()
+    shifted[0, :, 0, 4] = 100.0  # the future of the first query
+    assert torch.equal(dape(shifted)[0, :, 0, :4], two[0, :, 0, :4])
+
+
+def test_make_positional_names():
+    assert make_positional("nope", 2, 8, 16) is None
+    for name in POSITIONAL[1:]:
+        assert make_positional(name, 2, 8, 16) is not None
+    with pytest.raises(ValueError, match="pos must be one of"):
+        check_positional("learned")
+    with pytest.raises(TypeError, match="pos must be a str"):
+        check_positional(3)
+
+
+def serving_backends(call: AttentionCall) -> list[str]:
+    return [b for b in BACKENDS if b != "eager" and unavailable(b) is None and load(b).unsupported(call) is None]
+
+
+@pytest.mark.parametrize("name", ["alibi", "kerple", "fire"])
+@pytest.mark.parametrize("normalizer", ["softmax", "sa_norm"])
+def test_bias_functions_on_every_backend_match_eager(name, normalizer):
+    torch.manual_seed(0)
+    heads, lq, lk, d = 2, 5, 7, 8
+    module = make_positional(name, heads, d, 6, width=8)
+    q = torch.randn(2, heads, lq, d, requires_grad=True)
+    k = torch.randn(2, heads, lk, d, requires_grad=True)
+    v = torch.randn(2, heads, lk, d, requires_grad=True)
+    kwargs = dict(normalizer=normalizer, causal=True, ssmax=0.5)
+    # Reference: the eager backend with the materialised bias tensor.
+    ref = attention(q, k, v, bias=module(*positions(lq, lk)), backend="eager", **kwargs)
+    ref.square().sum().backward()
+    ref_grads = [t.grad.clone() for t in (q, k, v)] + [p.grad.clone() for p in module.parameters()]
+    call = AttentionCall(q, k, v, normalizer, True, None, module, 1 / math.sqrt(d), torch.full((heads,), 0.5), 1e-6, 0)
+    for backend in ["eager"] + serving_backends(call):
+        for t in list((q, k, v)) + list(module.parameters()):
+            t.grad = None
+        out = attention(q, k, v, bias=module, backend=backend, **kwargs)
+        assert torch.allclose(out, ref, atol=1e-5), backend
+        out.square().sum().backward()
+        grads = [t.grad for t in (q, k, v)] + [p.grad for p in module.parameters()]
+        for got, want in zip(grads, ref_grads):
+            assert got is not None and torch.allclose(got, want, atol=1e-4), backend
