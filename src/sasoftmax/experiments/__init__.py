@@ -1,0 +1,1 @@
+"""Experiments built on the harness: :mod:`sasoftmax.experiments.compare` (``sasoftmax compare``)."""
