@@ -14,15 +14,6 @@ from sasoftmax.analysis.retrieval import NeedleTask, needle_accuracy, run_needle
 from sasoftmax.models import GPT, GPTConfig
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    """Tiny models run far faster on one thread (and do not fight other processes for the cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_gpt(**kw) -> GPT:
     torch.manual_seed(0)
     config = {"vocab_size": 64, "block_size": 16, "n_layer": 2, "n_embd": 16, "n_head": 2, "pos": "rope", **kw}

@@ -8,7 +8,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import sysconfig
 import time
 from pathlib import Path
 
@@ -24,19 +23,9 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.fixture(scope="module")
-def data_file(tmp_path_factory) -> Path:
-    """A small fixed text corpus (a few stdlib modules), so the tests do not read the whole stdlib."""
-    root = Path(sysconfig.get_paths()["stdlib"])
-    text = "\n".join((root / name).read_text() for name in ("argparse.py", "json/decoder.py", "textwrap.py"))
-    path = tmp_path_factory.mktemp("data") / "corpus.txt"
-    path.write_text(text)
-    return path
-
-
-@pytest.fixture(scope="module")
-def smoke(tmp_path_factory, data_file) -> Path:
+def smoke(tmp_path_factory, corpus_file) -> Path:
     out = tmp_path_factory.mktemp("compare") / "smoke"
-    assert main(["compare", "--preset", "smoke", "--out", str(out), "--data", str(data_file), "--no-progress"]) == 0
+    assert main(["compare", "--preset", "smoke", "--out", str(out), "--data", str(corpus_file), "--no-progress"]) == 0
     return out
 
 
@@ -94,11 +83,11 @@ def test_report_regenerates_from_results_json(smoke, tmp_path):
     assert len(list((copy / "plots").glob("*.png"))) == 5
 
 
-def test_interrupted_compare_resumes_and_reuses_finished_runs(smoke, data_file, tmp_path):
+def test_interrupted_compare_resumes_and_reuses_finished_runs(smoke, corpus_file, tmp_path):
     out = tmp_path / "resumed"
-    args = ["compare", "--preset", "smoke", "--out", str(out), "--data", str(data_file), "--pos", "rope",
+    args = ["compare", "--preset", "smoke", "--out", str(out), "--data", str(corpus_file), "--pos", "rope",
             "--normalizers", "softmax,ssmax", "--no-retrieval", "--no-progress"]
-    settings = plan("smoke", pos=["rope"], variants=["softmax", "ssmax"], data=str(data_file), retrieval=False)
+    settings = plan("smoke", pos=["rope"], variants=["softmax", "ssmax"], data=str(corpus_file), retrieval=False)
     assert settings["seeds"] == [0]
     # Simulate a compare killed in its first run after the checkpoint of step 4: write its claim file, then
     # train that run as compare does and interrupt it at step 6.
@@ -140,9 +129,9 @@ def test_interrupted_compare_resumes_and_reuses_finished_runs(smoke, data_file, 
     assert {p: p.stat().st_mtime_ns for p in (out / "runs").rglob("*") if p.is_file()} == stamps
 
 
-def test_killed_compare_process_resumes_without_retraining(data_file, tmp_path):
+def test_killed_compare_process_resumes_without_retraining(corpus_file, tmp_path):
     out = tmp_path / "killed"
-    args = ["compare", "--preset", "smoke", "--out", str(out), "--data", str(data_file), "--pos", "rope",
+    args = ["compare", "--preset", "smoke", "--out", str(out), "--data", str(corpus_file), "--pos", "rope",
             "--normalizers", "softmax,sa_norm,ssmax", "--no-retrieval", "--no-progress"]
     first = out / "runs" / "rope-softmax-s0" / "analysis.json"
     process = subprocess.Popen([sys.executable, "-m", "sasoftmax", *args], stdout=subprocess.DEVNULL,
@@ -178,9 +167,9 @@ def test_report_without_matplotlib_still_writes_the_tables(smoke, tmp_path, monk
     assert "matplotlib" in capsys.readouterr().err
 
 
-def test_parallel_jobs_give_the_same_runs(smoke, data_file, tmp_path):
+def test_parallel_jobs_give_the_same_runs(smoke, corpus_file, tmp_path):
     out = tmp_path / "parallel"
-    assert main(["compare", "--preset", "smoke", "--out", str(out), "--data", str(data_file), "--pos", "kerple",
+    assert main(["compare", "--preset", "smoke", "--out", str(out), "--data", str(corpus_file), "--pos", "kerple",
                  "--normalizers", "softmax,sa_norm", "--jobs", "2", "--no-progress"]) == 0
     results = json.loads((out / "results.json").read_text())
     sequential = {r["name"]: r for r in json.loads((smoke / "results.json").read_text())["runs"]}

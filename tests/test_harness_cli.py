@@ -4,7 +4,6 @@ import json
 import shutil
 import subprocess
 import sys
-import sysconfig
 import types
 from pathlib import Path
 
@@ -13,23 +12,6 @@ import torch
 
 from sasoftmax import cli
 from sasoftmax.train import read_checkpoint
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: intra-op threads only add overhead (and oversubscribe a CPU shared by test runs)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def corpus_file(tmp_path_factory) -> str:
-    root = Path(sysconfig.get_paths()["stdlib"])
-    path = tmp_path_factory.mktemp("data") / "corpus.txt"
-    path.write_text((root / "textwrap.py").read_text() + (root / "argparse.py").read_text())
-    return str(path)
 
 
 @pytest.fixture(scope="module")

@@ -13,15 +13,6 @@ import torch
 from sasoftmax.train import make_config, read_checkpoint, train
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: intra-op threads only add overhead (and oversubscribe a CPU shared by test runs)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_torchrun_two_processes_match_one(tmp_path):
     root = Path(sysconfig.get_paths()["stdlib"])
     data = tmp_path / "corpus.txt"

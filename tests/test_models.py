@@ -10,16 +10,6 @@ from sasoftmax.normalizers import NORMALIZERS
 from sasoftmax.positional import POSITIONAL
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: intra-op threads only add overhead (and oversubscribe a CPU shared by test runs)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-
 def tiny(**kw) -> GPT:
     torch.manual_seed(0)
     return GPT(GPTConfig(**{"n_layer": 2, "n_embd": 16, "n_head": 2, "block_size": 8, "pos_width": 8, **kw}))

@@ -22,16 +22,6 @@ from sasoftmax.positional import (
 )
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: intra-op threads only add overhead (and oversubscribe a CPU shared by test runs)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-
 def positions(lq, lk):
     return torch.arange(lk - lq, lk), torch.arange(lk)
 

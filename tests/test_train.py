@@ -3,7 +3,6 @@
 import json
 import math
 import sys
-import sysconfig
 from pathlib import Path
 
 import pytest
@@ -16,25 +15,6 @@ from sasoftmax.normalizers import NORMALIZERS
 from sasoftmax.positional import POSITIONAL
 from sasoftmax.presets import PRESETS
 from sasoftmax.train import RunError, learning_rate, load_model, make_config, read_checkpoint, train
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: intra-op threads only add overhead (and oversubscribe a CPU shared by test runs)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-
-@pytest.fixture(scope="module")
-def corpus_file(tmp_path_factory) -> str:
-    """~120 kB of Python source (two stdlib modules): big enough for every smoke length, quick to read."""
-    root = Path(sysconfig.get_paths()["stdlib"])
-    path = tmp_path_factory.mktemp("data") / "corpus.txt"
-    path.write_text((root / "textwrap.py").read_text() + (root / "argparse.py").read_text())
-    return str(path)
 
 
 def smoke(corpus_file, **kw) -> dict:
