@@ -10,6 +10,7 @@ from torch import Tensor
 
 from . import backends
 from .backends import BACKENDS, AttentionCall, BiasFunction
+from .checks import check_choice
 from .normalizers import check_eps, check_normalizer
 
 
@@ -57,16 +58,13 @@ def attention(
 
 def choose_backend(call: AttentionCall, backend: str) -> str:
     """The backend that serves ``call``: ``backend`` itself, checked, or the fastest one for "auto"."""
-    if not isinstance(backend, str):
-        raise TypeError(f"backend must be a str, one of {('auto',) + BACKENDS}; got {type(backend).__name__}")
+    check_choice("backend", backend, ("auto",) + BACKENDS)
     if backend == "auto":
         preference = ("triton", "eager") if call.q.is_cuda else ("cpu", "eager")
         for name in preference:
             if backends.unavailable(name) is None and backends.load(name).unsupported(call) is None:
                 return name
         raise AssertionError("the eager backend serves every call")  # pragma: no cover
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {('auto',) + BACKENDS}; got {backend!r}")
     reason = backends.unavailable(backend) or backends.load(backend).unsupported(call)
     if reason:
         raise ValueError(f"backend={backend!r} cannot serve this call: {reason}")

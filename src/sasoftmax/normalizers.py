@@ -16,6 +16,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .checks import check_choice
+
 NORMALIZERS: tuple[str, ...] = ("softmax", "sa", "sa_norm")
 
 
@@ -26,11 +28,7 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def check_normalizer(normalizer: object) -> str:
     """Return ``normalizer`` if it names a known normalizer, else raise a ValueError/TypeError."""
-    if not isinstance(normalizer, str):
-        raise TypeError(f"normalizer must be a str, one of {NORMALIZERS}; got {type(normalizer).__name__}")
-    if normalizer not in NORMALIZERS:
-        raise ValueError(f"normalizer must be one of {NORMALIZERS}; got {normalizer!r}")
-    return normalizer
+    return check_choice("normalizer", normalizer, NORMALIZERS)
 
 
 def check_eps(eps: object) -> float:

@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .checks import check_choice
+
 POSITIONAL: tuple[str, ...] = ("nope", "rope", "alibi", "kerple", "fire", "dape_kerple", "dapev2_kerple")
 """Names accepted by :func:`make_positional` (and ``--pos``)."""
 
@@ -32,11 +34,7 @@ SCORE_DEPENDENT: tuple[str, ...] = ("dape_kerple", "dapev2_kerple")
 
 def check_positional(name: object) -> str:
     """Return ``name`` if it is one of :data:`POSITIONAL`, else raise ValueError/TypeError."""
-    if not isinstance(name, str):
-        raise TypeError(f"pos must be a str, one of {POSITIONAL}; got {type(name).__name__}")
-    if name not in POSITIONAL:
-        raise ValueError(f"pos must be one of {POSITIONAL}; got {name!r}")
-    return name
+    return check_choice("pos", name, POSITIONAL)
 
 
 def relative_distance(q_pos: Tensor, k_pos: Tensor) -> Tensor:

@@ -26,6 +26,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from .backends import BACKENDS
+from .checks import check_choice
 from .data import VOCAB_SIZE, load_corpus, sample_batch
 from .models import GPT, GPTConfig
 from .normalizers import check_normalizer
@@ -61,8 +62,7 @@ def make_config(preset: str, **overrides) -> dict:
     (see :mod:`sasoftmax.presets`). Unknown keys or bad values raise ValueError/TypeError.
     When "steps" is overridden and "decay_steps" is not, the schedule follows the new "steps".
     """
-    if not isinstance(preset, str) or preset not in PRESETS:
-        raise ValueError(f"preset must be one of {tuple(PRESETS)}; got {preset!r}")
+    check_choice("preset", preset, PRESETS)
     unknown = set(overrides) - set(PRESETS[preset]) - set(ATTENTION_DEFAULTS)
     if unknown:
         raise ValueError(f"unknown config keys {sorted(unknown)}; known: {sorted(config_keys())}")
@@ -82,8 +82,7 @@ def check_config(config: dict) -> dict:
     missing, unknown = config_keys() - set(config), set(config) - config_keys()
     if missing or unknown:
         raise ValueError(f"config has missing keys {sorted(missing)} / unknown keys {sorted(unknown)}")
-    if config["preset"] not in PRESETS:
-        raise ValueError(f"preset must be one of {tuple(PRESETS)}; got {config['preset']!r}")
+    check_choice("preset", config["preset"], PRESETS)
     check_normalizer(config["normalizer"])
     check_positional(config["pos"])
     for key in _POSITIVE_INTS:
@@ -112,8 +111,7 @@ def check_config(config: dict) -> dict:
         _check_int("eval_lengths", length, 1)
     if config["data"] is not None and not isinstance(config["data"], str):
         raise TypeError(f"data must be None, a path or 'hf:NAME[:CONFIG]'; got {type(config['data']).__name__}")
-    if config["backend"] not in ("auto",) + BACKENDS:
-        raise ValueError(f"backend must be one of {('auto',) + BACKENDS}; got {config['backend']!r}")
+    check_choice("backend", config["backend"], ("auto",) + BACKENDS)
     model_config(config)  # size combinations (e.g. n_embd % n_head)
     return config
 

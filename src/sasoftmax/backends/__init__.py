@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
+from ..checks import check_choice
 from .call import AttentionCall, BiasFunction
 
 BACKENDS: tuple[str, ...] = ("eager", "cpu", "triton")
@@ -21,8 +22,7 @@ __all__ = ["BACKENDS", "AttentionCall", "BiasFunction", "load", "unavailable"]
 
 def load(name: str) -> ModuleType:
     """Import backend ``name``; raises ImportError (with the reason) if it cannot run here."""
-    if name not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS + ('auto',)}; got {name!r}")
+    check_choice("backend", name, BACKENDS)
     return importlib.import_module(f"{__name__}.{name}")
 
 

@@ -43,12 +43,12 @@ from .. import report
 from ..analysis.fade import attention_fade
 from ..analysis.gradient_flow import DEFAULT_THRESHOLD, GradientFlowHook, read_hooks, summarize
 from ..analysis.retrieval import NeedleTask, run_needle
+from ..checks import check_choice
 from ..data import load_corpus
 from ..evaluate import evaluate
 from ..models import GPT, GPTConfig
 from ..nn import SSMAX_PAPER_INIT
 from ..positional import POSITIONAL
-from ..presets import PRESETS
 from ..train import RunError, load_model, make_config, train, write_json
 
 VARIANTS: dict[str, tuple[str, bool]] = {
@@ -134,8 +134,7 @@ def plan(
     retrieval: bool = True,
 ) -> dict:
     """The full, JSON-serialisable settings of a comparison (what ``compare.json`` records)."""
-    if preset not in PRESETS or preset not in SETTINGS:
-        raise ValueError(f"preset must be one of {tuple(SETTINGS)}; got {preset!r}")
+    check_choice("preset", preset, SETTINGS)
     settings = json.loads(json.dumps(SETTINGS[preset]))
     pos = list(settings["pos"] if pos is None else pos)
     variants = list(VARIANTS if variants is None else variants)

@@ -41,6 +41,7 @@ from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, cache
 
 from ..attention import attention
 from ..backends import BACKENDS, unavailable
+from ..checks import check_choice
 from ..nn import SSMaxScale
 from ..normalizers import check_eps, check_normalizer
 
@@ -232,11 +233,7 @@ def convert(
 
 
 def _check_backend(backend: object) -> str:
-    choices = ("auto",) + BACKENDS
-    if not isinstance(backend, str):
-        raise TypeError(f"backend must be a str, one of {choices}; got {type(backend).__name__}")
-    if backend not in choices:
-        raise ValueError(f"backend must be one of {choices}; got {backend!r}")
+    check_choice("backend", backend, ("auto",) + BACKENDS)
     reason = None if backend == "auto" else unavailable(backend)
     if reason:
         raise ValueError(reason)
