@@ -1,0 +1,456 @@
+"""Memory-efficient CPU backend: tiled forward and closed-form backward (DESIGN §2), O(N) extra memory.
+
+Queries are processed in blocks of whole rows: a block of ``rows`` queries of every head meets all
+the keys it may attend at once, so a tile of logits is (B, Hq, rows, keys), never (L, S). With whole
+rows the row statistics (max μ, min m, max M, count n) are exact inside the tile, so the forward
+needs two GEMMs per tile (z = q kᵀ, o = w v) and no running rescaling; ``rows`` is chosen so a tile
+holds about :data:`TILE_ELEMENTS` numbers. Causal tiles stop at the last key their last query may
+see (half the work for L == S).
+
+Per row the forward saves logsumexp, m, c = 1/(M − m + ε), argmin and argmax — O(L) numbers — and
+the backward recomputes each tile's logits, applies the closed form of DESIGN §2 and adds the min/max
+terms of ``sa_norm`` (one value per row each) at the saved argmin/argmax. Accumulation runs in a
+fixed order, so results are deterministic. Grouped-query attention reads k/v through broadcasting,
+never copying them per query head.
+
+The elementwise work on a tile runs in fused C++ loops (``cpu_kernels.cpp``: two passes forward, one
+backward) when they can be built here, else in plain PyTorch (several passes; the same math).
+Masked entries hold a large finite negative sentinel, not −inf: exp sends it to 0 and every other
+product with it is multiplied by p = 0 first, so fully masked rows give zeros and zero gradients
+without NaN.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..normalizers import compute_dtype
+from . import cpu_native
+from .call import AttentionCall, BiasFunction, query_positions
+
+TILE_ELEMENTS = 1 << 19
+"""Target size of one logits tile in elements (2 MiB in float32); two or three tiles are alive at once."""
+
+MIN_ROWS = 128
+"""Query rows a tile should hold at least; fewer heads go into a tile to make room (see ``_kv_chunks``)."""
+
+
+def unsupported(call: AttentionCall) -> str | None:
+    """Why the cpu backend cannot serve ``call`` (dropout, non-CPU tensors), or None."""
+    if call.q.device.type != "cpu":
+        return f"the cpu backend needs CPU tensors; got {call.q.device}"
+    if call.dropout_p > 0:
+        return "the cpu backend does not implement dropout (dropout_p > 0); use backend='eager'"
+    return None
+
+
+def attention(call: AttentionCall) -> Tensor:
+    """Output (B, Hq, L, Dv) in the input dtype; differentiable in q, k, v, a bias tensor, ssmax and the
+    parameters of an ``nn.Module`` bias function."""
+    reason = unsupported(call)
+    if reason:
+        raise ValueError(reason)
+    b, hq, _, lq, lk, _ = call.shape
+    if lq == 0 or lk == 0:
+        # Empty query set, or no key at all (every row fully masked): zeros that keep the graph.
+        zero = (call.q.sum() + call.k.sum() + call.v.sum()) * 0
+        return call.q.new_zeros(b, hq, lq, call.v.shape[-1]) + zero
+    bias_fn = None if call.bias is None or isinstance(call.bias, Tensor) else call.bias
+    bias = call.bias if isinstance(call.bias, Tensor) else None
+    params = tuple(p for p in bias_fn.parameters() if p.requires_grad) if isinstance(bias_fn, nn.Module) else ()
+    return _TiledAttention.apply(call, bias_fn, call.q, call.k, call.v, bias, call.ssmax, *params)
+
+
+class _Tile:
+    """One query block's logits before SSMax and the normalizer, in the GEMM layout (B, Hkv, G·rows, keys).
+
+    ``raw`` holds z / zmul (zmul is the scale, or 1 when a bias was added) with masked entries (mask,
+    bias −inf, and causal when there is a mask or bias) set to the sentinel; keys after a query's
+    causal limit may still hold logits. ``n`` (·, ·, rows, 1) counts allowed keys, None = all ``keys``.
+    """
+
+    def __init__(self, raw: Tensor, zmul: float, masked: Tensor | None, n: Tensor | None, rows: slice, keys: int):
+        self.raw, self.zmul, self.masked, self.n, self.rows, self.keys = raw, zmul, masked, n, rows, keys
+
+
+class _Plan:
+    """Everything about one call that the forward and the backward share: shapes, blocks, tiles."""
+
+    def __init__(
+        self, call: AttentionCall, bias_fn: BiasFunction | None, bias: Tensor | None, ssmax: Tensor | None, kv: slice
+    ):
+        b, hq, _, lq, lk, d = call.shape
+        self.g = call.groups
+        self.kv, self.qh = kv, slice(kv.start * self.g, kv.stop * self.g)  # this chunk's kv and query heads
+        self.hkv, self.hq, self.hq_full = kv.stop - kv.start, (kv.stop - kv.start) * self.g, hq
+        self.b, self.lq, self.lk, self.d = b, lq, lk, d
+        self.dtype = compute_dtype(call.q.dtype)
+        self.device = call.q.device
+        self.normalizer, self.causal, self.scale, self.eps = call.normalizer, call.causal, call.scale, call.eps
+        self.mask = _heads(_as_4d(call.mask), self.qh)
+        self.bias = _heads(_as_4d(bias), self.qh)
+        self.bias_fn = bias_fn
+        self.ssmax = None if ssmax is None else ssmax[self.qh]
+        self.q_pos = query_positions(lq, lk, self.device)
+        self.neg = -1e30  # the sentinel of masked entries (cpu_kernels.cpp: <= -1e29 is masked)
+        self.rows = max(1, min(lq, TILE_ELEMENTS // max(1, b * self.hq * lk)))
+        self.lib = cpu_native.kernels()
+
+    def blocks(self) -> list[tuple[slice, int]]:
+        """Query blocks that can attend any key, and how many keys (a prefix) each may attend."""
+        out = []
+        for r0 in range(0, self.lq, self.rows):
+            r1 = min(self.lq, r0 + self.rows)
+            keys = min(self.lk, int(self.q_pos[r1 - 1]) + 1) if self.causal else self.lk
+            if keys > 0:
+                out.append((slice(r0, r1), keys))
+        return out
+
+    def q_block(self, q: Tensor, rows: slice) -> Tensor:
+        """Queries of a block as (B, Hkv, G·rows, D), in the compute dtype."""
+        qb = q[:, :, rows].to(self.dtype).reshape(self.b, self.hkv, self.g, -1, self.d)
+        return qb.reshape(self.b, self.hkv, -1, self.d)
+
+    def heads(self, t: Tensor) -> Tensor:
+        """View a (B, Hkv, G·rows, X) tensor as (B, Hq, rows, X)."""
+        return t.view(self.b, self.hq, -1, t.shape[-1])
+
+    def groups(self, t: Tensor) -> Tensor:
+        """View a (B, Hq, rows, X) tensor as (B, Hkv, G·rows, X)."""
+        return t.reshape(self.b, self.hkv, -1, t.shape[-1])
+
+    def tile(self, qb: Tensor, k: Tensor, rows: slice, keys: int) -> _Tile:
+        """The block's logits q kᵀ (+ bias) with masked entries set to the sentinel."""
+        raw = torch.matmul(qb, k[:, :, :keys].transpose(-1, -2))
+        rh = self.heads(raw)
+        zmul = self.scale
+        masked = None if self.mask is None else ~_slice(self.mask, rows, keys)
+        if self.bias is not None or self.bias_fn is not None:
+            bias_tile = self.eval_bias(rows, keys) if self.bias_fn is not None else _slice(self.bias, rows, keys)
+            rh.mul_(self.scale).add_(bias_tile.to(self.dtype))
+            zmul = 1.0
+            neg = torch.isneginf(bias_tile)
+            masked = neg if masked is None else masked | neg
+        q_pos = self.q_pos[rows]
+        n = None
+        if masked is not None:
+            if self.causal:
+                masked = masked | (torch.arange(keys, device=self.device)[None, :] > q_pos[:, None])
+            rh.masked_fill_(masked, self.neg)
+            n = (~masked).sum(-1, keepdim=True)
+        elif self.causal:
+            n = (q_pos + 1).clamp(0, keys)[:, None]
+        return _Tile(raw, zmul, masked, n, rows, keys)
+
+    def eval_bias(self, rows: slice, keys: int) -> Tensor:
+        """The bias function on one tile's (query, key) positions, checked, as a 4-D tensor."""
+        q_pos, k_pos = self.q_pos[rows], torch.arange(keys, device=self.device)
+        out = self.bias_fn(q_pos, k_pos)
+        if not isinstance(out, Tensor) or not out.is_floating_point():
+            raise TypeError(f"bias function must return a floating tensor; got {type(out).__name__}")
+        full = (self.b, self.hq_full, len(q_pos), keys)
+        try:
+            ok = out.dim() <= 4 and torch.broadcast_shapes(out.shape, full) == torch.Size(full)
+        except RuntimeError:
+            ok = False
+        if not ok:
+            raise ValueError(
+                f"bias function must return a tensor broadcastable to (B, Hq, Lt, St) = {full} for "
+                f"{len(q_pos)} query and {keys} key positions; got {tuple(out.shape)}"
+            )
+        return _heads(_as_4d(out), self.qh)
+
+    def log_n(self, tile: _Tile) -> Tensor:
+        """ln(max(n_i, 1)) per row, (·, ·, rows, 1)."""
+        n = tile.n if tile.n is not None else torch.full((1, 1), tile.keys, device=self.device)
+        return torch.log(n.clamp_min(1).to(self.dtype))
+
+    def ssmax_t(self, tile: _Tile) -> Tensor | None:
+        """SSMax's factor t_i = s_h·ln(n_i), (·, Hq, rows, 1), or None without SSMax."""
+        if self.ssmax is None:
+            return None
+        return self.ssmax.to(self.dtype).view(1, self.hq, 1, 1) * self.log_n(tile)
+
+    def rows_of(self, t: Tensor | None, rows: slice, fill: float = 1.0) -> Tensor:
+        """A per-row quantity broadcastable to (B, Hq, rows, 1) as a contiguous (B·Hq·rows,) tensor."""
+        r = rows.stop - rows.start
+        if t is None:
+            return torch.full((self.b * self.hq * r,), fill, dtype=self.dtype)
+        return t.expand(self.b, self.hq, r, 1).reshape(-1).contiguous()
+
+    def limits(self, tile: _Tile) -> Tensor:
+        """Keys j >= limit_i are masked (causal), as a contiguous int64 (B·Hq·rows,) tensor."""
+        r = tile.rows.stop - tile.rows.start
+        if self.causal:
+            lim = (self.q_pos[tile.rows] + 1).clamp(0, tile.keys)
+        else:
+            lim = torch.full((r,), tile.keys, dtype=torch.long)
+        return lim.view(1, 1, r).expand(self.b, self.hq, r).reshape(-1).contiguous()
+
+    def logits(self, tile: _Tile) -> Tensor:
+        """Plain path: the final logits x (B, Hq, rows, keys), every masked entry the sentinel, in place."""
+        xh = self.heads(tile.raw)
+        if tile.zmul != 1.0:
+            xh.mul_(tile.zmul)
+        t = self.ssmax_t(tile)
+        if t is not None:
+            xh.mul_(t)
+        if tile.masked is not None:
+            xh.masked_fill_(tile.masked, self.neg)  # again: t·sentinel is no sentinel
+        elif self.causal:
+            self.fill_causal(xh, tile, self.neg)
+        return xh
+
+    def fill_causal(self, xh: Tensor, tile: _Tile, value: float) -> None:
+        """Fill keys after each query's position; only the block's last columns can be such."""
+        q_pos = self.q_pos[tile.rows]
+        first = max(0, int(q_pos[0]) + 1)
+        if first < tile.keys:
+            future = torch.arange(first, tile.keys, device=self.device)[None, :] > q_pos[:, None]
+            xh[..., first : tile.keys].masked_fill_(future, value)
+
+    def fill(self, xh: Tensor, tile: _Tile, value: float) -> None:
+        if tile.masked is not None:
+            xh.masked_fill_(tile.masked, value)
+        elif self.causal:
+            self.fill_causal(xh, tile, value)
+
+
+class _TiledAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, call: AttentionCall, bias_fn, q, k, v, bias, ssmax, *params) -> Tensor:
+        plans = [_Plan(call, bias_fn, bias, ssmax, kv) for kv in _kv_chunks(call)]
+        dtype = plans[0].dtype
+        out = torch.zeros(*q.shape[:3], v.shape[-1], dtype=dtype)
+        # Per row: lse (0 for an empty row), m, c; argmin, argmax (−1 where sa_norm has no such term).
+        stats = torch.zeros(3, *q.shape[:3], dtype=dtype)
+        arg = torch.full((2, *q.shape[:3]), -1, dtype=torch.long)
+        kc, vc = k.to(dtype), v.to(dtype)
+        for plan in plans:
+            qh, kv = plan.qh, plan.kv
+            _forward_chunk(plan, q[:, qh], kc[:, kv], vc[:, kv], out[:, qh], stats[:, :, qh], arg[:, :, qh])
+        ctx.plans = plans
+        ctx.save_for_backward(q, k, v, bias, ssmax, out, stats, arg, *params)
+        return out.to(q.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: Tensor):
+        q, k, v, bias, ssmax, out, stats, arg, *params = ctx.saved_tensors
+        plans: list[_Plan] = ctx.plans
+        need = dict(zip(("q", "k", "v", "bias", "s"), ctx.needs_input_grad[2:7]))
+        dtype = plans[0].dtype
+        kc, vc = k.to(dtype), v.to(dtype)
+        do = grad_out.to(dtype)
+        delta = (do * out).sum(-1)  # D_i = dO_i · o_i, (B, Hq, L)
+        dq, dk, dv = (torch.zeros(t.shape, dtype=dtype) for t in (q, k, v))
+        dbias = torch.zeros(_as_4d(bias).shape, dtype=dtype) if need["bias"] else None
+        ds = torch.zeros(q.shape[1], dtype=dtype) if need["s"] else None
+        dparams = [torch.zeros_like(p) for p in params]
+        for plan in plans:
+            qh, kv = plan.qh, plan.kv
+            # dk, dv accumulate in place (baddbmm_), which needs contiguous tensors: a chunk gets its own.
+            single = len(plans) == 1
+            dk_c, dv_c = (t if single else torch.zeros(t[:, kv].shape, dtype=dtype) for t in (dk, dv))
+            grads = _Grads(dq[:, qh], dk_c, dv_c, _heads(dbias, qh), None if ds is None else ds[qh], dparams)
+            _backward_chunk(plan, q[:, qh], kc[:, kv], vc[:, kv], do[:, qh], stats[:, :, qh], arg[:, :, qh],
+                            delta[:, qh], params, grads, need)  # fmt: skip
+            if not single:
+                dk[:, kv], dv[:, kv] = dk_c, dv_c
+        grads_in = (
+            dq.to(q.dtype) if need["q"] else None,
+            dk.to(k.dtype) if need["k"] else None,
+            dv.to(v.dtype) if need["v"] else None,
+            dbias.reshape(bias.shape).to(bias.dtype) if need["bias"] else None,
+            ds.to(ssmax.dtype) if need["s"] else None,
+        )
+        return (None, None, *grads_in, *dparams)
+
+
+class _Grads:
+    """Where one chunk's backward accumulates: views of dq, dbias, ds; its own dk, dv; the params' grads."""
+
+    def __init__(self, dq, dk, dv, dbias, ds, dparams):
+        self.dq, self.dk, self.dv, self.dbias, self.ds, self.dparams = dq, dk, dv, dbias, ds, dparams
+
+
+def _kv_chunks(call: AttentionCall) -> list[slice]:
+    """Groups of kv heads processed one after another, so that a tile of :data:`TILE_ELEMENTS` holds
+    at least :data:`MIN_ROWS` query rows (small tiles of many rows keep the GEMMs efficient and the
+    tile in cache)."""
+    b, _, hkv, lq, lk, _ = call.shape
+    per = max(1, TILE_ELEMENTS // max(1, b * call.groups * lk * min(lq, MIN_ROWS)))
+    return [slice(h, min(hkv, h + per)) for h in range(0, hkv, per)]
+
+
+def _forward_chunk(plan: _Plan, q, kc, vc, out, stats, arg) -> None:
+    """Forward of one chunk of heads: fills ``out`` (B, hq, L, Dv), ``stats`` (3, B, hq, L), ``arg``."""
+    for rows, keys in plan.blocks():
+        tile = plan.tile(plan.q_block(q, rows), kc, rows, keys)
+        step = _forward_native if plan.lib is not None else _forward_plain
+        u, fac, row_stats, row_arg = step(plan, tile)
+        o = plan.heads(torch.matmul(u, vc[:, :, :keys]))
+        out[:, :, rows] = o.mul_(fac.view(plan.b, plan.hq, -1, 1))
+        stats[:, :, :, rows] = row_stats.view(3, plan.b, plan.hq, -1)
+        arg[:, :, :, rows] = row_arg.view(2, plan.b, plan.hq, -1)
+
+
+def _backward_chunk(plan: _Plan, q, kc, vc, do, stats, arg, delta, params, grads: _Grads, need) -> None:
+    """Backward of one chunk of heads (DESIGN §2), accumulating into ``grads``."""
+    inv = stats[2].unsqueeze(-1)
+    for rows, keys in plan.blocks():
+        qb = plan.q_block(q, rows)
+        tile = plan.tile(qb, kc, rows, keys)
+        dob = do[:, :, rows]
+        if plan.normalizer == "sa_norm":
+            dob = dob * inv[:, :, rows]  # dW' = c·dW; wᵀdO = ((x − m)p)ᵀ(c·dO)
+        dob = plan.groups(dob)
+        dw = torch.matmul(dob, vc[:, :, :keys].transpose(-1, -2))
+        row_stats = stats[:, :, :, rows].reshape(3, -1)
+        row_arg = arg[:, :, :, rows].reshape(2, -1)
+        row_delta = delta[:, :, rows].reshape(-1)
+        step = _backward_native if plan.lib is not None else _backward_plain
+        u, dz, dsz = step(plan, tile, dw, row_stats, row_arg, row_delta, need["s"])
+        if need["v"]:  # accumulate in place: no (keys, Dv) temporary
+            dv = grads.dv
+            dv.view(-1, *dv.shape[2:])[:, :keys].baddbmm_(u.flatten(0, 1).transpose(1, 2), dob.flatten(0, 1))
+        if need["s"]:
+            grads.ds += (dsz.view(plan.b, plan.hq, -1, 1) * plan.log_n(tile)).sum((0, 2, 3))
+        if need["q"]:
+            grads.dq[:, :, rows] = plan.heads(torch.matmul(dz, kc[:, :, :keys])).mul_(plan.scale)
+        if need["k"]:
+            dk = grads.dk
+            dk.view(-1, *dk.shape[2:])[:, :keys].baddbmm_(
+                dz.flatten(0, 1).transpose(1, 2), qb.flatten(0, 1), alpha=plan.scale
+            )
+        if need["bias"]:
+            target = _slice(grads.dbias, rows, keys)
+            target += _reduce_to(plan.heads(dz), target.shape)
+        if params:
+            _bias_fn_grads(plan, params, grads.dparams, plan.heads(dz), rows, keys)
+
+
+def _forward_native(plan: _Plan, tile: _Tile) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Fused forward of one tile: (u in GEMM layout, per-row output factor, (lse, m, c), (argmin, argmax))."""
+    raw = tile.raw.view(-1, tile.keys)
+    t = plan.rows_of(plan.ssmax_t(tile), tile.rows)
+    lse, low, inv, fac, amin, amax = cpu_native.forward(
+        plan.lib, raw, plan.limits(tile), t, tile.zmul, plan.normalizer, plan.eps
+    )
+    return tile.raw, fac, torch.stack((lse, low, inv)), torch.stack((amin, amax))
+
+
+def _forward_plain(plan: _Plan, tile: _Tile) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The same as :func:`_forward_native` in PyTorch ops."""
+    xh = plan.logits(tile)
+    zero = torch.zeros((), dtype=plan.dtype)
+    low, inv = zero.expand(xh.shape[:-1] + (1,)), zero.expand(xh.shape[:-1] + (1,))
+    amin = amax = torch.full(xh.shape[:-1] + (1,), -1, dtype=torch.long)
+    if plan.normalizer == "sa_norm":
+        # m = min(0, min_J x) and M = max(0, max_J x): masked entries set to 0 change neither.
+        plan.fill(xh, tile, 0.0)
+        hi, hi_at = xh.max(-1, keepdim=True)
+        lo, lo_at = xh.min(-1, keepdim=True)
+        plan.fill(xh, tile, plan.neg)
+        mu = torch.where(hi > 0, hi, xh.amax(-1, keepdim=True))
+        low = lo.clamp_max(0)
+        inv = 1 / (hi.clamp_min(0) - low + plan.eps)
+        amin, amax = lo_at.masked_fill(lo >= 0, -1), hi_at.masked_fill(hi <= 0, -1)
+    else:
+        mu = xh.amax(-1, keepdim=True)
+    mu = mu.masked_fill(mu <= plan.neg / 10, 0.0)  # an empty row: exp(sentinel) = 0 everywhere
+    e = torch.exp(xh - mu)
+    total = e.sum(-1, keepdim=True)
+    if plan.normalizer == "sa_norm":
+        e.mul_(xh.sub_(low))  # (x − m)·e; masked entries: finite · 0
+    elif plan.normalizer == "sa":
+        e.mul_(xh)
+    nonempty = total > 0
+    total = torch.where(nonempty, total, torch.ones_like(total))
+    fac = torch.where(nonempty, (inv if plan.normalizer == "sa_norm" else 1) / total, 0)
+    lse = torch.where(nonempty, mu + torch.log(total), 0)
+    row_stats = torch.stack([s.expand_as(lse).reshape(-1) for s in (lse, low, inv)])
+    row_arg = torch.stack([a.expand_as(lse).reshape(-1) for a in (amin, amax)])
+    return plan.groups(e), fac, row_stats, row_arg
+
+
+def _backward_native(plan, tile, dw, row_stats, row_arg, row_delta, need_s):
+    """Fused backward of one tile: (u, dL/dz, Σ_j dL/dx·z per row or None), u and dL/dz in GEMM layout."""
+    lse, low, inv = (s.contiguous() for s in row_stats)
+    t = plan.rows_of(plan.ssmax_t(tile), tile.rows)
+    dsz = cpu_native.backward(
+        plan.lib, tile.raw.view(-1, tile.keys), dw.view(-1, tile.keys), plan.limits(tile), t, tile.zmul,
+        plan.normalizer, lse, low, inv, row_delta.contiguous(), row_arg[0].contiguous(), row_arg[1].contiguous(),
+        need_s,
+    )  # fmt: skip
+    return tile.raw, dw, dsz
+
+
+def _backward_plain(plan, tile, dw, row_stats, row_arg, row_delta, need_s):
+    """The same as :func:`_backward_native` in PyTorch ops."""
+    shape = (plan.b, plan.hq, -1, 1)
+    lse, low, inv = (s.view(shape) for s in row_stats)
+    d_i = row_delta.view(shape)
+    z = None
+    if need_s:  # SSMax's gradient needs z (masked entries 0: their dL/dx is 0, z may be anything there)
+        z = plan.heads(tile.raw) * tile.zmul
+        plan.fill(z, tile, 0.0)
+    xh = plan.logits(tile)
+    p = torch.exp(xh - lse)
+    dw = plan.heads(dw)
+    if plan.normalizer == "softmax":
+        u = p
+        dx = dw.sub_(d_i).mul_(p)
+    else:
+        u = xh.sub_(low).mul_(p) if plan.normalizer == "sa_norm" else xh.mul_(p)
+        e_i = torch.linalg.vecdot(p, dw).unsqueeze(-1)  # c·E_i for sa_norm (dw is c-scaled)
+        u_out = u.clone()
+        dx = dw.mul_(u.add_(p)).addcmul_(p, d_i, value=-1)  # dW(p + u) − D p
+        if plan.normalizer == "sa_norm":
+            amin, amax = (a.view(shape) for a in row_arg)
+            # Separate scatters: argmin and argmax may be the same key. Rows without a term add 0.
+            dx.scatter_add_(-1, amax.clamp_min(0), torch.where(amax >= 0, -d_i * inv, 0))
+            dx.scatter_add_(-1, amin.clamp_min(0), torch.where(amin >= 0, d_i * inv - e_i, 0))
+        u = u_out
+    dsz = (dx * z).sum(-1).reshape(-1) if need_s else None
+    t = plan.ssmax_t(tile)
+    if t is not None:
+        dx.mul_(t)
+    return plan.groups(u), plan.groups(dx), dsz
+
+
+def _bias_fn_grads(plan: _Plan, params: list[Tensor], dparams: list[Tensor], dz: Tensor, rows: slice, keys: int):
+    """Recompute one bias tile with grad enabled and pull dL/dbias through the function's parameters."""
+    with torch.enable_grad():
+        tile = plan.eval_bias(rows, keys)
+        grad = _reduce_to(dz, tile.shape).to(tile.dtype)
+        grads = torch.autograd.grad(tile, params, grad, allow_unused=True)
+    for acc, g in zip(dparams, grads):
+        if g is not None:
+            acc += g
+
+
+def _reduce_to(t: Tensor, shape: torch.Size) -> Tensor:
+    """Sum ``t`` over the axes where ``shape`` (same rank) broadcasts (has size 1)."""
+    dims = tuple(i for i, (a, b) in enumerate(zip(shape, t.shape)) if a == 1 and b != 1)
+    return t.sum(dims, keepdim=True) if dims else t
+
+
+def _heads(t: Tensor | None, heads: slice) -> Tensor | None:
+    """The query heads ``heads`` of a 4-D tensor broadcastable over heads (unchanged if it has one)."""
+    return t if t is None or t.shape[1] == 1 else t[:, heads]
+
+
+def _as_4d(t: Tensor | None) -> Tensor | None:
+    """View a tensor broadcastable to 4-D as 4-D (leading size-1 axes)."""
+    return None if t is None else t.reshape((1,) * (4 - t.dim()) + tuple(t.shape))
+
+
+def _slice(t: Tensor, rows: slice, keys: int) -> Tensor:
+    """The part of a 4-D broadcastable tensor that a tile (rows, first ``keys`` keys) sees."""
+    return t[:, :, rows if t.shape[2] > 1 else slice(None), : keys if t.shape[3] > 1 else slice(None)]
+
+
+__all__ = ["MIN_ROWS", "TILE_ELEMENTS", "attention", "unsupported"]

@@ -1,0 +1,290 @@
+"""Benchmark of the attention backends against ``scaled_dot_product_attention`` (SDPA) softmax.
+
+For each length N, causal or not, and each implementation (SDPA softmax; every normalizer through the
+``cpu`` and ``eager`` backends) it measures
+
+- forward time (under ``torch.no_grad``) and forward+backward time: medians over ``--repeats`` runs
+  after a warm-up, with the implementations interleaved in every repeat so that a busy machine slows
+  them alike;
+- extra peak memory of forward+backward: each case runs in a fresh Python process (Linux): after a
+  warm-up run the peak resident set is reset, and the extra is the growth of the peak over the
+  resident set just before a second run, with the inputs already allocated (so it counts outputs,
+  gradients and every temporary, torch's or not). glibc is told to return large freed blocks at
+  once (MALLOC_MMAP_THRESHOLD_), so the resident set follows the live memory.
+
+Ratios are against SDPA in the same run. Results print as a Markdown table and can be written as
+Markdown or JSON. ``sasoftmax bench`` and ``benchmarks/attention.py`` run it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+
+import torch
+import torch.nn.functional as F
+
+from .attention import attention
+from .normalizers import NORMALIZERS
+
+QUICK_LENGTHS = (512, 1024, 2048)
+FULL_LENGTHS = (512, 1024, 2048, 4096, 8192, 16384)
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+
+
+@dataclass(frozen=True)
+class Case:
+    """One implementation at one size: ``impl`` is "sdpa" or "<backend>:<normalizer>"."""
+
+    impl: str
+    n: int
+    causal: bool
+    batch: int
+    heads: int
+    head_dim: int
+    dtype: str
+    threads: int
+
+
+@dataclass
+class Row:
+    impl: str
+    n: int
+    causal: bool
+    fwd_ms: float | None = None
+    fwd_bwd_ms: float | None = None
+    extra_mib: float | None = None
+    fwd_ratio: float | None = None
+    fwd_bwd_ratio: float | None = None
+    memory_ratio: float | None = None
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the benchmark's options to ``parser``."""
+    parser.add_argument("--lengths", type=int, nargs="+", help=f"sequence lengths N (default {QUICK_LENGTHS})")
+    parser.add_argument("--full", action="store_true", help=f"lengths {FULL_LENGTHS} (the default is --quick)")
+    parser.add_argument("--quick", action="store_true", help=f"lengths {QUICK_LENGTHS}, minutes on 2 cores (default)")
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--head-dim", type=int, default=64)
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    parser.add_argument("--normalizers", nargs="+", choices=NORMALIZERS, default=list(NORMALIZERS))
+    parser.add_argument("--backends", nargs="+", choices=("cpu", "eager"), default=["cpu", "eager"])
+    parser.add_argument("--causal", choices=("both", "yes", "no"), default="both")
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs per case (median reported)")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads")
+    parser.add_argument(
+        "--clock",
+        choices=("wall", "cpu"),
+        default="wall",
+        help="wall: time.perf_counter; cpu: CPU time of this process (time.process_time), steadier with 1 "
+        "thread on a busy machine, where other processes take turns on the cores",
+    )
+    parser.add_argument(
+        "--eager-max-length",
+        type=int,
+        default=4096,
+        help="skip the eager backend above this N (it holds several N×N tensors: ~5 GiB at 4096, B=1, H=8)",
+    )
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    parser.add_argument("--no-time", action="store_true", help="skip the timing")
+    parser.add_argument("--markdown", metavar="PATH", help="also write the table as Markdown")
+    parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the benchmark described by ``args`` (see :func:`add_arguments`); returns an exit code."""
+    lengths = args.lengths or (FULL_LENGTHS if args.full else QUICK_LENGTHS)
+    if any(n <= 0 for n in lengths) or args.repeats <= 0 or args.threads <= 0:
+        raise ValueError("lengths, --repeats and --threads must be positive")
+    torch.set_num_threads(args.threads)
+    causals = {"both": (False, True), "yes": (True,), "no": (False,)}[args.causal]
+    rows: list[Row] = []
+    for n in lengths:
+        for causal in causals:
+            cases = [_case(args, "sdpa", n, causal)] + [
+                _case(args, f"{backend}:{normalizer}", n, causal)
+                for backend in args.backends
+                for normalizer in args.normalizers
+                if backend != "eager" or n <= args.eager_max_length
+            ]
+            results = {c.impl: Row(c.impl, n, causal) for c in cases}
+            if not args.no_time:
+                for impl, (fwd, both) in time_cases(cases, args.repeats, args.clock).items():
+                    results[impl].fwd_ms, results[impl].fwd_bwd_ms = fwd, both
+            if not args.no_memory:
+                for case in cases:
+                    results[case.impl].extra_mib = peak_memory(case)
+            base = results["sdpa"]
+            for row in results.values():
+                row.fwd_ratio = _ratio(row.fwd_ms, base.fwd_ms)
+                row.fwd_bwd_ratio = _ratio(row.fwd_bwd_ms, base.fwd_bwd_ms)
+                row.memory_ratio = _ratio(row.extra_mib, base.extra_mib)
+            rows.extend(results.values())
+            print(markdown_table(list(results.values())), flush=True)
+    info = machine_info(args)
+    table = markdown_table(rows)
+    print("\n" + _describe(info) + "\n\n" + table)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(_describe(info) + "\n\n" + table + "\n")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"machine": info, "rows": [asdict(r) for r in rows]}, f, indent=2)
+    return 0
+
+
+def _case(args: argparse.Namespace, impl: str, n: int, causal: bool) -> Case:
+    return Case(impl, n, causal, args.batch, args.heads, args.head_dim, args.dtype, args.threads)
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return None if a is None or not b else a / b
+
+
+def make_inputs(case: Case, requires_grad: bool) -> tuple[torch.Tensor, ...]:
+    """q, k, v (B, H, N, D) and an output gradient, seeded."""
+    g = torch.Generator().manual_seed(0)
+    shape = (case.batch, case.heads, case.n, case.head_dim)
+    dtype = DTYPES[case.dtype]
+    q, k, v, grad = (torch.randn(shape, generator=g).to(dtype) for _ in range(4))
+    for t in (q, k, v):
+        t.requires_grad_(requires_grad)
+    return q, k, v, grad
+
+
+def operation(case: Case) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The attention call that ``case.impl`` names."""
+    if case.impl == "sdpa":
+        return lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=case.causal)
+    backend, normalizer = case.impl.split(":")
+    return lambda q, k, v: attention(q, k, v, normalizer=normalizer, causal=case.causal, backend=backend)
+
+
+def time_cases(cases: list[Case], repeats: int, clock: str = "wall") -> dict[str, tuple[float, float]]:
+    """Median forward and forward+backward milliseconds per implementation, interleaved per repeat."""
+    now = time.perf_counter if clock == "wall" else time.process_time
+    setups = []
+    for case in cases:
+        q, k, v, grad = make_inputs(case, requires_grad=True)
+        setups.append((case.impl, operation(case), q, k, v, grad))
+    samples: dict[str, tuple[list[float], list[float]]] = {impl: ([], []) for impl, *_ in setups}
+    for rep in range(repeats + 1):  # the first round warms up (and builds the cpu kernels)
+        for impl, op, q, k, v, grad in setups:
+            start = now()
+            with torch.no_grad():
+                op(q, k, v)
+            mid = now()
+            op(q, k, v).backward(grad)
+            end = now()
+            q.grad = k.grad = v.grad = None
+            if rep:
+                samples[impl][0].append((mid - start) * 1e3)
+                samples[impl][1].append((end - mid) * 1e3)
+    return {impl: (statistics.median(f), statistics.median(b)) for impl, (f, b) in samples.items()}
+
+
+def peak_memory(case: Case) -> float | None:
+    """Extra peak memory (MiB) of one forward+backward of ``case``, measured in a fresh process."""
+    code = "import sys; from sasoftmax.benchmark import _memory_child; _memory_child(sys.argv[1])"
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")  # large blocks are mmapped and unmapped on free
+    proc = subprocess.run(
+        [sys.executable, "-c", code, json.dumps(asdict(case))], capture_output=True, text=True, check=False, env=env
+    )
+    if proc.returncode != 0:
+        print(f"memory of {case.impl} at N={case.n} failed: {proc.stderr.strip()[-300:]}", file=sys.stderr)
+        return None
+    return float(proc.stdout.strip().splitlines()[-1])
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise OSError(f"no {field} in /proc/self/status")
+
+
+def _memory_child(spec: str) -> None:
+    """Print the extra peak resident memory (MiB) of one forward+backward of the case in ``spec``.
+
+    A warm-up run at full size first (thread pools, library workspaces), then the peak is reset
+    (/proc/self/clear_refs) and the second run's peak over the resident set before it is reported.
+    The parent sets MALLOC_MMAP_THRESHOLD_ so that freed blocks leave the resident set at once.
+    """
+    case = Case(**json.loads(spec))
+    torch.set_num_threads(case.threads)
+    op = operation(case)
+    q, k, v, grad = make_inputs(case, requires_grad=True)
+    op(q, k, v).backward(grad)
+    q.grad = k.grad = v.grad = None
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset the peak resident set size (VmHWM) to the current one
+    before = _status_kib("VmRSS")
+    op(q, k, v).backward(grad)
+    print(max(0, _status_kib("VmHWM") - before) / 1024)
+
+
+def machine_info(args: argparse.Namespace) -> dict[str, object]:
+    return {
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "cpu": _cpu_name(),
+        "cores": os.cpu_count(),
+        "threads": args.threads,
+        "load_average_1min": round(os.getloadavg()[0], 2),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "batch": args.batch,
+        "heads": args.heads,
+        "head_dim": args.head_dim,
+        "dtype": args.dtype,
+        "repeats": args.repeats,
+        "clock": args.clock,
+    }
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _describe(info: dict[str, object]) -> str:
+    return (
+        f"{info['date']}; {info['cpu']}, {info['cores']} cores, {info['threads']} torch threads, "
+        f"load average {info['load_average_1min']} at the end; torch {info['torch']}; "
+        f"B={info['batch']}, H={info['heads']}, D={info['head_dim']}, {info['dtype']}; "
+        f"medians of {info['repeats']} runs ({info['clock']} clock); ratios against SDPA softmax in the same run."
+    )
+
+
+def markdown_table(rows: list[Row]) -> str:
+    """The results as a Markdown table."""
+
+    def fmt(x: float | None, digits: int = 1) -> str:
+        return "–" if x is None else f"{x:.{digits}f}"
+
+    lines = [
+        "| N | causal | implementation | fwd ms | × SDPA | fwd+bwd ms | × SDPA | extra peak MiB | × SDPA |",
+        "| ---: | :---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r.n} | {'yes' if r.causal else 'no'} | {r.impl} | {fmt(r.fwd_ms)} | {fmt(r.fwd_ratio, 2)} | "
+            f"{fmt(r.fwd_bwd_ms)} | {fmt(r.fwd_bwd_ratio, 2)} | {fmt(r.extra_mib)} | {fmt(r.memory_ratio, 2)} |"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,277 @@
+"""The cpu backend against the eager reference: outputs and gradients of q, k, v, bias, SSMax's s and a
+bias function's parameters, over dtypes, causal, masks, biases, GQA, SSMax, odd sizes, Lq != Lk and
+fully masked rows; both the fused C++ path and the plain-PyTorch path."""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import shutil
+
+import pytest
+import torch
+from torch import nn
+
+import sasoftmax.backends.cpu as cpu
+from sasoftmax import benchmark
+from sasoftmax.attention import attention, choose_backend, make_call
+from sasoftmax.backends import cpu_native
+
+NORMALIZERS = ("softmax", "sa", "sa_norm")
+
+
+@pytest.fixture(params=["native", "plain"])
+def path(request, monkeypatch):
+    """Run a test on the fused C++ kernels and on the plain-PyTorch path."""
+    if request.param == "plain":
+        monkeypatch.setenv("SASOFTMAX_CPU_KERNELS", "0")
+    return request.param
+
+
+class Slopes(nn.Module):
+    """A learnable ALiBi-like bias function with a window: keys further than ``window`` back are −inf."""
+
+    def __init__(self, heads: int, window: int, dtype: torch.dtype = torch.float64):
+        super().__init__()
+        self.slope = nn.Parameter(torch.linspace(0.1, 0.8, heads, dtype=dtype))
+        self.gain = nn.Parameter(torch.tensor(0.5, dtype=dtype))
+        self.window = window
+
+    def forward(self, q_pos, k_pos):
+        dist = (q_pos[:, None] - k_pos[None, :]).to(self.slope.dtype)
+        bias = -self.slope.view(-1, 1, 1) * dist.abs() + self.gain * torch.sin(dist)
+        return torch.where(dist > self.window, float("-inf"), bias)
+
+
+def inputs(b, hq, hkv, lq, lk, d=16, dv=8, *, dtype=torch.float64, seed=0, mask=None, bias=None, ssmax=False):
+    """Random leaf tensors (q, k, v, mask, bias, s, dO); ``mask``/``bias`` name a broadcast shape."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64).to(dtype).requires_grad_()
+
+    q, k, v = rand(b, hq, lq, d), rand(b, hkv, lk, d), rand(b, hkv, lk, dv)
+    m = None
+    if mask == "rows":  # (L, S) with a few fully masked rows
+        m = torch.rand(lq, lk, generator=g) > 0.3
+        m[lq // 2] = False
+    elif mask == "full":
+        m = torch.rand(b, hq, lq, lk, generator=g) > 0.4
+    bias_t = None
+    if bias == "heads":  # (Hq, 1, S): broadcast over queries
+        bias_t = rand(hq, 1, lk)
+    elif bias == "full":  # (1, Hq, L, S) with −inf entries
+        raw = torch.randn(1, hq, lq, lk, generator=g, dtype=torch.float64) * 2
+        raw[torch.rand(raw.shape, generator=g) < 0.2] = float("-inf")
+        bias_t = raw.to(dtype).requires_grad_()
+    s = (torch.rand(hq, generator=g, dtype=torch.float64) + 0.3).to(dtype).requires_grad_() if ssmax else None
+    grad = torch.randn(b, hq, lq, dv, generator=g, dtype=torch.float64).to(dtype)
+    return q, k, v, m, bias_t, s, grad
+
+
+def run(backend, q, k, v, m, bias, s, grad, params=(), **kw):
+    """Output and gradients of every leaf that requires them (q, k, v, bias tensor, s, params)."""
+    out = attention(q, k, v, mask=m, bias=bias, ssmax=s, backend=backend, **kw)
+    leaves = [t for t in (q, k, v, bias, s) if isinstance(t, torch.Tensor) and t.requires_grad] + list(params)
+    return [out, *torch.autograd.grad(out, leaves, grad.to(out.dtype))]
+
+
+def assert_close(got, want, atol, rtol=0.0):
+    for i, (a, b) in enumerate(zip(got, want)):
+        assert torch.isfinite(a).all(), f"item {i} has NaN/inf"
+        torch.testing.assert_close(a.double(), b.double(), atol=atol, rtol=rtol, msg=lambda m, i=i: f"item {i}: {m}")
+
+
+CASES = [
+    # (normalizer, causal, mask, bias, ssmax, (b, hq, hkv, lq, lk))
+    (n, c, m, bi, s, shape)
+    for (n, c, m, bi, s), shape in zip(
+        itertools.product(NORMALIZERS, (False, True), (None, "rows"), (None, "heads", "full"), (False, True)),
+        itertools.cycle(
+            [(2, 4, 2, 17, 17), (1, 3, 1, 37, 37), (2, 2, 2, 1, 37), (1, 4, 2, 37, 17), (1, 2, 1, 17, 129)]
+        ),
+    )
+]
+
+
+@pytest.mark.parametrize("normalizer,causal,mask,bias,ssmax,shape", CASES)
+def test_float64_matches_eager(path, normalizer, causal, mask, bias, ssmax, shape):
+    args = inputs(*shape, mask=mask, bias=bias, ssmax=ssmax, seed=len(str(shape)))
+    kw = dict(normalizer=normalizer, causal=causal)
+    assert_close(run("cpu", *args, **kw), run("eager", *args, **kw), atol=1e-10)
+
+
+@pytest.mark.parametrize("normalizer", NORMALIZERS)
+@pytest.mark.parametrize("causal", [False, True])
+def test_many_tiles_and_bias_function(path, monkeypatch, normalizer, causal):
+    """Small tiles (many query blocks, causal blocks that skip keys) and a learnable bias function."""
+    monkeypatch.setattr(cpu, "TILE_ELEMENTS", 1200)  # 4 query rows per block
+    for lq, lk in [(29, 29), (33, 29), (1, 29)]:
+        fn = Slopes(4, window=20)
+        q, k, v, m, _, s, grad = inputs(2, 4, 2, lq, lk, mask="full", ssmax=True, seed=lq)
+        kw = dict(normalizer=normalizer, causal=causal)
+        want = run("eager", q, k, v, m, fn, s, grad, fn.parameters(), **kw)
+        got = run("cpu", q, k, v, m, fn, s, grad, fn.parameters(), **kw)
+        assert_close(got, want, atol=1e-10)
+
+
+@pytest.mark.parametrize("normalizer", NORMALIZERS)
+@pytest.mark.parametrize("causal", [False, True])
+def test_head_chunks_with_per_head_mask_and_bias(path, monkeypatch, normalizer, causal):
+    """Small tiles split the kv heads into chunks; per-head masks, biases and s are sliced per chunk."""
+    monkeypatch.setattr(cpu, "TILE_ELEMENTS", 3000)
+    args = inputs(2, 6, 3, 37, 41, mask="full", bias="full", ssmax=True, seed=11)
+    assert len(cpu._kv_chunks(make_call(*args[:3], normalizer, causal, *args[3:5], None, args[5], 1e-6, 0.0))) == 3
+    kw = dict(normalizer=normalizer, causal=causal)
+    assert_close(run("cpu", *args, **kw), run("eager", *args, **kw), atol=1e-10)
+
+
+def test_tiles_never_hold_the_score_matrix(monkeypatch):
+    """With a small tile budget no logits tile is as large as one head's (L, S) scores."""
+    monkeypatch.setattr(cpu, "TILE_ELEMENTS", 4 * 129 * 8)
+    sizes = []
+    tile = cpu._Plan.tile
+
+    def spy(self, *a, **kw):
+        out = tile(self, *a, **kw)
+        sizes.append(out.raw.numel())
+        return out
+
+    monkeypatch.setattr(cpu._Plan, "tile", spy)
+    q, k, v, *_ = inputs(1, 4, 4, 129, 129)
+    attention(q, k, v, causal=True, backend="cpu").sum().backward()
+    assert sizes and max(sizes) <= 4 * 129 * 8 < 129 * 129
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("normalizer,causal", [("sa_norm", True), ("sa_norm", False), ("sa", False), ("softmax", True)])
+def test_low_precision_within_twice_eager_error(path, dtype, normalizer, causal):
+    """FlashAttention's rule: error against a float64 reference at most 2x the eager backend's (plus a
+    rounding allowance relative to the size of the values, for entries where eager is exact by luck)."""
+    args = inputs(1, 4, 2, 129, 129, d=32, dv=32, dtype=dtype, mask="rows", bias="heads", ssmax=True, seed=3)
+    ref_args = [a.detach().double().requires_grad_(a.requires_grad) if torch.is_tensor(a) and a.is_floating_point()
+                else a for a in args]  # fmt: skip
+    kw = dict(normalizer=normalizer, causal=causal)
+    ref = run("eager", *ref_args, **kw)
+    got, base = run("cpu", *args, **kw), run("eager", *args, **kw)
+    assert got[0].dtype == dtype
+    allowance = 1e-5 if dtype == torch.float32 else 1e-3
+    for i, (g, b, r) in enumerate(zip(got, base, ref)):
+        assert torch.isfinite(g).all(), f"item {i} has NaN/inf"
+        err, base_err = (g.double() - r).abs().max().item(), (b.double() - r).abs().max().item()
+        bound = 2 * base_err + allowance * max(1.0, r.abs().max().item())
+        assert err <= bound, f"item {i}: error {err} > 2 x eager's {base_err} + allowance"
+
+
+@pytest.mark.parametrize(
+    "normalizer,causal,shape",
+    [
+        ("sa_norm", True, (1, 2, 1, 1025, 1025)),
+        ("sa", False, (1, 2, 2, 1, 1025)),
+        ("softmax", True, (1, 2, 1, 37, 1025)),
+    ],
+)
+def test_long_odd_sizes(normalizer, causal, shape):
+    args = inputs(*shape, d=16, dv=16, dtype=torch.float32, ssmax=True, seed=5)
+    kw = dict(normalizer=normalizer, causal=causal)
+    assert_close(run("cpu", *args, **kw), run("eager", *args, **kw), atol=3e-5, rtol=3e-5)
+
+
+@pytest.mark.parametrize("normalizer", NORMALIZERS)
+def test_fully_masked_rows_are_zero_without_nan(path, normalizer):
+    q, k, v, _, _, s, grad = inputs(1, 2, 1, 9, 6, ssmax=True)
+    mask = torch.ones(9, 6, dtype=torch.bool)
+    mask[2] = False
+    bias = torch.zeros(1, 2, 9, 6, dtype=torch.float64)
+    bias[0, 1, 5] = float("-inf")  # row 5 of head 1 masked by the bias
+    # causal with L > S: the first three queries see no key at all
+    out, dq, dk, dv, ds = run("cpu", q, k, v, mask, bias, s, grad, normalizer=normalizer, causal=True)
+    want = run("eager", q, k, v, mask, bias, s, grad, normalizer=normalizer, causal=True)
+    assert_close([out, dq, dk, dv, ds], want, atol=1e-10)
+    for rows in (out[:, :, :3], out[:, :, 2], out[0, 1, 5], dq[:, :, :3], dq[0, 1, 5]):
+        assert (rows == 0).all()
+
+
+@pytest.mark.parametrize("normalizer", NORMALIZERS)
+def test_huge_logits(path, normalizer):
+    q, k, v, *_, grad = inputs(1, 2, 2, 17, 17, dtype=torch.float32)
+    kw = dict(normalizer=normalizer, scale=300.0, causal=True)
+    got = run("cpu", q, k, v, None, None, None, grad, **kw)
+    want = run("eager", q.double(), k.double(), v.double(), None, None, None, grad, **kw)
+    assert all(torch.isfinite(g).all() for g in got)
+    torch.testing.assert_close(got[0].double(), want[0], atol=1e-4, rtol=1e-4)
+
+
+def test_deterministic(path):
+    args = inputs(2, 4, 2, 129, 129, dtype=torch.float32, bias="heads", ssmax=True)
+    first = run("cpu", *args, normalizer="sa_norm", causal=True)
+    second = run("cpu", *args, normalizer="sa_norm", causal=True)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+def test_no_grad_and_partial_grads():
+    q, k, v, *_ = inputs(1, 2, 1, 17, 17)
+    with torch.no_grad():
+        out = attention(q, k, v, backend="cpu")
+    torch.testing.assert_close(out, attention(q, k, v, backend="eager").detach(), atol=1e-12, rtol=0)
+    k_fixed = k.detach()
+    (dq,) = torch.autograd.grad(attention(q, k_fixed, v, backend="cpu").sum(), [q])
+    (dq_ref,) = torch.autograd.grad(attention(q, k_fixed, v, backend="eager").sum(), [q])
+    torch.testing.assert_close(dq, dq_ref, atol=1e-10, rtol=0)
+
+
+def test_empty_inputs():
+    q, k, v, *_ = inputs(1, 2, 2, 0, 5)
+    assert attention(q, k, v, backend="cpu").shape == (1, 2, 0, 8)
+    q, k, v, *_ = inputs(1, 2, 2, 4, 0)
+    out = attention(q, k, v, backend="cpu")
+    assert out.shape == (1, 2, 4, 8) and (out == 0).all()
+    out.sum().backward()
+    assert (q.grad == 0).all()
+
+
+def test_dropout_is_refused_and_auto_falls_back():
+    q, k, v, *_ = inputs(1, 2, 2, 5, 5)
+    call = make_call(q, k, v, "sa_norm", False, None, None, None, None, 1e-6, 0.1)
+    assert "dropout" in cpu.unsupported(call)
+    assert choose_backend(call, "auto") == "eager"
+    with pytest.raises(ValueError, match="dropout"):
+        attention(q, k, v, dropout_p=0.1, backend="cpu")
+
+
+def test_auto_picks_cpu_for_cpu_tensors():
+    q, k, v, *_ = inputs(1, 2, 2, 5, 5)
+    call = make_call(q, k, v, "sa_norm", True, None, None, None, 0.5, 1e-6, 0.0)
+    assert choose_backend(call, "auto") == "cpu"
+
+
+def test_bad_bias_function_output():
+    q, k, v, *_ = inputs(1, 2, 2, 5, 5)
+    with pytest.raises(ValueError, match="bias function"):
+        attention(q, k, v, bias=lambda qp, kp: torch.zeros(3, 5, 5, dtype=torch.float64), backend="cpu")
+    with pytest.raises(TypeError, match="bias function"):
+        attention(q, k, v, bias=lambda qp, kp: qp[:, None] - kp[None, :], backend="cpu")
+
+
+@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None, reason="no C++ compiler")
+def test_native_kernels_build_here():
+    """On a machine with a compiler the fused path is the one that runs (the plain path is tested above)."""
+    assert cpu_native.kernels() is not None
+
+
+def test_benchmark_runs_and_writes_tables(tmp_path, capsys):
+    """The benchmark end to end at a tiny size: timing, one fresh-process memory measurement, outputs."""
+    parser = argparse.ArgumentParser()
+    benchmark.add_arguments(parser)
+    md, js = tmp_path / "table.md", tmp_path / "table.json"
+    args = parser.parse_args(
+        ["--lengths", "64", "--heads", "2", "--repeats", "1", "--normalizers", "sa_norm", "--backends", "cpu"]
+        + ["--causal", "yes", "--markdown", str(md), "--json", str(js)]
+    )
+    assert benchmark.run(args) == 0
+    rows = json.loads(js.read_text())["rows"]
+    assert [r["impl"] for r in rows] == ["sdpa", "cpu:sa_norm"]
+    assert all(r["fwd_ms"] > 0 and r["fwd_bwd_ms"] > 0 and r["extra_mib"] is not None for r in rows)
+    assert "cpu:sa_norm" in md.read_text() and "cpu:sa_norm" in capsys.readouterr().out
