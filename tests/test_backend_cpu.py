@@ -103,6 +103,16 @@ def test_float64_matches_eager(path, normalizer, causal, mask, bias, ssmax, shap
 
 
 @pytest.mark.parametrize("normalizer", NORMALIZERS)
+@pytest.mark.parametrize("mask_shape", [(2, 1, 1, 37), (17, 1), (1, 1, 1, 1)])
+def test_masks_broadcast_over_keys_or_queries(path, normalizer, mask_shape):
+    """Key-padding masks, masks of whole rows (size-1 key axis) and a single flag, fully masked rows included."""
+    q, k, v, _, _, _, grad = inputs(2, 4, 2, 17, 37)
+    m = torch.rand(mask_shape, generator=torch.Generator().manual_seed(3)) > 0.4
+    want = run("eager", q, k, v, m, None, None, grad, normalizer=normalizer, causal=True)
+    assert_close(run("cpu", q, k, v, m, None, None, grad, normalizer=normalizer, causal=True), want, atol=1e-10)
+
+
+@pytest.mark.parametrize("normalizer", NORMALIZERS)
 @pytest.mark.parametrize("causal", [False, True])
 def test_many_tiles_and_bias_function(path, monkeypatch, normalizer, causal):
     """Small tiles (many query blocks, causal blocks that skip keys) and a learnable bias function."""

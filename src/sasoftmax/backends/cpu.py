@@ -450,7 +450,7 @@ def _as_4d(t: Tensor | None) -> Tensor | None:
 
 def _slice(t: Tensor, rows: slice, keys: int) -> Tensor:
     """The part of a 4-D broadcastable tensor that a tile (rows, first ``keys`` keys) sees."""
-    return t[:, :, rows if t.shape[2] > 1 else slice(None), : keys if t.shape[3] > 1 else slice(None)]
+    return t[:, :, rows if t.shape[2] > 1 else slice(None), slice(None, keys) if t.shape[3] > 1 else slice(None)]
 
 
 __all__ = ["MIN_ROWS", "TILE_ELEMENTS", "attention", "unsupported"]
