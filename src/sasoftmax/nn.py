@@ -114,14 +114,33 @@ class MultiheadAttention(nn.Module):
         ``mask``/``bias`` as in :func:`sasoftmax.attention`; ``rotary(q, k) -> (q, k)`` is applied to the
         head-split (B, H, L, head_dim) queries and keys before attention (e.g. RoPE).
         """
+        q, k, v = self.project(x, context)
+        if rotary is not None:
+            q, k = rotary(q, k)
+        return self.attend(q, k, v, causal=causal, mask=mask, bias=bias)
+
+    def project(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """Head-split projections: q (B, H, L, head_dim) from ``x``; k, v (B, Hkv, S, head_dim) from
+        ``context`` (default ``x``)."""
         context = x if context is None else context
         b, lq, _ = x.shape
         lk = context.shape[1]
         q = self.q_proj(x).view(b, lq, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(context).view(b, lk, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(context).view(b, lk, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        if rotary is not None:
-            q, k = rotary(q, k)
+        return q, k, v
+
+    def attend(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        *,
+        causal: bool = False,
+        mask: Tensor | None = None,
+        bias: Tensor | BiasFunction | None = None,
+    ) -> Tensor:
+        """Attention with this layer's normalizer, SSMax and dropout, then the output projection: (B, L, E)."""
         out = attention(
             q, k, v,
             normalizer=self.normalizer,
@@ -133,4 +152,5 @@ class MultiheadAttention(nn.Module):
             dropout_p=self.dropout if self.training else 0.0,
             backend=self.backend,
         )
+        b, _, lq, _ = q.shape
         return self.out_proj(out.transpose(1, 2).reshape(b, lq, -1))

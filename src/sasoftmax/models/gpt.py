@@ -9,7 +9,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..attention import attention
 from ..nn import MultiheadAttention
 from ..normalizers import check_normalizer
 from ..positional import SCORE_DEPENDENT, RoPE, ScoreBias, check_positional, make_positional
@@ -77,10 +76,7 @@ class CausalSelfAttention(MultiheadAttention):
 
     def forward(self, x: Tensor) -> Tensor:  # type: ignore[override]
         """(B, L, E) -> (B, L, E)."""
-        b, length, _ = x.shape
-        q = self.q_proj(x).view(b, length, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(b, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(b, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k, v = self.project(x)
         bias = None
         if isinstance(self.pos, RoPE):
             q, k = self.pos(q, k)
@@ -88,17 +84,7 @@ class CausalSelfAttention(MultiheadAttention):
             bias = self.pos(self.scaled_scores(q, k))
         elif self.pos is not None:
             bias = self.pos
-        out = attention(
-            q, k, v,
-            normalizer=self.normalizer,
-            causal=True,
-            bias=bias,
-            ssmax=None if self.ssmax is None else self.ssmax(),
-            eps=self.eps,
-            dropout_p=self.dropout if self.training else 0.0,
-            backend=self.backend,
-        )
-        return self.out_proj(out.transpose(1, 2).reshape(b, length, -1))
+        return self.attend(q, k, v, causal=True, bias=bias)
 
     def scaled_scores(self, q: Tensor, k: Tensor) -> Tensor:
         """A = q·kᵀ/√D, (B, H, L, S) in float32 (k/v heads repeated for grouped-query attention)."""
