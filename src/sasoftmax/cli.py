@@ -2,8 +2,7 @@
 
 ``bench``, ``compare`` and ``report`` live in their own modules (``sasoftmax.benchmark``,
 ``sasoftmax.experiments.compare``, ``sasoftmax.report``), each exposing ``add_arguments(parser)`` and
-``run(args) -> int``; they are imported when the parser is built, and a module that cannot be imported
-only disables its own subcommand. Bad input prints a message on stderr and exits with code 2.
+``run(args) -> int``. Bad input prints a message on stderr and exits with code 2.
 """
 
 from __future__ import annotations
@@ -14,6 +13,7 @@ import sys
 
 import torch
 
+from .backends import BACKENDS
 from .normalizers import NORMALIZERS
 from .positional import POSITIONAL
 from .presets import PRESETS
@@ -39,7 +39,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--grad-accum", type=int, help="micro-batches per step")
     parser.add_argument("--lr", type=float, help="peak learning rate")
     parser.add_argument("--checkpoint-every", type=int, help="checkpoint every K steps (and at the end)")
-    parser.add_argument("--backend", choices=("auto", "eager", "cpu", "triton"), help="attention backend")
+    parser.add_argument("--backend", choices=("auto",) + BACKENDS, help="attention backend")
     parser.add_argument("--out", required=True, help="run directory")
     parser.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -95,15 +95,6 @@ def run_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _unavailable(name: str, module: str, error: Exception):
-    def run(args: argparse.Namespace) -> int:
-        print(f"sasoftmax {name}: not available in this installation ({module} cannot be imported: {error})",
-              file=sys.stderr)
-        return 2
-
-    return run
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sasoftmax", description="Self-Adjust Softmax and Scalable-Softmax")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -115,12 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_eval_arguments(evaluate)
     evaluate.set_defaults(handler=run_eval)
     for name, (module_name, help_text) in DELEGATED.items():
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError as err:
-            command = sub.add_parser(name, help=f"{help_text} (unavailable)", add_help=False)
-            command.set_defaults(handler=_unavailable(name, module_name, err), ignore_extra=True)
-            continue
+        module = importlib.import_module(module_name)
         command = sub.add_parser(name, help=help_text, description=help_text)
         module.add_arguments(command)
         command.set_defaults(handler=module.run)
@@ -131,9 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run the command line ``argv`` (default sys.argv[1:]); returns the exit code."""
     parser = build_parser()
     try:
-        args, extra = parser.parse_known_args(argv)
-        if extra and not getattr(args, "ignore_extra", False):
-            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args = parser.parse_args(argv)
     except SystemExit as exit_:  # argparse has printed its message
         return int(exit_.code or 0)
     try:
