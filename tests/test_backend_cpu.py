@@ -285,3 +285,11 @@ def test_benchmark_runs_and_writes_tables(tmp_path, capsys):
     assert [r["impl"] for r in rows] == ["sdpa", "cpu:sa_norm"]
     assert all(r["fwd_ms"] > 0 and r["fwd_bwd_ms"] > 0 and r["extra_mib"] is not None for r in rows)
     assert "cpu:sa_norm" in md.read_text() and "cpu:sa_norm" in capsys.readouterr().out
+
+
+def test_double_backward_raises():
+    q, k, v, *_ = inputs(1, 2, 2, 5, 7)
+    out = attention(q, k, v, backend="cpu")
+    (gq,) = torch.autograd.grad(out.sum(), q, create_graph=True)
+    with pytest.raises(RuntimeError):
+        gq.sum().backward()

@@ -11,6 +11,7 @@
 //   mode: 0 softmax, 1 sa, 2 sa_norm.
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 
 namespace {
 
@@ -21,12 +22,34 @@ template <typename T>
 constexpr T sentinel() { return T(-1e30); }
 
 
+// exp(a) for −80 <= a <= 88 (the loops pass a <= 0), inlined so that the loops vectorise without a call
+// of glibc's vector expf per vector (this made them ~20% faster): a = n·ln2 + r with |r| <= ln2/2, e^r by
+// its Taylor polynomial to degree 7 (relative error < 2e-7, about an ulp), 2^n put into the exponent bits.
+inline float exp_nonpositive(float a) {
+  const float n = std::nearbyint(a * 1.44269504088896341f);
+  const float r = (a - n * 0.693145751953125f) - n * 1.428606765330187e-06f;  // ln2 split: exact n·hi
+  float p = 1.0f / 5040.0f;
+  p = p * r + 1.0f / 720.0f;
+  p = p * r + 1.0f / 120.0f;
+  p = p * r + 1.0f / 24.0f;
+  p = p * r + 1.0f / 6.0f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;  // −116 <= n <= 127: a normal number
+  float scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return p * scale;
+}
+
+inline double exp_nonpositive(double a) { return std::exp(a); }
+
 // exp(a) for a <= 0, and 0 where the logit v is the sentinel. The argument is clamped at −80 (e^−80 is
-// negligible against the row's largest term, 1) because glibc's vector exp takes a slow scalar path for
-// whole vectors when any lane underflows.
+// negligible against the row's largest term, 1), which also keeps glibc's vector exp (float64) off its
+// slow scalar path for underflowing lanes.
 template <typename T>
 inline T safe_exp(T a, T v) {
-  const T e = std::exp(a > T(-80) ? a : T(-80));
+  const T e = exp_nonpositive(a > T(-80) ? a : T(-80));
   return v > masked_threshold<T>() ? e : T(0);
 }
 

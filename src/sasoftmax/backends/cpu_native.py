@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import os
+import platform
 import warnings
 from pathlib import Path
 
@@ -19,6 +20,10 @@ from torch import Tensor
 
 _SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
 _FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp"]
+if platform.machine().lower() in ("x86_64", "amd64"):
+    # gcc keeps to 256-bit vectors by default even with AVX-512; 512-bit ones made the row loops ~1.4x
+    # faster here. Without AVX-512 the flag changes nothing.
+    _FLAGS.append("-mprefer-vector-width=512")
 _MODES = {"softmax": 0, "sa": 1, "sa_norm": 2}
 _TYPES = {torch.float32: ("f32", ctypes.c_float), torch.float64: ("f64", ctypes.c_double)}
 
