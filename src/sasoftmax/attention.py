@@ -10,6 +10,7 @@ from torch import Tensor
 
 from . import backends
 from .backends import BACKENDS, AttentionCall, BiasFunction
+from .backends.call import broadcasts_to
 from .checks import check_choice
 from .normalizers import check_eps, check_normalizer
 
@@ -130,11 +131,7 @@ def make_call(q, k, v, normalizer, causal, mask, bias, scale, ssmax, eps, dropou
 def check_broadcast(name: str, t: Tensor, full: tuple[int, ...], device: torch.device) -> None:
     if t.device != device:
         raise ValueError(f"{name} must be on q's device {device}; got {t.device}")
-    try:
-        ok = t.dim() <= 4 and torch.broadcast_shapes(t.shape, full) == torch.Size(full)
-    except RuntimeError:
-        ok = False
-    if not ok:
+    if not broadcasts_to(t.shape, full):
         raise ValueError(f"{name} of shape {tuple(t.shape)} is not broadcastable to (B, Hq, L, S) = {full}")
 
 

@@ -53,6 +53,28 @@ class AttentionCall:
         return self.q.shape[1] // self.k.shape[1]
 
 
+def broadcasts_to(shape: torch.Size | tuple[int, ...], full: tuple[int, ...]) -> bool:
+    """Whether a tensor of ``shape`` (at most 4-D) broadcasts to exactly ``full`` = (B, Hq, L, S)."""
+    try:
+        return len(shape) <= 4 and torch.broadcast_shapes(shape, full) == torch.Size(full)
+    except RuntimeError:
+        return False
+
+
+def evaluate_bias_function(fn: BiasFunction, q_pos: Tensor, k_pos: Tensor, batch: int, heads: int) -> Tensor:
+    """``fn(q_pos, k_pos)``, checked to be a floating tensor broadcastable to (B, Hq, Lt, St)."""
+    out = fn(q_pos, k_pos)
+    if not isinstance(out, Tensor) or not out.is_floating_point():
+        raise TypeError(f"bias function must return a floating tensor; got {type(out).__name__}")
+    full = (batch, heads, len(q_pos), len(k_pos))
+    if not broadcasts_to(out.shape, full):
+        raise ValueError(
+            f"bias function must return a tensor broadcastable to (B, Hq, Lt, St) = {full} for "
+            f"{len(q_pos)} query and {len(k_pos)} key positions; got {tuple(out.shape)}"
+        )
+    return out
+
+
 def query_positions(lq: int, lk: int, device: torch.device) -> Tensor:
     """Positions of L queries among S keys, aligned lower-right: i + S − L."""
     return torch.arange(lk - lq, lk, device=device)

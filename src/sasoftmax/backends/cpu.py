@@ -30,7 +30,7 @@ from torch.autograd.function import once_differentiable
 
 from ..normalizers import compute_dtype
 from . import cpu_native
-from .call import AttentionCall, BiasFunction, query_positions
+from .call import AttentionCall, BiasFunction, evaluate_bias_function, query_positions
 
 TILE_ELEMENTS = 1 << 20
 """Largest logits tile in elements (4 MiB in float32); two or three tiles are alive at once. A tile
@@ -169,19 +169,7 @@ class _Plan:
     def eval_bias(self, rows: slice, keys: int) -> Tensor:
         """The bias function on one tile's (query, key) positions, checked, as a 4-D tensor."""
         q_pos, k_pos = self.q_pos[rows], torch.arange(keys, device=self.device)
-        out = self.bias_fn(q_pos, k_pos)
-        if not isinstance(out, Tensor) or not out.is_floating_point():
-            raise TypeError(f"bias function must return a floating tensor; got {type(out).__name__}")
-        full = (self.b, self.hq_full, len(q_pos), keys)
-        try:
-            ok = out.dim() <= 4 and torch.broadcast_shapes(out.shape, full) == torch.Size(full)
-        except RuntimeError:
-            ok = False
-        if not ok:
-            raise ValueError(
-                f"bias function must return a tensor broadcastable to (B, Hq, Lt, St) = {full} for "
-                f"{len(q_pos)} query and {keys} key positions; got {tuple(out.shape)}"
-            )
+        out = evaluate_bias_function(self.bias_fn, q_pos, k_pos, self.b, self.hq_full)
         return _heads(_as_4d(out), self.qh)
 
     def log_n(self, tile: _Tile) -> Tensor:

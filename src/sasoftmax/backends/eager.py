@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..normalizers import compute_dtype, masked_weights
-from .call import AttentionCall, query_positions
+from .call import AttentionCall, evaluate_bias_function, query_positions
 
 
 def unsupported(call: AttentionCall) -> str | None:
@@ -43,7 +43,7 @@ def logits_and_allowed(call: AttentionCall) -> tuple[Tensor, Tensor]:
     if call.bias is not None:
         bias = call.bias
         if callable(bias) and not isinstance(bias, Tensor):
-            bias = evaluate_bias_function(bias, lq, lk, device)
+            bias = evaluate_bias_function(bias, query_positions(lq, lk, device), torch.arange(lk, device=device), b, hq)
         bias = bias.to(dtype)
         allowed = allowed & ~torch.isneginf(bias)
         z = z + torch.where(torch.isneginf(bias), torch.zeros((), dtype=dtype, device=device), bias)
@@ -52,18 +52,6 @@ def logits_and_allowed(call: AttentionCall) -> tuple[Tensor, Tensor]:
         n = allowed.sum(-1, keepdim=True).clamp_min(1).to(dtype)
         z = z * (call.ssmax.to(dtype).view(1, hq, 1, 1) * torch.log(n))
     return z, allowed
-
-
-def evaluate_bias_function(fn, lq: int, lk: int, device: torch.device) -> Tensor:
-    """Evaluate a bias function on all L×S (query, key) pairs and check what it returns."""
-    out = fn(query_positions(lq, lk, device), torch.arange(lk, device=device))
-    if not isinstance(out, Tensor) or not out.is_floating_point():
-        raise TypeError(f"bias function must return a floating tensor; got {type(out).__name__}")
-    if out.dim() > 4 or tuple(out.shape[-2:]) not in {(lq, lk), (1, lk), (lq, 1), (1, 1)}:
-        raise ValueError(
-            f"bias function must return a tensor broadcastable to (B, Hq, {lq}, {lk}); got {tuple(out.shape)}"
-        )
-    return out
 
 
 _recorders: list[list[dict[str, Tensor]]] = []
