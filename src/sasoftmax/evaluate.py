@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 
 from .data import load_corpus
-from .train import RunError, load_model, write_json
+from .files import write_json
+from .train import RunError, load_model
 
 TOKENS_PER_BATCH = 16384
 SCORES_PER_BATCH = 1 << 26

@@ -15,6 +15,8 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from .files import write_atomic
+
 BASELINE = "softmax"
 VARIANT_LABELS = {
     "softmax": "softmax",
@@ -548,9 +550,8 @@ def write_report(out: str | Path, results: dict | None = None) -> list[Path]:
             note = f"No plots: {err}. Then run `sasoftmax report {out}`."
             print(f"sasoftmax report: warning: {note}", file=sys.stderr)
     report = out / "report.md"
-    tmp = report.with_name("report.md.tmp")
-    tmp.write_text(markdown(results, plots, note))
-    tmp.replace(report)
+    text = markdown(results, plots, note)
+    write_atomic(report, lambda tmp: tmp.write_text(text))
     return [report, *plots]
 
 

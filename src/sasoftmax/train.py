@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from .backends import BACKENDS
 from .checks import check_choice
 from .data import VOCAB_SIZE, load_corpus, sample_batch
+from .files import write_atomic, write_json
 from .models import GPT, GPTConfig
 from .normalizers import check_normalizer
 from .positional import check_positional
@@ -193,17 +194,6 @@ def load_model(out: str | Path) -> tuple[GPT, dict]:
     return model.eval(), dict(state["config"])
 
 
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
-
-
-def write_json(path: Path, data: object) -> None:
-    """Write ``data`` as JSON atomically."""
-    _atomic_write(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2) + "\n"))
-
-
 def _config_differences(saved: dict, config: dict) -> list[str]:
     keys = (set(saved) | set(config)) - set(RESUMABLE_KEYS)
     found = [
@@ -228,7 +218,7 @@ def _truncate_jsonl(path: Path, step: int) -> None:
                 kept.append(line)
         except (json.JSONDecodeError, KeyError, TypeError):
             continue  # a line torn by a kill, or blank
-    _atomic_write(path, lambda tmp: tmp.write_text("".join(line + "\n" for line in kept)))
+    write_atomic(path, lambda tmp: tmp.write_text("".join(line + "\n" for line in kept)))
 
 
 def _prepare_run_dir(out: Path, config: dict, fingerprint: str, resume: bool) -> dict | None:
@@ -482,4 +472,4 @@ def _save_checkpoint(out, model, optimizer, sampler, step, config, fingerprint, 
             "data": sampler.get_state(),
         },
     }
-    _atomic_write(out / "checkpoint.pt", lambda tmp: torch.save(state, tmp))
+    write_atomic(out / "checkpoint.pt", lambda tmp: torch.save(state, tmp))

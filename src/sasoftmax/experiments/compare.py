@@ -46,10 +46,11 @@ from ..analysis.retrieval import NeedleTask, run_needle
 from ..checks import check_choice
 from ..data import load_corpus
 from ..evaluate import evaluate
+from ..files import write_json
 from ..models import GPT, GPTConfig
 from ..nn import SSMAX_PAPER_INIT
 from ..positional import POSITIONAL
-from ..train import RunError, load_model, make_config, train, write_json
+from ..train import RunError, load_model, make_config, train
 
 VARIANTS: dict[str, tuple[str, bool]] = {
     "softmax": ("softmax", False),
