@@ -20,7 +20,7 @@ import torch
 
 from .data import load_corpus
 from .files import write_json
-from .train import RunError, load_model
+from .train import RunError, check_lengths, load_model
 
 TOKENS_PER_BATCH = 16384
 SCORES_PER_BATCH = 1 << 26
@@ -36,17 +36,6 @@ def parse_lengths(text: str) -> list[int]:
     except ValueError:
         raise ValueError(f"lengths must be comma-separated positive ints, e.g. 128,256; got {text!r}") from None
     return check_lengths(lengths)
-
-
-def check_lengths(lengths: list[int]) -> list[int]:
-    if not isinstance(lengths, (list, tuple)) or not lengths:
-        raise ValueError(f"lengths must be a non-empty list of positive ints; got {lengths!r}")
-    for length in lengths:
-        if isinstance(length, bool) or not isinstance(length, int) or length < 1:
-            raise ValueError(f"lengths must be positive ints; got {length!r}")
-    if len(set(lengths)) != len(lengths):
-        raise ValueError(f"lengths must not repeat; got {lengths}")
-    return list(lengths)
 
 
 @torch.no_grad()

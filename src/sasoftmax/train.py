@@ -105,16 +105,23 @@ def check_config(config: dict) -> dict:
     _check_float("dropout", config["dropout"], 0.0)
     if not config["dropout"] < 1:
         raise ValueError(f"dropout must be in [0, 1); got {config['dropout']}")
-    lengths = config["eval_lengths"]
-    if not isinstance(lengths, list) or not lengths:
-        raise ValueError(f"eval_lengths must be a non-empty list of positive ints; got {lengths!r}")
-    for length in lengths:
-        _check_int("eval_lengths", length, 1)
+    check_lengths(config["eval_lengths"], "eval_lengths")
     if config["data"] is not None and not isinstance(config["data"], str):
         raise TypeError(f"data must be None, a path or 'hf:NAME[:CONFIG]'; got {type(config['data']).__name__}")
     check_choice("backend", config["backend"], ("auto",) + BACKENDS)
     model_config(config)  # size combinations (e.g. n_embd % n_head)
     return config
+
+
+def check_lengths(lengths: object, name: str = "lengths") -> list[int]:
+    """Return ``lengths`` as a list if it is a non-empty list of distinct ints >= 1, else raise."""
+    if not isinstance(lengths, (list, tuple)) or not lengths:
+        raise ValueError(f"{name} must be a non-empty list of positive ints; got {lengths!r}")
+    for length in lengths:
+        _check_int(name, length, 1)
+    if len(set(lengths)) != len(lengths):
+        raise ValueError(f"{name} must not repeat; got {list(lengths)}")
+    return list(lengths)
 
 
 def _check_int(key: str, value: object, low: int) -> None:
