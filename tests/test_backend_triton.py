@@ -296,6 +296,27 @@ def test_auto_prefers_triton_on_cuda():
     assert choose_backend(supported_call(), "auto") == "triton"
 
 
+class _ClaimsCuda(torch.Tensor):
+    """A CPU tensor that reports is_cuda, so the preference for triton is checked without a GPU."""
+
+    @property
+    def is_cuda(self) -> bool:
+        return True
+
+
+@needs_kernels
+def test_auto_preference_for_cuda_tensors_without_a_gpu():
+    call = supported_call()
+    cuda_like = make_call(
+        call.q.as_subclass(_ClaimsCuda), call.k, call.v, "sa_norm", True, None, None, None, None, 1e-6, 0.0
+    )
+    assert choose_backend(cuda_like, "auto") == "triton"
+    with_dropout = make_call(
+        call.q.as_subclass(_ClaimsCuda), call.k, call.v, "sa_norm", True, None, None, None, None, 1e-6, 0.1
+    )
+    assert choose_backend(with_dropout, "auto") == "eager"
+
+
 @needs_kernels
 def test_supported_call_is_served():
     call = supported_call(ssmax=0.5, mask=make_masks(SHAPES[1])["padding"])
