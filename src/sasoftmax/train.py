@@ -341,16 +341,20 @@ def train(
             f"seq_len {config['seq_len']} needs more"
         )
     rank, world, device, created_group = _distributed()
-    try:
-        state = _prepare_run_dir(out, config, corpus.fingerprint, resume)
-        if world > 1:
-            dist.barrier()  # every rank has checked the directory before rank 0 writes to it
-        if state is not None and state["step"] >= config["steps"]:
-            return dict(state["summary"])
-        return _train(config, out, corpus, state, rank, world, device, progress, step_hook, hook_every)
-    finally:
-        if created_group:
-            dist.destroy_process_group()
+    state = _prepare_run_dir(out, config, corpus.fingerprint, resume)
+    if world > 1:
+        dist.barrier()  # every rank has checked the directory before rank 0 writes to it
+    if state is not None and state["step"] >= config["steps"]:
+        summary = dict(state["summary"])
+    else:
+        summary = _train(config, out, corpus, state, rank, world, device, progress, step_hook, hook_every)
+    # Only on success, once every rank is done with its collectives: tearing the group down while another rank
+    # still communicates (or after one failed) can hang or abort gloo's worker threads. On an error the process
+    # exits and torchrun stops the other ranks.
+    if created_group:
+        dist.barrier()
+        dist.destroy_process_group()
+    return summary
 
 
 def _train(config, out, corpus, state, rank, world, device, progress, step_hook, hook_every) -> dict:
