@@ -1,6 +1,6 @@
 """The cpu backend against the eager reference: outputs and gradients of q, k, v, bias, SSMax's s and a
 bias function's parameters, over dtypes, causal, masks, biases, GQA, SSMax, odd sizes, Lq != Lk and
-fully masked rows; both the fused C++ path and the plain-PyTorch path."""
+fully masked rows; on the fused C++ path, the tiled path with C++ row kernels and the plain-PyTorch path."""
 
 from __future__ import annotations
 
@@ -21,11 +21,11 @@ from sasoftmax.backends import cpu_native
 NORMALIZERS = ("softmax", "sa", "sa_norm")
 
 
-@pytest.fixture(params=["native", "plain"])
+@pytest.fixture(params=["fused", "tiled", "plain"])
 def path(request, monkeypatch):
-    """Run a test on the fused C++ kernels and on the plain-PyTorch path."""
-    if request.param == "plain":
-        monkeypatch.setenv("SASOFTMAX_CPU_KERNELS", "0")
+    """Run a test on each path: whole calls in C++ (calls without a bias), Python tiles with the C++ row
+    kernels (what calls with a bias take), and plain PyTorch."""
+    monkeypatch.setenv("SASOFTMAX_CPU_KERNELS", {"fused": "1", "tiled": "tiles", "plain": "0"}[request.param])
     return request.param
 
 
@@ -137,9 +137,39 @@ def test_head_chunks_with_per_head_mask_and_bias(path, monkeypatch, normalizer, 
     assert_close(run("cpu", *args, **kw), run("eager", *args, **kw), atol=1e-10)
 
 
+@pytest.mark.parametrize("normalizer", NORMALIZERS)
+@pytest.mark.parametrize("causal", [False, True])
+def test_fused_blocks_chunks_and_threads(monkeypatch, normalizer, causal):
+    """The fused path with many small blocks on two threads: work split into query blocks (forward) and into
+    chunks of blocks when there are fewer heads than threads (backward), GQA partial sums, masks, SSMax."""
+    monkeypatch.setattr(cpu, "FUSED_ROWS", 4)
+    calls = []
+    monkeypatch.setattr(cpu_native, "fused_backward", _spy(cpu_native.fused_backward, calls))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for shape in [(1, 1, 1, 37, 37), (2, 4, 2, 29, 33), (1, 2, 1, 1, 29), (1, 1, 1, 33, 29)]:
+            q, k, v, m, _, s, grad = inputs(*shape, mask="full", ssmax=True, seed=shape[3])
+            kw = dict(normalizer=normalizer, causal=causal)
+            assert_close(run("cpu", q, k, v, m, None, s, grad, **kw), run("eager", q, k, v, m, None, s, grad, **kw),
+                         atol=1e-10)  # fmt: skip
+    finally:
+        torch.set_num_threads(threads)
+    assert len(calls) == 4
+
+
+def _spy(fn, calls):
+    def spy(*args, **kw):
+        calls.append(args)
+        return fn(*args, **kw)
+
+    return spy
+
+
 def test_tiles_never_hold_the_score_matrix(monkeypatch):
-    """With a small tile budget no logits tile is as large as one head's (L, S) scores."""
+    """With a small tile budget no logits tile is as large as one head's (L, S) scores, on either path."""
     monkeypatch.setattr(cpu, "TILE_ELEMENTS", 4 * 129 * 8)
+    monkeypatch.setattr(cpu, "FUSED_TILE_ELEMENTS", 4 * 129)
     sizes = []
     tile = cpu._Plan.tile
 
@@ -149,8 +179,13 @@ def test_tiles_never_hold_the_score_matrix(monkeypatch):
         return out
 
     monkeypatch.setattr(cpu._Plan, "tile", spy)
+    fused_calls = []
+    monkeypatch.setattr(cpu_native, "fused_forward", _spy(cpu_native.fused_forward, fused_calls))
     q, k, v, *_ = inputs(1, 4, 4, 129, 129)
-    attention(q, k, v, causal=True, backend="cpu").sum().backward()
+    attention(q, k, v, causal=True, backend="cpu").sum().backward()  # fused: a thread's block is rows x S
+    rows = fused_calls[0][-1]
+    assert rows * 129 <= 4 * 129 < 129 * 129
+    attention(q, k, v, causal=True, bias=torch.zeros(129), backend="cpu").sum().backward()  # tiled
     assert sizes and max(sizes) <= 4 * 129 * 8 < 129 * 129
 
 
@@ -159,7 +194,8 @@ def test_tiles_never_hold_the_score_matrix(monkeypatch):
 def test_low_precision_within_twice_eager_error(path, dtype, normalizer, causal):
     """FlashAttention's rule: error against a float64 reference at most 2x the eager backend's (plus a
     rounding allowance relative to the size of the values, for entries where eager is exact by luck)."""
-    args = inputs(1, 4, 2, 129, 129, d=32, dv=32, dtype=dtype, mask="rows", bias="heads", ssmax=True, seed=3)
+    bias = None if path == "fused" else "heads"  # the fused path serves calls without a bias
+    args = inputs(1, 4, 2, 129, 129, d=32, dv=32, dtype=dtype, mask="rows", bias=bias, ssmax=True, seed=3)
     ref_args = [a.detach().double().requires_grad_(a.requires_grad) if torch.is_tensor(a) and a.is_floating_point()
                 else a for a in args]  # fmt: skip
     kw = dict(normalizer=normalizer, causal=causal)
@@ -191,10 +227,13 @@ def test_long_odd_sizes(normalizer, causal, shape):
 @pytest.mark.parametrize("normalizer", NORMALIZERS)
 def test_fully_masked_rows_are_zero_without_nan(path, normalizer):
     q, k, v, _, _, s, grad = inputs(1, 2, 1, 9, 6, ssmax=True)
-    mask = torch.ones(9, 6, dtype=torch.bool)
-    mask[2] = False
+    mask = torch.ones(1, 2, 9, 6, dtype=torch.bool)
+    mask[:, :, 2] = False
     bias = torch.zeros(1, 2, 9, 6, dtype=torch.float64)
-    bias[0, 1, 5] = float("-inf")  # row 5 of head 1 masked by the bias
+    if path == "fused":  # row 5 of head 1 masked by the mask (the fused path serves calls without a bias)
+        mask[0, 1, 5], bias = False, None
+    else:  # ... or by the bias
+        bias[0, 1, 5] = float("-inf")
     # causal with L > S: the first three queries see no key at all
     out, dq, dk, dv, ds = run("cpu", q, k, v, mask, bias, s, grad, normalizer=normalizer, causal=True)
     want = run("eager", q, k, v, mask, bias, s, grad, normalizer=normalizer, causal=True)
@@ -214,9 +253,16 @@ def test_huge_logits(path, normalizer):
 
 
 def test_deterministic(path):
-    args = inputs(2, 4, 2, 129, 129, dtype=torch.float32, bias="heads", ssmax=True)
-    first = run("cpu", *args, normalizer="sa_norm", causal=True)
-    second = run("cpu", *args, normalizer="sa_norm", causal=True)
+    """Bit-identical results and gradients from two runs on two threads (dynamic scheduling included)."""
+    bias = None if path == "fused" else "heads"  # the fused path serves calls without a bias
+    args = inputs(2, 4, 2, 129, 129, dtype=torch.float32, mask="rows", bias=bias, ssmax=True)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        first = run("cpu", *args, normalizer="sa_norm", causal=True)
+        second = run("cpu", *args, normalizer="sa_norm", causal=True)
+    finally:
+        torch.set_num_threads(threads)
     for a, b in zip(first, second):
         assert torch.equal(a, b)
 
@@ -267,8 +313,9 @@ def test_bad_bias_function_output():
 
 @pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None, reason="no C++ compiler")
 def test_native_kernels_build_here():
-    """On a machine with a compiler the fused path is the one that runs (the plain path is tested above)."""
+    """On a machine with a compiler the C++ paths are the ones that run (the plain path is tested above)."""
     assert cpu_native.kernels() is not None
+    assert cpu_native.fused(torch.float32) is not None and cpu_native.fused(torch.float64) is not None
 
 
 def test_benchmark_runs_and_writes_tables(tmp_path, capsys):
@@ -285,6 +332,13 @@ def test_benchmark_runs_and_writes_tables(tmp_path, capsys):
     assert [r["impl"] for r in rows] == ["sdpa", "cpu:sa_norm"]
     assert all(r["fwd_ms"] > 0 and r["fwd_bwd_ms"] > 0 and r["extra_mib"] is not None for r in rows)
     assert "cpu:sa_norm" in md.read_text() and "cpu:sa_norm" in capsys.readouterr().out
+
+
+def test_bad_kernel_setting(monkeypatch):
+    monkeypatch.setenv("SASOFTMAX_CPU_KERNELS", "yes")
+    q, k, v, *_ = inputs(1, 2, 2, 5, 7)
+    with pytest.raises(ValueError, match="SASOFTMAX_CPU_KERNELS"):
+        attention(q, k, v, backend="cpu")
 
 
 def test_double_backward_raises():

@@ -1,17 +1,24 @@
-// Fused per-row work of the cpu backend (see cpu.py): one tile of logits, rows × keys, row-major.
+// C++ kernels of the cpu backend (see cpu.py), behind a plain C ABI loaded with ctypes: no torch headers, so
+// it builds in seconds.
 //
-// The GEMMs stay in PyTorch; these loops replace the many elementwise passes that plain PyTorch makes
-// over a tile with two passes in the forward and one in the backward. Plain C ABI (loaded with ctypes),
-// no torch headers, so it builds in seconds. Rows are independent: OpenMP splits them across threads
-// and every row is reduced in a fixed order, so results are deterministic.
+// Two kinds of entry. Row kernels (sa_forward_*, sa_backward_*) do the elementwise work of one tile of logits
+// (rows × keys, row-major) whose GEMMs cpu.py runs in PyTorch: two passes over each row in the forward, one in
+// the backward, OpenMP across rows; calls with a bias tensor or function take this path. Fused entries
+// (sa_fused_forward_*, sa_fused_backward_*) run a whole call without a bias in one parallel region: each thread
+// takes a work item (a head's block of query rows; a head, or a chunk of its blocks, in the backward), calls the
+// BLAS gemm that torch itself uses on its own cache-sized block, and runs the same row loops in between. This
+// is how SDPA's CPU kernel works, and it removes a Python round trip and a parallel region per tile.
+// Every row is reduced in a fixed order and every item writes its own memory, so results are deterministic.
 //
 // Conventions shared with cpu.py:
-//   raw[i, j] <= kMasked marks a masked entry (mask, bias −inf); keys j >= limit[i] are masked (causal).
+//   raw[i, j] <= masked_threshold marks a masked entry (mask, bias −inf); keys j >= limit[i] are masked (causal).
 //   z = zmul · raw are the logits before SSMax, x = t[i] · z the final logits.
 //   mode: 0 softmax, 1 sa, 2 sa_norm.
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <vector>
 
 namespace {
 
@@ -71,154 +78,361 @@ int64_t find(const T* x, int64_t n, T value) {
   return -1;
 }
 
-// Forward: raw -> unnormalised weights u (e = exp(x − μ); u = e, x·e or (x − m)·e) in place, and per row
-// lse (0 for an empty row), m, c = 1/(M − m + eps), fac (o = fac · u v), argmin/argmax (−1 when the
-// min/max term of sa_norm is absent).
-template <typename T, int mode>
-void forward(T* raw, int64_t rows, int64_t keys, const int64_t* limit, const T* t, T zmul, T eps,
-             T* lse, T* low, T* inv, T* fac, int64_t* amin, int64_t* amax, int threads) {
-#pragma omp parallel for schedule(static) num_threads(threads)
-  for (int64_t i = 0; i < rows; ++i) {
-    T* x = raw + i * keys;
-    const int64_t lim = limit[i];
-    const T mul = t[i] * zmul;
-    T mu = sentinel<T>(), m = T(0);
-    if (mode != 2) {
-#pragma omp simd reduction(max : mu)
-      for (int64_t j = 0; j < keys; ++j) {
-        const T r = x[j];
-        const T v = (j < lim && r > masked_threshold<T>()) ? mul * r : sentinel<T>();
-        x[j] = v;
-        mu = v > mu ? v : mu;
-      }
-    } else {
-#pragma omp simd reduction(max : mu) reduction(min : m)
-      for (int64_t j = 0; j < keys; ++j) {
-        const T r = x[j];
-        const bool ok = j < lim && r > masked_threshold<T>();
-        const T v = ok ? mul * r : sentinel<T>();
-        x[j] = v;
-        mu = v > mu ? v : mu;
-        const T w = ok ? v : T(0);  // masked entries as 0 leave m = min(0, min x) unchanged
-        m = w < m ? w : m;
-      }
-    }
-    // Where sa_norm's max/min terms go (first key on ties), if there are such terms.
-    const int64_t mu_at = (mode == 2 && mu > T(0)) ? find(x, keys, mu) : -1;
-    const int64_t m_at = (mode == 2 && m < T(0)) ? find(x, keys, m) : -1;
-    const bool empty = !(mu > masked_threshold<T>());
-    const T shift = empty ? T(0) : mu;  // an empty row: exp(sentinel) = 0 everywhere
-    const T top = mu > T(0) ? mu : T(0);
-    const T c = T(1) / (top - m + eps);
-    T total = 0;
-#pragma omp simd reduction(+ : total)
-    for (int64_t j = 0; j < keys; ++j) {
-      const T v = x[j];
-      const T e = safe_exp(v - shift, v);
-      total += e;
-      x[j] = mode == 0 ? e : (mode == 1 ? v * e : (v - m) * e);  // masked: finite · 0 = 0
-    }
-    const bool any = total > T(0);
-    lse[i] = any ? shift + std::log(total) : T(0);
-    low[i] = m;
-    inv[i] = c;
-    fac[i] = any ? (mode == 2 ? c : T(1)) / total : T(0);
-    amax[i] = mu_at;
-    amin[i] = m_at;
-  }
-}
+// Per-row statistics of the forward, saved for the backward; one slot per row of the call.
+template <typename T>
+struct RowStats {
+  T* lse;        // logsumexp of the row (0 for an empty row)
+  T* low;        // m = min(0, min x)
+  T* inv;        // c = 1/(M − m + eps)
+  int64_t* amin; // where sa_norm's min term goes (−1: none)
+  int64_t* amax; // where its max term goes (−1: none)
+};
 
-// Backward (DESIGN §2): raw -> u (the weights that multiply dO in dv; (x − m)p for sa_norm, whose dO
-// was scaled by c), dw (dO·vᵀ, c-scaled for sa_norm) -> dL/dz = t · dL/dx in place, with the min/max
-// terms of sa_norm added at argmin/argmax; dsz[i] = Σ_j dL/dx_ij · z_ij (for SSMax's s) if dsz != null.
+// Forward of one row of `keys` logits, in place: raw -> unnormalised weights u (e = exp(x − μ); u = e,
+// x·e or (x − m)·e); stores the row's statistics at slot i and returns fac (o = fac · u v).
 template <typename T, int mode>
-void backward(T* raw, T* dw, int64_t rows, int64_t keys, const int64_t* limit, const T* t, T zmul,
-              const T* lse, const T* low, const T* inv, const T* delta, const int64_t* amin, const int64_t* amax,
-              T* dsz, int threads) {
-#pragma omp parallel for schedule(static) num_threads(threads)
-  for (int64_t i = 0; i < rows; ++i) {
-    T* x = raw + i * keys;
-    T* g = dw + i * keys;
-    const int64_t lim = limit[i];
-    const T ti = t[i], mul = t[i] * zmul, l = lse[i], m = low[i], d = delta[i];
-    const int64_t at_max = amax[i], at_min = amin[i];
-    const T z_max = at_max >= 0 ? zmul * x[at_max] : T(0);
-    const T z_min = at_min >= 0 ? zmul * x[at_min] : T(0);
-    T e_sum = 0, zsum = 0;
-#pragma omp simd reduction(+ : e_sum, zsum)
+T forward_row(T* x, int64_t keys, int64_t lim, T mul, T eps, const RowStats<T>& st, int64_t i) {
+  T mu = sentinel<T>(), m = T(0);
+  if (mode != 2) {
+#pragma omp simd reduction(max : mu)
+    for (int64_t j = 0; j < keys; ++j) {
+      const T r = x[j];
+      const T v = (j < lim && r > masked_threshold<T>()) ? mul * r : sentinel<T>();
+      x[j] = v;
+      mu = v > mu ? v : mu;
+    }
+  } else {
+#pragma omp simd reduction(max : mu) reduction(min : m)
     for (int64_t j = 0; j < keys; ++j) {
       const T r = x[j];
       const bool ok = j < lim && r > masked_threshold<T>();
-      const T z = ok ? zmul * r : T(0);
       const T v = ok ? mul * r : sentinel<T>();
-      const T p = safe_exp(v - l, v);
-      const T u = mode == 0 ? p : (mode == 1 ? v * p : (v - m) * p);
-      const T gw = g[j];
-      e_sum += p * gw;
-      const T dx = mode == 0 ? p * (gw - d) : gw * (p + u) - d * p;
-      zsum += dx * z;
-      x[j] = u;
-      g[j] = dx * ti;
+      x[j] = v;
+      mu = v > mu ? v : mu;
+      const T w = ok ? v : T(0);  // masked entries as 0 leave m = min(0, min x) unchanged
+      m = w < m ? w : m;
     }
-    if (mode == 2) {
-      const T c = inv[i];
-      if (at_max >= 0) {
-        const T gm = -d * c;
-        g[at_max] += gm * ti;
-        zsum += gm * z_max;
-      }
-      if (at_min >= 0) {
-        const T gm = d * c - e_sum;  // (D − E)·c, with e_sum = c·E from the c-scaled dw
-        g[at_min] += gm * ti;
-        zsum += gm * z_min;
-      }
+  }
+  // Where sa_norm's max/min terms go (first key on ties), if there are such terms.
+  const int64_t mu_at = (mode == 2 && mu > T(0)) ? find(x, keys, mu) : -1;
+  const int64_t m_at = (mode == 2 && m < T(0)) ? find(x, keys, m) : -1;
+  const bool empty = !(mu > masked_threshold<T>());
+  const T shift = empty ? T(0) : mu;  // an empty row: exp(sentinel) = 0 everywhere
+  const T top = mu > T(0) ? mu : T(0);
+  const T c = T(1) / (top - m + eps);
+  T total = 0;
+#pragma omp simd reduction(+ : total)
+  for (int64_t j = 0; j < keys; ++j) {
+    const T v = x[j];
+    const T e = safe_exp(v - shift, v);
+    total += e;
+    x[j] = mode == 0 ? e : (mode == 1 ? v * e : (v - m) * e);  // masked: finite · 0 = 0
+  }
+  const bool any = total > T(0);
+  st.lse[i] = any ? shift + std::log(total) : T(0);
+  st.low[i] = m;
+  st.inv[i] = c;
+  st.amax[i] = mu_at;
+  st.amin[i] = m_at;
+  return any ? (mode == 2 ? c : T(1)) / total : T(0);
+}
+
+// Backward of one row (DESIGN §2): x (raw logits) -> u (the weights that multiply dO in dv; (x − m)p for
+// sa_norm, whose dO was scaled by c), g (dO·vᵀ, c-scaled for sa_norm) -> dL/dz = t · dL/dx in place, with
+// the min/max terms of sa_norm added at argmin/argmax. Returns Σ_j dL/dx_j · z_j (for SSMax's s).
+template <typename T, int mode>
+T backward_row(T* x, T* g, int64_t keys, int64_t lim, T ti, T zmul, T d, const RowStats<T>& st, int64_t i) {
+  const T mul = ti * zmul, l = st.lse[i], m = st.low[i];
+  const int64_t at_max = st.amax[i], at_min = st.amin[i];
+  const T z_max = at_max >= 0 ? zmul * x[at_max] : T(0);
+  const T z_min = at_min >= 0 ? zmul * x[at_min] : T(0);
+  T e_sum = 0, zsum = 0;
+#pragma omp simd reduction(+ : e_sum, zsum)
+  for (int64_t j = 0; j < keys; ++j) {
+    const T r = x[j];
+    const bool ok = j < lim && r > masked_threshold<T>();
+    const T z = ok ? zmul * r : T(0);
+    const T v = ok ? mul * r : sentinel<T>();
+    const T p = safe_exp(v - l, v);
+    const T u = mode == 0 ? p : (mode == 1 ? v * p : (v - m) * p);
+    const T gw = g[j];
+    e_sum += p * gw;
+    const T dx = mode == 0 ? p * (gw - d) : gw * (p + u) - d * p;
+    zsum += dx * z;
+    x[j] = u;
+    g[j] = dx * ti;
+  }
+  if (mode == 2) {
+    const T c = st.inv[i];
+    if (at_max >= 0) {
+      const T gm = -d * c;
+      g[at_max] += gm * ti;
+      zsum += gm * z_max;
     }
+    if (at_min >= 0) {
+      const T gm = d * c - e_sum;  // (D − E)·c, with e_sum = c·E from the c-scaled dw
+      g[at_min] += gm * ti;
+      zsum += gm * z_min;
+    }
+  }
+  return zsum;
+}
+
+// One tile of rows (the tiled path of cpu.py): rows are independent, OpenMP splits them across threads.
+template <typename T, int mode>
+void forward_tile(T* raw, int64_t rows, int64_t keys, const int64_t* limit, const T* t, T zmul, T eps,
+                  RowStats<T> st, T* fac, int threads) {
+#pragma omp parallel for schedule(static) num_threads(threads)
+  for (int64_t i = 0; i < rows; ++i) fac[i] = forward_row<T, mode>(raw + i * keys, keys, limit[i], t[i] * zmul, eps, st, i);
+}
+
+template <typename T, int mode>
+void backward_tile(T* raw, T* dw, int64_t rows, int64_t keys, const int64_t* limit, const T* t, T zmul,
+                   RowStats<T> st, const T* delta, T* dsz, int threads) {
+#pragma omp parallel for schedule(static) num_threads(threads)
+  for (int64_t i = 0; i < rows; ++i) {
+    const T zsum = backward_row<T, mode>(raw + i * keys, dw + i * keys, keys, limit[i], t[i], zmul, delta[i], st, i);
     if (dsz != nullptr) dsz[i] = zsum;
   }
 }
 
-// The normalizer as a template argument: a runtime choice inside the loops kept them from vectorizing well.
+// ---- The whole call in one parallel region (no bias): GEMMs by the BLAS that torch uses. ----
+
+// Fortran BLAS ?gemm (column-major), e.g. MKL's sgemm_/dgemm_ inside libtorch_cpu; cpu_native.py finds it.
 template <typename T>
-void forward_any(T* raw, int64_t rows, int64_t keys, const int64_t* limit, const T* t, T zmul, int mode, T eps,
-                 T* lse, T* low, T* inv, T* fac, int64_t* amin, int64_t* amax, int threads) {
-  auto run = mode == 0 ? forward<T, 0> : (mode == 1 ? forward<T, 1> : forward<T, 2>);
-  run(raw, rows, keys, limit, t, zmul, eps, lse, low, inv, fac, amin, amax, threads);
+using Blas = void (*)(const char*, const char*, const int*, const int*, const int*, const T*, const T*, const int*,
+                      const T*, const int*, const T*, T*, const int*);
+
+// Row-major C (m×n) = alpha·op(A)·op(B) + beta·C, leading dimensions = row strides. Column-major BLAS sees
+// the transposes, so it computes Cᵀ = op(B)ᵀ·op(A)ᵀ. Called inside a parallel region, the BLAS runs on the
+// calling thread alone.
+template <typename T>
+void gemm(Blas<T> blas, bool ta, bool tb, int64_t m, int64_t n, int64_t k, T alpha, const T* a, int64_t lda,
+          const T* b, int64_t ldb, T beta, T* c, int64_t ldc) {
+  const char opa = ta ? 'T' : 'N', opb = tb ? 'T' : 'N';
+  // BLAS wants leading dimensions >= 1 even for empty matrices (head dimension 0).
+  const int mi = int(m), ni = int(n), ki = int(k), la = int(std::max<int64_t>(lda, 1)), lb = int(std::max<int64_t>(ldb, 1)),
+            lc = int(std::max<int64_t>(ldc, 1));
+  blas(&opb, &opa, &ni, &mi, &ki, &alpha, b, &lb, a, &la, &beta, c, &lc);
 }
 
+// Shapes and options of a call: q (B, Hq, L, D), k (B, Hkv, S, D), v (B, Hkv, S, Dv), all contiguous; a
+// bool mask broadcastable to (B, Hq, L, S) given by element strides (0 = broadcast); ssmax (Hq) or null.
 template <typename T>
-void backward_any(T* raw, T* dw, int64_t rows, int64_t keys, const int64_t* limit, const T* t, T zmul, int mode,
-                  const T* lse, const T* low, const T* inv, const T* delta, const int64_t* amin,
-                  const int64_t* amax, T* dsz, int threads) {
-  auto run = mode == 0 ? backward<T, 0> : (mode == 1 ? backward<T, 1> : backward<T, 2>);
-  run(raw, dw, rows, keys, limit, t, zmul, lse, low, inv, delta, amin, amax, dsz, threads);
+struct Call {
+  int64_t b, hq, hkv, l, s, d, dv, causal, rows, chunks;  // queries per block; backward: see fused_backward
+  const T *q, *k, *v;
+  const uint8_t* mask;
+  const int64_t* mstride;
+  const T* ssmax;
+  T scale, eps;
+  Blas<T> blas;
+  int threads;
+
+  int64_t offset() const { return s - l; }  // causal: query i sees keys j <= i + S − L
+  // Keys that a block of queries [r0, r1) may see: a prefix of this length.
+  int64_t block_keys(int64_t r1) const {
+    if (!causal) return s;
+    const int64_t n = r1 - 1 + offset() + 1;
+    return n < 0 ? 0 : (n > s ? s : n);
+  }
+  const T* qrow(int64_t bi, int64_t h, int64_t r) const { return q + ((bi * hq + h) * l + r) * d; }
+  const T* khead(int64_t bi, int64_t h) const { return k + (bi * hkv + h / (hq / hkv)) * s * d; }
+  const T* vhead(int64_t bi, int64_t h) const { return v + (bi * hkv + h / (hq / hkv)) * s * dv; }
+};
+
+// The logits of queries [r0, r1) of head (bi, h) against their first `keys` keys into `z` (rows × keys), masked
+// entries set to the sentinel; per row the causal limit and SSMax's t (t = s_h·ln n, n the allowed keys).
+template <typename T>
+void block_logits(const Call<T>& c, int64_t bi, int64_t h, int64_t r0, int64_t r1, int64_t keys, T* z,
+                  int64_t* limit, T* t, T* log_n) {
+  const int64_t n = r1 - r0;
+  gemm<T>(c.blas, false, true, n, keys, c.d, T(1), c.qrow(bi, h, r0), c.d, c.khead(bi, h), c.d, T(0), z, keys);
+  for (int64_t i = 0; i < n; ++i) {
+    int64_t lim = keys;
+    if (c.causal) {
+      const int64_t e = r0 + i + c.offset() + 1;
+      lim = e < 0 ? 0 : (e > keys ? keys : e);
+    }
+    int64_t allowed = lim;
+    if (c.mask != nullptr) {
+      const uint8_t* mrow = c.mask + bi * c.mstride[0] + h * c.mstride[1] + (r0 + i) * c.mstride[2];
+      const int64_t ms = c.mstride[3];
+      T* x = z + i * keys;
+      allowed = 0;
+      for (int64_t j = 0; j < lim; ++j) {
+        const bool ok = mrow[j * ms] != 0;
+        allowed += ok;
+        x[j] = ok ? x[j] : sentinel<T>();
+      }
+    }
+    limit[i] = lim;
+    log_n[i] = std::log(T(allowed > 1 ? allowed : 1));
+    t[i] = c.ssmax != nullptr ? c.ssmax[h] * log_n[i] : T(1);
+  }
+}
+
+// Forward: out (B, Hq, L, Dv) and the row statistics (slot (bi·Hq + h)·L + row). Work items are (head, query
+// block), largest first; each writes its own rows, so the result does not depend on the schedule.
+template <typename T, int mode>
+void fused_forward(const Call<T>& c, T* out, RowStats<T> st) {
+  const int64_t blocks = (c.l + c.rows - 1) / c.rows, items = c.b * c.hq * blocks;
+#pragma omp parallel num_threads(c.threads)
+  {
+    std::vector<T> z(c.rows * c.s), t(c.rows), log_n(c.rows);
+    std::vector<int64_t> limit(c.rows);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t item = 0; item < items; ++item) {
+      const int64_t blk = blocks - 1 - item % blocks, head = item / blocks, bi = head / c.hq, h = head % c.hq;
+      const int64_t r0 = blk * c.rows, r1 = r0 + c.rows < c.l ? r0 + c.rows : c.l, n = r1 - r0;
+      const int64_t keys = c.block_keys(r1), slot = head * c.l + r0;
+      T* o = out + slot * c.dv;
+      if (keys == 0) continue;  // every row empty: out and the statistics stay 0 (arg −1)
+      block_logits(c, bi, h, r0, r1, keys, z.data(), limit.data(), t.data(), log_n.data());
+      const RowStats<T> rs{st.lse + slot, st.low + slot, st.inv + slot, st.amin + slot, st.amax + slot};
+      T* fac = log_n.data();  // reused: log n is not needed any more
+      for (int64_t i = 0; i < n; ++i)
+        fac[i] = forward_row<T, mode>(z.data() + i * keys, keys, limit[i], t[i] * c.scale, c.eps, rs, i);
+      gemm<T>(c.blas, false, false, n, c.dv, keys, T(1), z.data(), keys, c.vhead(bi, h), c.dv, T(0), o, c.dv);
+      for (int64_t i = 0; i < n; ++i)
+        for (int64_t j = 0; j < c.dv; ++j) o[i * c.dv + j] *= fac[i];
+    }
+  }
+}
+
+// Block boundaries of `chunks` runs of query blocks with about equal work (keys per block summed): causal blocks
+// further down see more keys, so equal counts of blocks would not balance the threads.
+template <typename T>
+std::vector<int64_t> chunk_bounds(const Call<T>& c, int64_t blocks) {
+  std::vector<int64_t> cost(blocks + 1, 0), bounds(c.chunks + 1, blocks);
+  for (int64_t blk = 0; blk < blocks; ++blk) {
+    const int64_t r1 = (blk + 1) * c.rows < c.l ? (blk + 1) * c.rows : c.l;
+    cost[blk + 1] = cost[blk] + c.block_keys(r1);
+  }
+  bounds[0] = 0;
+  for (int64_t ch = 1; ch < c.chunks; ++ch) {
+    const int64_t target = cost[blocks] * ch / c.chunks;
+    bounds[ch] = std::lower_bound(cost.begin(), cost.end(), target) - cost.begin();
+  }
+  return bounds;
+}
+
+// Backward: dq (B, Hq, L, D), partial dk (B, Hq, chunks, S, D) and dv (B, Hq, chunks, S, Dv) per query head and
+// chunk of query blocks, and ds (B, Hq, chunks) = Σ_rows ln n · Σ_j dL/dx·z (null: not wanted); cpu.py sums the
+// partials in a fixed order. Work items are (head, chunk), each accumulating its dk, dv privately (transposed,
+// (D, S): that GEMM runs faster), so no two threads write the same memory and the result does not depend on the
+// schedule. Chunks > 1 only when there are fewer heads than threads.
+template <typename T, int mode>
+void fused_backward(const Call<T>& c, const T* dout, const T* delta, RowStats<T> st, T* dq, T* dk, T* dv, T* ds) {
+  const int64_t blocks = (c.l + c.rows - 1) / c.rows, items = c.b * c.hq * c.chunks;
+  const std::vector<int64_t> bounds = chunk_bounds(c, blocks);
+#pragma omp parallel num_threads(c.threads)
+  {
+    std::vector<T> z(c.rows * c.s), dw(c.rows * c.s), dob(c.rows * c.dv), dkt(c.d * c.s), dvt(c.dv * c.s);
+    std::vector<T> t(c.rows), log_n(c.rows);
+    std::vector<int64_t> limit(c.rows);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t item = 0; item < items; ++item) {
+      const int64_t head = item / c.chunks, chunk = item % c.chunks, bi = head / c.hq, h = head % c.hq;
+      std::fill(dkt.begin(), dkt.end(), T(0));
+      std::fill(dvt.begin(), dvt.end(), T(0));
+      T ds_sum = 0;
+      for (int64_t blk = bounds[chunk]; blk < bounds[chunk + 1]; ++blk) {
+        const int64_t r0 = blk * c.rows, r1 = r0 + c.rows < c.l ? r0 + c.rows : c.l, n = r1 - r0;
+        const int64_t keys = c.block_keys(r1), slot = head * c.l + r0;
+        T* dqb = dq + slot * c.d;
+        if (keys == 0) continue;  // dq stays 0
+        block_logits(c, bi, h, r0, r1, keys, z.data(), limit.data(), t.data(), log_n.data());
+        const RowStats<T> rs{st.lse + slot, st.low + slot, st.inv + slot, st.amin + slot, st.amax + slot};
+        for (int64_t i = 0; i < n; ++i) {  // dO' = c·dO for sa_norm: dW' = c·dW, and wᵀdO = ((x − m)p)ᵀ dO'
+          const T f = mode == 2 ? rs.inv[i] : T(1);
+          for (int64_t j = 0; j < c.dv; ++j) dob[i * c.dv + j] = f * dout[(slot + i) * c.dv + j];
+        }
+        gemm<T>(c.blas, false, true, n, keys, c.dv, T(1), dob.data(), c.dv, c.vhead(bi, h), c.dv, T(0), dw.data(),
+                keys);
+        for (int64_t i = 0; i < n; ++i) {
+          const T zsum = backward_row<T, mode>(z.data() + i * keys, dw.data() + i * keys, keys, limit[i], t[i],
+                                               c.scale, delta[slot + i], rs, i);
+          ds_sum += zsum * log_n[i];
+        }
+        // dvᵀ += dO'ᵀ u;  dq = scale·dz k;  dkᵀ += scale·qᵀ dz
+        gemm<T>(c.blas, true, false, c.dv, keys, n, T(1), dob.data(), c.dv, z.data(), keys, T(1), dvt.data(), c.s);
+        gemm<T>(c.blas, false, false, n, c.d, keys, c.scale, dw.data(), keys, c.khead(bi, h), c.d, T(0), dqb, c.d);
+        gemm<T>(c.blas, true, false, c.d, keys, n, c.scale, c.qrow(bi, h, r0), c.d, dw.data(), keys, T(1),
+                dkt.data(), c.s);
+      }
+      T* dkp = dk + item * c.s * c.d;
+      T* dvp = dv + item * c.s * c.dv;
+      for (int64_t j = 0; j < c.s; ++j) {
+        for (int64_t e = 0; e < c.d; ++e) dkp[j * c.d + e] = dkt[e * c.s + j];
+        for (int64_t e = 0; e < c.dv; ++e) dvp[j * c.dv + e] = dvt[e * c.s + j];
+      }
+      if (ds != nullptr) ds[item] = ds_sum;
+    }
+  }
+}
+
+// The normalizer as a template argument: a runtime choice inside the loops kept them from vectorizing well.
+template <template <typename, int> class F, typename T, typename... Args>
+void by_mode(int mode, Args... args) {
+  if (mode == 0) F<T, 0>::run(args...);
+  else if (mode == 1) F<T, 1>::run(args...);
+  else F<T, 2>::run(args...);
+}
+
+template <typename T, int mode>
+struct ForwardTile { static void run(T* raw, int64_t rows, int64_t keys, const int64_t* limit, const T* t, T zmul,
+                                     T eps, RowStats<T> st, T* fac, int threads) {
+  forward_tile<T, mode>(raw, rows, keys, limit, t, zmul, eps, st, fac, threads); } };
+template <typename T, int mode>
+struct BackwardTile { static void run(T* raw, T* dw, int64_t rows, int64_t keys, const int64_t* limit, const T* t,
+                                      T zmul, RowStats<T> st, const T* delta, T* dsz, int threads) {
+  backward_tile<T, mode>(raw, dw, rows, keys, limit, t, zmul, st, delta, dsz, threads); } };
+template <typename T, int mode>
+struct FusedForward { static void run(const Call<T>* c, T* out, RowStats<T> st) { fused_forward<T, mode>(*c, out, st); } };
+template <typename T, int mode>
+struct FusedBackward { static void run(const Call<T>* c, const T* dout, const T* delta, RowStats<T> st, T* dq, T* dk,
+                                       T* dv, T* ds) { fused_backward<T, mode>(*c, dout, delta, st, dq, dk, dv, ds); } };
+
+template <typename T>
+Call<T> make_call(const int64_t* dims, const T* q, const T* k, const T* v, const uint8_t* mask,
+                  const int64_t* mstride, const T* ssmax, T scale, T eps, void* blas, int threads) {
+  return Call<T>{dims[0], dims[1], dims[2], dims[3], dims[4], dims[5], dims[6], dims[7], dims[8], dims[9], q, k, v,
+                 mask,
+                 mstride, ssmax, scale, eps, reinterpret_cast<Blas<T>>(blas), threads};
 }
 
 }  // namespace
 
+// C ABI, one set per dtype (f32, f64). The tile entries serve cpu.py's tiled path (bias tensors and functions);
+// the fused entries run a whole call. Per-row arrays are contiguous, one slot per row.
+#define SA_ENTRIES(T, S)                                                                                             \
+  void sa_forward_##S(T* raw, int64_t rows, int64_t keys, const int64_t* limit, const T* t, T zmul, int mode, T eps, \
+                      T* lse, T* low, T* inv, T* fac, int64_t* amin, int64_t* amax, int threads) {                   \
+    by_mode<ForwardTile, T>(mode, raw, rows, keys, limit, t, zmul, eps, RowStats<T>{lse, low, inv, amin, amax}, fac, \
+                            threads);                                                                                \
+  }                                                                                                                  \
+  void sa_backward_##S(T* raw, T* dw, int64_t rows, int64_t keys, const int64_t* limit, const T* t, T zmul,         \
+                       int mode, T* lse, T* low, T* inv, const T* delta, int64_t* amin, int64_t* amax, T* dsz,       \
+                       int threads) {                                                                                \
+    by_mode<BackwardTile, T>(mode, raw, dw, rows, keys, limit, t, zmul, RowStats<T>{lse, low, inv, amin, amax},      \
+                             delta, dsz, threads);                                                                   \
+  }                                                                                                                  \
+  void sa_fused_forward_##S(const int64_t* dims, const T* q, const T* k, const T* v, const uint8_t* mask,          \
+                            const int64_t* mstride, const T* ssmax, T scale, T eps, int mode, void* blas,           \
+                            int threads, T* out, T* lse, T* low, T* inv, int64_t* amin, int64_t* amax) {             \
+    const Call<T> c = make_call<T>(dims, q, k, v, mask, mstride, ssmax, scale, eps, blas, threads);                 \
+    by_mode<FusedForward, T>(mode, &c, out, RowStats<T>{lse, low, inv, amin, amax});                                 \
+  }                                                                                                                  \
+  void sa_fused_backward_##S(const int64_t* dims, const T* q, const T* k, const T* v, const uint8_t* mask,         \
+                             const int64_t* mstride, const T* ssmax, T scale, T eps, int mode, void* blas,          \
+                             int threads, const T* dout, const T* delta, T* lse, T* low, T* inv, int64_t* amin,     \
+                             int64_t* amax, T* dq, T* dk, T* dv, T* ds) {                                            \
+    const Call<T> c = make_call<T>(dims, q, k, v, mask, mstride, ssmax, scale, eps, blas, threads);                 \
+    by_mode<FusedBackward, T>(mode, &c, dout, delta, RowStats<T>{lse, low, inv, amin, amax}, dq, dk, dv, ds);        \
+  }
+
 extern "C" {
-
-void sa_forward_f32(float* raw, int64_t rows, int64_t keys, const int64_t* limit, const float* t, float zmul,
-                    int mode, float eps, float* lse, float* low, float* inv, float* fac, int64_t* amin,
-                    int64_t* amax, int threads) {
-  forward_any<float>(raw, rows, keys, limit, t, zmul, mode, eps, lse, low, inv, fac, amin, amax, threads);
-}
-
-void sa_forward_f64(double* raw, int64_t rows, int64_t keys, const int64_t* limit, const double* t, double zmul,
-                    int mode, double eps, double* lse, double* low, double* inv, double* fac, int64_t* amin,
-                    int64_t* amax, int threads) {
-  forward_any<double>(raw, rows, keys, limit, t, zmul, mode, eps, lse, low, inv, fac, amin, amax, threads);
-}
-
-void sa_backward_f32(float* raw, float* dw, int64_t rows, int64_t keys, const int64_t* limit, const float* t,
-                     float zmul, int mode, const float* lse, const float* low, const float* inv, const float* delta,
-                     const int64_t* amin, const int64_t* amax, float* dsz, int threads) {
-  backward_any<float>(raw, dw, rows, keys, limit, t, zmul, mode, lse, low, inv, delta, amin, amax, dsz, threads);
-}
-
-void sa_backward_f64(double* raw, double* dw, int64_t rows, int64_t keys, const int64_t* limit, const double* t,
-                     double zmul, int mode, const double* lse, const double* low, const double* inv,
-                     const double* delta, const int64_t* amin, const int64_t* amax, double* dsz, int threads) {
-  backward_any<double>(raw, dw, rows, keys, limit, t, zmul, mode, lse, low, inv, delta, amin, amax, dsz, threads);
-}
-
+SA_ENTRIES(float, f32)
+SA_ENTRIES(double, f64)
 }  // extern "C"

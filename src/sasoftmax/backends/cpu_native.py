@@ -1,9 +1,13 @@
 """Build and load the fused row kernels of the cpu backend (``cpu_kernels.cpp``), or report why not.
 
 Built once per machine with ``torch.utils.cpp_extension.load`` (cached under ``TORCH_EXTENSIONS_DIR``)
-as a plain shared library with a C ABI, called through ctypes. ``kernels()`` returns None when there is
-no compiler or the build fails; the cpu backend then runs its plain-PyTorch path. Setting the
-environment variable ``SASOFTMAX_CPU_KERNELS=0`` forces the plain path.
+as a plain shared library with a C ABI, called through ctypes. Two kinds of entry: row kernels over one
+tile of logits (``forward``, ``backward``; the GEMMs stay in PyTorch), and whole calls without a bias in one
+parallel region (``fused_forward``, ``fused_backward``), which call the BLAS gemm that torch itself uses.
+``kernels()`` returns None when there is no compiler or the build fails, and ``fused()`` also when torch's
+BLAS cannot be found; the cpu backend then falls back to its tiled or plain-PyTorch path. The environment
+variable ``SASOFTMAX_CPU_KERNELS`` chooses: ``1`` (default) all of them, ``tiles`` no whole calls, ``0``
+plain PyTorch only.
 """
 
 from __future__ import annotations
@@ -28,9 +32,21 @@ _MODES = {"softmax": 0, "sa": 1, "sa_norm": 2}
 _TYPES = {torch.float32: ("f32", ctypes.c_float), torch.float64: ("f64", ctypes.c_double)}
 
 
+_SETTINGS = ("1", "tiles", "0")
+
+
+def _setting() -> str:
+    """``SASOFTMAX_CPU_KERNELS``: 1 (default) fused whole calls where possible, ``tiles`` Python tiles with the
+    C++ row kernels only, 0 plain PyTorch."""
+    value = os.environ.get("SASOFTMAX_CPU_KERNELS", "1")
+    if value not in _SETTINGS:
+        raise ValueError(f"SASOFTMAX_CPU_KERNELS must be one of {', '.join(_SETTINGS)}; got {value!r}")
+    return value
+
+
 def enabled() -> bool:
     """False when ``SASOFTMAX_CPU_KERNELS=0`` asks for the plain-PyTorch path."""
-    return os.environ.get("SASOFTMAX_CPU_KERNELS", "1") != "0"
+    return _setting() != "0"
 
 
 @functools.cache
@@ -55,6 +71,30 @@ def _library() -> ctypes.CDLL | None:
 def kernels() -> ctypes.CDLL | None:
     """The loaded library, or None if it is disabled or cannot be built here."""
     return _library() if enabled() else None
+
+
+@functools.cache
+def _blas() -> dict[torch.dtype, int]:
+    """Addresses of the Fortran ``sgemm_``/``dgemm_`` that torch itself calls (MKL or OpenBLAS, exported by
+    libtorch_cpu or by a library loaded globally), by dtype; empty if there are none."""
+    candidates = [str(p) for p in sorted((Path(torch.__file__).parent / "lib").glob("libtorch_cpu.*"))] + [None]
+    for path in candidates:
+        try:
+            lib = ctypes.CDLL(path)
+            found = {dtype: ctypes.cast(getattr(lib, name), ctypes.c_void_p).value
+                     for dtype, name in ((torch.float32, "sgemm_"), (torch.float64, "dgemm_"))}  # fmt: skip
+        except (OSError, AttributeError):
+            continue
+        return found
+    return {}
+
+
+def fused(dtype: torch.dtype) -> tuple[ctypes.CDLL, int] | None:
+    """The kernels and the BLAS gemm for whole calls in ``dtype`` (see :func:`fused_forward`), or None
+    when the kernels are disabled or unavailable or torch's BLAS cannot be found."""
+    lib = kernels() if _setting() == "1" else None
+    gemm = _blas().get(dtype) if lib is not None else None
+    return None if gemm is None else (lib, gemm)
 
 
 def _ptr(t: Tensor | None) -> ctypes.c_void_p:
@@ -110,3 +150,70 @@ def backward(
         _ptr(dsz), ctypes.c_int(torch.get_num_threads()),
     )  # fmt: skip
     return dsz
+
+
+def _call_args(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, ssmax: Tensor | None, scale: float, eps: float,
+               causal: bool, normalizer: str, rows: int, gemm: int, chunks: int = 1) -> tuple:  # fmt: skip
+    """The leading arguments of the fused entries: shapes, inputs, mask and its strides, options."""
+    b, hq, lq, d = q.shape
+    _, hkv, lk, dv = v.shape
+    dims = torch.tensor([b, hq, hkv, lq, lk, d, dv, int(causal), rows, chunks], dtype=torch.long)
+    strides = torch.tensor(mask.stride() if mask is not None else (0, 0, 0, 0), dtype=torch.long)
+    ctype = _TYPES[q.dtype][1]
+    keep = (dims, strides)  # referenced by the caller until the call returns
+    args = (_ptr(dims), _ptr(q), _ptr(k), _ptr(v), _ptr(mask), _ptr(strides), _ptr(ssmax), ctype(scale), ctype(eps),
+            ctypes.c_int(_MODES[normalizer]), ctypes.c_void_p(gemm), ctypes.c_int(torch.get_num_threads()))  # fmt: skip
+    return keep, args
+
+
+def fused_forward(
+    fused_lib: tuple[ctypes.CDLL, int], q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, ssmax: Tensor | None,
+    scale: float, eps: float, causal: bool, normalizer: str, rows: int,
+) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+    """A whole forward in one parallel region, GEMMs included (no bias).
+
+    q (B, Hq, L, D), k (B, Hkv, S, D), v (B, Hkv, S, Dv): contiguous, float32 or float64; ``mask`` bool,
+    expanded to (B, Hq, L, S) (any strides); ``ssmax`` (Hq,) contiguous or None; ``rows`` queries per block.
+    Returns out (B, Hq, L, Dv), stats (3, B, Hq, L) = (lse, m, c) and arg (2, B, Hq, L) = (argmin, argmax).
+    """
+    lib, gemm = fused_lib
+    b, hq, lq, _ = q.shape
+    out = torch.zeros(b, hq, lq, v.shape[-1], dtype=q.dtype)
+    stats = torch.zeros(3, b, hq, lq, dtype=q.dtype)
+    arg = torch.full((2, b, hq, lq), -1, dtype=torch.long)
+    _keep, args = _call_args(q, k, v, mask, ssmax, scale, eps, causal, normalizer, rows, gemm)
+    getattr(lib, f"sa_fused_forward_{_TYPES[q.dtype][0]}")(
+        *args, _ptr(out), _ptr(stats[0]), _ptr(stats[1]), _ptr(stats[2]), _ptr(arg[0]), _ptr(arg[1])
+    )
+    return out, stats, arg
+
+
+def fused_backward(
+    fused_lib: tuple[ctypes.CDLL, int], q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, ssmax: Tensor | None,
+    scale: float, eps: float, causal: bool, normalizer: str, rows: int, grad_out: Tensor, delta: Tensor,
+    stats: Tensor, arg: Tensor, want_ds: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:  # fmt: skip
+    """The backward of :func:`fused_forward` in one parallel region (DESIGN §2).
+
+    ``grad_out`` (B, Hq, L, Dv) and ``delta`` = Σ dO·o (B, Hq, L) contiguous; ``stats``, ``arg`` as returned by
+    the forward. Returns dq (B, Hq, L, D), dk (B, Hkv, S, D), dv (B, Hkv, S, Dv) and ds (Hq,) or None.
+    """
+    lib, gemm = fused_lib
+    b, hq, lk = q.shape[0], q.shape[1], k.shape[2]
+    hkv, threads = k.shape[1], torch.get_num_threads()
+    # Work items are (head, chunk of query blocks); more than one chunk per head only to keep every thread busy.
+    chunks = min(-(-threads // (b * hq)), -(-q.shape[2] // rows))
+    dq = torch.zeros_like(q)
+    dk = torch.empty(b, hkv, hq // hkv * chunks, lk, k.shape[-1], dtype=q.dtype)  # partial sums of each group
+    dv = torch.empty(b, hkv, hq // hkv * chunks, lk, v.shape[-1], dtype=q.dtype)
+    ds = torch.empty(b, hq, chunks, dtype=q.dtype) if want_ds else None
+    _keep, args = _call_args(q, k, v, mask, ssmax, scale, eps, causal, normalizer, rows, gemm, chunks)
+    getattr(lib, f"sa_fused_backward_{_TYPES[q.dtype][0]}")(
+        *args, _ptr(grad_out), _ptr(delta), _ptr(stats[0]), _ptr(stats[1]), _ptr(stats[2]), _ptr(arg[0]),
+        _ptr(arg[1]), _ptr(dq), _ptr(dk), _ptr(dv), _ptr(ds),
+    )  # fmt: skip
+    if dk.shape[2] > 1:  # sum the partials of a kv group's query heads and chunks, in a fixed order
+        dk, dv = dk.sum(2), dv.sum(2)
+    else:
+        dk, dv = dk.squeeze(2), dv.squeeze(2)
+    return dq, dk, dv, None if ds is None else ds.sum((0, 2))
