@@ -341,6 +341,17 @@ def test_bad_kernel_setting(monkeypatch):
         attention(q, k, v, backend="cpu")
 
 
+@pytest.mark.parametrize("causal", [False, True])
+def test_benchmark_alibi_is_the_same_bias_for_sdpa_and_sasoftmax(causal):
+    """The benchmark's SDPA (materialised attn_mask) and its sasoftmax calls (bias function) compute the same."""
+    cases = [benchmark.Case(impl, 37, causal, 1, 4, 16, "float64", 1, "alibi") for impl in ("sdpa", "cpu:softmax")]
+    q, k, v, _ = benchmark.make_inputs(cases[0], requires_grad=False)
+    want, got = (benchmark.operation(case)(q, k, v) for case in cases)
+    torch.testing.assert_close(got, want, atol=1e-12, rtol=0)
+    no_bias = benchmark.Case("sdpa", 37, causal, 1, 4, 16, "float64", 1)
+    assert not torch.allclose(got, benchmark.operation(no_bias)(q, k, v))
+
+
 def test_double_backward_raises():
     q, k, v, *_ = inputs(1, 2, 2, 5, 7)
     out = attention(q, k, v, backend="cpu")

@@ -12,6 +12,9 @@ For each length N, causal or not, and each implementation (SDPA softmax; every n
   gradients and every temporary, torch's or not). glibc is told to return large freed blocks at
   once (MALLOC_MMAP_THRESHOLD_), so the resident set follows the live memory.
 
+With ``--bias alibi`` every implementation gets ALiBi's positional bias: the sasoftmax backends as a bias
+function (what the training harness passes), SDPA as a materialised float ``attn_mask``.
+
 Ratios are against SDPA in the same run. Results print as a Markdown table and can be written as
 Markdown or JSON. ``sasoftmax bench`` and ``benchmarks/attention.py`` run it.
 """
@@ -53,6 +56,7 @@ class Case:
     head_dim: int
     dtype: str
     threads: int
+    bias: str = "none"
 
 
 @dataclass
@@ -80,6 +84,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--normalizers", nargs="+", choices=NORMALIZERS, default=list(NORMALIZERS))
     parser.add_argument("--backends", nargs="+", choices=("cpu", "eager"), default=["cpu", "eager"])
     parser.add_argument("--causal", choices=("both", "yes", "no"), default="both")
+    parser.add_argument(
+        "--bias",
+        choices=("none", "alibi"),
+        default="none",
+        help="alibi: a positional bias, -slope_h·|i - j|; the sasoftmax backends get it as a bias function "
+        "(evaluated per tile), SDPA as a float attn_mask (H, N, N) built before the timing (an input, so not "
+        "in its extra memory)",
+    )
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per case (median reported)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads")
     parser.add_argument(
@@ -144,7 +156,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _case(args: argparse.Namespace, impl: str, n: int, causal: bool) -> Case:
-    return Case(impl, n, causal, args.batch, args.heads, args.head_dim, args.dtype, args.threads)
+    return Case(impl, n, causal, args.batch, args.heads, args.head_dim, args.dtype, args.threads, args.bias)
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
@@ -162,12 +174,29 @@ def make_inputs(case: Case, requires_grad: bool) -> tuple[torch.Tensor, ...]:
     return q, k, v, grad
 
 
+def alibi(heads: int) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """ALiBi's bias function: (q_pos (Lt,), k_pos (St,)) -> −slope_h·|i − j|, (H, Lt, St), slopes 2^(−8h/H)."""
+    slopes = 2.0 ** (-8.0 * torch.arange(1, heads + 1) / heads)
+
+    def bias(q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
+        return -slopes.view(-1, 1, 1) * (q_pos[:, None] - k_pos[None, :]).abs()
+
+    return bias
+
+
 def operation(case: Case) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
-    """The attention call that ``case.impl`` names."""
+    """The attention call that ``case.impl`` names (with ``case.bias``, built here for SDPA)."""
+    bias = alibi(case.heads) if case.bias == "alibi" else None
     if case.impl == "sdpa":
-        return lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=case.causal)
+        if bias is None:
+            return lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=case.causal)
+        pos = torch.arange(case.n)
+        mask = bias(pos, pos).to(DTYPES[case.dtype])
+        if case.causal:  # SDPA takes either is_causal or attn_mask
+            mask.masked_fill_(pos[None, :] > pos[:, None], float("-inf"))
+        return lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     backend, normalizer = case.impl.split(":")
-    return lambda q, k, v: attention(q, k, v, normalizer=normalizer, causal=case.causal, backend=backend)
+    return lambda q, k, v: attention(q, k, v, normalizer=normalizer, causal=case.causal, bias=bias, backend=backend)
 
 
 def time_cases(cases: list[Case], repeats: int, clock: str = "wall") -> dict[str, tuple[float, float]]:
@@ -247,6 +276,7 @@ def machine_info(args: argparse.Namespace) -> dict[str, object]:
         "heads": args.heads,
         "head_dim": args.head_dim,
         "dtype": args.dtype,
+        "bias": args.bias,
         "repeats": args.repeats,
         "clock": args.clock,
     }
@@ -267,7 +297,9 @@ def _describe(info: dict[str, object]) -> str:
     return (
         f"{info['date']}; {info['cpu']}, {info['cores']} cores, {info['threads']} torch threads, "
         f"load average {info['load_average_1min']} at the end; torch {info['torch']}; "
-        f"B={info['batch']}, H={info['heads']}, D={info['head_dim']}, {info['dtype']}; "
+        f"B={info['batch']}, H={info['heads']}, D={info['head_dim']}, {info['dtype']}"
+        + (f", {info['bias']} bias" if info["bias"] != "none" else "")
+        + "; "
         f"medians of {info['repeats']} runs ({info['clock']} clock); ratios against SDPA softmax in the same run."
     )
 

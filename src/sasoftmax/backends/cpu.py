@@ -13,8 +13,12 @@ terms of ``sa_norm`` (one value per row each) at the saved argmin/argmax. Accumu
 fixed order, so results are deterministic. Grouped-query attention reads k/v through broadcasting,
 never copying them per query head.
 
-The elementwise work on a tile runs in fused C++ loops (``cpu_kernels.cpp``: two passes forward, one
-backward) when they can be built here, else in plain PyTorch (several passes; the same math).
+Calls without a bias run whole in C++ (``cpu_kernels.cpp``, the "fused" path): one parallel region in which
+each thread computes blocks of :data:`FUSED_ROWS` query rows of one head with the BLAS gemm torch uses and the
+row loops in between. Calls with a bias tensor or function run the tiles of ``_Plan`` from Python ("tiled"
+path): the GEMMs in
+PyTorch, the elementwise work in the C++ row loops (two passes forward, one backward) when they can be built
+here, else in plain PyTorch (several passes; the same math). See docs/cpu_backend.md.
 Masked entries hold a large finite negative sentinel, not −inf: exp sends it to 0 and every other
 product with it is multiplied by p = 0 first, so fully masked rows give zeros and zero gradients
 without NaN.
