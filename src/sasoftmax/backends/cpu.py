@@ -84,20 +84,27 @@ def attention(call: AttentionCall) -> Tensor:
 class _Tile:
     """One query block's logits before SSMax and the normalizer, in the GEMM layout (B, Hkv, G·rows, keys).
 
-    ``raw`` holds z / zmul (zmul is the scale, or 1 when a bias was added) with masked entries (mask,
-    bias −inf, and causal when there is a mask or bias) set to the sentinel; keys after a query's
-    causal limit may still hold logits. ``n`` (·, ·, rows, 1) counts allowed keys, None = all ``keys``.
+    ``raw`` holds z / scale with masked entries (mask, and causal when there is a mask)
+    set to the sentinel; a bias's −inf entries are −inf, also set to the sentinel for the plain path or
+    with SSMax (``masked`` then includes them); keys after a query's causal limit may still hold logits.
+    With SSMax, ``n`` (·, ·, rows, 1) counts allowed keys, None = all ``keys``; without, it is None.
     """
 
-    def __init__(self, raw: Tensor, zmul: float, masked: Tensor | None, n: Tensor | None, rows: slice, keys: int):
-        self.raw, self.zmul, self.masked, self.n, self.rows, self.keys = raw, zmul, masked, n, rows, keys
+    def __init__(self, raw: Tensor, masked: Tensor | None, n: Tensor | None, rows: slice, keys: int):
+        self.raw, self.masked, self.n, self.rows, self.keys = raw, masked, n, rows, keys
 
 
 class _Plan:
     """Everything about one call that the forward and the backward share: shapes, blocks, tiles."""
 
     def __init__(
-        self, call: AttentionCall, bias_fn: BiasFunction | None, bias: Tensor | None, ssmax: Tensor | None, kv: slice
+        self,
+        call: AttentionCall,
+        bias_fn: BiasFunction | None,
+        bias: Tensor | None,
+        ssmax: Tensor | None,
+        kv: slice,
+        rows: int,
     ):
         b, hq, _, lq, lk, d = call.shape
         self.g = call.groups
@@ -113,7 +120,7 @@ class _Plan:
         self.ssmax = None if ssmax is None else ssmax[self.qh]
         self.q_pos = query_positions(lq, lk, self.device)
         self.neg = -1e30  # the sentinel of masked entries (cpu_kernels.cpp: <= -1e29 is masked)
-        self.rows = max(1, min(lq, _tile_elements() // max(1, b * self.hq * lk)))
+        self.rows = rows
         self.lib = cpu_native.kernels()
         self.work: dict[str, Tensor] = {}  # shared by the plans of one forward or backward; see buffer()
 
@@ -153,35 +160,36 @@ class _Plan:
         """View a (B, Hq, rows, X) tensor as (B, Hkv, G·rows, X)."""
         return t.reshape(self.b, self.hkv, -1, t.shape[-1])
 
-    def tile(self, qb: Tensor, k: Tensor, rows: slice, keys: int) -> _Tile:
-        """The block's logits q kᵀ (+ bias) with masked entries set to the sentinel."""
+    def tile(self, qb: Tensor, k: Tensor, rows: slice, keys: int, bias_fn_tile: Tensor | None = None) -> _Tile:
+        """The block's logits q kᵀ (+ bias) with masked entries set to the sentinel; ``bias_fn_tile`` is the bias
+        function's output for the block (every head, from :meth:`eval_bias`)."""
         raw = self.buffer("raw", (*qb.shape[:-1], keys))
         torch.bmm(qb.flatten(0, 1), k[:, :, :keys].flatten(0, 1).transpose(1, 2), out=raw.flatten(0, 1))
         rh = self.heads(raw)
-        zmul = self.scale
         masked = None if self.mask is None else ~_slice(self.mask, rows, keys)
         if self.bias is not None or self.bias_fn is not None:
-            bias_tile = self.eval_bias(rows, keys) if self.bias_fn is not None else _slice(self.bias, rows, keys)
-            rh.mul_(self.scale).add_(bias_tile.to(self.dtype))
-            zmul = 1.0
-            neg = torch.isneginf(bias_tile)
-            masked = neg if masked is None else masked | neg
+            bias_tile = _heads(bias_fn_tile, self.qh) if self.bias_fn is not None else _slice(self.bias, rows, keys)
+            rh.add_(bias_tile, alpha=1 / self.scale)  # z = scale·(raw + bias/scale): one pass, not two
+            if self.lib is None or self.ssmax is not None:
+                # The row kernels read −inf logits as masked by themselves; the plain path and SSMax's n need it.
+                neg = torch.isneginf(bias_tile)
+                masked = neg if masked is None else masked | neg
         q_pos = self.q_pos[rows]
         n = None
         if masked is not None:
             if self.causal:
                 masked = masked | (torch.arange(keys, device=self.device)[None, :] > q_pos[:, None])
             rh.masked_fill_(masked, self.neg)
-            n = (~masked).sum(-1, keepdim=True)
-        elif self.causal:
+            if self.ssmax is not None:
+                n = (~masked).sum(-1, keepdim=True)
+        elif self.causal and self.ssmax is not None:
             n = (q_pos + 1).clamp(0, keys)[:, None]
-        return _Tile(raw, zmul, masked, n, rows, keys)
+        return _Tile(raw, masked, n, rows, keys)
 
     def eval_bias(self, rows: slice, keys: int) -> Tensor:
-        """The bias function on one tile's (query, key) positions, checked, as a 4-D tensor."""
+        """The bias function on one block's (query, key) positions, checked, as a 4-D tensor of every head."""
         q_pos, k_pos = self.q_pos[rows], torch.arange(keys, device=self.device)
-        out = evaluate_bias_function(self.bias_fn, q_pos, k_pos, self.b, self.hq_full)
-        return _heads(_as_4d(out), self.qh)
+        return _as_4d(evaluate_bias_function(self.bias_fn, q_pos, k_pos, self.b, self.hq_full))
 
     def log_n(self, tile: _Tile) -> Tensor:
         """ln(max(n_i, 1)) per row, (·, ·, rows, 1)."""
@@ -213,8 +221,7 @@ class _Plan:
     def logits(self, tile: _Tile) -> Tensor:
         """Plain path: the final logits x (B, Hq, rows, keys), every masked entry the sentinel, in place."""
         xh = self.heads(tile.raw)
-        if tile.zmul != 1.0:
-            xh.mul_(tile.zmul)
+        xh.mul_(self.scale)
         t = self.ssmax_t(tile)
         if t is not None:
             xh.mul_(t)
@@ -250,18 +257,23 @@ class _TiledAttention(torch.autograd.Function):
             out, stats, arg = cpu_native.fused_forward(ctx.fused, qc, kc, vc, *_fused_options(call, dtype))
             ctx.save_for_backward(q, k, v, bias, ssmax, out, stats, arg)
             return out.to(q.dtype)
-        plans = [_Plan(call, bias_fn, bias, ssmax, kv) for kv in _kv_chunks(call)]
-        dtype = plans[0].dtype
+        plans = _plans(call, bias_fn, bias, ssmax)
         out = torch.zeros(*q.shape[:3], v.shape[-1], dtype=dtype)
         # Per row: lse (0 for an empty row), m, c; argmin, argmax (−1 where sa_norm has no such term).
         stats = torch.zeros(3, *q.shape[:3], dtype=dtype)
         arg = torch.full((2, *q.shape[:3]), -1, dtype=torch.long)
         kc, vc = k.to(dtype), v.to(dtype)
         work: dict[str, Tensor] = {}
+        chunks = []
         for plan in plans:
             qh, kv = plan.qh, plan.kv
             plan.work = work
-            _forward_chunk(plan, q[:, qh], kc[:, kv], vc[:, kv], out[:, qh], stats[:, :, qh], arg[:, :, qh])
+            chunks.append((plan, q[:, qh], kc[:, kv], vc[:, kv], out[:, qh], stats[:, :, qh], arg[:, :, qh]))
+        # Blocks outermost: a bias function is evaluated once per block for every head, then sliced per chunk.
+        for rows, keys in plans[0].blocks():
+            bias_fn_tile = plans[0].eval_bias(rows, keys) if bias_fn is not None else None
+            for chunk in chunks:
+                _forward_block(*chunk, rows, keys, bias_fn_tile)
         work.clear()  # the plans live on until the backward: do not keep the tiles with them
         ctx.plans = plans
         ctx.save_for_backward(q, k, v, bias, ssmax, out, stats, arg, *params)
@@ -287,6 +299,7 @@ class _TiledAttention(torch.autograd.Function):
         ds = torch.zeros(q.shape[1], dtype=dtype) if need["s"] else None
         dparams = [torch.zeros_like(p) for p in params]
         work: dict[str, Tensor] = {}
+        chunks = []
         for plan in plans:
             qh, kv = plan.qh, plan.kv
             plan.work = work
@@ -294,14 +307,29 @@ class _TiledAttention(torch.autograd.Function):
             # chunk gets its own.
             own = not dk[:, kv].is_contiguous()  # dk and dv alike
             dk_c, dv_c = (torch.zeros(t[:, kv].shape, dtype=dtype) if own else t[:, kv] for t in (dk, dv))
-            grads = _Grads(dq[:, qh], dk_c, dv_c, _heads(dbias, qh), None if ds is None else ds[qh], dparams)
-            _backward_chunk(plan, q[:, qh], kc[:, kv], vc[:, kv], do[:, qh], stats[:, :, qh], arg[:, :, qh],
-                            delta[:, qh], params, grads, need)  # fmt: skip
-            if own:
-                dk[:, kv], dv[:, kv] = dk_c, dv_c
+            grads = _Grads(dq[:, qh], dk_c, dv_c, _heads(dbias, qh), None if ds is None else ds[qh], own)
+            views = (q[:, qh], kc[:, kv], vc[:, kv], do[:, qh], stats[:, :, qh], arg[:, :, qh], delta[:, qh])
+            chunks.append((plan, *views, grads, need))
+        for rows, keys in plans[0].blocks():
+            bias_fn_tile = dtile = None
+            if plans[0].bias_fn is not None:
+                with torch.enable_grad():  # a graph from the function's parameters, if any, to its tile
+                    bias_fn_tile = plans[0].eval_bias(rows, keys)
+                if params:  # dL/d(tile), gathered from every chunk, then pulled through the function once
+                    dtile = torch.zeros(bias_fn_tile.shape, dtype=dtype)
+            for chunk in chunks:
+                _backward_block(*chunk, rows, keys, bias_fn_tile, dtile)
+            if dtile is not None:
+                grads_p = torch.autograd.grad(bias_fn_tile, params, dtile.to(bias_fn_tile.dtype), allow_unused=True)
+                for acc, g in zip(dparams, grads_p):
+                    if g is not None:
+                        acc += g
+        for plan, *_, grads, _ in chunks:
+            if grads.own:
+                dk[:, plan.kv], dv[:, plan.kv] = grads.dk, grads.dv
         # Free the tiles and the views of dkᵀ, dvᵀ, so that each transposed copy is freed once replaced.
         work.clear()
-        del grads, dk_c, dv_c
+        del chunks, grads
         dk = dk.transpose(-1, -2).to(k.dtype).contiguous() if need["k"] else None
         dv = dv.transpose(-1, -2).to(v.dtype).contiguous() if need["v"] else None
         grads_in = (
@@ -340,15 +368,25 @@ def _fused_backward(ctx: Any, grad_out: Tensor) -> tuple:
 
 class _Grads:
     """Where one chunk's backward accumulates: views of dq, dbias, ds; dkᵀ, dvᵀ (B, hkv, D, S), views of the
-    whole when contiguous, else its own; the params' grads."""
+    whole when contiguous, else its own (``own``: copied into the whole at the end)."""
 
-    def __init__(self, dq, dk, dv, dbias, ds, dparams):
-        self.dq, self.dk, self.dv, self.dbias, self.ds, self.dparams = dq, dk, dv, dbias, ds, dparams
+    def __init__(self, dq, dk, dv, dbias, ds, own: bool):
+        self.dq, self.dk, self.dv, self.dbias, self.ds, self.own = dq, dk, dv, dbias, ds, own
 
 
 def _tile_elements() -> int:
     """The tile size to aim for with the current number of torch threads (see :data:`TILE_THREADS`)."""
     return TILE_ELEMENTS * min(max(1, torch.get_num_threads()), TILE_THREADS) // TILE_THREADS
+
+
+def _plans(call: AttentionCall, bias_fn: BiasFunction | None, bias: Tensor | None, ssmax: Tensor | None):
+    """One plan per chunk of kv heads (:func:`_kv_chunks`), all with the same query blocks: rows sized for the
+    largest chunk's tile."""
+    kvs = _kv_chunks(call)
+    b, _, _, lq, lk, _ = call.shape
+    heads = (kvs[0].stop - kvs[0].start) * call.groups
+    rows = max(1, min(lq, _tile_elements() // max(1, b * heads * lk)))
+    return [_Plan(call, bias_fn, bias, ssmax, kv, rows) for kv in kvs]
 
 
 def _kv_chunks(call: AttentionCall) -> list[slice]:
@@ -360,52 +398,54 @@ def _kv_chunks(call: AttentionCall) -> list[slice]:
     return [slice(h, min(hkv, h + per)) for h in range(0, hkv, per)]
 
 
-def _forward_chunk(plan: _Plan, q, kc, vc, out, stats, arg) -> None:
-    """Forward of one chunk of heads: fills ``out`` (B, hq, L, Dv), ``stats`` (3, B, hq, L), ``arg``."""
-    for rows, keys in plan.blocks():
-        tile = plan.tile(plan.q_block(q, rows), kc, rows, keys)
-        step = _forward_native if plan.lib is not None else _forward_plain
-        u, fac, row_stats, row_arg = step(plan, tile)
-        o = plan.heads(torch.matmul(u, vc[:, :, :keys]))
-        out[:, :, rows] = o.mul_(fac.view(plan.b, plan.hq, -1, 1))
-        stats[:, :, :, rows] = row_stats.view(3, plan.b, plan.hq, -1)
-        arg[:, :, :, rows] = row_arg.view(2, plan.b, plan.hq, -1)
+def _forward_block(plan: _Plan, q, kc, vc, out, stats, arg, rows: slice, keys: int, bias_fn_tile) -> None:
+    """Forward of one query block of one chunk of heads: fills its rows of ``out`` (B, hq, L, Dv), ``stats``
+    (3, B, hq, L) and ``arg``."""
+    tile = plan.tile(plan.q_block(q, rows), kc, rows, keys, bias_fn_tile)
+    step = _forward_native if plan.lib is not None else _forward_plain
+    u, fac, row_stats, row_arg = step(plan, tile)
+    o = plan.heads(torch.matmul(u, vc[:, :, :keys]))
+    out[:, :, rows] = o.mul_(fac.view(plan.b, plan.hq, -1, 1))
+    stats[:, :, :, rows] = row_stats.view(3, plan.b, plan.hq, -1)
+    arg[:, :, :, rows] = row_arg.view(2, plan.b, plan.hq, -1)
 
 
-def _backward_chunk(plan: _Plan, q, kc, vc, do, stats, arg, delta, params, grads: _Grads, need) -> None:
-    """Backward of one chunk of heads (DESIGN §2), accumulating into ``grads``."""
-    inv = stats[2].unsqueeze(-1)
-    for rows, keys in plan.blocks():
-        qb = plan.q_block(q, rows)
-        tile = plan.tile(qb, kc, rows, keys)
-        dob = do[:, :, rows]
-        if plan.normalizer == "sa_norm":
-            dob = dob * inv[:, :, rows]  # dW' = c·dW; wᵀdO = ((x − m)p)ᵀ(c·dO)
-        dob = plan.groups(dob)
-        dw = plan.buffer("dw", (*dob.shape[:-1], keys))
-        torch.bmm(dob.flatten(0, 1), vc[:, :, :keys].flatten(0, 1).transpose(1, 2), out=dw.flatten(0, 1))
-        row_stats = stats[:, :, :, rows].reshape(3, -1)
-        row_arg = arg[:, :, :, rows].reshape(2, -1)
-        row_delta = delta[:, :, rows].reshape(-1)
-        step = _backward_native if plan.lib is not None else _backward_plain
-        u, dz, dsz = step(plan, tile, dw, row_stats, row_arg, row_delta, need["s"])
-        if need["v"]:  # accumulate in place, transposed: dvᵀ += dOᵀ u
-            dvt = grads.dv
-            dvt.view(-1, *dvt.shape[2:])[:, :, :keys].baddbmm_(dob.flatten(0, 1).transpose(1, 2), u.flatten(0, 1))
-        if need["s"]:
-            grads.ds += (dsz.view(plan.b, plan.hq, -1, 1) * plan.log_n(tile)).sum((0, 2, 3))
-        if need["q"]:
-            grads.dq[:, :, rows] = plan.heads(torch.matmul(dz, kc[:, :, :keys])).mul_(plan.scale)
-        if need["k"]:
-            dkt = grads.dk  # dkᵀ += scale·qᵀ dz
-            dkt.view(-1, *dkt.shape[2:])[:, :, :keys].baddbmm_(
-                qb.flatten(0, 1).transpose(1, 2), dz.flatten(0, 1), alpha=plan.scale
-            )
-        if need["bias"]:
-            target = _slice(grads.dbias, rows, keys)
-            target += _reduce_to(plan.heads(dz), target.shape)
-        if params:
-            _bias_fn_grads(plan, params, grads.dparams, plan.heads(dz), rows, keys)
+def _backward_block(
+    plan: _Plan, q, kc, vc, do, stats, arg, delta, grads: _Grads, need, rows: slice, keys: int, bias_fn_tile, dtile
+) -> None:
+    """Backward of one query block of one chunk of heads (DESIGN §2), accumulating into ``grads``, and into
+    ``dtile`` (the gradient of the bias function's tile, every head) when given."""
+    qb = plan.q_block(q, rows)
+    tile = plan.tile(qb, kc, rows, keys, None if bias_fn_tile is None else bias_fn_tile.detach())
+    dob = do[:, :, rows]
+    if plan.normalizer == "sa_norm":
+        dob = dob * stats[2, :, :, rows].unsqueeze(-1)  # dW' = c·dW; wᵀdO = ((x − m)p)ᵀ(c·dO)
+    dob = plan.groups(dob)
+    dw = plan.buffer("dw", (*dob.shape[:-1], keys))
+    torch.bmm(dob.flatten(0, 1), vc[:, :, :keys].flatten(0, 1).transpose(1, 2), out=dw.flatten(0, 1))
+    row_stats = stats[:, :, :, rows].reshape(3, -1)
+    row_arg = arg[:, :, :, rows].reshape(2, -1)
+    row_delta = delta[:, :, rows].reshape(-1)
+    step = _backward_native if plan.lib is not None else _backward_plain
+    u, dz, dsz = step(plan, tile, dw, row_stats, row_arg, row_delta, need["s"])
+    if need["v"]:  # accumulate in place, transposed: dvᵀ += dOᵀ u
+        dvt = grads.dv
+        dvt.view(-1, *dvt.shape[2:])[:, :, :keys].baddbmm_(dob.flatten(0, 1).transpose(1, 2), u.flatten(0, 1))
+    if need["s"]:
+        grads.ds += (dsz.view(plan.b, plan.hq, -1, 1) * plan.log_n(tile)).sum((0, 2, 3))
+    if need["q"]:
+        grads.dq[:, :, rows] = plan.heads(torch.matmul(dz, kc[:, :, :keys])).mul_(plan.scale)
+    if need["k"]:
+        dkt = grads.dk  # dkᵀ += scale·qᵀ dz
+        dkt.view(-1, *dkt.shape[2:])[:, :, :keys].baddbmm_(
+            qb.flatten(0, 1).transpose(1, 2), dz.flatten(0, 1), alpha=plan.scale
+        )
+    if need["bias"]:
+        target = _slice(grads.dbias, rows, keys)
+        target += _reduce_to(plan.heads(dz), target.shape)
+    if dtile is not None:
+        target = _heads(dtile, plan.qh)
+        target += _reduce_to(plan.heads(dz), target.shape)
 
 
 def _forward_native(plan: _Plan, tile: _Tile) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -413,7 +453,7 @@ def _forward_native(plan: _Plan, tile: _Tile) -> tuple[Tensor, Tensor, Tensor, T
     raw = tile.raw.view(-1, tile.keys)
     t = plan.rows_of(plan.ssmax_t(tile), tile.rows)
     lse, low, inv, fac, amin, amax = cpu_native.forward(
-        plan.lib, raw, plan.limits(tile), t, tile.zmul, plan.normalizer, plan.eps
+        plan.lib, raw, plan.limits(tile), t, plan.scale, plan.normalizer, plan.eps
     )
     return tile.raw, fac, torch.stack((lse, low, inv)), torch.stack((amin, amax))
 
@@ -457,7 +497,7 @@ def _backward_native(plan, tile, dw, row_stats, row_arg, row_delta, need_s):
     lse, low, inv = (s.contiguous() for s in row_stats)
     t = plan.rows_of(plan.ssmax_t(tile), tile.rows)
     dsz = cpu_native.backward(
-        plan.lib, tile.raw.view(-1, tile.keys), dw.view(-1, tile.keys), plan.limits(tile), t, tile.zmul,
+        plan.lib, tile.raw.view(-1, tile.keys), dw.view(-1, tile.keys), plan.limits(tile), t, plan.scale,
         plan.normalizer, lse, low, inv, row_delta.contiguous(), row_arg[0].contiguous(), row_arg[1].contiguous(),
         need_s,
     )  # fmt: skip
@@ -471,7 +511,7 @@ def _backward_plain(plan, tile, dw, row_stats, row_arg, row_delta, need_s):
     d_i = row_delta.view(shape)
     z = None
     if need_s:  # SSMax's gradient needs z (masked entries 0: their dL/dx is 0, z may be anything there)
-        z = plan.heads(tile.raw) * tile.zmul
+        z = plan.heads(tile.raw) * plan.scale
         plan.fill(z, tile, 0.0)
     xh = plan.logits(tile)
     p = torch.exp(xh - lse)
@@ -495,17 +535,6 @@ def _backward_plain(plan, tile, dw, row_stats, row_arg, row_delta, need_s):
     if t is not None:
         dx.mul_(t)
     return plan.groups(u), plan.groups(dx), dsz
-
-
-def _bias_fn_grads(plan: _Plan, params: list[Tensor], dparams: list[Tensor], dz: Tensor, rows: slice, keys: int):
-    """Recompute one bias tile with grad enabled and pull dL/dbias through the function's parameters."""
-    with torch.enable_grad():
-        tile = plan.eval_bias(rows, keys)
-        grad = _reduce_to(dz, tile.shape).to(tile.dtype)
-        grads = torch.autograd.grad(tile, params, grad, allow_unused=True)
-    for acc, g in zip(dparams, grads):
-        if g is not None:
-            acc += g
 
 
 def _reduce_to(t: Tensor, shape: torch.Size) -> Tensor:
