@@ -140,22 +140,23 @@ def test_head_chunks_with_per_head_mask_and_bias(path, monkeypatch, normalizer, 
 @pytest.mark.parametrize("normalizer", NORMALIZERS)
 @pytest.mark.parametrize("causal", [False, True])
 def test_fused_blocks_chunks_and_threads(monkeypatch, normalizer, causal):
-    """The fused path with many small blocks on two threads: work split into query blocks (forward) and into
-    chunks of blocks when there are fewer heads than threads (backward), GQA partial sums, masks, SSMax."""
+    """The fused path with many small blocks on two threads: work split into query blocks of several query heads
+    of a kv head (forward) and into chunks of blocks when there are fewer heads than threads (backward), GQA
+    partial sums, masks, SSMax."""
     monkeypatch.setattr(cpu, "FUSED_ROWS", 4)
     calls = []
     monkeypatch.setattr(cpu_native, "fused_backward", _spy(cpu_native.fused_backward, calls))
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        for shape in [(1, 1, 1, 37, 37), (2, 4, 2, 29, 33), (1, 2, 1, 1, 29), (1, 1, 1, 33, 29)]:
+        for shape in [(1, 1, 1, 37, 37), (2, 4, 2, 29, 33), (1, 4, 1, 37, 37), (1, 2, 1, 1, 29), (1, 1, 1, 33, 29)]:
             q, k, v, m, _, s, grad = inputs(*shape, mask="full", ssmax=True, seed=shape[3])
             kw = dict(normalizer=normalizer, causal=causal)
             assert_close(run("cpu", q, k, v, m, None, s, grad, **kw), run("eager", q, k, v, m, None, s, grad, **kw),
                          atol=1e-10)  # fmt: skip
     finally:
         torch.set_num_threads(threads)
-    assert len(calls) == 4
+    assert len(calls) == 5
 
 
 def _spy(fn, calls):
@@ -342,14 +343,21 @@ def test_bad_kernel_setting(monkeypatch):
 
 
 @pytest.mark.parametrize("causal", [False, True])
-def test_benchmark_alibi_is_the_same_bias_for_sdpa_and_sasoftmax(causal):
-    """The benchmark's SDPA (materialised attn_mask) and its sasoftmax calls (bias function) compute the same."""
-    cases = [benchmark.Case(impl, 37, causal, 1, 4, 16, "float64", 1, "alibi") for impl in ("sdpa", "cpu:softmax")]
+@pytest.mark.parametrize(
+    "bias,kv_heads,queries", [("alibi", None, None), ("none", 2, 5), ("alibi", 1, 1), ("none", None, 1)]
+)
+def test_benchmark_sdpa_and_sasoftmax_compute_the_same(causal, bias, kv_heads, queries):
+    """The benchmark's SDPA call (materialised ALiBi, explicit lower-right causal mask for other query lengths,
+    GQA) and its sasoftmax call (bias function) compute the same attention."""
+    cases = [benchmark.Case(impl, 37, causal, 1, 4, 16, "float64", 1, bias, kv_heads, queries)
+             for impl in ("sdpa", "cpu:softmax")]  # fmt: skip
     q, k, v, _ = benchmark.make_inputs(cases[0], requires_grad=False)
+    assert q.shape[2] == (queries or 37) and k.shape[1] == (kv_heads or 4)
     want, got = (benchmark.operation(case)(q, k, v) for case in cases)
     torch.testing.assert_close(got, want, atol=1e-12, rtol=0)
-    no_bias = benchmark.Case("sdpa", 37, causal, 1, 4, 16, "float64", 1)
-    assert not torch.allclose(got, benchmark.operation(no_bias)(q, k, v))
+    if bias == "alibi":
+        no_bias = benchmark.Case("sdpa", 37, causal, 1, 4, 16, "float64", 1, "none", kv_heads, queries)
+        assert not torch.allclose(got, benchmark.operation(no_bias)(q, k, v))
 
 
 def test_double_backward_raises():

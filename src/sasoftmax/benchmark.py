@@ -57,6 +57,8 @@ class Case:
     dtype: str
     threads: int
     bias: str = "none"
+    kv_heads: int | None = None  # grouped-query attention: fewer k/v heads (None: as many as query heads)
+    queries: int | None = None  # query length (None: N); 1 is a decoding step against N keys
 
 
 @dataclass
@@ -79,6 +81,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help=f"lengths {QUICK_LENGTHS}, minutes on 2 cores (default)")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--kv-heads", type=int, help="k/v heads for grouped-query attention (default: --heads)")
+    parser.add_argument(
+        "--queries", type=int, help="query length against N keys (default N; 1 times a decoding step)"
+    )
     parser.add_argument("--head-dim", type=int, default=64)
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     parser.add_argument("--normalizers", nargs="+", choices=NORMALIZERS, default=list(NORMALIZERS))
@@ -118,6 +124,10 @@ def run(args: argparse.Namespace) -> int:
     lengths = args.lengths or (FULL_LENGTHS if args.full else QUICK_LENGTHS)
     if any(n <= 0 for n in lengths) or args.repeats <= 0 or args.threads <= 0:
         raise ValueError("lengths, --repeats and --threads must be positive")
+    if args.kv_heads is not None and not (0 < args.kv_heads <= args.heads and args.heads % args.kv_heads == 0):
+        raise ValueError(f"--kv-heads must divide --heads ({args.heads}); got {args.kv_heads}")
+    if args.queries is not None and args.queries <= 0:
+        raise ValueError(f"--queries must be positive; got {args.queries}")
     torch.set_num_threads(args.threads)
     causals = {"both": (False, True), "yes": (True,), "no": (False,)}[args.causal]
     rows: list[Row] = []
@@ -156,7 +166,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _case(args: argparse.Namespace, impl: str, n: int, causal: bool) -> Case:
-    return Case(impl, n, causal, args.batch, args.heads, args.head_dim, args.dtype, args.threads, args.bias)
+    return Case(
+        impl, n, causal, args.batch, args.heads, args.head_dim, args.dtype, args.threads, args.bias, args.kv_heads,
+        args.queries,
+    )  # fmt: skip
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
@@ -164,11 +177,12 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 
 
 def make_inputs(case: Case, requires_grad: bool) -> tuple[torch.Tensor, ...]:
-    """q, k, v (B, H, N, D) and an output gradient, seeded."""
+    """q (B, H, L, D), k, v (B, Hkv, N, D) and an output gradient, seeded."""
     g = torch.Generator().manual_seed(0)
-    shape = (case.batch, case.heads, case.n, case.head_dim)
+    lq, hkv = case.queries or case.n, case.kv_heads or case.heads
     dtype = DTYPES[case.dtype]
-    q, k, v, grad = (torch.randn(shape, generator=g).to(dtype) for _ in range(4))
+    q, grad = (torch.randn(case.batch, case.heads, lq, case.head_dim, generator=g).to(dtype) for _ in range(2))
+    k, v = (torch.randn(case.batch, hkv, case.n, case.head_dim, generator=g).to(dtype) for _ in range(2))
     for t in (q, k, v):
         t.requires_grad_(requires_grad)
     return q, k, v, grad
@@ -188,13 +202,20 @@ def operation(case: Case) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor]
     """The attention call that ``case.impl`` names (with ``case.bias``, built here for SDPA)."""
     bias = alibi(case.heads) if case.bias == "alibi" else None
     if case.impl == "sdpa":
-        if bias is None:
-            return lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=case.causal)
-        pos = torch.arange(case.n)
-        mask = bias(pos, pos).to(DTYPES[case.dtype])
-        if case.causal:  # SDPA takes either is_causal or attn_mask
-            mask.masked_fill_(pos[None, :] > pos[:, None], float("-inf"))
-        return lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        gqa = case.kv_heads not in (None, case.heads)
+        lq = case.queries or case.n
+        if bias is None and lq == case.n:
+            return lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=case.causal, enable_gqa=gqa)
+        # SDPA's is_causal aligns queries to the first keys; sasoftmax's causal aligns them to the last ones
+        # (query i is at position i + N − L), so other query lengths and biases get an explicit mask.
+        q_pos, k_pos = torch.arange(lq) + case.n - lq, torch.arange(case.n)
+        allowed = k_pos[None, :] <= q_pos[:, None] if case.causal else torch.ones(lq, case.n, dtype=torch.bool)
+        mask: torch.Tensor | None = None
+        if bias is not None:
+            mask = bias(q_pos, k_pos).to(DTYPES[case.dtype]).masked_fill(~allowed, float("-inf"))
+        elif not allowed.all():
+            mask = allowed
+        return lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
     backend, normalizer = case.impl.split(":")
     return lambda q, k, v: attention(q, k, v, normalizer=normalizer, causal=case.causal, bias=bias, backend=backend)
 
@@ -274,6 +295,8 @@ def machine_info(args: argparse.Namespace) -> dict[str, object]:
         "python": platform.python_version(),
         "batch": args.batch,
         "heads": args.heads,
+        "kv_heads": args.kv_heads,
+        "queries": args.queries,
         "head_dim": args.head_dim,
         "dtype": args.dtype,
         "bias": args.bias,
@@ -297,7 +320,10 @@ def _describe(info: dict[str, object]) -> str:
     return (
         f"{info['date']}; {info['cpu']}, {info['cores']} cores, {info['threads']} torch threads, "
         f"load average {info['load_average_1min']} at the end; torch {info['torch']}; "
-        f"B={info['batch']}, H={info['heads']}, D={info['head_dim']}, {info['dtype']}"
+        f"B={info['batch']}, H={info['heads']}"
+        + (f", Hkv={info['kv_heads']}" if info["kv_heads"] else "")
+        + (f", L={info['queries']}" if info["queries"] else "")
+        + f", D={info['head_dim']}, {info['dtype']}"
         + (f", {info['bias']} bias" if info["bias"] != "none" else "")
         + "; "
         f"medians of {info['repeats']} runs ({info['clock']} clock); ratios against SDPA softmax in the same run."

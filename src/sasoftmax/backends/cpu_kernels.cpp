@@ -220,7 +220,10 @@ void gemm(Blas<T> blas, bool ta, bool tb, int64_t m, int64_t n, int64_t k, T alp
 // bool mask broadcastable to (B, Hq, L, S) given by element strides (0 = broadcast); ssmax (Hq) or null.
 template <typename T>
 struct Call {
-  int64_t b, hq, hkv, l, s, d, dv, causal, rows, chunks;  // queries per block; backward: see fused_backward
+  int64_t b, hq, hkv, l, s, d, dv, causal;
+  int64_t rows;      // queries per head in a block
+  int64_t chunks;    // backward: chunks of blocks per head (see fused_backward)
+  int64_t together;  // forward: query heads of one kv head that a work item takes together (divides Hq/Hkv)
   const T *q, *k, *v;
   const uint8_t* mask;
   const int64_t* mstride;
@@ -241,24 +244,32 @@ struct Call {
   const T* vhead(int64_t bi, int64_t h) const { return v + (bi * hkv + h / (hq / hkv)) * s * dv; }
 };
 
-// The logits of queries [r0, r1) of head (bi, h) against their first `keys` keys into `z` (rows × keys), masked
-// entries set to the sentinel; per row the causal limit and SSMax's t (t = s_h·ln n, n the allowed keys).
+// The logits of queries [r0, r1) of `heads` query heads from h0 (which share a kv head), stacked head after head
+// (row g·n + i), against their first `keys` keys into `z`, masked entries set to the sentinel; per row the causal
+// limit and SSMax's t (t = s_h·ln n, n the allowed keys). The heads' rows are gathered into `qbuf` unless they
+// are one run in q already.
 template <typename T>
-void block_logits(const Call<T>& c, int64_t bi, int64_t h, int64_t r0, int64_t r1, int64_t keys, T* z,
-                  int64_t* limit, T* t, T* log_n) {
+void block_logits(const Call<T>& c, int64_t bi, int64_t h0, int64_t heads, int64_t r0, int64_t r1, int64_t keys,
+                  T* qbuf, T* z, int64_t* limit, T* t, T* log_n) {
   const int64_t n = r1 - r0;
-  gemm<T>(c.blas, false, true, n, keys, c.d, T(1), c.qrow(bi, h, r0), c.d, c.khead(bi, h), c.d, T(0), z, keys);
-  for (int64_t i = 0; i < n; ++i) {
+  const T* a = c.qrow(bi, h0, r0);
+  if (heads > 1 && n != c.l) {
+    for (int64_t g = 0; g < heads; ++g) std::memcpy(qbuf + g * n * c.d, c.qrow(bi, h0 + g, r0), n * c.d * sizeof(T));
+    a = qbuf;
+  }
+  gemm<T>(c.blas, false, true, heads * n, keys, c.d, T(1), a, c.d, c.khead(bi, h0), c.d, T(0), z, keys);
+  for (int64_t row = 0; row < heads * n; ++row) {
+    const int64_t h = h0 + row / n, i = r0 + row % n;
     int64_t lim = keys;
     if (c.causal) {
-      const int64_t e = r0 + i + c.offset() + 1;
+      const int64_t e = i + c.offset() + 1;
       lim = e < 0 ? 0 : (e > keys ? keys : e);
     }
     int64_t allowed = lim;
     if (c.mask != nullptr) {
-      const uint8_t* mrow = c.mask + bi * c.mstride[0] + h * c.mstride[1] + (r0 + i) * c.mstride[2];
+      const uint8_t* mrow = c.mask + bi * c.mstride[0] + h * c.mstride[1] + i * c.mstride[2];
       const int64_t ms = c.mstride[3];
-      T* x = z + i * keys;
+      T* x = z + row * keys;
       allowed = 0;
       for (int64_t j = 0; j < lim; ++j) {
         const bool ok = mrow[j * ms] != 0;
@@ -266,36 +277,42 @@ void block_logits(const Call<T>& c, int64_t bi, int64_t h, int64_t r0, int64_t r
         x[j] = ok ? x[j] : sentinel<T>();
       }
     }
-    limit[i] = lim;
-    log_n[i] = std::log(T(allowed > 1 ? allowed : 1));
-    t[i] = c.ssmax != nullptr ? c.ssmax[h] * log_n[i] : T(1);
+    limit[row] = lim;
+    log_n[row] = std::log(T(allowed > 1 ? allowed : 1));
+    t[row] = c.ssmax != nullptr ? c.ssmax[h] * log_n[row] : T(1);
   }
 }
 
-// Forward: out (B, Hq, L, Dv) and the row statistics (slot (bi·Hq + h)·L + row). Work items are (head, query
-// block), largest first; each writes its own rows, so the result does not depend on the schedule.
+// Forward: out (B, Hq, L, Dv) and the row statistics (slot (bi·Hq + h)·L + row). Work items are (`together` query
+// heads of one kv head, query block), largest (latest causal) blocks first: the heads of a group share one pass
+// over k and v, which is what decoding (few rows) is bound by. Each item writes its own rows, so the result does
+// not depend on the schedule.
 template <typename T, int mode>
 void fused_forward(const Call<T>& c, T* out, RowStats<T> st) {
-  const int64_t blocks = (c.l + c.rows - 1) / c.rows, items = c.b * c.hq * blocks;
+  const int64_t g = c.together, groups = c.hq / g, blocks = (c.l + c.rows - 1) / c.rows;
+  const int64_t items = c.b * groups * blocks, stack = g * c.rows;  // stack: rows of a block, all its heads
 #pragma omp parallel num_threads(c.threads)
   {
-    std::vector<T> z(c.rows * c.s), t(c.rows), log_n(c.rows);
-    std::vector<int64_t> limit(c.rows);
+    std::vector<T> z(stack * c.s), qbuf(stack * c.d), obuf(stack * c.dv), t(stack), log_n(stack);
+    std::vector<int64_t> limit(stack);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t item = 0; item < items; ++item) {
-      const int64_t blk = blocks - 1 - item % blocks, head = item / blocks, bi = head / c.hq, h = head % c.hq;
+      const int64_t blk = blocks - 1 - item % blocks, bi = item / blocks / groups, h0 = item / blocks % groups * g;
       const int64_t r0 = blk * c.rows, r1 = r0 + c.rows < c.l ? r0 + c.rows : c.l, n = r1 - r0;
-      const int64_t keys = c.block_keys(r1), slot = head * c.l + r0;
-      T* o = out + slot * c.dv;
+      const int64_t keys = c.block_keys(r1);
       if (keys == 0) continue;  // every row empty: out and the statistics stay 0 (arg −1)
-      block_logits(c, bi, h, r0, r1, keys, z.data(), limit.data(), t.data(), log_n.data());
-      const RowStats<T> rs{st.lse + slot, st.low + slot, st.inv + slot, st.amin + slot, st.amax + slot};
+      block_logits(c, bi, h0, g, r0, r1, keys, qbuf.data(), z.data(), limit.data(), t.data(), log_n.data());
       T* fac = log_n.data();  // reused: log n is not needed any more
-      for (int64_t i = 0; i < n; ++i)
-        fac[i] = forward_row<T, mode>(z.data() + i * keys, keys, limit[i], t[i] * c.scale, c.eps, rs, i);
-      gemm<T>(c.blas, false, false, n, c.dv, keys, T(1), z.data(), keys, c.vhead(bi, h), c.dv, T(0), o, c.dv);
-      for (int64_t i = 0; i < n; ++i)
-        for (int64_t j = 0; j < c.dv; ++j) o[i * c.dv + j] *= fac[i];
+      for (int64_t row = 0; row < g * n; ++row) {
+        const int64_t slot = (bi * c.hq + h0 + row / n) * c.l + r0 + row % n;
+        fac[row] = forward_row<T, mode>(z.data() + row * keys, keys, limit[row], t[row] * c.scale, c.eps, st, slot);
+      }
+      gemm<T>(c.blas, false, false, g * n, c.dv, keys, T(1), z.data(), keys, c.vhead(bi, h0), c.dv, T(0),
+              obuf.data(), c.dv);
+      for (int64_t row = 0; row < g * n; ++row) {
+        T* o = out + ((bi * c.hq + h0 + row / n) * c.l + r0 + row % n) * c.dv;
+        for (int64_t j = 0; j < c.dv; ++j) o[j] = obuf[row * c.dv + j] * fac[row];
+      }
     }
   }
 }
@@ -342,17 +359,16 @@ void fused_backward(const Call<T>& c, const T* dout, const T* delta, RowStats<T>
         const int64_t keys = c.block_keys(r1), slot = head * c.l + r0;
         T* dqb = dq + slot * c.d;
         if (keys == 0) continue;  // dq stays 0
-        block_logits(c, bi, h, r0, r1, keys, z.data(), limit.data(), t.data(), log_n.data());
-        const RowStats<T> rs{st.lse + slot, st.low + slot, st.inv + slot, st.amin + slot, st.amax + slot};
+        block_logits(c, bi, h, 1, r0, r1, keys, static_cast<T*>(nullptr), z.data(), limit.data(), t.data(), log_n.data());
         for (int64_t i = 0; i < n; ++i) {  // dO' = c·dO for sa_norm: dW' = c·dW, and wᵀdO = ((x − m)p)ᵀ dO'
-          const T f = mode == 2 ? rs.inv[i] : T(1);
+          const T f = mode == 2 ? st.inv[slot + i] : T(1);
           for (int64_t j = 0; j < c.dv; ++j) dob[i * c.dv + j] = f * dout[(slot + i) * c.dv + j];
         }
         gemm<T>(c.blas, false, true, n, keys, c.dv, T(1), dob.data(), c.dv, c.vhead(bi, h), c.dv, T(0), dw.data(),
                 keys);
         for (int64_t i = 0; i < n; ++i) {
           const T zsum = backward_row<T, mode>(z.data() + i * keys, dw.data() + i * keys, keys, limit[i], t[i],
-                                               c.scale, delta[slot + i], rs, i);
+                                               c.scale, delta[slot + i], st, slot + i);
           ds_sum += zsum * log_n[i];
         }
         // dvᵀ += dO'ᵀ u;  dq = scale·dz k;  dkᵀ += scale·qᵀ dz
@@ -397,9 +413,8 @@ struct FusedBackward { static void run(const Call<T>* c, const T* dout, const T*
 template <typename T>
 Call<T> make_call(const int64_t* dims, const T* q, const T* k, const T* v, const uint8_t* mask,
                   const int64_t* mstride, const T* ssmax, T scale, T eps, void* blas, int threads) {
-  return Call<T>{dims[0], dims[1], dims[2], dims[3], dims[4], dims[5], dims[6], dims[7], dims[8], dims[9], q, k, v,
-                 mask,
-                 mstride, ssmax, scale, eps, reinterpret_cast<Blas<T>>(blas), threads};
+  return Call<T>{dims[0], dims[1], dims[2], dims[3], dims[4], dims[5], dims[6], dims[7], dims[8], dims[9], dims[10],
+                 q, k, v, mask, mstride, ssmax, scale, eps, reinterpret_cast<Blas<T>>(blas), threads};
 }
 
 }  // namespace

@@ -152,12 +152,14 @@ def backward(
     return dsz
 
 
-def _call_args(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, ssmax: Tensor | None, scale: float, eps: float,
-               causal: bool, normalizer: str, rows: int, gemm: int, chunks: int = 1) -> tuple:  # fmt: skip
+def _call_args(
+    q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, ssmax: Tensor | None, scale: float, eps: float,
+    causal: bool, normalizer: str, rows: int, gemm: int, chunks: int = 1, together: int = 1,
+) -> tuple:  # fmt: skip
     """The leading arguments of the fused entries: shapes, inputs, mask and its strides, options."""
     b, hq, lq, d = q.shape
     _, hkv, lk, dv = v.shape
-    dims = torch.tensor([b, hq, hkv, lq, lk, d, dv, int(causal), rows, chunks], dtype=torch.long)
+    dims = torch.tensor([b, hq, hkv, lq, lk, d, dv, int(causal), rows, chunks, together], dtype=torch.long)
     strides = torch.tensor(mask.stride() if mask is not None else (0, 0, 0, 0), dtype=torch.long)
     ctype = _TYPES[q.dtype][1]
     keep = (dims, strides)  # referenced by the caller until the call returns
@@ -168,20 +170,22 @@ def _call_args(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, ssmax: Tens
 
 def fused_forward(
     fused_lib: tuple[ctypes.CDLL, int], q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, ssmax: Tensor | None,
-    scale: float, eps: float, causal: bool, normalizer: str, rows: int,
+    scale: float, eps: float, causal: bool, normalizer: str, rows: int, together: int = 1,
 ) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
     """A whole forward in one parallel region, GEMMs included (no bias).
 
     q (B, Hq, L, D), k (B, Hkv, S, D), v (B, Hkv, S, Dv): contiguous, float32 or float64; ``mask`` bool,
-    expanded to (B, Hq, L, S) (any strides); ``ssmax`` (Hq,) contiguous or None; ``rows`` queries per block.
-    Returns out (B, Hq, L, Dv), stats (3, B, Hq, L) = (lse, m, c) and arg (2, B, Hq, L) = (argmin, argmax).
+    expanded to (B, Hq, L, S) (any strides); ``ssmax`` (Hq,) contiguous or None; ``rows`` queries per head in a
+    block; ``together`` query heads of a kv head (a divisor of Hq/Hkv) computed in one block, sharing one pass
+    over k and v. Returns out (B, Hq, L, Dv), stats (3, B, Hq, L) = (lse, m, c) and arg (2, B, Hq, L) =
+    (argmin, argmax).
     """
     lib, gemm = fused_lib
     b, hq, lq, _ = q.shape
     out = torch.zeros(b, hq, lq, v.shape[-1], dtype=q.dtype)
     stats = torch.zeros(3, b, hq, lq, dtype=q.dtype)
     arg = torch.full((2, b, hq, lq), -1, dtype=torch.long)
-    _keep, args = _call_args(q, k, v, mask, ssmax, scale, eps, causal, normalizer, rows, gemm)
+    _keep, args = _call_args(q, k, v, mask, ssmax, scale, eps, causal, normalizer, rows, gemm, together=together)
     getattr(lib, f"sa_fused_forward_{_TYPES[q.dtype][0]}")(
         *args, _ptr(out), _ptr(stats[0]), _ptr(stats[1]), _ptr(stats[2]), _ptr(arg[0]), _ptr(arg[1])
     )
