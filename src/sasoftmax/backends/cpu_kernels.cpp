@@ -18,6 +18,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -183,7 +184,8 @@ template <typename T, int mode>
 void forward_tile(T* raw, int64_t rows, int64_t keys, const int64_t* limit, const T* t, T zmul, T eps,
                   RowStats<T> st, T* fac, int threads) {
 #pragma omp parallel for schedule(static) num_threads(threads)
-  for (int64_t i = 0; i < rows; ++i) fac[i] = forward_row<T, mode>(raw + i * keys, keys, limit[i], t[i] * zmul, eps, st, i);
+  for (int64_t i = 0; i < rows; ++i)
+    fac[i] = forward_row<T, mode>(raw + i * keys, keys, limit[i], t[i] * zmul, eps, st, i);
 }
 
 template <typename T, int mode>
@@ -191,7 +193,8 @@ void backward_tile(T* raw, T* dw, int64_t rows, int64_t keys, const int64_t* lim
                    RowStats<T> st, const T* delta, T* dsz, int threads) {
 #pragma omp parallel for schedule(static) num_threads(threads)
   for (int64_t i = 0; i < rows; ++i) {
-    const T zsum = backward_row<T, mode>(raw + i * keys, dw + i * keys, keys, limit[i], t[i], zmul, delta[i], st, i);
+    const T zsum =
+        backward_row<T, mode>(raw + i * keys, dw + i * keys, keys, limit[i], t[i], zmul, delta[i], st, i);
     if (dsz != nullptr) dsz[i] = zsum;
   }
 }
@@ -211,8 +214,8 @@ void gemm(Blas<T> blas, bool ta, bool tb, int64_t m, int64_t n, int64_t k, T alp
           const T* b, int64_t ldb, T beta, T* c, int64_t ldc) {
   const char opa = ta ? 'T' : 'N', opb = tb ? 'T' : 'N';
   // BLAS wants leading dimensions >= 1 even for empty matrices (head dimension 0).
-  const int mi = int(m), ni = int(n), ki = int(k), la = int(std::max<int64_t>(lda, 1)), lb = int(std::max<int64_t>(ldb, 1)),
-            lc = int(std::max<int64_t>(ldc, 1));
+  const int mi = int(m), ni = int(n), ki = int(k);
+  const int la = int(std::max<int64_t>(lda, 1)), lb = int(std::max<int64_t>(ldb, 1)), lc = int(std::max<int64_t>(ldc, 1));
   blas(&opb, &opa, &ni, &mi, &ki, &alpha, b, &lb, a, &la, &beta, c, &lc);
 }
 
@@ -223,7 +226,7 @@ struct Call {
   int64_t b, hq, hkv, l, s, d, dv, causal;
   int64_t rows;      // queries per head in a block
   int64_t chunks;    // backward: chunks of blocks per head (see fused_backward)
-  int64_t together;  // forward: query heads of one kv head that a work item takes together (divides Hq/Hkv)
+  int64_t together;  // query heads of one kv head that a work item takes together (divides Hq/Hkv)
   const T *q, *k, *v;
   const uint8_t* mask;
   const int64_t* mstride;
@@ -247,10 +250,10 @@ struct Call {
 // The logits of queries [r0, r1) of `heads` query heads from h0 (which share a kv head), stacked head after head
 // (row g·n + i), against their first `keys` keys into `z`, masked entries set to the sentinel; per row the causal
 // limit and SSMax's t (t = s_h·ln n, n the allowed keys). The heads' rows are gathered into `qbuf` unless they
-// are one run in q already.
+// are one run in q already; returns where the stacked rows are.
 template <typename T>
-void block_logits(const Call<T>& c, int64_t bi, int64_t h0, int64_t heads, int64_t r0, int64_t r1, int64_t keys,
-                  T* qbuf, T* z, int64_t* limit, T* t, T* log_n) {
+const T* block_logits(const Call<T>& c, int64_t bi, int64_t h0, int64_t heads, int64_t r0, int64_t r1, int64_t keys,
+                      T* qbuf, T* z, int64_t* limit, T* t, T* log_n) {
   const int64_t n = r1 - r0;
   const T* a = c.qrow(bi, h0, r0);
   if (heads > 1 && n != c.l) {
@@ -281,6 +284,7 @@ void block_logits(const Call<T>& c, int64_t bi, int64_t h0, int64_t heads, int64
     log_n[row] = std::log(T(allowed > 1 ? allowed : 1));
     t[row] = c.ssmax != nullptr ? c.ssmax[h] * log_n[row] : T(1);
   }
+  return a;
 }
 
 // Forward: out (B, Hq, L, Dv) and the row statistics (slot (bi·Hq + h)·L + row). Work items are (`together` query
@@ -334,48 +338,54 @@ std::vector<int64_t> chunk_bounds(const Call<T>& c, int64_t blocks) {
   return bounds;
 }
 
-// Backward: dq (B, Hq, L, D), partial dk (B, Hq, chunks, S, D) and dv (B, Hq, chunks, S, Dv) per query head and
-// chunk of query blocks, and ds (B, Hq, chunks) = Σ_rows ln n · Σ_j dL/dx·z (null: not wanted); cpu.py sums the
-// partials in a fixed order. Work items are (head, chunk), each accumulating its dk, dv privately (transposed,
-// (D, S): that GEMM runs faster), so no two threads write the same memory and the result does not depend on the
-// schedule. Chunks > 1 only when there are fewer heads than threads.
+// Backward: dq (B, Hq, L, D); partial dk (B, Hq/together, chunks, S, D) and dv (B, Hq/together, chunks, S, Dv),
+// one per group of `together` query heads of a kv head and chunk of their query blocks; and ds (B, Hq, chunks) =
+// Σ_rows ln n · Σ_j dL/dx·z (null: not wanted). cpu.py sums the partials of a kv head in a fixed order. Work items
+// are (group, chunk): the group's heads share each block (stacked rows, one pass over k and v, and dk, dv summed
+// over the heads by the GEMMs themselves), and each item accumulates its dk, dv privately (transposed, (D, S):
+// that GEMM runs faster), so no two threads write the same memory and the result does not depend on the schedule.
 template <typename T, int mode>
 void fused_backward(const Call<T>& c, const T* dout, const T* delta, RowStats<T> st, T* dq, T* dk, T* dv, T* ds) {
-  const int64_t blocks = (c.l + c.rows - 1) / c.rows, items = c.b * c.hq * c.chunks;
+  const int64_t g = c.together, groups = c.hq / g, blocks = (c.l + c.rows - 1) / c.rows;
+  const int64_t items = c.b * groups * c.chunks, stack = g * c.rows;  // stack: rows of a block, all its heads
   const std::vector<int64_t> bounds = chunk_bounds(c, blocks);
 #pragma omp parallel num_threads(c.threads)
   {
-    std::vector<T> z(c.rows * c.s), dw(c.rows * c.s), dob(c.rows * c.dv), dkt(c.d * c.s), dvt(c.dv * c.s);
-    std::vector<T> t(c.rows), log_n(c.rows);
-    std::vector<int64_t> limit(c.rows);
+    std::vector<T> z(stack * c.s), dw(stack * c.s), dob(stack * c.dv), qbuf(stack * c.d), dqbuf(stack * c.d);
+    std::vector<T> dkt(c.d * c.s), dvt(c.dv * c.s), t(stack), log_n(stack), ds_head(g);
+    std::vector<int64_t> limit(stack);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t item = 0; item < items; ++item) {
-      const int64_t head = item / c.chunks, chunk = item % c.chunks, bi = head / c.hq, h = head % c.hq;
+      const int64_t chunk = item % c.chunks, bi = item / c.chunks / groups, h0 = item / c.chunks % groups * g;
       std::fill(dkt.begin(), dkt.end(), T(0));
       std::fill(dvt.begin(), dvt.end(), T(0));
-      T ds_sum = 0;
+      std::fill(ds_head.begin(), ds_head.end(), T(0));
       for (int64_t blk = bounds[chunk]; blk < bounds[chunk + 1]; ++blk) {
         const int64_t r0 = blk * c.rows, r1 = r0 + c.rows < c.l ? r0 + c.rows : c.l, n = r1 - r0;
-        const int64_t keys = c.block_keys(r1), slot = head * c.l + r0;
-        T* dqb = dq + slot * c.d;
+        const int64_t keys = c.block_keys(r1);
         if (keys == 0) continue;  // dq stays 0
-        block_logits(c, bi, h, 1, r0, r1, keys, static_cast<T*>(nullptr), z.data(), limit.data(), t.data(), log_n.data());
-        for (int64_t i = 0; i < n; ++i) {  // dO' = c·dO for sa_norm: dW' = c·dW, and wᵀdO = ((x − m)p)ᵀ dO'
-          const T f = mode == 2 ? st.inv[slot + i] : T(1);
-          for (int64_t j = 0; j < c.dv; ++j) dob[i * c.dv + j] = f * dout[(slot + i) * c.dv + j];
+        const T* qs = block_logits(c, bi, h0, g, r0, r1, keys, qbuf.data(), z.data(), limit.data(), t.data(),
+                                   log_n.data());
+        auto slot = [&](int64_t row) { return (bi * c.hq + h0 + row / n) * c.l + r0 + row % n; };
+        for (int64_t row = 0; row < g * n; ++row) {  // dO' = c·dO for sa_norm: dW' = c·dW, wᵀdO = ((x − m)p)ᵀ dO'
+          const T f = mode == 2 ? st.inv[slot(row)] : T(1);
+          for (int64_t j = 0; j < c.dv; ++j) dob[row * c.dv + j] = f * dout[slot(row) * c.dv + j];
         }
-        gemm<T>(c.blas, false, true, n, keys, c.dv, T(1), dob.data(), c.dv, c.vhead(bi, h), c.dv, T(0), dw.data(),
-                keys);
-        for (int64_t i = 0; i < n; ++i) {
-          const T zsum = backward_row<T, mode>(z.data() + i * keys, dw.data() + i * keys, keys, limit[i], t[i],
-                                               c.scale, delta[slot + i], st, slot + i);
-          ds_sum += zsum * log_n[i];
+        gemm<T>(c.blas, false, true, g * n, keys, c.dv, T(1), dob.data(), c.dv, c.vhead(bi, h0), c.dv, T(0),
+                dw.data(), keys);
+        for (int64_t row = 0; row < g * n; ++row) {
+          const T zsum = backward_row<T, mode>(z.data() + row * keys, dw.data() + row * keys, keys, limit[row],
+                                               t[row], c.scale, delta[slot(row)], st, slot(row));
+          ds_head[row / n] += zsum * log_n[row];
         }
-        // dvᵀ += dO'ᵀ u;  dq = scale·dz k;  dkᵀ += scale·qᵀ dz
-        gemm<T>(c.blas, true, false, c.dv, keys, n, T(1), dob.data(), c.dv, z.data(), keys, T(1), dvt.data(), c.s);
-        gemm<T>(c.blas, false, false, n, c.d, keys, c.scale, dw.data(), keys, c.khead(bi, h), c.d, T(0), dqb, c.d);
-        gemm<T>(c.blas, true, false, c.d, keys, n, c.scale, c.qrow(bi, h, r0), c.d, dw.data(), keys, T(1),
-                dkt.data(), c.s);
+        // dvᵀ += dO'ᵀ u;  dq = scale·dz k;  dkᵀ += scale·qᵀ dz (sums over the stacked heads' rows)
+        gemm<T>(c.blas, true, false, c.dv, keys, g * n, T(1), dob.data(), c.dv, z.data(), keys, T(1), dvt.data(),
+                c.s);
+        gemm<T>(c.blas, false, false, g * n, c.d, keys, c.scale, dw.data(), keys, c.khead(bi, h0), c.d, T(0),
+                dqbuf.data(), c.d);
+        for (int64_t row = 0; row < g * n; ++row)
+          std::memcpy(dq + slot(row) * c.d, dqbuf.data() + row * c.d, c.d * sizeof(T));
+        gemm<T>(c.blas, true, false, c.d, keys, g * n, c.scale, qs, c.d, dw.data(), keys, T(1), dkt.data(), c.s);
       }
       T* dkp = dk + item * c.s * c.d;
       T* dvp = dv + item * c.s * c.dv;
@@ -383,32 +393,20 @@ void fused_backward(const Call<T>& c, const T* dout, const T* delta, RowStats<T>
         for (int64_t e = 0; e < c.d; ++e) dkp[j * c.d + e] = dkt[e * c.s + j];
         for (int64_t e = 0; e < c.dv; ++e) dvp[j * c.dv + e] = dvt[e * c.s + j];
       }
-      if (ds != nullptr) ds[item] = ds_sum;
+      if (ds != nullptr)
+        for (int64_t hi = 0; hi < g; ++hi) ds[((bi * c.hq + h0 + hi) * c.chunks) + chunk] = ds_head[hi];
     }
   }
 }
 
-// The normalizer as a template argument: a runtime choice inside the loops kept them from vectorizing well.
-template <template <typename, int> class F, typename T, typename... Args>
-void by_mode(int mode, Args... args) {
-  if (mode == 0) F<T, 0>::run(args...);
-  else if (mode == 1) F<T, 1>::run(args...);
-  else F<T, 2>::run(args...);
+// Calls f with the normalizer as a compile-time constant (std::integral_constant): a runtime choice inside the
+// loops kept them from vectorizing well.
+template <typename F>
+void by_mode(int mode, F&& f) {
+  if (mode == 0) f(std::integral_constant<int, 0>{});
+  else if (mode == 1) f(std::integral_constant<int, 1>{});
+  else f(std::integral_constant<int, 2>{});
 }
-
-template <typename T, int mode>
-struct ForwardTile { static void run(T* raw, int64_t rows, int64_t keys, const int64_t* limit, const T* t, T zmul,
-                                     T eps, RowStats<T> st, T* fac, int threads) {
-  forward_tile<T, mode>(raw, rows, keys, limit, t, zmul, eps, st, fac, threads); } };
-template <typename T, int mode>
-struct BackwardTile { static void run(T* raw, T* dw, int64_t rows, int64_t keys, const int64_t* limit, const T* t,
-                                      T zmul, RowStats<T> st, const T* delta, T* dsz, int threads) {
-  backward_tile<T, mode>(raw, dw, rows, keys, limit, t, zmul, st, delta, dsz, threads); } };
-template <typename T, int mode>
-struct FusedForward { static void run(const Call<T>* c, T* out, RowStats<T> st) { fused_forward<T, mode>(*c, out, st); } };
-template <typename T, int mode>
-struct FusedBackward { static void run(const Call<T>* c, const T* dout, const T* delta, RowStats<T> st, T* dq, T* dk,
-                                       T* dv, T* ds) { fused_backward<T, mode>(*c, dout, delta, st, dq, dk, dv, ds); } };
 
 template <typename T>
 Call<T> make_call(const int64_t* dims, const T* q, const T* k, const T* v, const uint8_t* mask,
@@ -421,30 +419,36 @@ Call<T> make_call(const int64_t* dims, const T* q, const T* k, const T* v, const
 
 // C ABI, one set per dtype (f32, f64). The tile entries serve cpu.py's tiled path (bias tensors and functions);
 // the fused entries run a whole call. Per-row arrays are contiguous, one slot per row.
-#define SA_ENTRIES(T, S)                                                                                             \
-  void sa_forward_##S(T* raw, int64_t rows, int64_t keys, const int64_t* limit, const T* t, T zmul, int mode, T eps, \
-                      T* lse, T* low, T* inv, T* fac, int64_t* amin, int64_t* amax, int threads) {                   \
-    by_mode<ForwardTile, T>(mode, raw, rows, keys, limit, t, zmul, eps, RowStats<T>{lse, low, inv, amin, amax}, fac, \
-                            threads);                                                                                \
-  }                                                                                                                  \
-  void sa_backward_##S(T* raw, T* dw, int64_t rows, int64_t keys, const int64_t* limit, const T* t, T zmul,         \
-                       int mode, T* lse, T* low, T* inv, const T* delta, int64_t* amin, int64_t* amax, T* dsz,       \
-                       int threads) {                                                                                \
-    by_mode<BackwardTile, T>(mode, raw, dw, rows, keys, limit, t, zmul, RowStats<T>{lse, low, inv, amin, amax},      \
-                             delta, dsz, threads);                                                                   \
-  }                                                                                                                  \
-  void sa_fused_forward_##S(const int64_t* dims, const T* q, const T* k, const T* v, const uint8_t* mask,          \
-                            const int64_t* mstride, const T* ssmax, T scale, T eps, int mode, void* blas,           \
-                            int threads, T* out, T* lse, T* low, T* inv, int64_t* amin, int64_t* amax) {             \
-    const Call<T> c = make_call<T>(dims, q, k, v, mask, mstride, ssmax, scale, eps, blas, threads);                 \
-    by_mode<FusedForward, T>(mode, &c, out, RowStats<T>{lse, low, inv, amin, amax});                                 \
-  }                                                                                                                  \
-  void sa_fused_backward_##S(const int64_t* dims, const T* q, const T* k, const T* v, const uint8_t* mask,         \
-                             const int64_t* mstride, const T* ssmax, T scale, T eps, int mode, void* blas,          \
-                             int threads, const T* dout, const T* delta, T* lse, T* low, T* inv, int64_t* amin,     \
-                             int64_t* amax, T* dq, T* dk, T* dv, T* ds) {                                            \
-    const Call<T> c = make_call<T>(dims, q, k, v, mask, mstride, ssmax, scale, eps, blas, threads);                 \
-    by_mode<FusedBackward, T>(mode, &c, dout, delta, RowStats<T>{lse, low, inv, amin, amax}, dq, dk, dv, ds);        \
+#define SA_ENTRIES(T, S)                                                                                       \
+  void sa_forward_##S(T* raw, int64_t rows, int64_t keys, const int64_t* limit, const T* t, T zmul, int mode,    \
+                      T eps, T* lse, T* low, T* inv, T* fac, int64_t* amin, int64_t* amax, int threads) {       \
+    const RowStats<T> st{lse, low, inv, amin, amax};                                                           \
+    by_mode(mode, [&](auto m) {                                                                                \
+      forward_tile<T, decltype(m)::value>(raw, rows, keys, limit, t, zmul, eps, st, fac, threads);             \
+    });                                                                                                        \
+  }                                                                                                            \
+  void sa_backward_##S(T* raw, T* dw, int64_t rows, int64_t keys, const int64_t* limit, const T* t, T zmul,   \
+                       int mode, T* lse, T* low, T* inv, const T* delta, int64_t* amin, int64_t* amax, T* dsz, \
+                       int threads) {                                                                          \
+    const RowStats<T> st{lse, low, inv, amin, amax};                                                           \
+    by_mode(mode, [&](auto m) {                                                                                \
+      backward_tile<T, decltype(m)::value>(raw, dw, rows, keys, limit, t, zmul, st, delta, dsz, threads);      \
+    });                                                                                                        \
+  }                                                                                                            \
+  void sa_fused_forward_##S(const int64_t* dims, const T* q, const T* k, const T* v, const uint8_t* mask,    \
+                            const int64_t* mstride, const T* ssmax, T scale, T eps, int mode, void* blas,     \
+                            int threads, T* out, T* lse, T* low, T* inv, int64_t* amin, int64_t* amax) {       \
+    const Call<T> c = make_call<T>(dims, q, k, v, mask, mstride, ssmax, scale, eps, blas, threads);           \
+    const RowStats<T> st{lse, low, inv, amin, amax};                                                           \
+    by_mode(mode, [&](auto m) { fused_forward<T, decltype(m)::value>(c, out, st); });                          \
+  }                                                                                                            \
+  void sa_fused_backward_##S(const int64_t* dims, const T* q, const T* k, const T* v, const uint8_t* mask,   \
+                             const int64_t* mstride, const T* ssmax, T scale, T eps, int mode, void* blas,    \
+                             int threads, const T* dout, const T* delta, T* lse, T* low, T* inv,              \
+                             int64_t* amin, int64_t* amax, T* dq, T* dk, T* dv, T* ds) {                       \
+    const Call<T> c = make_call<T>(dims, q, k, v, mask, mstride, ssmax, scale, eps, blas, threads);           \
+    const RowStats<T> st{lse, low, inv, amin, amax};                                                           \
+    by_mode(mode, [&](auto m) { fused_backward<T, decltype(m)::value>(c, dout, delta, st, dq, dk, dv, ds); }); \
   }
 
 extern "C" {

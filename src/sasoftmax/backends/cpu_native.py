@@ -200,24 +200,23 @@ def fused_backward(
     """The backward of :func:`fused_forward` in one parallel region (DESIGN §2).
 
     ``grad_out`` (B, Hq, L, Dv) and ``delta`` = Σ dO·o (B, Hq, L) contiguous; ``stats``, ``arg`` as returned by
-    the forward. Returns dq (B, Hq, L, D), dk (B, Hkv, S, D), dv (B, Hkv, S, Dv) and ds (Hq,) or None.
+    the forward; ``rows`` rows per block over the query heads of a kv head. Returns dq (B, Hq, L, D), dk
+    (B, Hkv, S, D), dv (B, Hkv, S, Dv) and ds (Hq,) or None.
     """
     lib, gemm = fused_lib
-    b, hq, lk = q.shape[0], q.shape[1], k.shape[2]
-    hkv, threads = k.shape[1], torch.get_num_threads()
-    # Work items are (head, chunk of query blocks); more than one chunk per head only to keep every thread busy.
-    chunks = min(-(-threads // (b * hq)), -(-q.shape[2] // rows))
+    b, hq, lq, _ = q.shape
+    hkv, lk, threads = k.shape[1], k.shape[2], torch.get_num_threads()
+    # Work items are (kv head, chunk of its query blocks); more than one chunk only to keep every thread busy.
+    per_head = max(1, min(lq, rows // (hq // hkv)))
+    chunks = min(-(-threads // (b * hkv)), -(-lq // per_head))
     dq = torch.zeros_like(q)
-    dk = torch.empty(b, hkv, hq // hkv * chunks, lk, k.shape[-1], dtype=q.dtype)  # partial sums of each group
-    dv = torch.empty(b, hkv, hq // hkv * chunks, lk, v.shape[-1], dtype=q.dtype)
+    dk = torch.empty(b, hkv, chunks, lk, k.shape[-1], dtype=q.dtype)  # partial sums of each chunk
+    dv = torch.empty(b, hkv, chunks, lk, v.shape[-1], dtype=q.dtype)
     ds = torch.empty(b, hq, chunks, dtype=q.dtype) if want_ds else None
-    _keep, args = _call_args(q, k, v, mask, ssmax, scale, eps, causal, normalizer, rows, gemm, chunks)
+    _keep, args = _call_args(q, k, v, mask, ssmax, scale, eps, causal, normalizer, per_head, gemm, chunks, hq // hkv)
     getattr(lib, f"sa_fused_backward_{_TYPES[q.dtype][0]}")(
         *args, _ptr(grad_out), _ptr(delta), _ptr(stats[0]), _ptr(stats[1]), _ptr(stats[2]), _ptr(arg[0]),
         _ptr(arg[1]), _ptr(dq), _ptr(dk), _ptr(dv), _ptr(ds),
     )  # fmt: skip
-    if dk.shape[2] > 1:  # sum the partials of a kv group's query heads and chunks, in a fixed order
-        dk, dv = dk.sum(2), dv.sum(2)
-    else:
-        dk, dv = dk.squeeze(2), dv.squeeze(2)
+    dk, dv = (t.sum(2) if chunks > 1 else t.squeeze(2) for t in (dk, dv))  # chunks summed in a fixed order
     return dq, dk, dv, None if ds is None else ds.sum((0, 2))
