@@ -45,8 +45,9 @@ TILE_THREADS = 2
 keep the split GEMMs efficient (at N = 2048 on 2 threads, 4 MiB tiles ran ~12% faster than 2 MiB)."""
 
 FUSED_ROWS = 128
-"""Query rows per block of the fused path (calls without a bias), where each thread works on blocks of its own:
-at N = 2048 and 8192, 128 rows ran 5–10% faster than 64 and as fast as 256 (which wastes more causal work)."""
+"""Query rows per block of the fused path (calls without a bias; over the query heads of a kv head that a block
+stacks), where each thread works on blocks of its own: at N = 2048 and 8192, 128 rows ran 5–10% faster than 64
+and as fast as 256 (which wastes more causal work)."""
 
 FUSED_TILE_ELEMENTS = 1 << 22
 """Most logits in a block of the fused path (16 MiB in float32); fewer rows for very long key sequences."""
@@ -254,9 +255,7 @@ class _TiledAttention(torch.autograd.Function):
         if ctx.fused is not None:
             ctx.call = call
             qc, kc, vc = (t.to(dtype).contiguous() for t in (q, k, v))
-            options = _fused_options(call, dtype)
-            together, rows = _heads_together(call, options[-1])
-            out, stats, arg = cpu_native.fused_forward(ctx.fused, qc, kc, vc, *options[:-1], rows, together)
+            out, stats, arg = cpu_native.fused_forward(ctx.fused, qc, kc, vc, *_fused_options(call, dtype))
             ctx.save_for_backward(q, k, v, bias, ssmax, out, stats, arg)
             return out.to(q.dtype)
         plans = _plans(call, bias_fn, bias, ssmax)
@@ -352,18 +351,6 @@ def _fused_options(call: AttentionCall, dtype: torch.dtype) -> tuple:
     ssmax = None if call.ssmax is None else call.ssmax.detach().to(dtype).contiguous()
     rows = max(1, min(lq, FUSED_ROWS, FUSED_TILE_ELEMENTS // lk))
     return mask, ssmax, call.scale, call.eps, call.causal, call.normalizer, rows
-
-
-def _heads_together(call: AttentionCall, rows: int) -> tuple[int, int]:
-    """How many query heads of a kv head the fused forward computes in one block, and its rows per head: as many
-    as keeps a work item per thread (they share one pass over k and v, which decoding is bound by), with ``rows``
-    rows in the block over all of them."""
-    b, hq, hkv, lq, _, _ = call.shape
-    for g in range(hq // hkv, 1, -1):
-        per_head = max(1, min(lq, rows // g))
-        if (hq // hkv) % g == 0 and b * (hq // g) * -(-lq // per_head) >= torch.get_num_threads():
-            return g, per_head
-    return 1, rows
 
 
 def _fused_backward(ctx: Any, grad_out: Tensor) -> tuple:

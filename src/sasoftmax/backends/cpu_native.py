@@ -170,22 +170,29 @@ def _call_args(
 
 def fused_forward(
     fused_lib: tuple[ctypes.CDLL, int], q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, ssmax: Tensor | None,
-    scale: float, eps: float, causal: bool, normalizer: str, rows: int, together: int = 1,
+    scale: float, eps: float, causal: bool, normalizer: str, rows: int,
 ) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
     """A whole forward in one parallel region, GEMMs included (no bias).
 
     q (B, Hq, L, D), k (B, Hkv, S, D), v (B, Hkv, S, Dv): contiguous, float32 or float64; ``mask`` bool,
-    expanded to (B, Hq, L, S) (any strides); ``ssmax`` (Hq,) contiguous or None; ``rows`` queries per head in a
-    block; ``together`` query heads of a kv head (a divisor of Hq/Hkv) computed in one block, sharing one pass
-    over k and v. Returns out (B, Hq, L, Dv), stats (3, B, Hq, L) = (lse, m, c) and arg (2, B, Hq, L) =
-    (argmin, argmax).
+    expanded to (B, Hq, L, S) (any strides); ``ssmax`` (Hq,) contiguous or None; ``rows`` query rows per block,
+    over the query heads of a kv head that a block stacks. Returns out (B, Hq, L, Dv), stats (3, B, Hq, L) =
+    (lse, m, c) and arg (2, B, Hq, L) = (argmin, argmax).
     """
     lib, gemm = fused_lib
     b, hq, lq, _ = q.shape
+    # A block stacks as many query heads of a kv head as keeps a work item per thread: they share one pass over
+    # k and v, which decoding (few rows) is bound by.
+    together, per_head = 1, max(1, min(lq, rows))
+    for g in range(hq // k.shape[1], 1, -1):
+        g_rows = max(1, min(lq, rows // g))
+        if (hq // k.shape[1]) % g == 0 and b * (hq // g) * -(-lq // g_rows) >= torch.get_num_threads():
+            together, per_head = g, g_rows
+            break
     out = torch.zeros(b, hq, lq, v.shape[-1], dtype=q.dtype)
     stats = torch.zeros(3, b, hq, lq, dtype=q.dtype)
     arg = torch.full((2, b, hq, lq), -1, dtype=torch.long)
-    _keep, args = _call_args(q, k, v, mask, ssmax, scale, eps, causal, normalizer, rows, gemm, together=together)
+    _keep, args = _call_args(q, k, v, mask, ssmax, scale, eps, causal, normalizer, per_head, gemm, together=together)
     getattr(lib, f"sa_fused_forward_{_TYPES[q.dtype][0]}")(
         *args, _ptr(out), _ptr(stats[0]), _ptr(stats[1]), _ptr(stats[2]), _ptr(arg[0]), _ptr(arg[1])
     )
