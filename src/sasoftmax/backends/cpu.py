@@ -14,11 +14,11 @@ fixed order, so results are deterministic. Grouped-query attention reads k/v thr
 never copying them per query head.
 
 Calls without a bias run whole in C++ (``cpu_kernels.cpp``, the "fused" path): one parallel region in which
-each thread computes blocks of :data:`FUSED_ROWS` query rows of one head with the BLAS gemm torch uses and the
-row loops in between. Calls with a bias tensor or function run the tiles of ``_Plan`` from Python ("tiled"
-path): the GEMMs in
-PyTorch, the elementwise work in the C++ row loops (two passes forward, one backward) when they can be built
-here, else in plain PyTorch (several passes; the same math). See docs/cpu_backend.md.
+each thread computes blocks of :data:`FUSED_ROWS` query rows (of the query heads of one kv head) with the BLAS
+gemm torch uses and the row loops in between. Calls with a bias tensor or function run the tiles of ``_Plan``
+from Python ("tiled" path): the GEMMs in PyTorch, the elementwise work in the C++ row loops (two passes
+forward, one backward) when they can be built here, else in plain PyTorch (several passes; the same math).
+See docs/cpu_backend.md.
 Masked entries hold a large finite negative sentinel, not −inf: exp sends it to 0 and every other
 product with it is multiplied by p = 0 first, so fully masked rows give zeros and zero gradients
 without NaN.
@@ -354,6 +354,7 @@ def _fused_options(call: AttentionCall, dtype: torch.dtype) -> tuple:
 
 
 def _fused_backward(ctx: Any, grad_out: Tensor) -> tuple:
+    """The backward of a call that the fused path computed: the gradients ``_TiledAttention.backward`` returns."""
     q, k, v, bias, ssmax, out, stats, arg = ctx.saved_tensors
     dtype = out.dtype
     do = grad_out.to(dtype).contiguous()
