@@ -215,7 +215,8 @@ void gemm(Blas<T> blas, bool ta, bool tb, int64_t m, int64_t n, int64_t k, T alp
   const char opa = ta ? 'T' : 'N', opb = tb ? 'T' : 'N';
   // BLAS wants leading dimensions >= 1 even for empty matrices (head dimension 0).
   const int mi = int(m), ni = int(n), ki = int(k);
-  const int la = int(std::max<int64_t>(lda, 1)), lb = int(std::max<int64_t>(ldb, 1)), lc = int(std::max<int64_t>(ldc, 1));
+  const int la = int(std::max<int64_t>(lda, 1)), lb = int(std::max<int64_t>(ldb, 1));
+  const int lc = int(std::max<int64_t>(ldc, 1));
   blas(&opb, &opa, &ni, &mi, &ki, &alpha, b, &lb, a, &la, &beta, c, &lc);
 }
 
@@ -225,7 +226,7 @@ template <typename T>
 struct Call {
   int64_t b, hq, hkv, l, s, d, dv, causal;
   int64_t rows;      // queries per head in a block
-  int64_t chunks;    // backward: chunks of blocks per head (see fused_backward)
+  int64_t chunks;    // backward: chunks of a work item's query blocks (see fused_backward)
   int64_t together;  // query heads of one kv head that a work item takes together (divides Hq/Hkv)
   const T *q, *k, *v;
   const uint8_t* mask;
@@ -367,9 +368,11 @@ void fused_backward(const Call<T>& c, const T* dout, const T* delta, RowStats<T>
         const T* qs = block_logits(c, bi, h0, g, r0, r1, keys, qbuf.data(), z.data(), limit.data(), t.data(),
                                    log_n.data());
         auto slot = [&](int64_t row) { return (bi * c.hq + h0 + row / n) * c.l + r0 + row % n; };
-        for (int64_t row = 0; row < g * n; ++row) {  // dO' = c·dO for sa_norm: dW' = c·dW, wᵀdO = ((x − m)p)ᵀ dO'
-          const T f = mode == 2 ? st.inv[slot(row)] : T(1);
-          for (int64_t j = 0; j < c.dv; ++j) dob[row * c.dv + j] = f * dout[slot(row) * c.dv + j];
+        // dO' = c·dO for sa_norm: dW' = c·dW, and wᵀdO = ((x − m)p)ᵀ dO'
+        for (int64_t row = 0; row < g * n; ++row) {
+          const int64_t at = slot(row);
+          const T f = mode == 2 ? st.inv[at] : T(1);
+          for (int64_t j = 0; j < c.dv; ++j) dob[row * c.dv + j] = f * dout[at * c.dv + j];
         }
         gemm<T>(c.blas, false, true, g * n, keys, c.dv, T(1), dob.data(), c.dv, c.vhead(bi, h0), c.dv, T(0),
                 dw.data(), keys);
