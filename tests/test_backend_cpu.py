@@ -70,6 +70,13 @@ def inputs(b, hq, hkv, lq, lk, d=16, dv=8, *, dtype=torch.float64, seed=0, mask=
     return q, k, v, m, bias_t, s, grad
 
 
+def for_path(path, args):
+    """On the fused path, the bias tensor without gradient: one that needs a gradient takes the tiled path."""
+    if path != "fused" or args[4] is None:
+        return args
+    return (*args[:4], args[4].detach(), *args[5:])
+
+
 def run(backend, q, k, v, m, bias, s, grad, params=(), **kw):
     """Output and gradients of every leaf that requires them (q, k, v, bias tensor, s, params)."""
     out = attention(q, k, v, mask=m, bias=bias, ssmax=s, backend=backend, **kw)
@@ -97,7 +104,7 @@ CASES = [
 
 @pytest.mark.parametrize("normalizer,causal,mask,bias,ssmax,shape", CASES)
 def test_float64_matches_eager(path, normalizer, causal, mask, bias, ssmax, shape):
-    args = inputs(*shape, mask=mask, bias=bias, ssmax=ssmax, seed=len(str(shape)))
+    args = for_path(path, inputs(*shape, mask=mask, bias=bias, ssmax=ssmax, seed=len(str(shape))))
     kw = dict(normalizer=normalizer, causal=causal)
     assert_close(run("cpu", *args, **kw), run("eager", *args, **kw), atol=1e-10)
 
@@ -142,7 +149,7 @@ def test_head_chunks_with_per_head_mask_and_bias(path, monkeypatch, normalizer, 
 def test_fused_blocks_chunks_and_threads(monkeypatch, normalizer, causal):
     """The fused path with many small blocks on two threads: work split into query blocks of several query heads
     of a kv head (forward) and into chunks of blocks when there are fewer heads than threads (backward), GQA
-    partial sums, masks, SSMax."""
+    partial sums, masks, a bias without gradient (−inf entries included), SSMax."""
     monkeypatch.setattr(cpu, "FUSED_ROWS", 4)
     calls = []
     monkeypatch.setattr(cpu_native, "fused_backward", _spy(cpu_native.fused_backward, calls))
@@ -150,10 +157,9 @@ def test_fused_blocks_chunks_and_threads(monkeypatch, normalizer, causal):
     torch.set_num_threads(2)
     try:
         for shape in [(1, 1, 1, 37, 37), (2, 4, 2, 29, 33), (1, 4, 1, 37, 37), (1, 2, 1, 1, 29), (1, 1, 1, 33, 29)]:
-            q, k, v, m, _, s, grad = inputs(*shape, mask="full", ssmax=True, seed=shape[3])
+            args = for_path("fused", inputs(*shape, mask="full", bias="full", ssmax=True, seed=shape[3]))
             kw = dict(normalizer=normalizer, causal=causal)
-            assert_close(run("cpu", q, k, v, m, None, s, grad, **kw), run("eager", q, k, v, m, None, s, grad, **kw),
-                         atol=1e-10)  # fmt: skip
+            assert_close(run("cpu", *args, **kw), run("eager", *args, **kw), atol=1e-10)
     finally:
         torch.set_num_threads(threads)
     assert len(calls) == 5
@@ -186,7 +192,8 @@ def test_tiles_never_hold_the_score_matrix(monkeypatch):
     attention(q, k, v, causal=True, backend="cpu").sum().backward()  # fused: a thread's block is rows x S
     rows = fused_calls[0][-1]
     assert rows * 129 <= 4 * 129 < 129 * 129
-    attention(q, k, v, causal=True, bias=torch.zeros(129), backend="cpu").sum().backward()  # tiled
+    bias = torch.zeros(129, requires_grad=True)  # a bias that needs a gradient takes the tiled path
+    attention(q, k, v, causal=True, bias=bias, backend="cpu").sum().backward()
     assert sizes and max(sizes) <= 4 * 129 * 8 < 129 * 129
 
 
@@ -195,8 +202,8 @@ def test_tiles_never_hold_the_score_matrix(monkeypatch):
 def test_low_precision_within_twice_eager_error(path, dtype, normalizer, causal):
     """FlashAttention's rule: error against a float64 reference at most 2x the eager backend's (plus a
     rounding allowance relative to the size of the values, for entries where eager is exact by luck)."""
-    bias = None if path == "fused" else "heads"  # the fused path serves calls without a bias
-    args = inputs(1, 4, 2, 129, 129, d=32, dv=32, dtype=dtype, mask="rows", bias=bias, ssmax=True, seed=3)
+    args = inputs(1, 4, 2, 129, 129, d=32, dv=32, dtype=dtype, mask="rows", bias="heads", ssmax=True, seed=3)
+    args = for_path(path, args)
     ref_args = [a.detach().double().requires_grad_(a.requires_grad) if torch.is_tensor(a) and a.is_floating_point()
                 else a for a in args]  # fmt: skip
     kw = dict(normalizer=normalizer, causal=causal)
@@ -228,13 +235,10 @@ def test_long_odd_sizes(normalizer, causal, shape):
 @pytest.mark.parametrize("normalizer", NORMALIZERS)
 def test_fully_masked_rows_are_zero_without_nan(path, normalizer):
     q, k, v, _, _, s, grad = inputs(1, 2, 1, 9, 6, ssmax=True)
-    mask = torch.ones(1, 2, 9, 6, dtype=torch.bool)
-    mask[:, :, 2] = False
+    mask = torch.ones(9, 6, dtype=torch.bool)
+    mask[2] = False
     bias = torch.zeros(1, 2, 9, 6, dtype=torch.float64)
-    if path == "fused":  # row 5 of head 1 masked by the mask (the fused path serves calls without a bias)
-        mask[0, 1, 5], bias = False, None
-    else:  # ... or by the bias
-        bias[0, 1, 5] = float("-inf")
+    bias[0, 1, 5] = float("-inf")  # row 5 of head 1 masked by the bias
     # causal with L > S: the first three queries see no key at all
     out, dq, dk, dv, ds = run("cpu", q, k, v, mask, bias, s, grad, normalizer=normalizer, causal=True)
     want = run("eager", q, k, v, mask, bias, s, grad, normalizer=normalizer, causal=True)
@@ -255,8 +259,7 @@ def test_huge_logits(path, normalizer):
 
 def test_deterministic(path):
     """Bit-identical results and gradients from two runs on two threads (dynamic scheduling included)."""
-    bias = None if path == "fused" else "heads"  # the fused path serves calls without a bias
-    args = inputs(2, 4, 2, 129, 129, dtype=torch.float32, mask="rows", bias=bias, ssmax=True)
+    args = for_path(path, inputs(2, 4, 2, 129, 129, dtype=torch.float32, mask="rows", bias="heads", ssmax=True))
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:

@@ -13,12 +13,13 @@ terms of ``sa_norm`` (one value per row each) at the saved argmin/argmax. Accumu
 fixed order, so results are deterministic. Grouped-query attention reads k/v through broadcasting,
 never copying them per query head.
 
-Calls without a bias run whole in C++ (``cpu_kernels.cpp``, the "fused" path): one parallel region in which
-each thread computes blocks of :data:`FUSED_ROWS` query rows (of the query heads of one kv head) with the BLAS
-gemm torch uses and the row loops in between. Calls with a bias tensor or function run the tiles of ``_Plan``
-from Python ("tiled" path): the GEMMs in PyTorch, the elementwise work in the C++ row loops (two passes
-forward, one backward) when they can be built here, else in plain PyTorch (several passes; the same math).
-See docs/cpu_backend.md.
+Calls without a bias function or a bias that needs a gradient run whole in C++ (``cpu_kernels.cpp``, the
+"fused" path): one parallel region in which each thread computes blocks of :data:`FUSED_ROWS` query rows (of
+the query heads of one kv head) with the BLAS gemm torch uses and the row loops in between. Calls with a bias
+function or a bias that needs a gradient run the tiles of ``_Plan`` from Python ("tiled" path): the GEMMs in
+PyTorch, the elementwise work in the C++ row loops (two passes forward, one backward) when they can be built
+here, else in plain PyTorch (several passes; the same math). See docs/cpu_backend.md.
+
 Masked entries hold a large finite negative sentinel, not −inf: exp sends it to 0 and every other
 product with it is multiplied by p = 0 first, so fully masked rows give zeros and zero gradients
 without NaN.
@@ -45,9 +46,9 @@ TILE_THREADS = 2
 keep the split GEMMs efficient (at N = 2048 on 2 threads, 4 MiB tiles ran ~12% faster than 2 MiB)."""
 
 FUSED_ROWS = 128
-"""Query rows per block of the fused path (calls without a bias; over the query heads of a kv head that a block
-stacks), where each thread works on blocks of its own: at N = 2048 and 8192, 128 rows ran 5–10% faster than 64
-and as fast as 256 (which wastes more causal work)."""
+"""Query rows per block of the fused path (over the query heads of a kv head that a block stacks), where each
+thread works on blocks of its own: at N = 2048 and 8192, 128 rows ran 5–10% faster than 64 and as fast as 256
+(which wastes more causal work)."""
 
 FUSED_TILE_ELEMENTS = 1 << 22
 """Most logits in a block of the fused path (16 MiB in float32); fewer rows for very long key sequences."""
@@ -251,7 +252,9 @@ class _TiledAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, call: AttentionCall, bias_fn, q, k, v, bias, ssmax, *params) -> Tensor:
         dtype = compute_dtype(q.dtype)
-        ctx.fused = cpu_native.fused(dtype) if bias is None and bias_fn is None else None
+        # The fused path takes every call but those with a bias function or a bias that needs a gradient.
+        fusable = bias_fn is None and (bias is None or not bias.requires_grad)
+        ctx.fused = cpu_native.fused(dtype) if fusable else None
         if ctx.fused is not None:
             ctx.call = call
             qc, kc, vc = (t.to(dtype).contiguous() for t in (q, k, v))
@@ -344,13 +347,14 @@ class _TiledAttention(torch.autograd.Function):
 
 
 def _fused_options(call: AttentionCall, dtype: torch.dtype) -> tuple:
-    """The arguments of the fused entries after q, k, v: mask (expanded to 4-D), ssmax, scale, eps, causal,
-    normalizer, rows per block."""
+    """The arguments of the fused entries after q, k, v: mask and bias (expanded to 4-D), ssmax, scale, eps,
+    causal, normalizer, rows per block."""
     b, hq, _, lq, lk, _ = call.shape
     mask = None if call.mask is None else _as_4d(call.mask).expand(b, hq, lq, lk)
+    bias = None if call.bias is None else _as_4d(call.bias.detach().to(dtype)).expand(b, hq, lq, lk)
     ssmax = None if call.ssmax is None else call.ssmax.detach().to(dtype).contiguous()
     rows = max(1, min(lq, FUSED_ROWS, FUSED_TILE_ELEMENTS // lk))
-    return mask, ssmax, call.scale, call.eps, call.causal, call.normalizer, rows
+    return mask, bias, ssmax, call.scale, call.eps, call.causal, call.normalizer, rows
 
 
 def _fused_backward(ctx: Any, grad_out: Tensor) -> tuple:

@@ -3,11 +3,12 @@
 //
 // Two kinds of entry. Row kernels (sa_forward_*, sa_backward_*) do the elementwise work of one tile of logits
 // (rows × keys, row-major) whose GEMMs cpu.py runs in PyTorch: two passes over each row in the forward, one in
-// the backward, OpenMP across rows; calls with a bias tensor or function take this path. Fused entries
-// (sa_fused_forward_*, sa_fused_backward_*) run a whole call without a bias in one parallel region: each thread
-// takes a work item (a head's block of query rows; a head, or a chunk of its blocks, in the backward), calls the
-// BLAS gemm that torch itself uses on its own cache-sized block, and runs the same row loops in between. This
-// is how SDPA's CPU kernel works, and it removes a Python round trip and a parallel region per tile.
+// the backward, OpenMP across rows; calls with a bias function or a bias that needs a gradient take this path.
+// Fused entries (sa_fused_forward_*, sa_fused_backward_*) run any other call whole in one parallel region: each
+// thread takes a work item (a block of query rows of the query heads of a kv head; in the backward a kv head's
+// blocks, or a chunk of them), calls the BLAS gemm that torch itself uses on its own cache-sized block, and runs
+// the same row loops in between. This is how SDPA's CPU kernel works, and it removes a Python round trip and a
+// parallel region per tile.
 // Every row is reduced in a fixed order and every item writes its own memory, so results are deterministic.
 //
 // Conventions shared with cpu.py:
@@ -199,7 +200,7 @@ void backward_tile(T* raw, T* dw, int64_t rows, int64_t keys, const int64_t* lim
   }
 }
 
-// ---- The whole call in one parallel region (no bias): GEMMs by the BLAS that torch uses. ----
+// ---- The whole call in one parallel region: GEMMs by the BLAS that torch uses. ----
 
 // Fortran BLAS ?gemm (column-major), e.g. MKL's sgemm_/dgemm_ inside libtorch_cpu; cpu_native.py finds it.
 template <typename T>
@@ -220,8 +221,9 @@ void gemm(Blas<T> blas, bool ta, bool tb, int64_t m, int64_t n, int64_t k, T alp
   blas(&opb, &opa, &ni, &mi, &ki, &alpha, b, &lb, a, &la, &beta, c, &lc);
 }
 
-// Shapes and options of a call: q (B, Hq, L, D), k (B, Hkv, S, D), v (B, Hkv, S, Dv), all contiguous; a
-// bool mask broadcastable to (B, Hq, L, S) given by element strides (0 = broadcast); ssmax (Hq) or null.
+// Shapes and options of a call: q (B, Hq, L, D), k (B, Hkv, S, D), v (B, Hkv, S, Dv), all contiguous; a bool
+// mask and an additive bias (no gradient), each broadcastable to (B, Hq, L, S) and given by element strides
+// (strides[0:4] the mask's, strides[4:8] the bias's; 0 = broadcast), or null; ssmax (Hq) or null.
 template <typename T>
 struct Call {
   int64_t b, hq, hkv, l, s, d, dv, causal;
@@ -230,7 +232,8 @@ struct Call {
   int64_t together;  // query heads of one kv head that a work item takes together (divides Hq/Hkv)
   const T *q, *k, *v;
   const uint8_t* mask;
-  const int64_t* mstride;
+  const T* bias;
+  const int64_t* strides;
   const T* ssmax;
   T scale, eps;
   Blas<T> blas;
@@ -269,14 +272,20 @@ const T* block_logits(const Call<T>& c, int64_t bi, int64_t h0, int64_t heads, i
       const int64_t e = i + c.offset() + 1;
       lim = e < 0 ? 0 : (e > keys ? keys : e);
     }
+    T* x = z + row * keys;
+    if (c.bias != nullptr) {  // z = scale·(raw + bias/scale); −inf stays −inf, which the row loops read as masked
+      const T* brow = c.bias + bi * c.strides[4] + h * c.strides[5] + i * c.strides[6];
+      const int64_t bs = c.strides[7];
+      const T inv_scale = T(1) / c.scale;
+      for (int64_t j = 0; j < lim; ++j) x[j] += brow[j * bs] * inv_scale;
+    }
     int64_t allowed = lim;
-    if (c.mask != nullptr) {
-      const uint8_t* mrow = c.mask + bi * c.mstride[0] + h * c.mstride[1] + i * c.mstride[2];
-      const int64_t ms = c.mstride[3];
-      T* x = z + row * keys;
+    if (c.mask != nullptr || c.bias != nullptr) {  // set masked entries to the sentinel; count the allowed ones
+      const uint8_t* mrow = c.mask + bi * c.strides[0] + h * c.strides[1] + i * c.strides[2];
+      const int64_t ms = c.strides[3];
       allowed = 0;
       for (int64_t j = 0; j < lim; ++j) {
-        const bool ok = mrow[j * ms] != 0;
+        const bool ok = (c.mask == nullptr || mrow[j * ms] != 0) && x[j] > masked_threshold<T>();
         allowed += ok;
         x[j] = ok ? x[j] : sentinel<T>();
       }
@@ -412,10 +421,10 @@ void by_mode(int mode, F&& f) {
 }
 
 template <typename T>
-Call<T> make_call(const int64_t* dims, const T* q, const T* k, const T* v, const uint8_t* mask,
-                  const int64_t* mstride, const T* ssmax, T scale, T eps, void* blas, int threads) {
+Call<T> make_call(const int64_t* dims, const T* q, const T* k, const T* v, const uint8_t* mask, const T* bias,
+                  const int64_t* strides, const T* ssmax, T scale, T eps, void* blas, int threads) {
   return Call<T>{dims[0], dims[1], dims[2], dims[3], dims[4], dims[5], dims[6], dims[7], dims[8], dims[9], dims[10],
-                 q, k, v, mask, mstride, ssmax, scale, eps, reinterpret_cast<Blas<T>>(blas), threads};
+                 q, k, v, mask, bias, strides, ssmax, scale, eps, reinterpret_cast<Blas<T>>(blas), threads};
 }
 
 }  // namespace
@@ -439,17 +448,19 @@ Call<T> make_call(const int64_t* dims, const T* q, const T* k, const T* v, const
     });                                                                                                        \
   }                                                                                                            \
   void sa_fused_forward_##S(const int64_t* dims, const T* q, const T* k, const T* v, const uint8_t* mask,    \
-                            const int64_t* mstride, const T* ssmax, T scale, T eps, int mode, void* blas,     \
+                            const T* bias, const int64_t* strides, const T* ssmax, T scale, T eps, int mode,  \
+                            void* blas,                                                                        \
                             int threads, T* out, T* lse, T* low, T* inv, int64_t* amin, int64_t* amax) {       \
-    const Call<T> c = make_call<T>(dims, q, k, v, mask, mstride, ssmax, scale, eps, blas, threads);           \
+    const Call<T> c = make_call<T>(dims, q, k, v, mask, bias, strides, ssmax, scale, eps, blas, threads);     \
     const RowStats<T> st{lse, low, inv, amin, amax};                                                           \
     by_mode(mode, [&](auto m) { fused_forward<T, decltype(m)::value>(c, out, st); });                          \
   }                                                                                                            \
   void sa_fused_backward_##S(const int64_t* dims, const T* q, const T* k, const T* v, const uint8_t* mask,   \
-                             const int64_t* mstride, const T* ssmax, T scale, T eps, int mode, void* blas,    \
+                             const T* bias, const int64_t* strides, const T* ssmax, T scale, T eps, int mode, \
+                             void* blas,                                                                       \
                              int threads, const T* dout, const T* delta, T* lse, T* low, T* inv,              \
                              int64_t* amin, int64_t* amax, T* dq, T* dk, T* dv, T* ds) {                       \
-    const Call<T> c = make_call<T>(dims, q, k, v, mask, mstride, ssmax, scale, eps, blas, threads);           \
+    const Call<T> c = make_call<T>(dims, q, k, v, mask, bias, strides, ssmax, scale, eps, blas, threads);     \
     const RowStats<T> st{lse, low, inv, amin, amax};                                                           \
     by_mode(mode, [&](auto m) { fused_backward<T, decltype(m)::value>(c, dout, delta, st, dq, dk, dv, ds); }); \
   }

@@ -2,8 +2,9 @@
 
 Built once per machine with ``torch.utils.cpp_extension.load`` (cached under ``TORCH_EXTENSIONS_DIR``)
 as a plain shared library with a C ABI, called through ctypes. Two kinds of entry: row kernels over one
-tile of logits (``forward``, ``backward``; the GEMMs stay in PyTorch), and whole calls without a bias in one
-parallel region (``fused_forward``, ``fused_backward``), which call the BLAS gemm that torch itself uses.
+tile of logits (``forward``, ``backward``; the GEMMs stay in PyTorch), and whole calls without a bias function
+or a bias that needs a gradient in one parallel region (``fused_forward``, ``fused_backward``), which call the
+BLAS gemm that torch itself uses.
 ``kernels()`` returns None when there is no compiler or the build fails, and ``fused()`` also when torch's
 BLAS cannot be found; the cpu backend then falls back to its tiled or plain-PyTorch path. The environment
 variable ``SASOFTMAX_CPU_KERNELS`` chooses: ``1`` (default) all of them, ``tiles`` no whole calls, ``0``
@@ -153,29 +154,31 @@ def backward(
 
 
 def _call_args(
-    q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, ssmax: Tensor | None, scale: float, eps: float,
-    causal: bool, normalizer: str, rows: int, gemm: int, chunks: int = 1, together: int = 1,
+    q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, bias: Tensor | None, ssmax: Tensor | None, scale: float,
+    eps: float, causal: bool, normalizer: str, rows: int, gemm: int, chunks: int = 1, together: int = 1,
 ) -> tuple:  # fmt: skip
-    """The leading arguments of the fused entries: shapes, inputs, mask and its strides, options."""
+    """The leading arguments of the fused entries: shapes, inputs, mask, bias and their strides, options."""
     b, hq, lq, d = q.shape
     _, hkv, lk, dv = v.shape
     dims = torch.tensor([b, hq, hkv, lq, lk, d, dv, int(causal), rows, chunks, together], dtype=torch.long)
-    strides = torch.tensor(mask.stride() if mask is not None else (0, 0, 0, 0), dtype=torch.long)
+    strides = torch.tensor([s for t in (mask, bias) for s in (t.stride() if t is not None else (0,) * 4)])
     ctype = _TYPES[q.dtype][1]
     keep = (dims, strides)  # referenced by the caller until the call returns
-    args = (_ptr(dims), _ptr(q), _ptr(k), _ptr(v), _ptr(mask), _ptr(strides), _ptr(ssmax), ctype(scale), ctype(eps),
+    args = (_ptr(dims), _ptr(q), _ptr(k), _ptr(v), _ptr(mask), _ptr(bias), _ptr(strides), _ptr(ssmax), ctype(scale),
+            ctype(eps),
             ctypes.c_int(_MODES[normalizer]), ctypes.c_void_p(gemm), ctypes.c_int(torch.get_num_threads()))  # fmt: skip
     return keep, args
 
 
 def fused_forward(
-    fused_lib: tuple[ctypes.CDLL, int], q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, ssmax: Tensor | None,
-    scale: float, eps: float, causal: bool, normalizer: str, rows: int,
+    fused_lib: tuple[ctypes.CDLL, int], q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, bias: Tensor | None,
+    ssmax: Tensor | None, scale: float, eps: float, causal: bool, normalizer: str, rows: int,
 ) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
-    """A whole forward in one parallel region, GEMMs included (no bias).
+    """A whole forward in one parallel region, GEMMs included.
 
-    q (B, Hq, L, D), k (B, Hkv, S, D), v (B, Hkv, S, Dv): contiguous, float32 or float64; ``mask`` bool,
-    expanded to (B, Hq, L, S) (any strides); ``ssmax`` (Hq,) contiguous or None; ``rows`` query rows per block,
+    q (B, Hq, L, D), k (B, Hkv, S, D), v (B, Hkv, S, Dv): contiguous, float32 or float64; ``mask`` bool and
+    ``bias`` (additive, in q's dtype, no gradient) expanded to (B, Hq, L, S) (any strides), or None; ``ssmax``
+    (Hq,) contiguous or None; ``rows`` query rows per block,
     over the query heads of a kv head that a block stacks. Returns out (B, Hq, L, Dv), stats (3, B, Hq, L) =
     (lse, m, c) and arg (2, B, Hq, L) = (argmin, argmax).
     """
@@ -192,7 +195,9 @@ def fused_forward(
     out = torch.zeros(b, hq, lq, v.shape[-1], dtype=q.dtype)
     stats = torch.zeros(3, b, hq, lq, dtype=q.dtype)
     arg = torch.full((2, b, hq, lq), -1, dtype=torch.long)
-    _keep, args = _call_args(q, k, v, mask, ssmax, scale, eps, causal, normalizer, per_head, gemm, together=together)
+    _keep, args = _call_args(
+        q, k, v, mask, bias, ssmax, scale, eps, causal, normalizer, per_head, gemm, together=together
+    )
     getattr(lib, f"sa_fused_forward_{_TYPES[q.dtype][0]}")(
         *args, _ptr(out), _ptr(stats[0]), _ptr(stats[1]), _ptr(stats[2]), _ptr(arg[0]), _ptr(arg[1])
     )
@@ -200,9 +205,9 @@ def fused_forward(
 
 
 def fused_backward(
-    fused_lib: tuple[ctypes.CDLL, int], q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, ssmax: Tensor | None,
-    scale: float, eps: float, causal: bool, normalizer: str, rows: int, grad_out: Tensor, delta: Tensor,
-    stats: Tensor, arg: Tensor, want_ds: bool,
+    fused_lib: tuple[ctypes.CDLL, int], q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, bias: Tensor | None,
+    ssmax: Tensor | None, scale: float, eps: float, causal: bool, normalizer: str, rows: int, grad_out: Tensor,
+    delta: Tensor, stats: Tensor, arg: Tensor, want_ds: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:  # fmt: skip
     """The backward of :func:`fused_forward` in one parallel region (DESIGN §2).
 
@@ -220,7 +225,9 @@ def fused_backward(
     dk = torch.empty(b, hkv, chunks, lk, k.shape[-1], dtype=q.dtype)  # partial sums of each chunk
     dv = torch.empty(b, hkv, chunks, lk, v.shape[-1], dtype=q.dtype)
     ds = torch.empty(b, hq, chunks, dtype=q.dtype) if want_ds else None
-    _keep, args = _call_args(q, k, v, mask, ssmax, scale, eps, causal, normalizer, per_head, gemm, chunks, hq // hkv)
+    _keep, args = _call_args(
+        q, k, v, mask, bias, ssmax, scale, eps, causal, normalizer, per_head, gemm, chunks, hq // hkv
+    )
     getattr(lib, f"sa_fused_backward_{_TYPES[q.dtype][0]}")(
         *args, _ptr(grad_out), _ptr(delta), _ptr(stats[0]), _ptr(stats[1]), _ptr(stats[2]), _ptr(arg[0]),
         _ptr(arg[1]), _ptr(dq), _ptr(dk), _ptr(dv), _ptr(ds),
