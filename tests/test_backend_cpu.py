@@ -23,8 +23,8 @@ NORMALIZERS = ("softmax", "sa", "sa_norm")
 
 @pytest.fixture(params=["fused", "tiled", "plain"])
 def path(request, monkeypatch):
-    """Run a test on each path: whole calls in C++ (calls without a bias), Python tiles with the C++ row
-    kernels (what calls with a bias take), and plain PyTorch."""
+    """Run a test on each path: whole calls in C++ (all but bias functions and biases that need a gradient;
+    see :func:`for_path`), Python tiles with the C++ row kernels (what those take), and plain PyTorch."""
     monkeypatch.setenv("SASOFTMAX_CPU_KERNELS", {"fused": "1", "tiled": "tiles", "plain": "0"}[request.param])
     return request.param
 

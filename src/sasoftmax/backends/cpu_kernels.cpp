@@ -246,7 +246,9 @@ struct Call {
     const int64_t n = r1 - 1 + offset() + 1;
     return n < 0 ? 0 : (n > s ? s : n);
   }
-  const T* qrow(int64_t bi, int64_t h, int64_t r) const { return q + ((bi * hq + h) * l + r) * d; }
+  // Row r of query head h: its slot in the per-row arrays; its q row.
+  int64_t slot(int64_t bi, int64_t h, int64_t r) const { return (bi * hq + h) * l + r; }
+  const T* qrow(int64_t bi, int64_t h, int64_t r) const { return q + slot(bi, h, r) * d; }
   const T* khead(int64_t bi, int64_t h) const { return k + (bi * hkv + h / (hq / hkv)) * s * d; }
   const T* vhead(int64_t bi, int64_t h) const { return v + (bi * hkv + h / (hq / hkv)) * s * dv; }
 };
@@ -318,13 +320,13 @@ void fused_forward(const Call<T>& c, T* out, RowStats<T> st) {
       block_logits(c, bi, h0, g, r0, r1, keys, qbuf.data(), z.data(), limit.data(), t.data(), log_n.data());
       T* fac = log_n.data();  // reused: log n is not needed any more
       for (int64_t row = 0; row < g * n; ++row) {
-        const int64_t slot = (bi * c.hq + h0 + row / n) * c.l + r0 + row % n;
-        fac[row] = forward_row<T, mode>(z.data() + row * keys, keys, limit[row], t[row] * c.scale, c.eps, st, slot);
+        const int64_t at = c.slot(bi, h0 + row / n, r0 + row % n);
+        fac[row] = forward_row<T, mode>(z.data() + row * keys, keys, limit[row], t[row] * c.scale, c.eps, st, at);
       }
       gemm<T>(c.blas, false, false, g * n, c.dv, keys, T(1), z.data(), keys, c.vhead(bi, h0), c.dv, T(0),
               obuf.data(), c.dv);
       for (int64_t row = 0; row < g * n; ++row) {
-        T* o = out + ((bi * c.hq + h0 + row / n) * c.l + r0 + row % n) * c.dv;
+        T* o = out + c.slot(bi, h0 + row / n, r0 + row % n) * c.dv;
         for (int64_t j = 0; j < c.dv; ++j) o[j] = obuf[row * c.dv + j] * fac[row];
       }
     }
@@ -376,7 +378,7 @@ void fused_backward(const Call<T>& c, const T* dout, const T* delta, RowStats<T>
         if (keys == 0) continue;  // dq stays 0
         const T* qs = block_logits(c, bi, h0, g, r0, r1, keys, qbuf.data(), z.data(), limit.data(), t.data(),
                                    log_n.data());
-        auto slot = [&](int64_t row) { return (bi * c.hq + h0 + row / n) * c.l + r0 + row % n; };
+        auto slot = [&](int64_t row) { return c.slot(bi, h0 + row / n, r0 + row % n); };
         // dO' = c·dO for sa_norm: dW' = c·dW, and wᵀdO = ((x − m)p)ᵀ dO'
         for (int64_t row = 0; row < g * n; ++row) {
           const int64_t at = slot(row);

@@ -165,8 +165,8 @@ def _call_args(
     ctype = _TYPES[q.dtype][1]
     keep = (dims, strides)  # referenced by the caller until the call returns
     args = (_ptr(dims), _ptr(q), _ptr(k), _ptr(v), _ptr(mask), _ptr(bias), _ptr(strides), _ptr(ssmax), ctype(scale),
-            ctype(eps),
-            ctypes.c_int(_MODES[normalizer]), ctypes.c_void_p(gemm), ctypes.c_int(torch.get_num_threads()))  # fmt: skip
+            ctype(eps), ctypes.c_int(_MODES[normalizer]), ctypes.c_void_p(gemm),
+            ctypes.c_int(torch.get_num_threads()))  # fmt: skip
     return keep, args
 
 
@@ -178,9 +178,9 @@ def fused_forward(
 
     q (B, Hq, L, D), k (B, Hkv, S, D), v (B, Hkv, S, Dv): contiguous, float32 or float64; ``mask`` bool and
     ``bias`` (additive, in q's dtype, no gradient) expanded to (B, Hq, L, S) (any strides), or None; ``ssmax``
-    (Hq,) contiguous or None; ``rows`` query rows per block,
-    over the query heads of a kv head that a block stacks. Returns out (B, Hq, L, Dv), stats (3, B, Hq, L) =
-    (lse, m, c) and arg (2, B, Hq, L) = (argmin, argmax).
+    (Hq,) contiguous or None; ``rows`` query rows per block, over the query heads of a kv head that a block
+    stacks. Returns out (B, Hq, L, Dv), stats (3, B, Hq, L) = (lse, m, c) and arg (2, B, Hq, L) =
+    (argmin, argmax).
     """
     lib, gemm = fused_lib
     b, hq, lq, _ = q.shape
