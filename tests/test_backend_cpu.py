@@ -156,13 +156,30 @@ def test_fused_blocks_chunks_and_threads(monkeypatch, normalizer, causal):
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        for shape in [(1, 1, 1, 37, 37), (2, 4, 2, 29, 33), (1, 4, 1, 37, 37), (1, 2, 1, 1, 29), (1, 1, 1, 33, 29)]:
+        for shape in [(1, 1, 1, 37, 37), (2, 4, 2, 29, 33), (1, 8, 1, 37, 37), (1, 2, 1, 1, 29), (1, 1, 1, 33, 29)]:
             args = for_path("fused", inputs(*shape, mask="full", bias="full", ssmax=True, seed=shape[3]))
             kw = dict(normalizer=normalizer, causal=causal)
             assert_close(run("cpu", *args, **kw), run("eager", *args, **kw), atol=1e-10)
     finally:
         torch.set_num_threads(threads)
     assert len(calls) == 5
+
+
+def test_fused_decoding_stacks_the_query_heads_of_a_kv_head(monkeypatch):
+    """A decoding step (one query row) reads k and v once per kv head: forward and backward blocks stack the
+    query heads of a kv head."""
+    together = []
+    call_args = cpu_native._call_args
+
+    def spy(*args, **kw):
+        together.append(kw.get("together", args[13] if len(args) > 13 else 1))
+        return call_args(*args, **kw)
+
+    monkeypatch.setattr(cpu_native, "_call_args", spy)
+    q, k, v, m, _, s, grad = inputs(1, 8, 2, 1, 37, mask="full", ssmax=True)
+    kw = dict(normalizer="sa_norm", causal=True)
+    assert_close(run("cpu", q, k, v, m, None, s, grad, **kw), run("eager", q, k, v, m, None, s, grad, **kw), atol=1e-10)
+    assert together == [4, 4]  # forward, backward
 
 
 def _spy(fn, calls):

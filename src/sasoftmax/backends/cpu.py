@@ -353,7 +353,7 @@ def _fused_options(call: AttentionCall, dtype: torch.dtype) -> tuple:
     mask = None if call.mask is None else _as_4d(call.mask).expand(b, hq, lq, lk)
     bias = None if call.bias is None else _as_4d(call.bias.detach().to(dtype)).expand(b, hq, lq, lk)
     ssmax = None if call.ssmax is None else call.ssmax.detach().to(dtype).contiguous()
-    rows = max(1, min(lq, FUSED_ROWS, FUSED_TILE_ELEMENTS // lk))
+    rows = max(1, min(FUSED_ROWS, FUSED_TILE_ELEMENTS // lk))  # over stacked heads: not capped by L
     return mask, bias, ssmax, call.scale, call.eps, call.causal, call.normalizer, rows
 
 

@@ -170,6 +170,11 @@ def _call_args(
     return keep, args
 
 
+def _divisors(n: int, at_most: int) -> list[int]:
+    """The divisors of ``n`` up to ``at_most`` (at least 1), largest first."""
+    return [g for g in range(min(n, max(1, at_most)), 0, -1) if n % g == 0]
+
+
 def fused_forward(
     fused_lib: tuple[ctypes.CDLL, int], q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, bias: Tensor | None,
     ssmax: Tensor | None, scale: float, eps: float, causal: bool, normalizer: str, rows: int,
@@ -187,9 +192,9 @@ def fused_forward(
     # A block stacks as many query heads of a kv head as keeps a work item per thread: they share one pass over
     # k and v, which decoding (few rows) is bound by.
     together, per_head = 1, max(1, min(lq, rows))
-    for g in range(hq // k.shape[1], 1, -1):
+    for g in _divisors(hq // k.shape[1], at_most=rows):
         g_rows = max(1, min(lq, rows // g))
-        if (hq // k.shape[1]) % g == 0 and b * (hq // g) * -(-lq // g_rows) >= torch.get_num_threads():
+        if b * (hq // g) * -(-lq // g_rows) >= torch.get_num_threads():
             together, per_head = g, g_rows
             break
     out = torch.zeros(b, hq, lq, v.shape[-1], dtype=q.dtype)
@@ -218,19 +223,25 @@ def fused_backward(
     lib, gemm = fused_lib
     b, hq, lq, _ = q.shape
     hkv, lk, threads = k.shape[1], k.shape[2], torch.get_num_threads()
-    # Work items are (kv head, chunk of its query blocks); more than one chunk only to keep every thread busy.
-    per_head = max(1, min(lq, rows // (hq // hkv)))
-    chunks = min(-(-threads // (b * hkv)), -(-lq // per_head))
+    # Work items are (query heads of a kv head, as many as fit a block; chunk of their query blocks); more
+    # than one chunk only to keep every thread busy.
+    together = _divisors(hq // hkv, at_most=rows)[0]
+    per_head = max(1, min(lq, rows // together))
+    groups = hq // together
+    chunks = min(-(-threads // (b * groups)), -(-lq // per_head))
     dq = torch.zeros_like(q)
-    dk = torch.empty(b, hkv, chunks, lk, k.shape[-1], dtype=q.dtype)  # partial sums of each chunk
-    dv = torch.empty(b, hkv, chunks, lk, v.shape[-1], dtype=q.dtype)
+    dk = torch.empty(b, groups, chunks, lk, k.shape[-1], dtype=q.dtype)  # partial sums of each item
+    dv = torch.empty(b, groups, chunks, lk, v.shape[-1], dtype=q.dtype)
     ds = torch.empty(b, hq, chunks, dtype=q.dtype) if want_ds else None
     _keep, args = _call_args(
-        q, k, v, mask, bias, ssmax, scale, eps, causal, normalizer, per_head, gemm, chunks, hq // hkv
+        q, k, v, mask, bias, ssmax, scale, eps, causal, normalizer, per_head, gemm, chunks, together
     )
     getattr(lib, f"sa_fused_backward_{_TYPES[q.dtype][0]}")(
         *args, _ptr(grad_out), _ptr(delta), _ptr(stats[0]), _ptr(stats[1]), _ptr(stats[2]), _ptr(arg[0]),
         _ptr(arg[1]), _ptr(dq), _ptr(dk), _ptr(dv), _ptr(ds),
     )  # fmt: skip
-    dk, dv = (t.sum(2) if chunks > 1 else t.squeeze(2) for t in (dk, dv))  # chunks summed in a fixed order
+    if groups != hkv or chunks > 1:  # sum the partials of a kv head in a fixed order
+        dk, dv = (t.view(b, hkv, -1, lk, t.shape[-1]).sum(2) for t in (dk, dv))
+    else:
+        dk, dv = dk.squeeze(2), dv.squeeze(2)
     return dq, dk, dv, None if ds is None else ds.sum((0, 2))
