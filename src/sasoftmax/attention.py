@@ -11,6 +11,7 @@ from torch import Tensor
 from . import backends
 from .backends import BACKENDS, AttentionCall, BiasFunction
 from .backends.call import broadcasts_to
+from .backends.relative_bias import RelativeBias
 from .checks import check_choice
 from .normalizers import check_eps, check_normalizer
 
@@ -40,8 +41,10 @@ def attention(
         normalizer: "softmax", "sa" (x·softmax(x)) or "sa_norm" (min-max normalised SA-Softmax).
         causal: query i may attend keys j <= i + S − L (aligned lower-right, as in FlashAttention).
         mask: bool, broadcastable to (B, Hq, L, S), True = attend.
-        bias: additive float tensor broadcastable to (B, Hq, L, S) (−inf = masked), or a bias function
-            ``bias(q_pos, k_pos)`` evaluated per tile (see :data:`sasoftmax.backends.BiasFunction`).
+        bias: additive float tensor broadcastable to (B, Hq, L, S) (−inf = masked), a
+            :class:`sasoftmax.RelativeBias` (ALiBi, Kerple: evaluated and differentiated inside fused
+            kernels), or a bias function ``bias(q_pos, k_pos)`` evaluated per tile (see
+            :data:`sasoftmax.backends.BiasFunction`).
         scale: logit scale, default 1/√D.
         ssmax: Scalable-Softmax s: None (off), a float > 0 for every head, or a (Hq,) tensor (learnable).
             Logits become x = s_h · ln(n_i) · z with n_i the number of keys row i may attend.
@@ -111,6 +114,11 @@ def make_call(q, k, v, normalizer, causal, mask, bias, scale, ssmax, eps, dropou
             if not bias.is_floating_point():
                 raise TypeError(f"bias must be a floating tensor (additive; use mask= for bool); got {bias.dtype}")
             check_broadcast("bias", bias, full, q.device)
+        elif isinstance(bias, RelativeBias):
+            if bias.heads != hq:
+                raise ValueError(f"bias (RelativeBias) must have one value per query head ({hq}); got {bias.heads}")
+            if bias.r1.device != q.device:
+                raise ValueError(f"bias (RelativeBias) must be on q's device {q.device}; got {bias.r1.device}")
         elif not callable(bias):
             raise TypeError(f"bias must be a float tensor or a function (q_pos, k_pos); got {type(bias).__name__}")
     if scale is None:
