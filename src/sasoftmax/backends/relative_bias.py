@@ -34,7 +34,7 @@ RELATIVE_BIAS_KINDS: tuple[str, ...] = ("alibi", "kerple_log", "kerple_power")
 class RelativeBias:
     """A bias f_h(|i − j|) of one of :data:`RELATIVE_BIAS_KINDS`; ``r1``/``r2`` are (Hq,) float tensors.
 
-    Calling it as ``bias(q_pos, k_pos)`` returns the (1, Hq, Lt, St) float32 bias of those positions (the
+    Calling it as ``bias(q_pos, k_pos)`` returns the (1, Hq, Lt, St) bias of those positions (the
     :data:`sasoftmax.backends.BiasFunction` contract), differentiable in ``r1`` and ``r2``.
     """
 
@@ -87,12 +87,14 @@ class RelativeBias:
         return (self.r1,) if self.r2 is None else (self.r1, self.r2)
 
     def __call__(self, q_pos: Tensor, k_pos: Tensor) -> Tensor:
-        """(1, Hq, Lt, St) float32: the bias at query positions ``q_pos`` and key positions ``k_pos``."""
-        distance = (q_pos[:, None] - k_pos[None, :]).abs().to(torch.float32)
-        r1 = self.r1.float()[None, :, None, None]
+        """(1, Hq, Lt, St): the bias at query positions ``q_pos`` and key positions ``k_pos``, in float32
+        (float64 when the parameters are float64, so that gradcheck can hold it)."""
+        dtype = torch.promote_types(self.r1.dtype, torch.float32)
+        distance = (q_pos[:, None] - k_pos[None, :]).abs().to(dtype)
+        r1 = self.r1.to(dtype)[None, :, None, None]
         if self.kind == "alibi":
             return -r1 * distance
-        r2 = self.r2.float()[None, :, None, None]
+        r2 = self.r2.to(dtype)[None, :, None, None]
         if self.kind == "kerple_log":
             return -r1 * torch.log1p(r2 * distance)
         # d^r2 with 0^r2 = 0 for r2 > 0; written as exp(r2·ln d) so that its r2-gradient at d = 0 is 0, not NaN.
