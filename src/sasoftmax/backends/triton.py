@@ -1,26 +1,30 @@
 """Triton backend: fused FlashAttention-style forward and backward for softmax, sa and sa_norm.
 
-O(N) memory: no (L, S) tensor is ever materialised. The forward streams key blocks with the two
-accumulators of DESIGN §3 and saves per-row statistics (logsumexp, clamped min m and max M, 1/(M − m + ε),
-argmin, argmax, B/ℓ); the backward recomputes the weights tile by tile with the closed-form gradient of
-DESIGN §2 and adds sa_norm's min/max terms (one per row each) in an O(N·D) torch step.
+O(N) memory: no (L, S) tensor is ever materialised for the computation itself. The kernels
+(``triton_kernels``) evaluate logits tile by tile — SSMax's factor t_i = s_h·ln(n_i) applied to the float32
+logits, biases added inside — and save a few numbers per row for the backward (logsumexp; for sa_norm
+also m, 1/(M − m + ε) and the keys where the min/max gradient terms land).
 
 Serves CUDA tensors of dtype float16, bfloat16 or float32, head dims 16..256, any lengths (Lq != Lk,
-causal aligned lower-right), bool masks and additive bias tensors that need no gradient (both read
-tile by tile through stride-0 broadcasting, never expanded in memory), grouped-query attention and
-SSMax (a rescaling of q, without bias). It does not serve bias functions, bias tensors that require
-grad, SSMax with a bias, dropout or float64: ``unsupported`` names the reason, so ``backend="auto"``
-falls back.
-With ``TRITON_INTERPRET=1`` set before triton is first imported the same kernels run on CPU tensors
-in Triton's interpreter (slow; used by the tests).
+causal aligned lower-right), bool masks and bias tensors (read through stride-0 broadcasting; a bias
+tensor that requires grad gets its gradient), :class:`~sasoftmax.RelativeBias` (ALiBi, Kerple: evaluated
+in the kernels, parameter gradients reduced per head there), any other bias function (evaluated one
+block of query rows at a time and handed to the kernels as that block's bias: O(block·S) memory; its
+``nn.Module`` parameters get gradients), grouped-query attention and SSMax. It does not serve dropout
+or float64: ``unsupported`` names the reason, so ``backend="auto"`` falls back.
+With ``TRITON_INTERPRET=1`` set before triton is first imported the same kernels run on CPU tensors in
+Triton's interpreter (slow; used by the tests; float16/float32 only, its bfloat16 arithmetic is wrong).
 
 Importing this module raises ImportError when triton is not installed.
 """
 
 from __future__ import annotations
 
+import os
+from dataclasses import dataclass
+
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 try:
@@ -30,13 +34,16 @@ except ImportError as err:  # reported by sasoftmax.backends.unavailable("triton
 
 from ..normalizers import NORMALIZERS
 from . import triton_kernels as kernels
-from .call import AttentionCall, query_positions
+from .call import AttentionCall, evaluate_bias_function, query_positions
+from .relative_bias import RELATIVE_BIAS_KINDS, RelativeBias
 
 # The kernels above were decorated with the interpreter iff TRITON_INTERPRET was on at import time.
 INTERPRET: bool = bool(triton.knobs.runtime.interpret)
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 HEAD_DIMS = (16, 256)
+BIAS_FUNCTION_BUDGET = 256 * 2**20
+"""Bytes a block of query rows may take when a bias function is evaluated for it (see ``_chunk_rows``)."""
 
 
 def unsupported(call: AttentionCall) -> str | None:
@@ -49,14 +56,8 @@ def unsupported(call: AttentionCall) -> str | None:
         )
     if q.dtype not in DTYPES:
         return f"dtype {q.dtype} is not supported (float16, bfloat16 or float32)"
-    if call.bias is not None:
-        fallback = "(use backend='eager' or 'cpu')"
-        if not isinstance(call.bias, Tensor):
-            return f"bias functions are not supported {fallback}"
-        if call.bias.requires_grad and torch.is_grad_enabled():
-            return f"a bias tensor that requires grad is not supported {fallback}"
-        if call.ssmax is not None:
-            return f"SSMax together with an additive bias is not supported {fallback}"
+    if INTERPRET and not q.is_cuda and q.dtype == torch.bfloat16:
+        return "bfloat16 is not supported by Triton's interpreter (its bfloat16 arithmetic is wrong)"
     if call.dropout_p > 0:
         return "dropout is not supported (use backend='eager')"
     lo, hi = HEAD_DIMS
@@ -69,36 +70,59 @@ def unsupported(call: AttentionCall) -> str | None:
 
 
 def attention(call: AttentionCall) -> Tensor:
-    """Output (B, Hq, L, Dv) in the input dtype; differentiable in q, k, v (and SSMax's s)."""
-    q = call.q
-    if call.ssmax is not None:
-        # SSMax without bias is a per-row rescaling of q; autograd carries ds_h and dq through it. q stays
-        # float32: the gradient wrt t·q may exceed float16's range where t = 0 (rows with one key).
-        q = q.float() * ssmax_factor(call)
+    """Output (B, Hq, L, Dv) in the input dtype; differentiable in q, k, v, SSMax's s and the bias."""
     b, hq, _, lq, lk, _ = call.shape
-    # Stride-0 views of the full (B, Hq, L, S) shape: nothing is copied.
+    options = _Options(
+        norm=NORMALIZERS.index(call.normalizer), causal=call.causal, scale=call.scale, eps=call.eps, pos0=lk - lq
+    )
     mask = None if call.mask is None else call.mask.expand(b, hq, lq, lk).view(torch.uint8)
-    bias = None if call.bias is None else call.bias.detach().expand(b, hq, lq, lk)
-    return _FusedAttention.apply(q, call.k, call.v, mask, bias, call.normalizer, call.causal, call.scale, call.eps)
+    bias = call.bias
+    if bias is not None and not isinstance(bias, (Tensor, RelativeBias)):
+        params = tuple(p for p in bias.parameters() if p.requires_grad) if isinstance(bias, nn.Module) else ()
+        return _BiasFunctionAttention.apply(call.q, call.k, call.v, call.ssmax, bias, mask, options, *params)
+    t = None if call.ssmax is None else ssmax_factor(call)
+    if isinstance(bias, RelativeBias):
+        r2 = bias.r2 if bias.r2 is not None else bias.r1
+        kind = 2 + RELATIVE_BIAS_KINDS.index(bias.kind)
+        return _FusedAttention.apply(call.q, call.k, call.v, t, mask, None, kind, bias.r1, r2, options)
+    return _FusedAttention.apply(call.q, call.k, call.v, t, mask, bias, 0 if bias is None else 1, None, None, options)
 
 
 def ssmax_factor(call: AttentionCall) -> Tensor:
-    """t_i = s_h · ln(n_i), float32, broadcastable to (B, Hq, L, 1); n_i = keys row i may attend (>= 1)."""
-    log_n = torch.log(allowed_counts(call).clamp_min(1).float()).unsqueeze(-1)
-    return call.ssmax.float().view(1, -1, 1, 1) * log_n
+    """t_i = s_h · ln(n_i), float32 (B, Hq, L); n_i = keys row i may attend (>= 1)."""
+    b, hq, _, lq, _, _ = call.shape
+    log_n = torch.log(allowed_counts(call).clamp_min(1).float())
+    return (call.ssmax.float().view(1, -1, 1) * log_n.reshape((1,) * (3 - log_n.dim()) + log_n.shape)).expand(b, hq, lq)
 
 
-def allowed_counts(call: AttentionCall) -> Tensor:
-    """n_i, the number of keys each row may attend (mask ∧ causal), broadcastable to (B, Hq, L).
+def allowed_counts(call: AttentionCall, bias: Tensor | None = None, rows: slice | None = None) -> Tensor:
+    """n_i, the number of keys each row may attend (mask ∧ causal ∧ bias != −inf), broadcastable to (B, Hq, L).
 
-    Needs no memory beyond the mask's own: a mask without a query axis is counted by a cumulative sum.
+    ``bias`` (a tensor, or a bias function's values for ``rows``) defaults to the call's bias tensor; ``rows``
+    restricts the count to a block of query rows. Needs no memory beyond the mask's and the bias's own when
+    there is no bias tensor: a mask without a query axis is counted by a prefix sum.
     """
     _, _, _, lq, lk, _ = call.shape
     device = call.q.device
     last = query_positions(lq, lk, device)  # causal: row i sees keys 0..last_i
-    if call.mask is None:
-        return (last + 1).clamp(0, lk) if call.causal else torch.full((lq,), lk, device=device)
-    mask = call.mask.reshape((1,) * (4 - call.mask.dim()) + tuple(call.mask.shape))
+    mask = call.mask
+    if mask is not None:
+        mask = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))
+    if bias is None and isinstance(call.bias, Tensor):
+        bias = call.bias
+    if rows is not None:
+        last = last[rows]
+        if mask is not None and mask.shape[-2] != 1:
+            mask = mask[..., rows, :]
+    if bias is not None:
+        allowed = ~torch.isneginf(bias.reshape((1,) * (4 - bias.dim()) + tuple(bias.shape)))
+        if mask is not None:
+            allowed = allowed & mask
+        if call.causal:
+            allowed = allowed & (torch.arange(lk, device=device)[None, :] <= last[:, None])
+        return allowed.sum(-1)
+    if mask is None:
+        return (last + 1).clamp(0, lk) if call.causal else torch.full(last.shape, lk, device=device)
     if not call.causal:
         return mask.sum(-1)
     if mask.shape[-2] == 1:
@@ -109,17 +133,51 @@ def allowed_counts(call: AttentionCall) -> Tensor:
     return (mask & seen).sum(-1)
 
 
-def _launch_config(d: int, dv: int) -> dict[str, int]:
-    """Tile sizes. Small tiles in the interpreter (many partial blocks, fast enough); on a GPU smaller
-    key tiles for large head dims to stay within registers and shared memory (not tuned on hardware)."""
+@dataclass(frozen=True)
+class _Options:
+    """The call's constants: NORM index, causal, scale, ε, and POS0, the key position of query row 0."""
+
+    norm: int
+    causal: bool
+    scale: float
+    eps: float
+    pos0: int
+
+
+@dataclass(frozen=True)
+class _Config:
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+    def launch(self) -> dict[str, int]:
+        return {"BLOCK_M": self.block_m, "BLOCK_N": self.block_n, "num_warps": self.num_warps,
+                "num_stages": self.num_stages}  # fmt: skip
+
+
+def _configs(d: int, dv: int, dtype: torch.dtype) -> dict[str, _Config]:
+    """Tiles per kernel. 16×16 in the interpreter (many partial blocks, fast enough). On a GPU, tiles for
+    Hopper after Triton's fused-attention tutorial and FlashAttention-2 (forward: 128 query rows; dq: 128
+    rows × 32 keys; dk/dv: 32 rows × 128 keys), smaller for wide heads and float32 (which stages twice the
+    bytes). ``SASOFTMAX_TRITON_TILES=fwd:BMxBNxWxS,dq:...,dkdv:...`` overrides them (for tuning runs)."""
     if INTERPRET:
-        return {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 4, "num_stages": 1}
+        tile = _Config(16, 16, 4, 1)
+        return {"fwd": tile, "dq": tile, "dkdv": tile}
     widest = max(d, dv)
-    if widest <= 64:
-        return {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
-    if widest <= 128:
-        return {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2}
-    return {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1}
+    wide = dtype == torch.float32
+    if widest <= 64 and not wide:
+        configs = {"fwd": _Config(128, 64, 4, 3), "dq": _Config(128, 32, 4, 3), "dkdv": _Config(32, 128, 4, 3)}
+    elif widest <= 128 and not wide:
+        configs = {"fwd": _Config(128, 64, 8, 3), "dq": _Config(128, 32, 8, 2), "dkdv": _Config(32, 128, 8, 2)}
+    elif widest <= 128:
+        configs = {"fwd": _Config(64, 32, 4, 2), "dq": _Config(64, 32, 4, 2), "dkdv": _Config(32, 64, 4, 2)}
+    else:
+        configs = {"fwd": _Config(64, 32, 4, 2), "dq": _Config(64, 16, 4, 2), "dkdv": _Config(16, 64, 4, 2)}
+    for part in filter(None, os.environ.get("SASOFTMAX_TRITON_TILES", "").split(",")):
+        name, _, spec = part.partition(":")
+        configs[name] = _Config(*(int(n) for n in spec.split("x")))
+    return configs
 
 
 def _pad(dim: int) -> int:
@@ -128,73 +186,6 @@ def _pad(dim: int) -> int:
 
 def _strides(t: Tensor) -> tuple[int, ...]:
     return tuple(t.stride())
-
-
-class _FusedAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, mask: Tensor | None, bias: Tensor | None, normalizer, causal, scale, eps):
-        b, hq, lq, d = q.shape
-        lk, dv = k.shape[2], v.shape[3]
-        norm = NORMALIZERS.index(normalizer)
-        rows = torch.empty(b * hq, lq, device=q.device, dtype=torch.float32)
-        lse = torch.empty_like(rows)
-        if normalizer == "sa_norm":
-            low, high, inv_delta = torch.empty_like(rows), torch.empty_like(rows), torch.empty_like(rows)
-            argmin, argmax = torch.empty_like(rows, dtype=torch.int32), torch.empty_like(rows, dtype=torch.int32)
-            bn = torch.empty(b * hq, lq, dv, device=q.device, dtype=torch.float32)
-        else:  # not written by the kernel
-            low = high = inv_delta = bn = rows
-            argmin = argmax = torch.empty(0, device=q.device, dtype=torch.int32)
-        o = torch.empty(b, hq, lq, dv, device=q.device, dtype=v.dtype)
-        cfg = _launch_config(d, dv)
-        grid = (triton.cdiv(lq, cfg["BLOCK_M"]), b * hq)
-        kernels.fwd[grid](
-            q, k, v, o, lse, low, high, inv_delta, argmin, argmax, bn,
-            *_strides(q), *_strides(k), *_strides(v), *_strides(o),
-            *_broadcast_args(mask, q), *_broadcast_args(bias, q),
-            hq, hq // k.shape[1], lq, lk, d, dv, scale, eps,
-            NORM=norm, CAUSAL=causal, HAS_MASK=mask is not None, HAS_BIAS=bias is not None,
-            PRECISION=_precision(k),
-            D_PAD=_pad(d), DV_PAD=_pad(dv), **cfg,
-        )  # fmt: skip
-        ctx.save_for_backward(q, k, v, o, lse, low, high, inv_delta, argmin, argmax, bn)
-        ctx.mask, ctx.bias = mask, bias  # views of the caller's tensors, needing no gradient
-        ctx.normalizer, ctx.causal, ctx.scale = normalizer, causal, scale
-        return o
-
-    @staticmethod
-    @once_differentiable  # the kernels are opaque to autograd: double backward raises instead of lying
-    def backward(ctx, grad_out: Tensor):
-        q, k, v, o, lse, low, high, inv_delta, argmin, argmax, bn = ctx.saved_tensors
-        b, hq, lq, d = q.shape
-        hkv, lk, dv = k.shape[1], k.shape[2], v.shape[3]
-        norm = NORMALIZERS.index(ctx.normalizer)
-        do = grad_out.to(v.dtype).contiguous()
-        cfg = _launch_config(d, dv)
-        consts = {"NORM": norm, "D_PAD": _pad(d), "DV_PAD": _pad(dv), **cfg}
-        delta, extra = torch.empty_like(lse), torch.empty_like(lse)
-        kernels.bwd_preprocess[(triton.cdiv(lq, cfg["BLOCK_M"]), b * hq)](
-            o, do, bn, delta, extra, lq, dv,
-            NORM=norm, BLOCK_M=cfg["BLOCK_M"], DV_PAD=_pad(dv),
-        )  # fmt: skip
-        dq = torch.empty(b, hq, lq, d, device=q.device, dtype=torch.float32)
-        dk = torch.empty(b, hkv, lk, d, device=q.device, dtype=torch.float32)
-        dv_ = torch.empty(b, hkv, lk, dv, device=q.device, dtype=torch.float32)
-        shared = (*_strides(q), *_strides(k), *_strides(v))
-        shared += (*_broadcast_args(ctx.mask, q), *_broadcast_args(ctx.bias, q))
-        shared += (hq, hq // hkv, lq, lk, d, dv, ctx.scale)
-        flags = {"CAUSAL": ctx.causal, "HAS_MASK": ctx.mask is not None, "HAS_BIAS": ctx.bias is not None}
-        flags.update(PRECISION=_precision(k), **consts)
-        flags["DX_FP32"] = ctx.normalizer == "sa_norm" and k.dtype == torch.float16
-        kernels.bwd_dkdv[(triton.cdiv(lk, cfg["BLOCK_N"]), b * hkv)](
-            q, k, v, do, dk, dv_, lse, low, inv_delta, delta, *shared, **flags
-        )
-        kernels.bwd_dq[(triton.cdiv(lq, cfg["BLOCK_M"]), b * hq)](
-            q, k, v, do, dq, lse, low, inv_delta, delta, *shared, **flags
-        )
-        if ctx.normalizer == "sa_norm":
-            _add_min_max_terms(q, k, dq, dk, delta, extra, low, high, inv_delta, argmin, argmax, ctx.scale)
-        return dq.to(q.dtype), dk.to(k.dtype), dv_.to(v.dtype), None, None, None, None, None, None
 
 
 def _broadcast_args(t: Tensor | None, placeholder: Tensor) -> tuple:
@@ -206,30 +197,256 @@ def _broadcast_args(t: Tensor | None, placeholder: Tensor) -> tuple:
 
 def _precision(k: Tensor) -> str | None:
     # float32 inputs get exact float32 products (no TF32), as the eager reference computes them;
-    # None keeps the platform default (TF32 for the float32 dx products of 16-bit inputs).
+    # None keeps the platform default (TF32 for the float32 dx products of float16 sa_norm).
     return "ieee" if k.dtype == torch.float32 else None
 
 
-def _add_min_max_terms(q, k, dq, dk, delta, extra, low, high, inv_delta, argmin, argmax, scale: float) -> None:
-    """Add sa_norm's gradient through M_i and m_i (DESIGN §2) to dq and dk, in place.
+@dataclass
+class _Saved:
+    """Per-row statistics of a forward, (B·Hq, L) each (empty placeholders where a normalizer needs none)."""
 
-    dL/dx gets g_M = −D_i c_i at (i, argmax_i) if M_i > 0 and g_m = (D_i − E_i) c_i at (i, argmin_i) if
-    m_i < 0; x_ij = scale · q_i·k_j turns each into a dq_i and a dk_j term. Query heads of one kv group are
-    laid out side by side (B, Hkv, G·L) so k is gathered and dk scattered without copying k per head.
+    lse: Tensor
+    low: Tensor
+    inv_delta: Tensor
+    argmin: Tensor
+    argmax: Tensor
+
+
+def _forward(q, k, v, o, t, mask, bias, kind, r1, r2, opt: _Options) -> _Saved:
+    """Run the forward kernels, writing o (B, Hq, L, Dv) in place; returns the saved row statistics.
+
+    ``t``: (B, Hq, L) float32 or None; ``mask``: uint8 (B, Hq, L, S) view or None; ``bias``: (B, Hq, L, S)
+    view (kind 1) or None; ``r1``/``r2``: (Hq,) float32 (kinds 2–4) or None.
     """
     b, hq, lq, d = q.shape
-    hkv = k.shape[1]
-    rows = (b, hkv, hq // hkv * lq)
-    q_rows = q.float().reshape(*rows, d)
-    k32 = k.float()
-    dq_rows = dq.view(*rows, d)
-    g_high = torch.where(high > 0, -delta * inv_delta, 0.0)
-    g_low = torch.where(low < 0, (delta - extra) * inv_delta, 0.0)
-    for g, index in ((g_high, argmax), (g_low, argmin)):
-        g = (scale * g).view(*rows, 1)
-        index = index.long().view(*rows, 1).expand(*rows, d)
-        dq_rows += g * torch.gather(k32, 2, index)
-        dk.scatter_add_(2, index, g * q_rows)
+    lk, dv = k.shape[2], v.shape[3]
+    rows = torch.empty(b * hq, lq, device=q.device, dtype=torch.float32)
+    lse = torch.empty_like(rows)
+    none = torch.empty(0, device=q.device, dtype=torch.float32)
+    saved = _Saved(lse, none, none, none.int(), none.int())
+    cfg = _configs(d, dv, q.dtype)["fwd"]
+    t_arg = none if t is None else t.contiguous()
+    r1_arg = none if r1 is None else r1.float().contiguous()
+    r2_arg = none if r2 is None else r2.float().contiguous()
+    common = (*_broadcast_args(mask, q), *_broadcast_args(bias, q), hq, hq // k.shape[1], lq, lk, opt.pos0, opt.scale)
+    flags = {"CAUSAL": opt.causal, "HAS_MASK": mask is not None, "BIAS_KIND": kind, "HAS_SSMAX": t is not None}
+    flags.update(ALL_MASKED=mask is not None or kind == 1, PRECISION=_precision(k), D=d, D_PAD=_pad(d))
+    grid = (triton.cdiv(lq, cfg.block_m), b * hq)
+    mu = none
+    if opt.norm == 2:
+        mu, saved.low, saved.inv_delta = torch.empty_like(rows), torch.empty_like(rows), torch.empty_like(rows)
+        saved.argmin, saved.argmax = (torch.empty_like(rows, dtype=torch.int32) for _ in range(2))
+        kernels.row_extrema[grid](
+            q, k, t_arg, mu, saved.low, saved.inv_delta, saved.argmin, saved.argmax, r1_arg, r2_arg,
+            *_strides(q), *_strides(k), *common, opt.eps, **flags, **cfg.launch(),
+        )  # fmt: skip
+    kernels.fwd[grid](
+        q, k, v, o, lse, t_arg, mu, saved.low, saved.inv_delta, r1_arg, r2_arg,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(o), *common,
+        NORM=opt.norm, DV=dv, DV_PAD=_pad(dv), **flags, **cfg.launch(),
+    )  # fmt: skip
+    return saved
 
 
-__all__ = ["INTERPRET", "attention", "ssmax_factor", "unsupported"]
+def _backward(
+    q,
+    k,
+    v,
+    o,
+    do,
+    t,
+    mask,
+    bias,
+    kind,
+    r1,
+    r2,
+    saved: _Saved,
+    opt: _Options,
+    bias_grad: bool,
+    kv_grad_dtype: torch.dtype | None = None,
+):
+    """dq, dk, dv (in the inputs' dtypes, or dk/dv in ``kv_grad_dtype``), dL/dt ((B, Hq, L) float32 or
+    None) and the bias gradient: dL/dbias (B, Hq, L, S) float32 for kind 1, (dL/dr1, dL/dr2) per head for
+    kinds 2–4, None without ``bias_grad``. o and do are contiguous (B, Hq, L, Dv)."""
+    b, hq, lq, d = q.shape
+    hkv, lk, dv = k.shape[1], k.shape[2], v.shape[3]
+    configs = _configs(d, dv, q.dtype)
+    none = torch.empty(0, device=q.device, dtype=torch.float32)
+    delta = torch.empty(b * hq, lq, device=q.device, dtype=torch.float32)
+    g_low = torch.empty_like(delta) if opt.norm == 2 else none
+    dt = torch.empty_like(delta) if t is not None else none
+    t_arg = none if t is None else t.contiguous()
+    r1_arg = none if r1 is None else r1.float().contiguous()
+    r2_arg = none if r2 is None else r2.float().contiguous()
+    dq = torch.empty(b, hq, lq, d, device=q.device, dtype=q.dtype)
+    dk = torch.empty(b, hkv, lk, d, device=q.device, dtype=kv_grad_dtype or k.dtype)
+    dv_ = torch.empty(b, hkv, lk, dv, device=q.device, dtype=kv_grad_dtype or v.dtype)
+    shared = (*_strides(q), *_strides(k), *_strides(v), *_broadcast_args(mask, q), *_broadcast_args(bias, q))
+    shared += (hq, hq // hkv, lq, lk, opt.pos0, opt.scale)
+    flags = {"NORM": opt.norm, "CAUSAL": opt.causal, "HAS_MASK": mask is not None, "BIAS_KIND": kind}
+    flags.update(HAS_SSMAX=t is not None, ALL_MASKED=mask is not None or kind == 1, PRECISION=_precision(k))
+    # sa_norm's dx carries 1/(M − m + ε), up to 1/ε, beyond float16's range: its products run in float32.
+    flags.update(DX_FP32=opt.norm == 2 and k.dtype == torch.float16, D=d, D_PAD=_pad(d), DV=dv, DV_PAD=_pad(dv))
+    cfg = configs["dq"]
+    kernels.bwd_dq[(triton.cdiv(lq, cfg.block_m), b * hq)](
+        q, k, v, o, do, dq, saved.lse, t_arg, saved.low, saved.inv_delta, saved.argmin, saved.argmax, delta, g_low,
+        dt, r1_arg, r2_arg, *shared, **flags, **cfg.launch(),
+    )  # fmt: skip
+    cfg = configs["dkdv"]
+    key_blocks = triton.cdiv(lk, cfg.block_n)
+    dr = torch.empty(key_blocks, b, hq, 2, device=q.device, dtype=torch.float32) if bias_grad and kind > 1 else none
+    # zeros: the kernel writes only the tiles causal masking leaves visible
+    dbias = torch.zeros(b, hq, lq, lk, device=q.device, dtype=torch.float32) if bias_grad and kind == 1 else none
+    kernels.bwd_dkdv[(key_blocks, b * hkv)](
+        q, k, v, do, dk, dv_, saved.lse, t_arg, saved.low, saved.inv_delta, saved.argmin, saved.argmax, delta, g_low,
+        r1_arg, r2_arg, dr, dbias, *shared, BIAS_GRAD=bias_grad, **flags, **cfg.launch(),
+    )  # fmt: skip
+    bias_grads = None
+    if bias_grad:
+        bias_grads = dbias if kind == 1 else tuple(dr.sum((0, 1)).unbind(-1))
+    return dq, dk, dv_, (dt.view(b, hq, lq) if t is not None else None), bias_grads
+
+
+def _reduce_to(grad: Tensor, like: Tensor) -> Tensor:
+    """Sum a (B, Hq, L, S) gradient over the axes ``like`` (broadcastable to it) broadcasts along."""
+    shape = (1,) * (4 - like.dim()) + tuple(like.shape)
+    dims = tuple(i for i, n in enumerate(shape) if n == 1 and grad.shape[i] != 1)
+    if dims:  # (sum over an empty tuple of dims would sum everything)
+        grad = grad.sum(dims, keepdim=True)
+    return grad.view(like.shape).to(like.dtype)
+
+
+class _FusedAttention(torch.autograd.Function):
+    """One call of the kernels. Differentiable in q, k, v, SSMax's t, a bias tensor, and r1/r2."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, t, mask, bias, kind: int, r1, r2, opt: _Options):
+        b, hq, lq, _ = q.shape
+        o = torch.empty(b, hq, lq, v.shape[3], device=q.device, dtype=v.dtype)
+        bias_view = None if bias is None else bias.detach().expand(b, hq, lq, k.shape[2])
+        saved = _forward(q, k, v, o, t, mask, bias_view, kind, r1, r2, opt)
+        ctx.save_for_backward(q, k, v, o, t, r1, r2, saved.lse, saved.low, saved.inv_delta, saved.argmin, saved.argmax)
+        ctx.mask, ctx.bias, ctx.bias_view, ctx.kind, ctx.opt = mask, bias, bias_view, kind, opt
+        return o
+
+    @staticmethod
+    @once_differentiable  # the kernels are opaque to autograd: double backward raises instead of lying
+    def backward(ctx, grad_out: Tensor):
+        q, k, v, o, t, r1, r2, *stats = ctx.saved_tensors
+        kind = ctx.kind
+        bias_grad = (kind == 1 and ctx.needs_input_grad[5]) or (kind > 1 and any(ctx.needs_input_grad[7:9]))
+        do = grad_out.to(v.dtype).contiguous()
+        dq, dk, dv, dt, bias_grads = _backward(
+            q, k, v, o, do, t, ctx.mask, ctx.bias_view, kind, r1, r2, _Saved(*stats), ctx.opt, bias_grad
+        )
+        dbias = dr1 = dr2 = None
+        if bias_grad and kind == 1:
+            dbias = _reduce_to(bias_grads, ctx.bias)
+        elif bias_grad:
+            dr1 = bias_grads[0].to(r1.dtype)
+            dr2 = bias_grads[1].to(r2.dtype) if kind > 2 else None
+        return dq, dk, dv, dt, None, dbias, None, dr1, dr2, None
+
+
+def _chunk_rows(call_shape: tuple[int, ...], lk: int) -> int:
+    """Query rows per block for a bias function: its (B·Hq, rows, S) float32 values, the kernels' bias
+    gradient of that size and the function's own intermediates (FIRE's MLP holds ~32 values per pair) fit
+    ``BIAS_FUNCTION_BUDGET``; at least 16 rows."""
+    b, hq = call_shape
+    per_row = lk * 4 * (2 * b * hq + 64)
+    return max(16, BIAS_FUNCTION_BUDGET // per_row // 16 * 16)
+
+
+class _BiasFunctionAttention(torch.autograd.Function):
+    """A bias function evaluated for one block of query rows at a time, each block one kernel call with
+    that block's bias tensor (forward), re-evaluated with grad in the backward to reach the function's
+    parameters. Memory O(rows·S) for the block, O(L) for the rest."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, ssmax, fn, mask, opt: _Options, *params):
+        b, hq, lq, _ = q.shape
+        lk = k.shape[2]
+        o = torch.empty(b, hq, lq, v.shape[3], device=q.device, dtype=v.dtype)
+        step = _chunk_rows((b, hq), lk)
+        chunks, saved = [], []
+        for start in range(0, lq, step):
+            rows = slice(start, min(start + step, lq))
+            with torch.no_grad():
+                bias = _block_bias(fn, q, k, rows, opt)
+                t = _block_factor(ssmax, mask, bias, rows, opt, q, k)
+            chunk_opt = _block_options(opt, rows)
+            mask_rows = None if mask is None else mask[:, :, rows]
+            saved.append(_forward(q[:, :, rows], k, v, o[:, :, rows], t, mask_rows, bias, 1, None, None, chunk_opt))
+            chunks.append(rows)
+        ctx.save_for_backward(q, k, v, o, ssmax)
+        ctx.fn, ctx.mask, ctx.opt, ctx.chunks, ctx.stats, ctx.params = fn, mask, opt, chunks, saved, params
+        return o
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out: Tensor):
+        q, k, v, o, ssmax = ctx.saved_tensors
+        opt, mask, params = ctx.opt, ctx.mask, ctx.params
+        do = grad_out.to(v.dtype)
+        dq = torch.empty_like(q, memory_format=torch.contiguous_format)
+        dk = torch.zeros(k.shape, device=k.device, dtype=torch.float32)
+        dv = torch.zeros(v.shape, device=v.device, dtype=torch.float32)
+        ds = None if ssmax is None else torch.zeros(ssmax.shape, device=q.device, dtype=torch.float32)
+        dparams = [torch.zeros_like(p) for p in params]
+        for rows, saved in zip(ctx.chunks, ctx.stats):
+            with torch.enable_grad():
+                bias = _block_bias(ctx.fn, q, k, rows, opt, detach=False)
+            with torch.no_grad():
+                t, log_n = _block_factor(ssmax, mask, bias, rows, opt, q, k, with_log_n=True)
+            mask_rows = None if mask is None else mask[:, :, rows]
+            dq_c, dk_c, dv_c, dt, dbias = _backward(
+                q[:, :, rows], k, v, o[:, :, rows].contiguous(), do[:, :, rows].contiguous(), t, mask_rows,
+                bias.detach(), 1, None, None, saved, _block_options(opt, rows), bias_grad=bool(params),
+                kv_grad_dtype=torch.float32,  # blocks' dk, dv summed in float32
+            )  # fmt: skip
+            dq[:, :, rows] = dq_c
+            dk += dk_c
+            dv += dv_c
+            if ds is not None:
+                ds += (dt * log_n).sum((0, 2))
+            if params:
+                for acc, g in zip(dparams, torch.autograd.grad(bias, params, dbias, allow_unused=True)):
+                    if g is not None:
+                        acc += g
+        return (dq, dk.to(k.dtype), dv.to(v.dtype), None if ds is None else ds.to(ssmax.dtype), None, None, None,
+                *dparams)  # fmt: skip
+
+
+def _block_options(opt: _Options, rows: slice) -> _Options:
+    """The options of a block of query rows starting at ``rows.start``: its row 0 sits at POS0 + start."""
+    return _Options(opt.norm, opt.causal, opt.scale, opt.eps, opt.pos0 + rows.start)
+
+
+def _block_bias(fn, q: Tensor, k: Tensor, rows: slice, opt: _Options, detach: bool = True) -> Tensor:
+    """The bias function's (B, Hq, rows, S) values (an expanded view) for a block of query rows."""
+    b, hq, lq, _ = q.shape
+    lk = k.shape[2]
+    q_pos = query_positions(lq, lk, q.device)[rows]
+    bias = evaluate_bias_function(fn, q_pos, torch.arange(lk, device=q.device), b, hq)
+    bias = bias.reshape((1,) * (4 - bias.dim()) + tuple(bias.shape))
+    return (bias.detach() if detach else bias).expand(b, hq, len(q_pos), lk)
+
+
+def _block_factor(ssmax, mask, bias, rows, opt, q, k, with_log_n=False):
+    """SSMax's t (B, Hq, rows) for a block (None without SSMax), and ln(n_i) if asked."""
+    if ssmax is None:
+        return (None, None) if with_log_n else None
+    b, hq, lq, _ = q.shape
+    lk = k.shape[2]
+    allowed = ~torch.isneginf(bias)
+    if mask is not None:
+        allowed = allowed & (mask[:, :, rows] != 0)
+    if opt.causal:
+        last = query_positions(lq, lk, q.device)[rows]
+        allowed = allowed & (torch.arange(lk, device=q.device)[None, :] <= last[:, None])
+    log_n = torch.log(allowed.sum(-1).clamp_min(1).float())
+    t = ssmax.detach().float().view(1, hq, 1) * log_n
+    return (t, log_n) if with_log_n else t
+
+
+__all__ = ["INTERPRET", "allowed_counts", "attention", "ssmax_factor", "unsupported"]

@@ -1,25 +1,32 @@
-"""Triton kernels of the fused attention (DESIGN §2 and §3), after Triton's fused-attention tutorial.
+"""Triton kernels of the fused attention (DESIGN §1–§3), after Triton's fused-attention tutorial.
 
-Layout: q (B, Hq, L, D), k (B, Hkv, S, D), v (B, Hkv, S, Dv), any strides; q may be float32 while
-k and v are 16-bit (SSMax's rescaled q), and is cast to k's dtype on load; query head h reads kv head
-h // GROUPS (grouped-query attention without copying k/v). Per-row statistics are contiguous
-(B·Hq, L) float32/int32 tensors. NORM: 0 softmax, 1 sa, 2 sa_norm. Causal masking is aligned
-lower-right (query i sees keys j <= i + S − L); an optional uint8 mask and an optional additive bias,
-both (B, Hq, L, S) views broadcast with stride 0, remove more pairs (mask 0 or bias −inf) and shift
-the logits. D_PAD/DV_PAD are the head dims rounded up to a power of two; the padding lanes are masked
-on load and store. Every dot accumulates in float32.
+Layout: q (B, Hq, L, D), k (B, Hkv, S, D), v (B, Hkv, S, Dv), any strides; query head h reads kv head
+h // GROUPS (grouped-query attention without copying k/v). Per-row arrays (SSMax's t, the saved statistics,
+D_i, the min-term weight, dL/dt) are contiguous (B·Hq, L) float32/int32 tensors. NORM: 0 softmax, 1 sa,
+2 sa_norm. Query row i sits at key position i + POS0 (POS0 = S − L for a whole call: causal masking and
+relative biases are aligned lower-right); it may attend key j when j < S, j <= i + POS0 (causal), the uint8
+mask is nonzero and the bias is not −inf. Masks and bias tensors are (B, Hq, L, S) views broadcast with
+stride 0. Every dot accumulates in float32.
 
-Kernels:
-- ``fwd``: one program per (query block, batch·head); streams key blocks keeping the running max μ
-  (which is also the running max of x), the sum ℓ, the running min of x, the argmin/argmax, and the
-  accumulators A = Σ e^{x−μ} x v and B = Σ e^{x−μ} v. Writes o and the row statistics.
-- ``bwd_preprocess``: D_i = dO_i·o_i and E_i = dO_i·(B_i/ℓ_i).
-- ``bwd_dkdv``: one program per (key block, batch·kv head); loops over the query heads of its group
-  and over query blocks; dv = Σ w dO, dk = scale Σ dx q.
-- ``bwd_dq``: one program per (query block, batch·head); dq = scale Σ dx k.
-The sa_norm gradient through the row min and max (one term per row each) is added outside, in torch.
-DX_FP32 keeps dx in float32 for the dk and dq products: sa_norm's dx carries 1/(M − m + ε), up to 1/ε,
-beyond float16's range.
+Logits, per tile: z = scale·q·kᵀ + bias, x = t_i·z (SSMax; x = z without it). BIAS: 0 none, 1 a tensor,
+2 ALiBi −r1_h·d, 3 Kerple log −r1_h·ln(1 + r2_h·d), 4 Kerple power −r1_h·d^r2_h, with d = |i + POS0 − j|,
+r1/r2 read per head.
+
+Kernels (sa_norm runs three passes forward+backward over the keys: extrema, forward, and the two backward ones):
+- ``row_extrema`` (sa_norm): max and min of x per row and the first key attaining each; saves μ = max x,
+  m = min(0, min x), c = 1/(max(0, μ) − m + ε), and the argmax/argmin of the min/max gradient terms (−1 where
+  the term vanishes: max x <= 0, min x >= 0 or no key).
+- ``fwd``: one program per (query block, batch·head). softmax and sa keep the running max μ, ℓ = Σ e^{x−μ}
+  and one accumulator (Σ e^{x−μ}·v, or Σ e^{x−μ}·x·v), rescaled when μ grows; sa_norm knows μ and m from
+  ``row_extrema`` and accumulates Σ e^{x−μ}(x − m)·v with no rescaling. Writes o and logsumexp.
+- ``bwd_dq``: one program per (query block, batch·head): D_i = dO_i·o_i, dx per tile (DESIGN §2), dq,
+  E_i = Σ_j p_ij dW_ij, and with SSMax dL/dt_i = Σ_j dx_ij z_ij. The max term −D_i c_i is added to dx at the
+  argmax inside the tile (so it cancels against its neighbours in float32 before dx is rounded); the min
+  term (D_i − E_i) c_i needs E, known at the end, and is added there through the key row at the argmin.
+- ``bwd_dkdv``: one program per (key block, batch·kv head), looping over its group's query heads and
+  query blocks: dv = Σ wᵀdO, dk = scale·Σ (t·dx)ᵀq, both min/max terms inside the tile, and the gradients of
+  ALiBi/Kerple's r1, r2 (Σ t·dx·∂bias/∂r per head, one partial sum per program) or of a bias tensor.
+Loops over key (or query) blocks run in two parts: blocks needing no bounds or causal checks, then the rest.
 """
 
 from __future__ import annotations
@@ -27,56 +34,241 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+LOG2E: tl.constexpr = 1.4426950408889634
+NO_BIAS: tl.constexpr = 0
+BIAS_TENSOR: tl.constexpr = 1
+ALIBI: tl.constexpr = 2
+KERPLE_LOG: tl.constexpr = 3
+KERPLE_POWER: tl.constexpr = 4
+
+
+@triton.jit
+def _relative_bias(dist, r1, r2, BIAS: tl.constexpr):
+    """−r1·f(d) for ALiBi (f = d), Kerple log (f = ln(1 + r2·d)) and Kerple power (f = d^r2, 0 at d = 0)."""
+    if BIAS == ALIBI:
+        f = dist
+    elif BIAS == KERPLE_LOG:
+        f = tl.log(1.0 + r2 * dist)
+    else:
+        f = tl.where(dist > 0, tl.exp2(r2 * tl.log2(tl.maximum(dist, 1.0))), 0.0)
+    return -r1 * f
+
+
+@triton.jit
+def _row_factor_and_bias(
+    T, stat, row_ok, R1, R2, h, BLOCK_M: tl.constexpr, HAS_SSMAX: tl.constexpr, BIAS: tl.constexpr
+):
+    """SSMax's t for the rows (1 without SSMax), and head h's r1, r2 of a relative bias (0 if unused)."""
+    if HAS_SSMAX:
+        t = tl.load(T + stat, mask=row_ok, other=0.0)
+    else:
+        t = tl.full([BLOCK_M], 1.0, tl.float32)
+    r1 = 0.0
+    r2 = 0.0
+    if BIAS > BIAS_TENSOR:
+        r1 = tl.load(R1 + h)
+    if BIAS > ALIBI:
+        r2 = tl.load(R2 + h)
+    return t, r1, r2
+
 
 @triton.jit
 def _logits(
-    q, k, rows, cols, L, S, scale, mask_ptr, sml, sms, bias_ptr, sbl, sbs,
-    CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
+    qk, r, c, L, S, pos0, scale, t, mask_ptr, sml, sms, bias_ptr, sbl, sbs, r1, r2,
+    MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, BIAS: tl.constexpr,
+    HAS_SSMAX: tl.constexpr,
 ):  # fmt: skip
-    """Float32 logits x = scale·q·kᵀ + bias of a (BLOCK_M, BLOCK_N) tile, and where they are allowed.
+    """z = scale·qk + bias and x = t·z of a tile, and where the pair is allowed.
 
-    Allowed: the pair exists, is causally visible, the mask is nonzero and the bias is not −inf.
-    ``mask_ptr``/``bias_ptr`` point at this (batch, head)'s uint8 mask / bias (broadcast dims have stride
-    0). x is finite everywhere (a −inf bias adds 0), so products like p·x are 0, not NaN, where masked.
+    ``r``/``c`` are row/key indices and ``t`` SSMax's factor, each broadcastable to the tile (so the same code
+    serves (rows, keys) and (keys, rows) tiles). Without MASKED every pair is known to be allowed. Masked
+    pairs keep a finite z (a −inf bias adds 0), so p·x is 0, not NaN, there.
     """
-    ok = (rows[:, None] < L) & (cols[None, :] < S)
-    if CAUSAL:
-        ok = ok & (cols[None, :] <= rows[:, None] + (S - L))
-    if HAS_MASK:
-        ok = ok & (tl.load(mask_ptr + rows[:, None] * sml + cols[None, :] * sms, mask=ok, other=0) != 0)
-    x = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + rows[:, None] * sbl + cols[None, :] * sbs, mask=ok, other=0.0).to(tl.float32)
+    z = qk * scale
+    ok = c < S  # in tiles without MASKED every pair is allowed; callers then ignore ok
+    if MASKED:
+        ok = ok & (r < L)
+        if CAUSAL:
+            ok = ok & (c <= r + pos0)
+        if HAS_MASK:
+            ok = ok & (tl.load(mask_ptr + r * sml + c * sms, mask=ok, other=0) != 0)
+    if BIAS == BIAS_TENSOR:  # bias tensors and masks make every tile MASKED (ALL_MASKED)
+        bias = tl.load(bias_ptr + r * sbl + c * sbs, mask=ok, other=0.0).to(tl.float32)
         dropped = bias == float("-inf")
         ok = ok & ~dropped
-        x = x + tl.where(dropped, 0.0, bias)
-    return x, ok
+        z = z + tl.where(dropped, 0.0, bias)
+    elif BIAS != NO_BIAS:
+        z = z + _relative_bias(tl.abs(r + pos0 - c).to(tl.float32), r1, r2, BIAS)
+    x = z
+    if HAS_SSMAX:
+        x = z * t
+    return z, x, ok
 
 
 @triton.jit
-def _load_rows(ptr, rows, n_rows, stride_n, stride_d, offs_d, d):
-    """Load a (len(rows), len(offs_d)) tile, zero outside the tensor."""
-    mask = (rows[:, None] < n_rows) & (offs_d[None, :] < d)
-    return tl.load(ptr + rows[:, None] * stride_n + offs_d[None, :] * stride_d, mask=mask, other=0.0)
+def _load(ptr, idx, n, stride_n, offs_d, stride_d, D: tl.constexpr, D_PAD: tl.constexpr, CHECK: tl.constexpr):
+    """Rows ``idx`` of a (n, D) matrix as an (len(idx), D_PAD) tile, zero outside it (bounds checked only
+    where CHECK says rows may pass n, or D is padded)."""
+    ptrs = ptr + idx[:, None] * stride_n + offs_d[None, :] * stride_d
+    if CHECK:
+        return tl.load(ptrs, mask=(idx[:, None] < n) & (offs_d[None, :] < D), other=0.0)
+    if D == D_PAD:
+        return tl.load(ptrs)
+    return tl.load(ptrs, mask=offs_d[None, :] < D, other=0.0)
 
 
 @triton.jit
-def _key_end(start_m, L, S, BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr):
-    """One past the last key any query of the block may attend."""
+def _load_t(ptr, idx, n, stride_n, offs_d, stride_d, D: tl.constexpr, D_PAD: tl.constexpr, CHECK: tl.constexpr):
+    """The transposed tile, (D_PAD, len(idx))."""
+    ptrs = ptr + idx[None, :] * stride_n + offs_d[:, None] * stride_d
+    if CHECK:
+        return tl.load(ptrs, mask=(idx[None, :] < n) & (offs_d[:, None] < D), other=0.0)
+    if D == D_PAD:
+        return tl.load(ptrs)
+    return tl.load(ptrs, mask=offs_d[:, None] < D, other=0.0)
+
+
+@triton.jit
+def _key_blocks(start_m, L, S, pos0, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr):
+    """(full_end, end): key blocks [0, full_end) need no bounds or causal checks for any row of the query
+    block; [full_end, end) may. ``end`` is one past the last key any row of the block may attend."""
     if CAUSAL:
-        return tl.maximum(tl.minimum(S, (start_m + 1) * BLOCK_M + S - L), 0)
-    return S
+        end = tl.maximum(tl.minimum(S, (start_m + 1) * BLOCK_M + pos0), 0)
+        first_row_sees = tl.minimum(start_m * BLOCK_M + pos0 + 1, S)  # keys [0, this) visible to every row
+        full_end = tl.maximum(first_row_sees, 0) // BLOCK_N * BLOCK_N
+    else:
+        end = S
+        full_end = S // BLOCK_N * BLOCK_N
+    return full_end, end
+
+
+@triton.jit
+def _fwd_tiles(
+    q, acc, mu, total, lo, hi, k_base, v_base, skn, skd, svn, svd,
+    rows, offs_n, offs_d, offs_dv, t, low, L, S, pos0, scale,
+    mask_base, sml, sms, bias_base, sbl, sbs, r1, r2,
+    NORM: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, BIAS: tl.constexpr,
+    HAS_SSMAX: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, DV: tl.constexpr, DV_PAD: tl.constexpr,
+):  # fmt: skip
+    for start_n in range(lo, hi, BLOCK_N):
+        cols = start_n + offs_n
+        kt = _load_t(k_base, cols, S, skn, offs_d, skd, D, D_PAD, MASKED)
+        v = _load(v_base, cols, S, svn, offs_dv, svd, DV, DV_PAD, MASKED)
+        qk = tl.dot(q, kt, input_precision=PRECISION)
+        _, x, ok = _logits(
+            qk, rows[:, None], cols[None, :], L, S, pos0, scale, t[:, None], mask_base, sml, sms,
+            bias_base, sbl, sbs, r1, r2, MASKED, CAUSAL, HAS_MASK, BIAS, HAS_SSMAX,
+        )  # fmt: skip
+        x_hi = tl.where(ok, x, float("-inf")) if MASKED else x
+        if NORM == 2:  # μ is the row's final max: no rescaling
+            p = tl.math.exp2((x_hi - mu[:, None]) * LOG2E)
+            total += tl.sum(p, 1)
+            acc += tl.dot((p * (x - low[:, None])).to(v.dtype), v, input_precision=PRECISION)
+        else:
+            new_mu = tl.maximum(mu, tl.max(x_hi, 1))
+            # A row with no allowed key so far has μ = −inf; shift it by 0 so no inf − inf appears.
+            shift = tl.where(new_mu == float("-inf"), 0.0, new_mu)
+            alpha = tl.math.exp2((mu - shift) * LOG2E)
+            p = tl.math.exp2((x_hi - shift[:, None]) * LOG2E)
+            total = total * alpha + tl.sum(p, 1)
+            if NORM == 1:  # x is finite where masked (z of a −inf bias is 0), so p·x is 0 there
+                p = p * x
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+            mu = new_mu
+    return acc, mu, total
+
+
+@triton.jit
+def _extrema_tiles(
+    q, hi_x, lo_x, arg_hi, arg_lo, lo, hi, k_base, skn, skd, rows, offs_n, offs_d, t, L, S, pos0, scale,
+    mask_base, sml, sms, bias_base, sbl, sbs, r1, r2,
+    MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, BIAS: tl.constexpr,
+    HAS_SSMAX: tl.constexpr, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
+):  # fmt: skip
+    for start_n in range(lo, hi, BLOCK_N):
+        cols = start_n + offs_n
+        kt = _load_t(k_base, cols, S, skn, offs_d, skd, D, D_PAD, MASKED)
+        qk = tl.dot(q, kt, input_precision=PRECISION)
+        _, x, ok = _logits(
+            qk, rows[:, None], cols[None, :], L, S, pos0, scale, t[:, None], mask_base, sml, sms,
+            bias_base, sbl, sbs, r1, r2, MASKED, CAUSAL, HAS_MASK, BIAS, HAS_SSMAX,
+        )  # fmt: skip
+        x_hi = tl.where(ok, x, float("-inf")) if MASKED else x
+        x_lo = tl.where(ok, x, float("inf")) if MASKED else x
+        block_hi = tl.max(x_hi, 1)
+        block_lo = tl.min(x_lo, 1)
+        # The first key of the tile attaining its max/min; a tile replaces the running one only if strictly
+        # beyond it, so ties go to the first key of the row (the documented tie rule).
+        first_hi = tl.min(tl.where(x_hi == block_hi[:, None], cols[None, :], S), 1)
+        first_lo = tl.min(tl.where(x_lo == block_lo[:, None], cols[None, :], S), 1)
+        arg_hi = tl.where(block_hi > hi_x, first_hi, arg_hi)
+        arg_lo = tl.where(block_lo < lo_x, first_lo, arg_lo)
+        hi_x = tl.maximum(hi_x, block_hi)
+        lo_x = tl.minimum(lo_x, block_lo)
+    return hi_x, lo_x, arg_hi, arg_lo
+
+
+@triton.jit
+def row_extrema(
+    Q, K, T, MU, LOW, INV_DELTA, ARGMIN, ARGMAX, R1, R2,
+    sqb, sqh, sqn, sqd, skb, skh, skn, skd,
+    MASK, smb, smh, sml, sms, BIAS, sbb, sbh, sbl, sbs,
+    H, GROUPS, L, S, pos0, scale, eps,
+    CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, BIAS_KIND: tl.constexpr, HAS_SSMAX: tl.constexpr,
+    ALL_MASKED: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
+):  # fmt: skip
+    start_m = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)  # offsets can pass 2**31
+    b = bh // H
+    h = bh % H
+    rows = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, D_PAD)
+    stat = bh * L + rows
+    row_ok = rows < L
+    q = _load(Q + b * sqb + h * sqh, rows, L, sqn, offs_d, sqd, D, D_PAD, True)
+    t, r1, r2 = _row_factor_and_bias(T, stat, row_ok, R1, R2, h, BLOCK_M, HAS_SSMAX, BIAS_KIND)
+    k_base = K + b * skb + (h // GROUPS) * skh
+    mask_base = MASK + b * smb + h * smh
+    bias_base = BIAS + b * sbb + h * sbh
+    hi_x = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    lo_x = tl.full([BLOCK_M], float("inf"), tl.float32)
+    arg_hi = tl.zeros([BLOCK_M], tl.int32)
+    arg_lo = tl.zeros([BLOCK_M], tl.int32)
+    full_end, end = _key_blocks(start_m, L, S, pos0, BLOCK_M, BLOCK_N, CAUSAL)
+    if ALL_MASKED:
+        full_end = 0
+    hi_x, lo_x, arg_hi, arg_lo = _extrema_tiles(
+        q, hi_x, lo_x, arg_hi, arg_lo, 0, full_end, k_base, skn, skd, rows, offs_n, offs_d, t, L, S, pos0, scale,
+        mask_base, sml, sms, bias_base, sbl, sbs, r1, r2,
+        False, CAUSAL, HAS_MASK, BIAS_KIND, HAS_SSMAX, PRECISION, BLOCK_N, D, D_PAD,
+    )  # fmt: skip
+    hi_x, lo_x, arg_hi, arg_lo = _extrema_tiles(
+        q, hi_x, lo_x, arg_hi, arg_lo, full_end, end, k_base, skn, skd, rows, offs_n, offs_d, t, L, S, pos0,
+        scale, mask_base, sml, sms, bias_base, sbl, sbs, r1, r2,
+        True, CAUSAL, HAS_MASK, BIAS_KIND, HAS_SSMAX, PRECISION, BLOCK_N, D, D_PAD,
+    )  # fmt: skip
+    m = tl.minimum(lo_x, 0.0)  # +inf (no key) -> 0
+    delta = tl.maximum(hi_x, 0.0) - m + eps  # μ = −inf (no key) -> 0
+    tl.store(MU + stat, hi_x, mask=row_ok)
+    tl.store(LOW + stat, m, mask=row_ok)
+    tl.store(INV_DELTA + stat, 1.0 / delta, mask=row_ok)
+    tl.store(ARGMAX + stat, tl.where(hi_x > 0, arg_hi, -1), mask=row_ok)
+    tl.store(ARGMIN + stat, tl.where(lo_x < 0, arg_lo, -1), mask=row_ok)
 
 
 @triton.jit
 def fwd(
-    Q, K, V, OUT, LSE, LOW, HIGH, INV_DELTA, ARGMIN, ARGMAX, BN,
+    Q, K, V, OUT, LSE, T, MU, LOW, INV_DELTA, R1, R2,
     sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, son, sod,
     MASK, smb, smh, sml, sms, BIAS, sbb, sbh, sbl, sbs,
-    H, GROUPS, L, S, D, DV, scale, eps,
-    NORM: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
-    PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr,
+    H, GROUPS, L, S, pos0, scale,
+    NORM: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, BIAS_KIND: tl.constexpr,
+    HAS_SSMAX: tl.constexpr, ALL_MASKED: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    D: tl.constexpr, D_PAD: tl.constexpr, DV: tl.constexpr, DV_PAD: tl.constexpr,
 ):  # fmt: skip
     start_m = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)  # offsets can pass 2**31
@@ -87,220 +279,320 @@ def fwd(
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D_PAD)
     offs_dv = tl.arange(0, DV_PAD)
-    q = _load_rows(Q + b * sqb + h * sqh, rows, L, sqn, sqd, offs_d, D).to(K.dtype.element_ty)
+    stat = bh * L + rows
+    row_ok = rows < L
+    q = _load(Q + b * sqb + h * sqh, rows, L, sqn, offs_d, sqd, D, D_PAD, True)
+    t, r1, r2 = _row_factor_and_bias(T, stat, row_ok, R1, R2, h, BLOCK_M, HAS_SSMAX, BIAS_KIND)
+    if NORM == 2:
+        mu = tl.load(MU + stat, mask=row_ok, other=float("-inf"))
+        low = tl.load(LOW + stat, mask=row_ok, other=0.0)
+        # Rows with no key: exp(x − μ) must be 0, not exp(x + inf).
+        mu = tl.where(mu == float("-inf"), float("inf"), mu)
+    else:
+        mu = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        low = mu
+    total = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, DV_PAD], tl.float32)
     k_base = K + b * skb + hk * skh
     v_base = V + b * svb + hk * svh
     mask_base = MASK + b * smb + h * smh
     bias_base = BIAS + b * sbb + h * sbh
-
-    mu = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running max of x
-    low = tl.full([BLOCK_M], float("inf"), tl.float32)  # running min of x
-    arg_hi = tl.zeros([BLOCK_M], tl.int32)
-    arg_lo = tl.zeros([BLOCK_M], tl.int32)
-    total = tl.zeros([BLOCK_M], tl.float32)
-    acc_b = tl.zeros([BLOCK_M, DV_PAD], tl.float32)
-    acc_a = tl.zeros([BLOCK_M, DV_PAD], tl.float32)
-    for start_n in range(0, _key_end(start_m, L, S, BLOCK_M, CAUSAL), BLOCK_N):
-        cols = start_n + offs_n
-        k = _load_rows(k_base, cols, S, skn, skd, offs_d, D)
-        v = _load_rows(v_base, cols, S, svn, svd, offs_dv, DV)
-        x, ok = _logits(
-            q, k, rows, cols, L, S, scale, mask_base, sml, sms, bias_base, sbl, sbs,
-            CAUSAL, HAS_MASK, HAS_BIAS, PRECISION,
-        )  # fmt: skip
-        x_hi = tl.where(ok, x, float("-inf"))
-        block_hi = tl.max(x_hi, 1)
-        block_arg_hi = tl.argmax(x_hi, 1).to(tl.int32) + start_n
-        arg_hi = tl.where(block_hi > mu, block_arg_hi, arg_hi)
-        new_mu = tl.maximum(mu, block_hi)
-        if NORM == 2:
-            x_lo = tl.where(ok, x, float("inf"))
-            block_lo = tl.min(x_lo, 1)
-            block_arg_lo = tl.argmin(x_lo, 1).to(tl.int32) + start_n
-            arg_lo = tl.where(block_lo < low, block_arg_lo, arg_lo)
-            low = tl.minimum(low, block_lo)
-        # A row with no allowed key so far has μ = −inf; shift it by 0 so no inf − inf appears.
-        shift = tl.where(new_mu == float("-inf"), 0.0, new_mu)
-        alpha = tl.exp(mu - shift)
-        p = tl.exp(x_hi - shift[:, None])
-        total = total * alpha + tl.sum(p, 1)
-        acc_b = acc_b * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        if NORM != 0:
-            # x is finite everywhere (masked lanes hold their raw logit or 0), so p·x is 0 there.
-            acc_a = acc_a * alpha[:, None] + tl.dot((p * x).to(v.dtype), v, input_precision=PRECISION)
-        mu = new_mu
-
+    full_end, end = _key_blocks(start_m, L, S, pos0, BLOCK_M, BLOCK_N, CAUSAL)
+    if ALL_MASKED:
+        full_end = 0
+    acc, mu, total = _fwd_tiles(
+        q, acc, mu, total, 0, full_end, k_base, v_base, skn, skd, svn, svd, rows, offs_n, offs_d, offs_dv, t, low,
+        L, S, pos0, scale, mask_base, sml, sms, bias_base, sbl, sbs, r1, r2,
+        NORM, False, CAUSAL, HAS_MASK, BIAS_KIND, HAS_SSMAX, PRECISION, BLOCK_N, D, D_PAD, DV, DV_PAD,
+    )  # fmt: skip
+    acc, mu, total = _fwd_tiles(
+        q, acc, mu, total, full_end, end, k_base, v_base, skn, skd, svn, svd, rows, offs_n, offs_d, offs_dv, t,
+        low, L, S, pos0, scale, mask_base, sml, sms, bias_base, sbl, sbs, r1, r2,
+        NORM, True, CAUSAL, HAS_MASK, BIAS_KIND, HAS_SSMAX, PRECISION, BLOCK_N, D, D_PAD, DV, DV_PAD,
+    )  # fmt: skip
     has_keys = total > 0
     safe_total = tl.where(has_keys, total, 1.0)
-    row_mask = rows < L
-    stat = bh * L + rows
-    tl.store(LSE + stat, tl.where(has_keys, mu + tl.log(safe_total), float("inf")), mask=row_mask)
-    if NORM == 0:
-        out = acc_b / safe_total[:, None]
-    elif NORM == 1:
-        out = acc_a / safe_total[:, None]
-    else:
-        m = tl.minimum(low, 0.0)  # +inf (no key) -> 0
-        big_m = tl.maximum(mu, 0.0)  # -inf (no key) -> 0
-        delta = big_m - m + eps
-        inv_delta = tl.where(delta > 0, 1.0 / delta, 0.0)
-        out = (acc_a - m[:, None] * acc_b) * (inv_delta / safe_total)[:, None]
-        tl.store(LOW + stat, m, mask=row_mask)
-        tl.store(HIGH + stat, big_m, mask=row_mask)
-        tl.store(INV_DELTA + stat, inv_delta, mask=row_mask)
-        tl.store(ARGMIN + stat, arg_lo, mask=row_mask)
-        tl.store(ARGMAX + stat, arg_hi, mask=row_mask)
-        bn_ptr = BN + stat[:, None] * DV + offs_dv[None, :]
-        tl.store(bn_ptr, acc_b / safe_total[:, None], mask=row_mask[:, None] & (offs_dv[None, :] < DV))
-    o_ptr = OUT + b * sob + h * soh + rows[:, None] * son + offs_dv[None, :] * sod
-    tl.store(o_ptr, out.to(OUT.dtype.element_ty), mask=row_mask[:, None] & (offs_dv[None, :] < DV))
-
-
-@triton.jit
-def bwd_preprocess(
-    OUT, DO, BN, DELTA, EXTRA, L, DV,
-    NORM: tl.constexpr, BLOCK_M: tl.constexpr, DV_PAD: tl.constexpr,
-):  # fmt: skip
-    """D_i = dO_i·o_i and (sa_norm) E_i = dO_i·(B_i/ℓ_i); o, dO, B/ℓ contiguous (B·Hq, L, Dv)."""
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    bh = tl.program_id(1).to(tl.int64)  # offsets can pass 2**31
-    offs = tl.arange(0, DV_PAD)
-    base = bh * L * DV
-    do = _load_rows(DO + base, rows, L, DV, 1, offs, DV).to(tl.float32)
-    o = _load_rows(OUT + base, rows, L, DV, 1, offs, DV).to(tl.float32)
-    tl.store(DELTA + bh * L + rows, tl.sum(do * o, 1), mask=rows < L)
+    scale_out = 1.0 / safe_total
     if NORM == 2:
-        bn = _load_rows(BN + base, rows, L, DV, 1, offs, DV)
-        tl.store(EXTRA + bh * L + rows, tl.sum(do * bn, 1), mask=rows < L)
+        scale_out *= tl.load(INV_DELTA + stat, mask=row_ok, other=0.0)
+    # +inf for a row with no key, so that recomputed probabilities are 0.
+    tl.store(LSE + stat, tl.where(has_keys, mu + tl.log(safe_total), float("inf")), mask=row_ok)
+    o_ptr = OUT + b * sob + h * soh + rows[:, None] * son + offs_dv[None, :] * sod
+    out = acc * scale_out[:, None]
+    tl.store(o_ptr, out.to(OUT.dtype.element_ty), mask=row_ok[:, None] & (offs_dv[None, :] < DV))
 
 
 @triton.jit
-def _weights_and_dx(x, ok, lse, low, inv_delta, d_o, dw, NORM: tl.constexpr):
-    """Weights w and dL/dx of DESIGN §2 for a (BLOCK_M, BLOCK_N) tile (the min/max terms excluded)."""
-    # Masking before exp: a masked logit may lie far above the row's logsumexp.
-    p = tl.exp(tl.where(ok, x - lse[:, None], float("-inf")))
+def _dx(x, p, dw, d_o, low, inv_delta, NORM: tl.constexpr):
+    """Weights w and dL/dx of DESIGN §2 for a tile, without the min/max terms; row statistics broadcast."""
     if NORM == 0:
         w = p
-        dx = p * (dw - d_o[:, None])
+        dx = p * (dw - d_o)
     elif NORM == 1:
         w = x * p
-        dx = p * (dw * (1.0 + x) - d_o[:, None])
+        dx = p * (dw * (1.0 + x) - d_o)
     else:
-        s = (x - low[:, None]) * inv_delta[:, None]
+        s = (x - low) * inv_delta
         w = s * p
-        dx = p * (dw * (inv_delta[:, None] + s) - d_o[:, None])
+        dx = p * (dw * (inv_delta + s) - d_o)
     return w, dx
 
 
 @triton.jit
-def _row_stats(LSE, LOW, INV_DELTA, DELTA, stat, row_mask, NORM: tl.constexpr):
-    lse = tl.load(LSE + stat, mask=row_mask, other=float("inf"))
-    d_o = tl.load(DELTA + stat, mask=row_mask, other=0.0)
+def _dq_tiles(
+    q, do, dq, e_sum, r_sum, lo, hi, k_base, v_base, skn, skd, svn, svd, rows, offs_n, offs_d, offs_dv,
+    t, lse, d_o, low, inv_delta, arg_hi, g_hi, L, S, pos0, scale,
+    mask_base, sml, sms, bias_base, sbl, sbs, r1, r2,
+    NORM: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, BIAS: tl.constexpr,
+    HAS_SSMAX: tl.constexpr, DX_FP32: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, DV: tl.constexpr, DV_PAD: tl.constexpr,
+):  # fmt: skip
+    for start_n in range(lo, hi, BLOCK_N):
+        cols = start_n + offs_n
+        kt = _load_t(k_base, cols, S, skn, offs_d, skd, D, D_PAD, MASKED)
+        vt = _load_t(v_base, cols, S, svn, offs_dv, svd, DV, DV_PAD, MASKED)
+        qk = tl.dot(q, kt, input_precision=PRECISION)
+        z, x, ok = _logits(
+            qk, rows[:, None], cols[None, :], L, S, pos0, scale, t[:, None], mask_base, sml, sms,
+            bias_base, sbl, sbs, r1, r2, MASKED, CAUSAL, HAS_MASK, BIAS, HAS_SSMAX,
+        )  # fmt: skip
+        # Masking before exp: a masked logit may lie far above the row's logsumexp.
+        x_p = tl.where(ok, x, float("-inf")) if MASKED else x
+        p = tl.math.exp2((x_p - lse[:, None]) * LOG2E)
+        dw = tl.dot(do, vt, input_precision=PRECISION)
+        _, dx = _dx(x, p, dw, d_o[:, None], low[:, None], inv_delta[:, None], NORM)
+        if NORM == 2:
+            e_sum += tl.sum(p * dw, 1)
+            dx += tl.where(cols[None, :] == arg_hi[:, None], g_hi[:, None], 0.0)
+        if HAS_SSMAX:
+            r_sum += tl.sum(dx * z, 1)
+        if DX_FP32:
+            dq += tl.dot(dx, tl.trans(kt).to(tl.float32), input_precision=PRECISION)
+        else:
+            dq += tl.dot(dx.to(kt.dtype), tl.trans(kt), input_precision=PRECISION)
+    return dq, e_sum, r_sum
+
+
+@triton.jit
+def bwd_dq(
+    Q, K, V, OUT, DO, DQ, LSE, T, LOW, INV_DELTA, ARGMIN, ARGMAX, DELTA, G_LOW, DT, R1, R2,
+    sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
+    MASK, smb, smh, sml, sms, BIAS, sbb, sbh, sbl, sbs,
+    H, GROUPS, L, S, pos0, scale,
+    NORM: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, BIAS_KIND: tl.constexpr,
+    HAS_SSMAX: tl.constexpr, ALL_MASKED: tl.constexpr, DX_FP32: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    D: tl.constexpr, D_PAD: tl.constexpr, DV: tl.constexpr, DV_PAD: tl.constexpr,
+):  # fmt: skip
+    """dq (contiguous (B, Hq, L, D), q's dtype), D_i, the min term (D_i − E_i)·c_i and dL/dt_i.
+
+    o and dO are contiguous (B, Hq, L, Dv).
+    """
+    start_m = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)  # offsets can pass 2**31
+    b = bh // H
+    h = bh % H
+    hk = h // GROUPS
+    rows = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, D_PAD)
+    offs_dv = tl.arange(0, DV_PAD)
+    stat = bh * L + rows
+    row_ok = rows < L
+    q = _load(Q + b * sqb + h * sqh, rows, L, sqn, offs_d, sqd, D, D_PAD, True)
+    do = _load(DO + bh * L * DV, rows, L, DV, offs_dv, 1, DV, DV_PAD, True)
+    o = _load(OUT + bh * L * DV, rows, L, DV, offs_dv, 1, DV, DV_PAD, True)
+    d_o = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+    tl.store(DELTA + stat, d_o, mask=row_ok)
+    lse = tl.load(LSE + stat, mask=row_ok, other=float("inf"))
+    t, r1, r2 = _row_factor_and_bias(T, stat, row_ok, R1, R2, h, BLOCK_M, HAS_SSMAX, BIAS_KIND)
     if NORM == 2:
-        low = tl.load(LOW + stat, mask=row_mask, other=0.0)
-        inv_delta = tl.load(INV_DELTA + stat, mask=row_mask, other=0.0)
+        low = tl.load(LOW + stat, mask=row_ok, other=0.0)
+        inv_delta = tl.load(INV_DELTA + stat, mask=row_ok, other=0.0)
+        arg_hi = tl.load(ARGMAX + stat, mask=row_ok, other=-1)
+        g_hi = -d_o * inv_delta
     else:
         low = d_o
         inv_delta = d_o
-    return lse, low, inv_delta, d_o
+        arg_hi = rows
+        g_hi = d_o
+    k_base = K + b * skb + hk * skh
+    v_base = V + b * svb + hk * svh
+    mask_base = MASK + b * smb + h * smh
+    bias_base = BIAS + b * sbb + h * sbh
+    dq = tl.zeros([BLOCK_M, D_PAD], tl.float32)
+    e_sum = tl.zeros([BLOCK_M], tl.float32)
+    r_sum = tl.zeros([BLOCK_M], tl.float32)
+    full_end, end = _key_blocks(start_m, L, S, pos0, BLOCK_M, BLOCK_N, CAUSAL)
+    if ALL_MASKED:
+        full_end = 0
+    dq, e_sum, r_sum = _dq_tiles(
+        q, do, dq, e_sum, r_sum, 0, full_end, k_base, v_base, skn, skd, svn, svd, rows, offs_n, offs_d, offs_dv,
+        t, lse, d_o, low, inv_delta, arg_hi, g_hi, L, S, pos0, scale, mask_base, sml, sms, bias_base, sbl, sbs,
+        r1, r2, NORM, False, CAUSAL, HAS_MASK, BIAS_KIND, HAS_SSMAX, DX_FP32, PRECISION, BLOCK_N, D, D_PAD, DV,
+        DV_PAD,
+    )  # fmt: skip
+    dq, e_sum, r_sum = _dq_tiles(
+        q, do, dq, e_sum, r_sum, full_end, end, k_base, v_base, skn, skd, svn, svd, rows, offs_n, offs_d,
+        offs_dv, t, lse, d_o, low, inv_delta, arg_hi, g_hi, L, S, pos0, scale, mask_base, sml, sms, bias_base,
+        sbl, sbs, r1, r2, NORM, True, CAUSAL, HAS_MASK, BIAS_KIND, HAS_SSMAX, DX_FP32, PRECISION, BLOCK_N, D,
+        D_PAD, DV, DV_PAD,
+    )  # fmt: skip
+    if NORM == 2:
+        # The min term (D − E)·c at the argmin: through the key row there into dq, through z there into dL/dt.
+        arg_lo = tl.load(ARGMIN + stat, mask=row_ok, other=-1)
+        g_lo = tl.where(arg_lo >= 0, (d_o - e_sum) * inv_delta, 0.0)
+        tl.store(G_LOW + stat, g_lo, mask=row_ok)
+        k_lo = _load(k_base, tl.maximum(arg_lo, 0), S, skn, offs_d, skd, D, D_PAD, True)
+        dq += tl.where(arg_lo[:, None] >= 0, g_lo[:, None] * k_lo.to(tl.float32), 0.0)
+        if HAS_SSMAX:  # x = t·z is the row min m there, so z = m / t (t != 0 wherever the term exists)
+            r_sum += g_lo * low / tl.where(t != 0, t, 1.0)
+    if HAS_SSMAX:
+        tl.store(DT + stat, r_sum, mask=row_ok)
+        dq *= (t * scale)[:, None]
+    else:
+        dq *= scale
+    dq_ptr = DQ + bh * L * D + rows[:, None] * D + offs_d[None, :]
+    tl.store(dq_ptr, dq.to(DQ.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < D))
+
+
+@triton.jit
+def _dkdv_tiles(
+    k, v, dk, dv, dr1, dr2, lo, hi, q_base, do_base, stat_base, sqn, sqd, cols, offs_m, offs_d, offs_dv,
+    LSE, T, LOW, INV_DELTA, ARGMIN, ARGMAX, DELTA, G_LOW, L, S, pos0, scale,
+    mask_base, sml, sms, bias_base, sbl, sbs, dbias_base, r1, r2,
+    NORM: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, BIAS: tl.constexpr,
+    BIAS_GRAD: tl.constexpr, HAS_SSMAX: tl.constexpr, DX_FP32: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, DV: tl.constexpr, DV_PAD: tl.constexpr,
+):  # fmt: skip
+    """One query head's contribution to a key block, in transposed (keys, rows) tiles."""
+    for start_m in range(lo, hi, BLOCK_M):
+        rows = start_m + offs_m
+        row_ok = rows < L
+        stat = stat_base + rows
+        qt = _load_t(q_base, rows, L, sqn, offs_d, sqd, D, D_PAD, True)
+        do = _load(do_base, rows, L, DV, offs_dv, 1, DV, DV_PAD, True)
+        lse = tl.load(LSE + stat, mask=row_ok, other=float("inf"))
+        d_o = tl.load(DELTA + stat, mask=row_ok, other=0.0)
+        t, _, _ = _row_factor_and_bias(T, stat, row_ok, T, T, 0, BLOCK_M, HAS_SSMAX, NO_BIAS)
+        qk = tl.dot(k, qt, input_precision=PRECISION)
+        z, x, ok = _logits(
+            qk, rows[None, :], cols[:, None], L, S, pos0, scale, t[None, :], mask_base, sml, sms,
+            bias_base, sbl, sbs, r1, r2, MASKED, CAUSAL, HAS_MASK, BIAS, HAS_SSMAX,
+        )  # fmt: skip
+        x_p = tl.where(ok, x, float("-inf")) if MASKED else x
+        p = tl.math.exp2((x_p - lse[None, :]) * LOG2E)
+        dw = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+        if NORM == 2:
+            low = tl.load(LOW + stat, mask=row_ok, other=0.0)
+            inv_delta = tl.load(INV_DELTA + stat, mask=row_ok, other=0.0)
+            w, dx = _dx(x, p, dw, d_o[None, :], low[None, :], inv_delta[None, :], NORM)
+            arg_hi = tl.load(ARGMAX + stat, mask=row_ok, other=-1)
+            arg_lo = tl.load(ARGMIN + stat, mask=row_ok, other=-1)
+            g_lo = tl.load(G_LOW + stat, mask=row_ok, other=0.0)
+            dx += tl.where(cols[:, None] == arg_hi[None, :], (-d_o * inv_delta)[None, :], 0.0)
+            dx += tl.where(cols[:, None] == arg_lo[None, :], g_lo[None, :], 0.0)
+        else:
+            w, dx = _dx(x, p, dw, d_o[None, :], d_o, d_o, NORM)
+        dv += tl.dot(w.to(do.dtype), do, input_precision=PRECISION)
+        if HAS_SSMAX:
+            dx = dx * t[None, :]  # dL/dz
+        if DX_FP32:
+            dk += tl.dot(dx, tl.trans(qt).to(tl.float32), input_precision=PRECISION)
+        else:
+            dk += tl.dot(dx.to(qt.dtype), tl.trans(qt), input_precision=PRECISION)
+        if BIAS_GRAD:
+            if MASKED:
+                dx = tl.where(ok, dx, 0.0)
+            if BIAS == BIAS_TENSOR:
+                db_ptr = dbias_base + rows[None, :] * S + cols[:, None]
+                tl.store(db_ptr, dx, mask=(rows[None, :] < L) & (cols[:, None] < S))
+            else:
+                dist = tl.abs(rows[None, :] + pos0 - cols[:, None]).to(tl.float32)
+                if BIAS == ALIBI:
+                    dr1 += tl.sum(-dx * dist, 0)
+                elif BIAS == KERPLE_LOG:
+                    dr1 += tl.sum(-dx * tl.log(1.0 + r2 * dist), 0)
+                    dr2 += tl.sum(-dx * r1 * dist / (1.0 + r2 * dist), 0)
+                else:
+                    log_d = tl.log(tl.maximum(dist, 1.0))
+                    powered = tl.where(dist > 0, tl.exp(r2 * log_d), 0.0)
+                    dr1 += tl.sum(-dx * powered, 0)
+                    dr2 += tl.sum(-dx * r1 * powered * log_d, 0)
+    return dk, dv, dr1, dr2
 
 
 @triton.jit
 def bwd_dkdv(
-    Q, K, V, DO, DK, DV_OUT, LSE, LOW, INV_DELTA, DELTA,
+    Q, K, V, DO, DK, DV_OUT, LSE, T, LOW, INV_DELTA, ARGMIN, ARGMAX, DELTA, G_LOW, R1, R2, DR, DBIAS,
     sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
     MASK, smb, smh, sml, sms, BIAS, sbb, sbh, sbl, sbs,
-    H, GROUPS, L, S, D, DV, scale,
-    NORM: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
-    PRECISION: tl.constexpr,
-    DX_FP32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr,
+    H, GROUPS, L, S, pos0, scale,
+    NORM: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, BIAS_KIND: tl.constexpr,
+    BIAS_GRAD: tl.constexpr, HAS_SSMAX: tl.constexpr, ALL_MASKED: tl.constexpr, DX_FP32: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    D: tl.constexpr, D_PAD: tl.constexpr, DV: tl.constexpr, DV_PAD: tl.constexpr,
 ):  # fmt: skip
-    """dK, dV (float32, contiguous (B, Hkv, S, D/Dv)); dO is contiguous (B, Hq, L, Dv)."""
+    """dk, dv (contiguous (B, Hkv, S, D/Dv), k's dtype); dO contiguous (B, Hq, L, Dv).
+
+    Relative biases: DR[(key block · B·Hq + b·Hq + h) · 2 + i] = this program's part of dL/dr_i of head h.
+    A bias tensor: DBIAS, contiguous (B, Hq, L, S) float32, gets dL/dbias = t·dx.
+    """
     start_n = tl.program_id(0) * BLOCK_N
     bhk = tl.program_id(1).to(tl.int64)
     hkv = H // GROUPS
     b = bhk // hkv
     hk = bhk % hkv
     cols = start_n + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D_PAD)
     offs_dv = tl.arange(0, DV_PAD)
-    k = _load_rows(K + b * skb + hk * skh, cols, S, skn, skd, offs_d, D)
-    v = _load_rows(V + b * svb + hk * svh, cols, S, svn, svd, offs_dv, DV)
+    k = _load(K + b * skb + hk * skh, cols, S, skn, offs_d, skd, D, D_PAD, True)
+    v = _load(V + b * svb + hk * svh, cols, S, svn, offs_dv, svd, DV, DV_PAD, True)
     dk = tl.zeros([BLOCK_N, D_PAD], tl.float32)
     dv = tl.zeros([BLOCK_N, DV_PAD], tl.float32)
-    # Causal: query i sees key j iff i >= j − (S − L); earlier query blocks contribute nothing.
+    # Causal: query i sees key j iff i >= j − pos0. Query blocks before `lo` see nothing of this key block;
+    # from `full` on, every row sees every key of it (if the key block lies inside S).
     lo = 0
+    full = 0
     if CAUSAL:
-        lo = tl.maximum(start_n - (S - L), 0) // BLOCK_M * BLOCK_M
+        lo = tl.maximum(start_n - pos0, 0) // BLOCK_M * BLOCK_M
+        full = tl.minimum(tl.maximum(start_n + BLOCK_N - 1 - pos0, 0), L)
+        full = (full + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+        full = tl.maximum(full, lo)
+    if ALL_MASKED or start_n + BLOCK_N > S:
+        full = L
+    full = tl.minimum(full, L)
     for g in range(GROUPS):
         h = hk * GROUPS + g
+        bh = b * H + h
         q_base = Q + b * sqb + h * sqh
-        do_base = DO + (b * H + h) * L * DV
-        for start_m in range(lo, L, BLOCK_M):
-            rows = start_m + tl.arange(0, BLOCK_M)
-            row_mask = rows < L
-            q = _load_rows(q_base, rows, L, sqn, sqd, offs_d, D).to(K.dtype.element_ty)
-            do = _load_rows(do_base, rows, L, DV, 1, offs_dv, DV)
-            lse, low, inv_delta, d_o = _row_stats(LSE, LOW, INV_DELTA, DELTA, (b * H + h) * L + rows, row_mask, NORM)
-            x, ok = _logits(
-                q, k, rows, cols, L, S, scale, MASK + b * smb + h * smh, sml, sms,
-                BIAS + b * sbb + h * sbh, sbl, sbs, CAUSAL, HAS_MASK, HAS_BIAS, PRECISION,
-            )  # fmt: skip
-            dw = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-            w, dx = _weights_and_dx(x, ok, lse, low, inv_delta, d_o, dw, NORM)
-            dv += tl.dot(tl.trans(w).to(do.dtype), do, input_precision=PRECISION)
-            if DX_FP32:
-                dk += tl.dot(tl.trans(dx), q.to(tl.float32), input_precision=PRECISION)
-            else:
-                dk += tl.dot(tl.trans(dx).to(q.dtype), q, input_precision=PRECISION)
-    out = bhk * S * D + cols[:, None] * D + offs_d[None, :]
-    tl.store(DK + out, dk * scale, mask=(cols[:, None] < S) & (offs_d[None, :] < D))
-    out_v = bhk * S * DV + cols[:, None] * DV + offs_dv[None, :]
-    tl.store(DV_OUT + out_v, dv, mask=(cols[:, None] < S) & (offs_dv[None, :] < DV))
-
-
-@triton.jit
-def bwd_dq(
-    Q, K, V, DO, DQ, LSE, LOW, INV_DELTA, DELTA,
-    sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
-    MASK, smb, smh, sml, sms, BIAS, sbb, sbh, sbl, sbs,
-    H, GROUPS, L, S, D, DV, scale,
-    NORM: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
-    PRECISION: tl.constexpr,
-    DX_FP32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr,
-):  # fmt: skip
-    """dQ (float32, contiguous (B, Hq, L, D)); dO is contiguous (B, Hq, L, Dv)."""
-    start_m = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)  # offsets can pass 2**31
-    b = bh // H
-    h = bh % H
-    hk = h // GROUPS
-    rows = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_mask = rows < L
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, D_PAD)
-    offs_dv = tl.arange(0, DV_PAD)
-    q = _load_rows(Q + b * sqb + h * sqh, rows, L, sqn, sqd, offs_d, D).to(K.dtype.element_ty)
-    do = _load_rows(DO + bh * L * DV, rows, L, DV, 1, offs_dv, DV)
-    lse, low, inv_delta, d_o = _row_stats(LSE, LOW, INV_DELTA, DELTA, bh * L + rows, row_mask, NORM)
-    k_base = K + b * skb + hk * skh
-    v_base = V + b * svb + hk * svh
-    mask_base = MASK + b * smb + h * smh
-    bias_base = BIAS + b * sbb + h * sbh
-    dq = tl.zeros([BLOCK_M, D_PAD], tl.float32)
-    for start_n in range(0, _key_end(start_m, L, S, BLOCK_M, CAUSAL), BLOCK_N):
-        cols = start_n + offs_n
-        k = _load_rows(k_base, cols, S, skn, skd, offs_d, D)
-        v = _load_rows(v_base, cols, S, svn, svd, offs_dv, DV)
-        x, ok = _logits(
-            q, k, rows, cols, L, S, scale, mask_base, sml, sms, bias_base, sbl, sbs,
-            CAUSAL, HAS_MASK, HAS_BIAS, PRECISION,
+        do_base = DO + bh * L * DV
+        _, r1, r2 = _row_factor_and_bias(T, offs_m, offs_m < 0, R1, R2, h, BLOCK_M, False, BIAS_KIND)
+        dr1 = tl.zeros([BLOCK_M], tl.float32)  # per row of the query tile; summed when the head is done
+        dr2 = tl.zeros([BLOCK_M], tl.float32)
+        mask_base = MASK + b * smb + h * smh
+        bias_base = BIAS + b * sbb + h * sbh
+        dbias_base = DBIAS + bh * L * S
+        dk, dv, dr1, dr2 = _dkdv_tiles(
+            k, v, dk, dv, dr1, dr2, lo, full, q_base, do_base, bh * L, sqn, sqd, cols, offs_m, offs_d, offs_dv,
+            LSE, T, LOW, INV_DELTA, ARGMIN, ARGMAX, DELTA, G_LOW, L, S, pos0, scale,
+            mask_base, sml, sms, bias_base, sbl, sbs, dbias_base, r1, r2,
+            NORM, True, CAUSAL, HAS_MASK, BIAS_KIND, BIAS_GRAD, HAS_SSMAX, DX_FP32, PRECISION,
+            BLOCK_M, D, D_PAD, DV, DV_PAD,
         )  # fmt: skip
-        dw = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-        _, dx = _weights_and_dx(x, ok, lse, low, inv_delta, d_o, dw, NORM)
-        if DX_FP32:
-            dq += tl.dot(dx, k.to(tl.float32), input_precision=PRECISION)
-        else:
-            dq += tl.dot(dx.to(k.dtype), k, input_precision=PRECISION)
-    out = bh * L * D + rows[:, None] * D + offs_d[None, :]
-    tl.store(DQ + out, dq * scale, mask=row_mask[:, None] & (offs_d[None, :] < D))
+        dk, dv, dr1, dr2 = _dkdv_tiles(
+            k, v, dk, dv, dr1, dr2, full, L, q_base, do_base, bh * L, sqn, sqd, cols, offs_m, offs_d, offs_dv,
+            LSE, T, LOW, INV_DELTA, ARGMIN, ARGMAX, DELTA, G_LOW, L, S, pos0, scale,
+            mask_base, sml, sms, bias_base, sbl, sbs, dbias_base, r1, r2,
+            NORM, False, CAUSAL, HAS_MASK, BIAS_KIND, BIAS_GRAD, HAS_SSMAX, DX_FP32, PRECISION,
+            BLOCK_M, D, D_PAD, DV, DV_PAD,
+        )  # fmt: skip
+        if BIAS_GRAD and BIAS_KIND > BIAS_TENSOR:
+            slot = (tl.program_id(0).to(tl.int64) * tl.num_programs(1) * GROUPS + bhk * GROUPS + g) * 2
+            tl.store(DR + slot, tl.sum(dr1, 0))
+            tl.store(DR + slot + 1, tl.sum(dr2, 0))
+    out = bhk * S * D + cols[:, None] * D + offs_d[None, :]
+    tl.store(DK + out, (dk * scale).to(DK.dtype.element_ty), mask=(cols[:, None] < S) & (offs_d[None, :] < D))
+    out_v = bhk * S * DV + cols[:, None] * DV + offs_dv[None, :]
+    tl.store(DV_OUT + out_v, dv.to(DV_OUT.dtype.element_ty), mask=(cols[:, None] < S) & (offs_dv[None, :] < DV))
