@@ -553,15 +553,17 @@ def bwd_dkdv(
     dv = tl.zeros([BLOCK_N, DV_PAD], tl.float32)
     # Causal: query i sees key j iff i >= j − pos0. Query blocks before `lo` see nothing of this key block;
     # from `full` on, every row sees every key of it (if the key block lies inside S).
-    lo = 0
-    full = 0
+    lo = start_n * 0  # int32 scalars, so that the branches below assign one type
+    full = start_n * 0
     if CAUSAL:
         lo = tl.maximum(start_n - pos0, 0) // BLOCK_M * BLOCK_M
         full = tl.minimum(tl.maximum(start_n + BLOCK_N - 1 - pos0, 0), L)
         full = (full + BLOCK_M - 1) // BLOCK_M * BLOCK_M
         full = tl.maximum(full, lo)
-    if ALL_MASKED or start_n + BLOCK_N > S:
-        full = L
+    if ALL_MASKED:
+        full = start_n * 0 + L
+    if start_n + BLOCK_N > S:  # the last, partial key block
+        full = start_n * 0 + L
     full = tl.minimum(full, L)
     for g in range(GROUPS):
         h = hk * GROUPS + g
