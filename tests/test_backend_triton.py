@@ -254,7 +254,7 @@ def test_double_backward_raises():
     q, k, v = (t.float().to(DEVICE).requires_grad_() for t in (q, k, v))
     out = attention(q, k, v, backend="triton")
     (dq,) = torch.autograd.grad(out.sum(), q, create_graph=True)
-    with pytest.raises(RuntimeError, match="once_differentiable|does not require grad"):
+    with pytest.raises(RuntimeError, match="no autograd formula was registered"):
         dq.sum().backward()
 
 

@@ -75,17 +75,20 @@ def attention(call: AttentionCall) -> Tensor:
     options = _Options(
         norm=NORMALIZERS.index(call.normalizer), causal=call.causal, scale=call.scale, eps=call.eps, pos0=lk - lq
     )
-    mask = None if call.mask is None else call.mask.expand(b, hq, lq, lk).view(torch.uint8)
     bias = call.bias
     if bias is not None and not isinstance(bias, (Tensor, RelativeBias)):
+        mask, _ = _views(call.q, call.k, call.mask, None)
         params = tuple(p for p in bias.parameters() if p.requires_grad) if isinstance(bias, nn.Module) else ()
         return _BiasFunctionAttention.apply(call.q, call.k, call.v, call.ssmax, bias, mask, options, *params)
     t = None if call.ssmax is None else ssmax_factor(call)
+    kind, r1, r2 = (0 if bias is None else 1), None, None
     if isinstance(bias, RelativeBias):
-        r2 = bias.r2 if bias.r2 is not None else bias.r1
-        kind = 2 + RELATIVE_BIAS_KINDS.index(bias.kind)
-        return _FusedAttention.apply(call.q, call.k, call.v, t, mask, None, kind, bias.r1, r2, options)
-    return _FusedAttention.apply(call.q, call.k, call.v, t, mask, bias, 0 if bias is None else 1, None, None, options)
+        kind, r1, r2, bias = 2 + RELATIVE_BIAS_KINDS.index(bias.kind), bias.r1, bias.r2, None
+    o, *_ = triton_forward(
+        call.q, call.k, call.v, t, call.mask, bias, kind, r1, r2, options.norm, call.causal, call.scale, call.eps,
+        options.pos0,
+    )  # fmt: skip
+    return o
 
 
 def ssmax_factor(call: AttentionCall) -> Tensor:
@@ -223,7 +226,8 @@ def _forward(q, k, v, o, t, mask, bias, kind, r1, r2, opt: _Options) -> _Saved:
     rows = torch.empty(b * hq, lq, device=q.device, dtype=torch.float32)
     lse = torch.empty_like(rows)
     none = torch.empty(0, device=q.device, dtype=torch.float32)
-    saved = _Saved(lse, none, none, none.int(), none.int())
+    # Distinct empty tensors where the normalizer saves nothing (operator outputs must not alias each other).
+    saved = _Saved(lse, none, none.clone(), none.int(), none.int())
     cfg = _configs(d, dv, q.dtype)["fwd"]
     t_arg = none if t is None else t.contiguous()
     r1_arg = none if r1 is None else r1.float().contiguous()
@@ -303,7 +307,7 @@ def _backward(
     )  # fmt: skip
     bias_grads = None
     if bias_grad:
-        bias_grads = dbias if kind == 1 else tuple(dr.sum((0, 1)).unbind(-1))
+        bias_grads = dbias if kind == 1 else tuple(g.clone() for g in dr.sum((0, 1)).unbind(-1))
     return dq, dk, dv_, (dt.view(b, hq, lq) if t is not None else None), bias_grads
 
 
@@ -316,36 +320,135 @@ def _reduce_to(grad: Tensor, like: Tensor) -> Tensor:
     return grad.view(like.shape).to(like.dtype)
 
 
-class _FusedAttention(torch.autograd.Function):
-    """One call of the kernels. Differentiable in q, k, v, SSMax's t, a bias tensor, and r1/r2."""
+# The kernels as PyTorch custom operators: torch.compile (fullgraph too), torch.export and CUDA graphs see one
+# opaque operator per direction, with fake (meta) implementations for tracing and the forward's autograd formula
+# calling the backward operator (which has none: a double backward raises).
+@torch.library.custom_op("sasoftmax::triton_forward", mutates_args=())
+def triton_forward(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    t: Tensor | None,
+    mask: Tensor | None,
+    bias: Tensor | None,
+    kind: int,
+    r1: Tensor | None,
+    r2: Tensor | None,
+    norm: int,
+    causal: bool,
+    scale: float,
+    eps: float,
+    pos0: int,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """One forward. ``t`` (B, Hq, L) SSMax factors or None; ``mask`` bool and ``bias`` (kind 1) broadcastable to
+    (B, Hq, L, S); kinds 2–4 read ``r1``, ``r2`` (Hq,). Returns o (B, Hq, L, Dv) and the saved row statistics
+    lse, m, 1/δ (float32) and argmin, argmax (int32), each (B·Hq, L) (empty where the normalizer needs none)."""
+    b, hq, lq, _ = q.shape
+    o = torch.empty(b, hq, lq, v.shape[3], device=q.device, dtype=v.dtype)
+    saved = _forward(q, k, v, o, t, *_views(q, k, mask, bias), kind, r1, r2, _Options(norm, causal, scale, eps, pos0))
+    return o, saved.lse, saved.low, saved.inv_delta, saved.argmin, saved.argmax
 
-    @staticmethod
-    def forward(ctx, q, k, v, t, mask, bias, kind: int, r1, r2, opt: _Options):
-        b, hq, lq, _ = q.shape
-        o = torch.empty(b, hq, lq, v.shape[3], device=q.device, dtype=v.dtype)
-        bias_view = None if bias is None else bias.detach().expand(b, hq, lq, k.shape[2])
-        saved = _forward(q, k, v, o, t, mask, bias_view, kind, r1, r2, opt)
-        ctx.save_for_backward(q, k, v, o, t, r1, r2, saved.lse, saved.low, saved.inv_delta, saved.argmin, saved.argmax)
-        ctx.mask, ctx.bias, ctx.bias_view, ctx.kind, ctx.opt = mask, bias, bias_view, kind, opt
-        return o
 
-    @staticmethod
-    @once_differentiable  # the kernels are opaque to autograd: double backward raises instead of lying
-    def backward(ctx, grad_out: Tensor):
-        q, k, v, o, t, r1, r2, *stats = ctx.saved_tensors
-        kind = ctx.kind
-        bias_grad = (kind == 1 and ctx.needs_input_grad[5]) or (kind > 1 and any(ctx.needs_input_grad[7:9]))
-        do = grad_out.to(v.dtype).contiguous()
-        dq, dk, dv, dt, bias_grads = _backward(
-            q, k, v, o, do, t, ctx.mask, ctx.bias_view, kind, r1, r2, _Saved(*stats), ctx.opt, bias_grad
-        )
-        dbias = dr1 = dr2 = None
-        if bias_grad and kind == 1:
-            dbias = _reduce_to(bias_grads, ctx.bias)
-        elif bias_grad:
-            dr1 = bias_grads[0].to(r1.dtype)
-            dr2 = bias_grads[1].to(r2.dtype) if kind > 2 else None
-        return dq, dk, dv, dt, None, dbias, None, dr1, dr2, None
+@triton_forward.register_fake
+def _(q, k, v, t, mask, bias, kind, r1, r2, norm, causal, scale, eps, pos0):
+    b, hq, lq, _ = q.shape
+    rows = (b * hq, lq) if norm == 2 else (0,)
+    o = q.new_empty((b, hq, lq, v.shape[3]), dtype=v.dtype)
+    lse = q.new_empty((b * hq, lq), dtype=torch.float32)
+    stats = [q.new_empty(rows, dtype=dtype) for dtype in (torch.float32, torch.float32, torch.int32, torch.int32)]
+    return o, lse, *stats
+
+
+@torch.library.custom_op("sasoftmax::triton_backward", mutates_args=())
+def triton_backward(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    t: Tensor | None,
+    mask: Tensor | None,
+    bias: Tensor | None,
+    kind: int,
+    r1: Tensor | None,
+    r2: Tensor | None,
+    norm: int,
+    causal: bool,
+    scale: float,
+    eps: float,
+    pos0: int,
+    o: Tensor,
+    grad_out: Tensor,
+    lse: Tensor,
+    low: Tensor,
+    inv_delta: Tensor,
+    argmin: Tensor,
+    argmax: Tensor,
+    bias_grad: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The backward of :func:`triton_forward`: dq, dk, dv (the inputs' dtypes), dL/dt (t's shape), dL/dbias
+    (bias's shape) and dL/dr1, dL/dr2 ((Hq,) in their dtypes); empty tensors for what does not exist or (bias
+    gradients) was not asked for with ``bias_grad``."""
+    opt = _Options(norm, causal, scale, eps, pos0)
+    do = grad_out.to(v.dtype).contiguous()
+    saved = _Saved(lse, low, inv_delta, argmin, argmax)
+    dq, dk, dv, dt, bias_grads = _backward(
+        q, k, v, o, do, t, *_views(q, k, mask, bias), kind, r1, r2, saved, opt, bias_grad
+    )
+    def empty() -> Tensor:  # a fresh one each time: operator outputs must not alias each other
+        return q.new_empty((0,), dtype=torch.float32)
+
+    dbias, dr1, dr2 = empty(), empty(), empty()
+    if bias_grad and kind == 1:
+        dbias = _reduce_to(bias_grads, bias)
+    elif bias_grad:
+        dr1 = bias_grads[0].to(r1.dtype)
+        if kind > 2:
+            dr2 = bias_grads[1].to(r2.dtype)
+    return dq, dk, dv, (dt if t is not None else empty()), dbias, dr1, dr2
+
+
+@triton_backward.register_fake
+def _(q, k, v, t, mask, bias, kind, r1, r2, norm, causal, scale, eps, pos0, o, grad_out, lse, low, inv_delta,
+      argmin, argmax, bias_grad):  # fmt: skip
+    def empty():
+        return q.new_empty((0,), dtype=torch.float32)
+
+    dt = q.new_empty(t.shape, dtype=torch.float32) if t is not None else empty()
+    dbias = torch.empty_like(bias) if bias_grad and kind == 1 else empty()
+    dr1 = torch.empty_like(r1) if bias_grad and kind > 1 else empty()
+    dr2 = torch.empty_like(r2) if bias_grad and kind > 2 else empty()
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dt, dbias, dr1, dr2
+
+
+def _setup_context(ctx, inputs: tuple, output: tuple) -> None:
+    q, k, v, t, mask, bias, kind, r1, r2, *options = inputs
+    ctx.save_for_backward(q, k, v, t, mask, bias, r1, r2, *output)
+    ctx.kind, ctx.options = kind, options
+
+
+def _backward_formula(ctx, grad_out: Tensor, *_unused_stat_grads) -> tuple:
+    q, k, v, t, mask, bias, r1, r2, o, *stats = ctx.saved_tensors
+    kind, need = ctx.kind, ctx.needs_input_grad
+    bias_grad = (kind == 1 and need[5]) or (kind > 1 and (need[7] or need[8]))
+    if grad_out is None:
+        grad_out = torch.zeros_like(o)
+    dq, dk, dv, dt, dbias, dr1, dr2 = torch.ops.sasoftmax.triton_backward(
+        q, k, v, t, mask, bias, kind, r1, r2, *ctx.options, o, grad_out, *stats, bias_grad
+    )
+    return (dq, dk, dv, dt if t is not None else None, None, dbias if kind == 1 and bias_grad else None, None,
+            dr1 if kind > 1 and bias_grad else None, dr2 if kind > 2 and bias_grad else None,
+            None, None, None, None, None)  # fmt: skip
+
+
+triton_forward.register_autograd(_backward_formula, setup_context=_setup_context)
+
+
+def _views(q: Tensor, k: Tensor, mask: Tensor | None, bias: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
+    """The mask as a uint8 and the bias as a (B, Hq, L, S) view: stride 0 where they broadcast, nothing copied."""
+    b, hq, lq, _ = q.shape
+    full = (b, hq, lq, k.shape[2])
+    mask = None if mask is None else mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape)).expand(full)
+    bias = None if bias is None else bias.detach().reshape((1,) * (4 - bias.dim()) + tuple(bias.shape)).expand(full)
+    return (None if mask is None else mask.view(torch.uint8)), bias
 
 
 def _chunk_rows(call_shape: tuple[int, ...], lk: int) -> int:
