@@ -2,7 +2,7 @@
 # One command for a fresh GPU machine (torch and triton installed, nothing else; the repository root as the
 # working directory): versions, the Triton tests on CUDA, the kernel benchmark (without and with positional
 # biases) and the GPT training benchmark. Every step has a time limit (the whole script ends within
-# ~7.5 minutes with the defaults) and a failing step does not stop the next.
+# 7m45s with the defaults) and a failing step does not stop the next.
 #
 #   benchmarks/gpu_check.sh OUT_DIR
 #
@@ -15,7 +15,8 @@
 #
 # Budget (environment variables; seconds):
 #   GPU_CHECK_QUICK=1    fewer sizes: N 1024 4096, head dim 128, fwd+bwd only, train seq 1024, 5 timed steps
-#   VERSIONS_S=30 TESTS_S=130 KERNELS_S=150 BIAS_S=50 TRAIN_S=80   limits of the steps (0 skips a step)
+#   VERSIONS_S=20 TESTS_S=120 KERNELS_S=170 BIAS_S=50 TRAIN_S=80   limits of the steps (0 skips a step)
+#   EAGER_MAX_LEN=1024   largest N of the eager (materialised) rows in the kernel table
 #   TEST_WORKERS=8       pytest-xdist workers (if pytest-xdist is installed; 0 runs the tests in one process)
 #   GPU_CHECK_SMOKE=1    tiny sizes on CPU: runs every step's code path anywhere (numbers meaningless)
 #   GPU_CHECK_DRY=1      the benchmarks only check their arguments and print their plan (tests/test_benchmarks.py)
@@ -38,9 +39,10 @@ export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH}
 export PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
 QUICK=${GPU_CHECK_QUICK:-0}
-VERSIONS_S=${VERSIONS_S:-30}
-TESTS_S=${TESTS_S:-130}
-KERNELS_S=${KERNELS_S:-150}
+VERSIONS_S=${VERSIONS_S:-20}
+TESTS_S=${TESTS_S:-120}
+KERNELS_S=${KERNELS_S:-170}
+EAGER_MAX_LEN=${EAGER_MAX_LEN:-1024}
 BIAS_S=${BIAS_S:-50}
 TRAIN_S=${TRAIN_S:-80}
 TEST_WORKERS=${TEST_WORKERS:-8}
@@ -63,9 +65,12 @@ step() {
     [ "$rc" -eq 0 ] || FAILED=1
 }
 
+# The result headers name the commit: from git, else from $SASOFTMAX_COMMIT (a copy without .git).
+COMMIT=$(git rev-parse HEAD 2>/dev/null) || COMMIT=${SASOFTMAX_COMMIT:-unknown}
+export SASOFTMAX_COMMIT=$COMMIT
 {
     echo "# gpu_check.sh $(date -u '+%Y-%m-%d %H:%M:%S UTC'), quick=$QUICK"
-    echo "commit: $(git rev-parse HEAD 2>/dev/null || echo "${SASOFTMAX_COMMIT:-unknown (no git)}")"
+    echo "commit: $COMMIT"
     git status --short --untracked-files=no 2>/dev/null | head -20
     nvidia-smi 2>&1 || echo "nvidia-smi failed"
 } >>"$LOG"
@@ -87,7 +92,7 @@ if [ "$TEST_WORKERS" -gt 0 ] && "$PY" -c "import xdist" 2>/dev/null; then
     XDIST=(-n "$TEST_WORKERS")
 fi
 # No -x: one run has to show every failing test, not the first.
-step tests "$TESTS_S" "$OUT/tests.log" "$PY" -m pytest tests/test_backend_triton.py -q -rfE --tb=short \
+step tests "$TESTS_S" "$OUT/tests.log" "$PY" -m pytest tests/test_backend_triton.py -rfE --tb=short \
     -p no:cacheprovider ${XDIST[@]+"${XDIST[@]}"}
 [ -f "$OUT/tests.log" ] && tail -n 3 "$OUT/tests.log" | sed 's/^/   /' | tee -a "$LOG"
 
@@ -108,7 +113,8 @@ else
 fi
 DRY=()
 [ "${GPU_CHECK_DRY:-0}" = 1 ] && DRY=(--dry-run)
-step kernels "$KERNELS_S" "$LOG" "$PY" benchmarks/triton_attention.py --out "$OUT" --prefix kernels "${KERNEL_SIZES[@]}" ${DRY[@]+"${DRY[@]}"}
+step kernels "$KERNELS_S" "$LOG" "$PY" benchmarks/triton_attention.py --out "$OUT" --prefix kernels --eager-max-len "$EAGER_MAX_LEN" \
+    "${KERNEL_SIZES[@]}" ${DRY[@]+"${DRY[@]}"}
 step bias "$BIAS_S" "$LOG" "$PY" benchmarks/triton_attention.py --out "$OUT" --prefix bias --modes fwd+bwd \
     --bias none alibi kerple fire --providers "${BIAS_PROVIDERS[@]}" "${BIAS_SIZES[@]}" \
     ${DRY[@]+"${DRY[@]}"}

@@ -41,7 +41,7 @@ def git_commit() -> str:
         ).stdout.strip()  # fmt: skip
         return head + ("+dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
-        return os.environ.get("SASOFTMAX_COMMIT", "unknown")
+        return os.environ.get("SASOFTMAX_COMMIT") or "unknown"
 
 
 def header(device: str, **settings: object) -> dict[str, object]:
@@ -166,8 +166,11 @@ def error_text(err: BaseException, limit: int = 160) -> str:
 def release(device: str) -> None:
     """Give cached blocks back after a provider, so the next one starts from the same free memory."""
     if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.empty_cache()
+        try:
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+        except RuntimeError:  # a broken CUDA context (e.g. an illegal address): the next row records it
+            pass
 
 
 def write_atomic(path: Path, text: str) -> None:

@@ -226,7 +226,14 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 0
     common.use_interpreter_on_cpu(args.device)
-    run(args)
+    try:
+        run(args)
+    except (RuntimeError, torch.cuda.OutOfMemoryError) as err:  # e.g. a CUDA context broken by an earlier row
+        print(
+            f"gpu_train.py: stopped: {common.error_text(err, 300)} (the rows measured so far are written)",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 
