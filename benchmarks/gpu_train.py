@@ -113,33 +113,33 @@ def train_row(args: argparse.Namespace, row: str, seq: int) -> dict:
     batch = max(1, args.tokens // seq)
     result = {"row": row, "seq": seq, "batch": batch, "tokens_per_s": None, "step_ms": None, "peak_gib": None,
               "extra_gib": None, "loss": None, "status": "ok", "note": ""}  # fmt: skip
-    torch.manual_seed(0)
-    config = GPTConfig(
-        vocab_size=VOCAB_SIZE, block_size=seq, n_layer=args.layers, n_embd=args.width, n_head=args.heads,
-        normalizer=normalizer, ssmax=SSMAX_INIT if ssmax else None, pos=pos, backend=backend,
-    )  # fmt: skip
-    model = GPT(config).to(device)
-    optimizer = make_optimizer(model, {"lr": 3e-4, "weight_decay": 0.1})
-    tokens = torch.randint(0, VOCAB_SIZE, (batch, seq + 1), device=device)
-    x, y = tokens[:, :-1], tokens[:, 1:]
-    amp = torch.autocast(device, dtype=torch.bfloat16) if args.amp == "bf16" else contextlib.nullcontext()
-    params = list(model.parameters())
-
-    def step() -> torch.Tensor:
-        with amp:
-            _, loss = model(x, y)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return loss.detach()
-
     try:
+        torch.manual_seed(0)
+        config = GPTConfig(
+            vocab_size=VOCAB_SIZE, block_size=seq, n_layer=args.layers, n_embd=args.width, n_head=args.heads,
+            normalizer=normalizer, ssmax=SSMAX_INIT if ssmax else None, pos=pos, backend=backend,
+        )  # fmt: skip
+        model = GPT(config).to(device)
+        optimizer = make_optimizer(model, {"lr": 3e-4, "weight_decay": 0.1})
+        tokens = torch.randint(0, VOCAB_SIZE, (batch, seq + 1), device=device)
+        x, y = tokens[:, :-1], tokens[:, 1:]
+        amp = torch.autocast(device, dtype=torch.bfloat16) if args.amp == "bf16" else contextlib.nullcontext()
+        params = list(model.parameters())
+
+        def step() -> torch.Tensor:
+            with amp:
+                _, loss = model(x, y)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            return loss.detach()
+
         model.train()
         for _ in range(args.warmup):
             step()
         common.synchronize(device)
-        before = torch.cuda.memory_allocated() if device == "cuda" else None
+        before = torch.cuda.memory_allocated() if device == "cuda" else 0
         if device == "cuda":
             torch.cuda.reset_peak_memory_stats()
         times = []
