@@ -113,12 +113,13 @@ else
 fi
 DRY=()
 [ "${GPU_CHECK_DRY:-0}" = 1 ] && DRY=(--dry-run)
-step kernels "$KERNELS_S" "$LOG" "$PY" benchmarks/triton_attention.py --out "$OUT" --prefix kernels --eager-max-len "$EAGER_MAX_LEN" \
-    "${KERNEL_SIZES[@]}" ${DRY[@]+"${DRY[@]}"}
+step kernels "$KERNELS_S" "$LOG" "$PY" benchmarks/triton_attention.py --out "$OUT" --prefix kernels \
+    --eager-max-len "$EAGER_MAX_LEN" "${KERNEL_SIZES[@]}" ${DRY[@]+"${DRY[@]}"}
 step bias "$BIAS_S" "$LOG" "$PY" benchmarks/triton_attention.py --out "$OUT" --prefix bias --modes fwd+bwd \
     --bias none alibi kerple fire --providers "${BIAS_PROVIDERS[@]}" "${BIAS_SIZES[@]}" \
     ${DRY[@]+"${DRY[@]}"}
-step train "$TRAIN_S" "$LOG" "$PY" benchmarks/gpu_train.py --out "$OUT" --prefix train "${TRAIN_SIZES[@]}" ${DRY[@]+"${DRY[@]}"}
+step train "$TRAIN_S" "$LOG" "$PY" benchmarks/gpu_train.py --out "$OUT" --prefix train "${TRAIN_SIZES[@]}" \
+    ${DRY[@]+"${DRY[@]}"}
 
 rm -f "$OUT"/*.tmp
 echo "== done after ${SECONDS}s; files: $(cd "$OUT" && ls | tr '\n' ' ')" | tee -a "$LOG"

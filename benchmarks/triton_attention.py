@@ -309,8 +309,8 @@ def add_ratios(rows: list[dict], baselines: list[str]) -> None:
 
 
 def tables(rows: list[dict], baselines: list[str]) -> str:
-    """Per mode, one Markdown table of every row; then, for forward+backward without bias, the ratio of
-    each provider's time to each baseline as an (N, D, causal) × provider grid."""
+    """Per mode, one Markdown table of every row; then, for forward+backward without bias, each provider's
+    time ÷ each baseline and extra memory ÷ the first baseline's, as (N, D, causal) × provider grids."""
     out = []
     mem_col = "memory x " + (baselines[0] if baselines else "")
     for mode in MODES:
@@ -336,13 +336,13 @@ def tables(rows: list[dict], baselines: list[str]) -> str:
         out.append("")
     grid_rows = [r for r in rows if r["mode"] == "fwd+bwd" and r["bias"] == "none"]
     providers = list(dict.fromkeys(r["provider"] for r in grid_rows))
-    for b in baselines:
-        shapes = list(dict.fromkeys((r["n"], r["head_dim"], r["causal"]) for r in grid_rows))
-        if not shapes:
-            break
-        cells = {(r["n"], r["head_dim"], r["causal"], r["provider"]): r[f"x {b}"] for r in grid_rows}
+    shapes = list(dict.fromkeys((r["n"], r["head_dim"], r["causal"]) for r in grid_rows))
+    grids = [(f"fwd+bwd time ÷ {b}", f"x {b}") for b in baselines]
+    grids += [(f"fwd+bwd extra memory ÷ {baselines[0]}", mem_col)] if baselines else []
+    for title, column in grids if shapes else []:
+        cells = {(r["n"], r["head_dim"], r["causal"], r["provider"]): r[column] for r in grid_rows}
         out += [
-            f"## fwd+bwd time ÷ {b} (no bias)\n",
+            f"## {title} (no bias)\n",
             "| N | D | causal | " + " | ".join(providers) + " |",
             "| ---: | ---: | :---: |" + " ---: |" * len(providers),
         ]
