@@ -367,41 +367,39 @@ def run(args: argparse.Namespace) -> list[dict]:
     rows: list[dict] = []
     causals = {"both": (False, True), "yes": (True,), "no": (False,)}[args.causal]
 
+    def report(row: dict) -> None:
+        done = f"{row['ms']:.3f} ms" if row["ms"] is not None else f"{row['status']}: {row['note']}"
+        print(f"N={row['n']} D={row['head_dim']} causal={row['causal']} {row['mode']} {row['provider']} "
+              f"bias={row['bias']}: {done}", flush=True)  # fmt: skip
+
     def save() -> None:
         add_ratios(rows, args.baselines)
         title = "Attention kernels: time, TFLOP/s and extra memory"
         common.write_results(out, args.prefix, title, info, rows, tables(rows, args.baselines))
 
-    for n in args.lengths:
-        for d in args.head_dims:
-            heads, batch = args.model_dim // d, max(1, args.tokens // n)
-            gen = torch.Generator(device=device).manual_seed(0)
-            qkv = [torch.randn(batch, heads, n, d, generator=gen, device=device, dtype=dtype) for _ in range(3)]
-            for t in qkv:
-                t.requires_grad_()
-            grad_out = torch.randn(batch, heads, n, d, generator=gen, device=device, dtype=dtype)
-            for causal in causals:
-                shape = Shape(n, batch, heads, d, causal, dtype, device)
-                biases = Biases(shape)
-                for bias in args.bias:
-                    for mode in args.modes:
+    # fwd+bwd first: it is what the targets are about, and it compiles the forward kernels the fwd rows reuse,
+    # so a run cut short by its time limit loses the least important rows.
+    for mode in sorted(args.modes, key=lambda m: m != "fwd+bwd"):
+        for n in args.lengths:
+            for d in args.head_dims:
+                heads, batch = args.model_dim // d, max(1, args.tokens // n)
+                gen = torch.Generator(device=device).manual_seed(0)
+                qkv = [torch.randn(batch, heads, n, d, generator=gen, device=device, dtype=dtype) for _ in range(3)]
+                for t in qkv:
+                    t.requires_grad_()
+                grad_out = torch.randn(batch, heads, n, d, generator=gen, device=device, dtype=dtype)
+                for causal in causals:
+                    shape = Shape(n, batch, heads, d, causal, dtype, device)
+                    biases = Biases(shape)
+                    for bias in args.bias:
                         for provider in args.providers:
-                            row = measure(args, provider, bias, mode, shape, qkv, grad_out, biases)
-                            rows.append(row)
-                            print(
-                                f"N={n} D={d} causal={causal} {mode} {provider} bias={bias}: "
-                                + (
-                                    f"{row['ms']:.3f} ms"
-                                    if row["ms"] is not None
-                                    else f"{row['status']}: {row['note']}"
-                                ),
-                                flush=True,
-                            )
+                            rows.append(measure(args, provider, bias, mode, shape, qkv, grad_out, biases))
+                            report(rows[-1])
                             save()
-                del biases
-            del qkv, grad_out
-            gc.collect()
-            common.release(device)
+                    del biases
+                del qkv, grad_out
+                gc.collect()
+                common.release(device)
     print(f"\nwrote {out / (args.prefix + '.md')} and {out / (args.prefix + '.json')}")
     return rows
 
