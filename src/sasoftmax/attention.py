@@ -50,7 +50,7 @@ def attention(
             Logits become x = s_h · ln(n_i) · z with n_i the number of keys row i may attend.
         eps: ε in sa_norm's denominator M − m + ε.
         dropout_p: dropout probability on the weights (applied whenever > 0, like SDPA).
-        backend: "auto", "eager", "cpu" or "triton".
+        backend: "auto", "eager", "cpu", "triton" or "sdpa" (PyTorch's SDPA; plain softmax calls only).
 
     Returns:
         (B, Hq, L, Dv) in q's dtype. Math runs in float32 (float64 for float64 inputs). Rows with no

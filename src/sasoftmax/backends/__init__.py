@@ -4,7 +4,8 @@
 - ``attention(call: AttentionCall) -> Tensor``: the output (B, Hq, L, Dv) in the input dtype.
 
 ``eager`` materialises the scores (the reference), ``cpu`` tiles them on the CPU with O(N) memory,
-``triton`` runs fused GPU kernels (and Triton's interpreter on CPU tensors).
+``triton`` runs fused GPU kernels (and Triton's interpreter on CPU tensors); ``sdpa`` hands plain softmax
+calls to PyTorch's ``scaled_dot_product_attention`` (a baseline; ``auto`` never picks it).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from types import ModuleType
 from ..checks import check_choice
 from .call import AttentionCall, BiasFunction
 
-BACKENDS: tuple[str, ...] = ("eager", "cpu", "triton")
+BACKENDS: tuple[str, ...] = ("eager", "cpu", "triton", "sdpa")
 
 __all__ = ["BACKENDS", "AttentionCall", "BiasFunction", "load", "unavailable"]
 

@@ -173,7 +173,7 @@ class GPT(nn.Module):
 
 
 def set_backend(model: nn.Module, name: str) -> None:
-    """Set the attention backend ("auto", "eager", "cpu", "triton") of every attention layer of ``model``."""
+    """Set the attention backend ("auto", "eager", "cpu", "triton", "sdpa") of every attention layer of ``model``."""
     found = False
     for module in model.modules():
         if isinstance(module, MultiheadAttention):

@@ -1,0 +1,126 @@
+#!/usr/bin/env bash
+# One command for a fresh GPU machine (torch and triton installed, nothing else; the repository root as the
+# working directory): versions, the Triton tests on CUDA, the kernel benchmark (without and with positional
+# biases) and the GPT training benchmark. Every step has a time limit (the whole script ends within
+# 7m45s with the defaults) and a failing step does not stop the next.
+#
+#   benchmarks/gpu_check.sh OUT_DIR
+#
+# Writes at most 8 files, flat, into OUT_DIR:
+#   run.log      nvidia-smi, versions, each step's command, exit status and duration, the benchmarks' progress
+#   tests.log    pytest tests/test_backend_triton.py on CUDA
+#   kernels.md   kernels.json   attention kernels: ms, TFLOP/s, ratios to SDPA FlashAttention-2 / cuDNN, memory
+#   bias.md      bias.json      the same with ALiBi, Kerple and FIRE biases (N = 4096 by default)
+#   train.md     train.json     GPT training tokens/s and peak memory against the SDPA-softmax model
+#
+# Budget (environment variables; seconds):
+#   GPU_CHECK_QUICK=1    fewer sizes: N 1024 4096, head dim 128, fwd+bwd only, train seq 1024, 5 timed steps
+#   VERSIONS_S=20 TESTS_S=120 KERNELS_S=170 BIAS_S=50 TRAIN_S=80   limits of the steps (0 skips a step)
+#   EAGER_MAX_LEN=1024   largest N of the eager (materialised) rows in the kernel table
+#   TEST_WORKERS=8       pytest-xdist workers (if pytest-xdist is installed; 0 runs the tests in one process)
+#   GPU_CHECK_SMOKE=1    tiny sizes on CPU: runs every step's code path anywhere (numbers meaningless)
+#   GPU_CHECK_DRY=1      the benchmarks only check their arguments and print their plan (tests/test_benchmarks.py)
+# Exit status: 0 when every step exited 0, else 1 (the files are written either way).
+set -u -o pipefail
+
+if [ $# -ne 1 ]; then
+    echo "usage: benchmarks/gpu_check.sh OUT_DIR" >&2
+    exit 2
+fi
+OUT=$1
+if [ ! -f benchmarks/triton_attention.py ]; then
+    echo "gpu_check.sh: run it from the repository root (benchmarks/triton_attention.py not found)" >&2
+    exit 2
+fi
+mkdir -p "$OUT" || exit 2
+LOG=$OUT/run.log
+: >"$LOG"
+export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH}
+export PYTHONUNBUFFERED=1
+PY=${PYTHON:-python3}
+QUICK=${GPU_CHECK_QUICK:-0}
+VERSIONS_S=${VERSIONS_S:-20}
+TESTS_S=${TESTS_S:-120}
+KERNELS_S=${KERNELS_S:-170}
+EAGER_MAX_LEN=${EAGER_MAX_LEN:-1024}
+BIAS_S=${BIAS_S:-50}
+TRAIN_S=${TRAIN_S:-80}
+TEST_WORKERS=${TEST_WORKERS:-8}
+FAILED=0
+
+# step NAME LIMIT_S OUTPUT_FILE COMMAND...: run COMMAND under `timeout`, appending its output to OUTPUT_FILE.
+step() {
+    local name=$1 limit=$2 output=$3
+    shift 3
+    if [ "$limit" -le 0 ]; then
+        echo "== $name: skipped (limit 0)" | tee -a "$LOG"
+        return
+    fi
+    echo "== $name (limit ${limit}s): $*" | tee -a "$LOG"
+    local start=$SECONDS rc
+    timeout -k 5 "$limit" "$@" >>"$output" 2>&1
+    rc=$?
+    [ "$rc" -eq 124 ] && echo "   (timed out; what it wrote so far is kept)" | tee -a "$LOG"
+    echo "== $name: exit $rc after $((SECONDS - start))s" | tee -a "$LOG"
+    [ "$rc" -eq 0 ] || FAILED=1
+}
+
+# The result headers name the commit: from git, else from $SASOFTMAX_COMMIT (a copy without .git).
+COMMIT=$(git rev-parse HEAD 2>/dev/null) || COMMIT=${SASOFTMAX_COMMIT:-unknown}
+export SASOFTMAX_COMMIT=$COMMIT
+{
+    echo "# gpu_check.sh $(date -u '+%Y-%m-%d %H:%M:%S UTC'), quick=$QUICK"
+    echo "commit: $COMMIT"
+    git status --short --untracked-files=no 2>/dev/null | head -20
+    nvidia-smi 2>&1 || echo "nvidia-smi failed"
+} >>"$LOG"
+step versions "$VERSIONS_S" "$LOG" "$PY" -c "
+import torch, platform
+print('python', platform.python_version(), 'torch', torch.__version__, 'CUDA', torch.version.cuda,
+      'cuDNN', torch.backends.cudnn.version())
+print('GPU', torch.cuda.get_device_name() if torch.cuda.is_available() else 'none')
+for name in ('triton', 'flash_attn', 'pandas', 'matplotlib', 'tqdm', 'pytest', 'xdist', 'hypothesis'):
+    try:
+        module = __import__(name)
+        print(name, getattr(module, '__version__', 'installed'))
+    except ImportError:
+        print(name, 'not installed')
+"
+
+XDIST=()
+if [ "$TEST_WORKERS" -gt 0 ] && "$PY" -c "import xdist" 2>/dev/null; then
+    XDIST=(-n "$TEST_WORKERS")
+fi
+# No -x: one run has to show every failing test, not the first.
+step tests "$TESTS_S" "$OUT/tests.log" "$PY" -m pytest tests/test_backend_triton.py -rfE --tb=short \
+    -p no:cacheprovider ${XDIST[@]+"${XDIST[@]}"}
+[ -f "$OUT/tests.log" ] && tail -n 3 "$OUT/tests.log" | sed 's/^/   /' | tee -a "$LOG"
+
+BIAS_PROVIDERS=(sdpa-flash2 sdpa-cudnn sdpa-efficient triton:sa_norm triton:sa_norm+ssmax)
+if [ "${GPU_CHECK_SMOKE:-0}" = 1 ]; then
+    KERNEL_SIZES=(--smoke --providers sdpa-math sdpa-cudnn eager:sa_norm --causal yes)
+    BIAS_SIZES=(--smoke --causal yes)
+    BIAS_PROVIDERS=(sdpa-math cpu:sa_norm cpu:sa_norm+ssmax)
+    TRAIN_SIZES=(--smoke --rows sdpa:softmax cpu:sa_norm)
+elif [ "$QUICK" = 1 ]; then
+    KERNEL_SIZES=(--lengths 1024 4096 --head-dims 128 --modes fwd+bwd)
+    BIAS_SIZES=(--lengths 4096 --head-dims 128 --causal yes)
+    TRAIN_SIZES=(--seqs 1024 --steps 5 --warmup 2)
+else
+    KERNEL_SIZES=(--lengths 1024 4096 16384 --head-dims 64 128)
+    BIAS_SIZES=(--lengths 4096 --head-dims 64 128 --causal yes)
+    TRAIN_SIZES=(--seqs 1024 4096)
+fi
+DRY=()
+[ "${GPU_CHECK_DRY:-0}" = 1 ] && DRY=(--dry-run)
+step kernels "$KERNELS_S" "$LOG" "$PY" benchmarks/triton_attention.py --out "$OUT" --prefix kernels \
+    --eager-max-len "$EAGER_MAX_LEN" "${KERNEL_SIZES[@]}" ${DRY[@]+"${DRY[@]}"}
+step bias "$BIAS_S" "$LOG" "$PY" benchmarks/triton_attention.py --out "$OUT" --prefix bias --modes fwd+bwd \
+    --bias none alibi kerple fire --providers "${BIAS_PROVIDERS[@]}" "${BIAS_SIZES[@]}" \
+    ${DRY[@]+"${DRY[@]}"}
+step train "$TRAIN_S" "$LOG" "$PY" benchmarks/gpu_train.py --out "$OUT" --prefix train "${TRAIN_SIZES[@]}" \
+    ${DRY[@]+"${DRY[@]}"}
+
+rm -f "$OUT"/*.tmp
+echo "== done after ${SECONDS}s; files: $(cd "$OUT" && ls | tr '\n' ' ')" | tee -a "$LOG"
+exit "$FAILED"

@@ -1,0 +1,195 @@
+"""What the GPU benchmarks (triton_attention.py, gpu_train.py) share: the run header, timing, peak memory,
+error text and writing results.
+
+Scripts in this folder import it as ``gpu_common`` (Python puts the script's folder first on sys.path);
+the tests add the folder to sys.path. Every result file is written atomically (a temporary file renamed
+over the old one), so a run killed by ``timeout`` leaves the last complete table, never half a file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import time
+from collections.abc import Callable
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def use_interpreter_on_cpu(device: str) -> None:
+    """On CPU, run Triton kernels in Triton's interpreter (must happen before triton is first imported)."""
+    if device == "cpu":
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def git_commit() -> str:
+    """HEAD of the repository (with "+dirty" when tracked files changed), else $SASOFTMAX_COMMIT, else "unknown"."""
+    try:
+        head = subprocess.run(
+            ["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True, text=True, timeout=10, check=True,
+        ).stdout.strip()  # fmt: skip
+        return head + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return os.environ.get("SASOFTMAX_COMMIT") or "unknown"
+
+
+def header(device: str, **settings: object) -> dict[str, object]:
+    """Date (UTC), device name, library versions, git commit, and the run's ``settings``."""
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    if device == "cuda":
+        name = torch.cuda.get_device_name()
+        free, total = torch.cuda.mem_get_info()
+        memory = f"{total / 2**30:.0f} GiB"
+    else:
+        name, memory = cpu_name(), None
+    return {
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "device": name,
+        "device_memory": memory,
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version() if device == "cuda" else None,
+        "python": platform.python_version(),
+        "commit": git_commit(),
+        **settings,
+    }
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def describe(info: dict[str, object]) -> str:
+    """The header as Markdown lines."""
+    lines = [
+        f"- date: {info['date']}; device: {info['device']}"
+        + (f" ({info['device_memory']})" if info.get("device_memory") else ""),
+        f"- torch {info['torch']}, triton {info['triton']}, CUDA {info['cuda']}, cuDNN {info['cudnn']}, "
+        f"Python {info['python']}; commit {info['commit']}",
+    ]
+    settings = {k: v for k, v in info.items() if k not in {"date", "device", "device_memory", "torch", "triton",
+                                                           "cuda", "cudnn", "python", "commit"}}  # fmt: skip
+    if settings:
+        lines.append("- settings: " + ", ".join(f"{k}={v}" for k, v in settings.items()))
+    return "\n".join(lines)
+
+
+def synchronize(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def median_ms(
+    fn: Callable[[], object], device: str, warmup_ms: float = 25, rep_ms: float = 100, repeats: int = 3
+) -> float:
+    """Median milliseconds of one call of ``fn``, after one untimed call (compilation, autotuning).
+
+    CUDA: ``triton.testing.do_bench`` (L2 flushed between calls, CUDA-event timing, median), unless one
+    call takes over 50 ms (the eager backend at large N): then the median of ``repeats`` synchronised
+    calls, which keeps slow rows to a few calls. CPU: wall clock, median of ``repeats`` calls.
+    """
+
+    def timed() -> float:
+        synchronize(device)
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        return (time.perf_counter() - start) * 1e3
+
+    fn()
+    first = timed()
+    if device == "cuda" and first <= 50:
+        try:
+            from triton.testing import do_bench
+        except ImportError:
+            do_bench = None
+        if do_bench is not None:
+            return float(do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
+    return statistics.median([first] + [timed() for _ in range(max(repeats, 1) - 1)])
+
+
+def free_memory(device: str) -> int | None:
+    """Bytes the CUDA allocator could still get (free on the card + cached by torch), None on CPU."""
+    if device != "cuda":
+        return None
+    free, _ = torch.cuda.mem_get_info()
+    return free + torch.cuda.memory_reserved() - torch.cuda.memory_allocated()
+
+
+def extra_peak_mib(fn: Callable[[], object], device: str) -> float | None:
+    """Peak memory (MiB) one call of ``fn`` allocates beyond what is allocated before it (the inputs).
+
+    CUDA only (torch.cuda.max_memory_allocated, reset before the call); None on CPU.
+    """
+    if device != "cuda":
+        return None
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - before) / 2**20
+
+
+def error_text(err: BaseException, limit: int = 160) -> str:
+    """One line naming the error (OOM said plainly), at most ``limit`` characters."""
+    if isinstance(err, torch.cuda.OutOfMemoryError):
+        return "out of memory"
+    text = " ".join(f"{type(err).__name__}: {err}".split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def release(device: str) -> None:
+    """Give cached blocks back after a provider, so the next one starts from the same free memory."""
+    if device == "cuda":
+        try:
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+        except RuntimeError:  # a broken CUDA context (e.g. an illegal address): the next row records it
+            pass
+
+
+def write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_results(out: Path, prefix: str, title: str, info: dict, rows: list[dict], tables: str) -> None:
+    """``out/prefix.md`` (title, header, tables) and ``out/prefix.json`` ({"header", "rows"})."""
+    write_atomic(out / f"{prefix}.md", f"# {title}\n\n{describe(info)}\n\n{tables}\n")
+    write_atomic(out / f"{prefix}.json", json.dumps({"header": info, "rows": rows}, indent=1) + "\n")
+
+
+def fmt(x: float | None, digits: int = 2) -> str:
+    """A number for a Markdown cell; "–" for None."""
+    return "–" if x is None else f"{x:.{digits}f}"
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    return None if a is None or not b else a / b

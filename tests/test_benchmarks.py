@@ -1,0 +1,100 @@
+"""The GPU benchmark scripts in their CPU smoke modes: the code paths the one GPU run takes, on tiny sizes.
+
+Numbers measured here mean nothing; what is checked is that every provider either gives a time or
+records why it could not, that ratios and FLOP counts are computed from the same run, that the result
+files carry their header, and that benchmarks/gpu_check.sh hands the benchmarks valid arguments.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))
+
+import gpu_train  # noqa: E402
+import triton_attention  # noqa: E402
+
+from sasoftmax import backends  # noqa: E402
+
+# The Triton kernels run on CPU tensors only in Triton's interpreter (conftest turns it on where there is no GPU).
+TRITON_ON_CPU = backends.unavailable("triton") is None and backends.load("triton").INTERPRET
+TRITON = ["triton:sa_norm"] if TRITON_ON_CPU else []
+
+
+def read(out: Path, prefix: str) -> tuple[str, dict]:
+    return (out / f"{prefix}.md").read_text(), json.loads((out / f"{prefix}.json").read_text())
+
+
+def test_kernel_benchmark_smoke(tmp_path):
+    providers = ["sdpa-math", "sdpa-cudnn", "cpu:sa_norm+ssmax", *TRITON]
+    argv = ["--smoke", "--out", str(tmp_path), "--providers", *providers, "--causal", "yes", "--repeats", "1"]
+    assert triton_attention.main(argv + ["--bias", "none", "kerple"]) == 0
+    markdown, result = read(tmp_path, "kernels")
+    header, rows = result["header"], result["rows"]
+    assert {"date", "device", "torch", "triton", "cuda", "commit"} <= header.keys()
+    assert header["date"] in markdown and "## fwd+bwd" in markdown and "× sdpa-math" in markdown
+    assert len(rows) == len(providers) * 2 * 2  # × bias (none, kerple) × mode
+    by = {(r["provider"], r["bias"], r["mode"]): r for r in rows}
+    base = by["sdpa-math", "none", "fwd+bwd"]
+    assert base["x sdpa-math"] == 1.0
+    # B = 64 tokens / N 32 = 2, H = 32 / D 16 = 2: 4·B·H·N²·D, half for causal, ×3.5 forward+backward.
+    assert base["tflops"] == pytest.approx(4 * 2 * 2 * 32**2 * 16 * 0.5 * 3.5 / (base["ms"] * 1e-3) / 1e12)
+    cudnn = by["sdpa-cudnn", "none", "fwd"]  # no cuDNN on a CPU: recorded, the run goes on
+    assert cudnn["status"] == "error" and cudnn["ms"] is None and cudnn["note"]
+    for provider in ("cpu:sa_norm+ssmax", *TRITON):
+        for mode in ("fwd", "fwd+bwd"):
+            row = by[provider, "none", mode]
+            assert row["status"] == "ok" and row["ms"] > 0
+            assert row["x sdpa-math"] == pytest.approx(row["ms"] / by["sdpa-math", "none", mode]["ms"])
+    kerple = by["cpu:sa_norm+ssmax", "kerple", "fwd+bwd"]
+    assert kerple["status"] == "ok"
+    assert kerple["x no bias"] == pytest.approx(kerple["ms"] / by["cpu:sa_norm+ssmax", "none", "fwd+bwd"]["ms"])
+
+
+def test_kernel_benchmark_rejects_unknown_providers(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        triton_attention.parse_args(["--smoke", "--providers", "triton:softmaxx"])
+    assert exit_info.value.code == 2
+    assert "unknown provider 'triton:softmaxx'" in capsys.readouterr().err
+
+
+def test_training_benchmark_smoke(tmp_path):
+    rows = ["cpu:sa_norm+ssmax", "cpu:sa_norm", "cpu:sa_norm@kerple", *TRITON, "sdpa:sa_norm"]
+    argv = ["--smoke", "--out", str(tmp_path), "--rows", *rows, "--warmup", "0", "--steps", "1"]
+    assert gpu_train.main(argv) == 0
+    markdown, result = read(tmp_path, "train")
+    assert result["header"]["date"] in markdown and "× sdpa:softmax" in markdown
+    by = {r["row"]: r for r in result["rows"]}
+    assert list(by) == ["sdpa:softmax", *rows]  # the baseline first
+    assert by["sdpa:softmax"]["x baseline"] == 1.0
+    for row in ["sdpa:softmax", *rows[:-1]]:
+        r = by[row]
+        assert r["status"] == "ok" and r["tokens_per_s"] > 0 and r["batch"] == 2
+        assert r["x baseline"] == pytest.approx(r["tokens_per_s"] / by["sdpa:softmax"]["tokens_per_s"])
+    kerple = by["cpu:sa_norm@kerple"]
+    assert kerple["x rope"] == pytest.approx(kerple["tokens_per_s"] / by["cpu:sa_norm"]["tokens_per_s"])
+    refused = by["sdpa:sa_norm"]  # the sdpa backend serves softmax only: recorded, the run goes on
+    assert refused["status"] == "error" and "softmax attention only" in refused["note"]
+
+
+@pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None, reason="needs bash and timeout")
+def test_gpu_check_passes_valid_arguments(tmp_path):
+    """In dry-run mode the benchmarks only parse the GPU run's arguments (sizes, provider names) and exit."""
+    env = dict(os.environ, GPU_CHECK_DRY="1", VERSIONS_S="0", TESTS_S="0")
+    proc = subprocess.run(
+        ["bash", str(BENCHMARKS / "gpu_check.sh"), str(tmp_path)],
+        cwd=BENCHMARKS.parent, env=env, capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    log = (tmp_path / "run.log").read_text()
+    assert proc.returncode == 0, log
+    for step in ("kernels", "bias", "train"):
+        assert f"== {step}: exit 0" in log
+    assert "216 rows on cuda" in log and "12 rows on cuda" in log
