@@ -32,7 +32,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 
 import torch
@@ -46,12 +46,15 @@ from .positional import make_positional
 QUICK_LENGTHS = (512, 1024, 2048)
 FULL_LENGTHS = (512, 1024, 2048, 4096, 8192, 16384)
 BIASES = ("none", "alibi", "kerple", "fire")
+BIAS_FREE = " no bias"
+"""Suffix of the implementations timed without the bias by ``--bias-free``."""
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
 
 @dataclass(frozen=True)
 class Case:
-    """One implementation at one size: ``impl`` is "sdpa" or "<backend>:<normalizer>"."""
+    """One implementation at one size: ``impl`` is "sdpa" or "<backend>:<normalizer>" (plus :data:`BIAS_FREE` for
+    a bias-free row of ``--bias-free``, whose ``bias`` is "none")."""
 
     impl: str
     n: int
@@ -105,6 +108,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "bias's parameters; SDPA a float attn_mask (H, N, N) built before the timing (an input, so not in its "
         "extra memory)",
     )
+    parser.add_argument(
+        "--bias-free",
+        action="store_true",
+        help="with --bias: also time each cpu implementation without the bias (rows named '<impl> no bias'), "
+        "interleaved in the same run, to give the bias's cost as a ratio",
+    )
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per case (median reported)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads")
     parser.add_argument(
@@ -146,6 +155,10 @@ def run(args: argparse.Namespace) -> int:
                 for normalizer in args.normalizers
                 if backend != "eager" or n <= args.eager_max_length
             ]
+            if args.bias_free and args.bias != "none":  # the same calls without the bias, timed in the same run
+                cases += [
+                    replace(c, impl=c.impl + BIAS_FREE, bias="none") for c in cases[1:] if c.impl.startswith("cpu:")
+                ]
             results = {c.impl: Row(c.impl, n, causal) for c in cases}
             if not args.no_time:
                 for impl, (fwd, both) in time_cases(cases, args.repeats, args.clock).items():
@@ -197,11 +210,13 @@ def make_inputs(case: Case, requires_grad: bool) -> tuple[torch.Tensor, ...]:
 
 def positional_bias(case: Case) -> nn.Module | None:
     """The positional module ``case.bias`` names, seeded, with the harness's initialisation (None for "none").
-    Kerple's and FIRE's parameters require grad, as in training; ALiBi's slopes are fixed."""
+    Kerple's and FIRE's parameters require grad, as in training; ALiBi's slopes are fixed. Parameters are float32
+    (ALiBi's and Kerple's float64 for float64 inputs; FIRE computes in float32)."""
     if case.bias == "none":
         return None
     torch.manual_seed(0)
-    return make_positional(case.bias, case.heads, case.head_dim, train_len=case.n)
+    module = make_positional(case.bias, case.heads, case.head_dim, train_len=case.n)
+    return module.double() if case.dtype == "float64" and hasattr(module, "relative_bias") else module
 
 
 def operation(case: Case) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
@@ -223,7 +238,7 @@ def operation(case: Case) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor]
         elif not allowed.all():
             mask = allowed
         return lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
-    backend, normalizer = case.impl.split(":")
+    backend, normalizer = case.impl.removesuffix(BIAS_FREE).split(":")
     # The module itself as bias=: attention() takes ALiBi's and Kerple's RelativeBias from it at every call.
     return lambda q, k, v: attention(q, k, v, normalizer=normalizer, causal=case.causal, bias=module, backend=backend)
 
