@@ -308,6 +308,11 @@ def test_empty_inputs():
     assert out.shape == (1, 2, 4, 8) and (out == 0).all()
     out.sum().backward()
     assert (q.grad == 0).all()
+    rb = relative_bias("kerple_log", 2)
+    for lq, lk in [(0, 5), (4, 0)]:
+        q, k, v, *_ = inputs(1, 2, 2, lq, lk)
+        grads = torch.autograd.grad(attention(q, k, v, bias=rb, backend="cpu").sum(), rb.parameters)
+        assert all((g == 0).all() for g in grads)
 
 
 def test_dropout_is_refused_and_auto_falls_back():

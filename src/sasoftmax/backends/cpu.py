@@ -15,10 +15,12 @@ never copying them per query head.
 
 Calls without a bias function or a bias that needs a gradient run whole in C++ (``cpu_kernels.cpp``, the
 "fused" path): one parallel region in which each thread computes blocks of :data:`FUSED_ROWS` query rows (of
-the query heads of one kv head) with the BLAS gemm torch uses and the row loops in between. Calls with a bias
-function or a bias that needs a gradient run the tiles of ``_Plan`` from Python ("tiled" path): the GEMMs in
-PyTorch, the elementwise work in the C++ row loops (two passes forward, one backward) when they can be built
-here, else in plain PyTorch (several passes; the same math). See docs/cpu_backend.md.
+the query heads of one kv head) with the BLAS gemm torch uses and the row loops in between. A
+:class:`~sasoftmax.RelativeBias` (ALiBi, Kerple) runs there too: the kernels evaluate it from its per-head
+parameters and return their gradients, reduced per head. Calls with another bias function or a bias that needs
+a gradient run the tiles of ``_Plan`` from Python ("tiled" path): the GEMMs in PyTorch, the elementwise work in
+the C++ row loops (two passes forward, one backward) when they can be built here, else in plain PyTorch (several
+passes; the same math). See docs/cpu_backend.md.
 
 Masked entries hold a large finite negative sentinel, not −inf: exp sends it to 0 and every other
 product with it is multiplied by p = 0 first, so fully masked rows give zeros and zero gradients
@@ -68,16 +70,12 @@ def unsupported(call: AttentionCall) -> str | None:
 
 
 def attention(call: AttentionCall) -> Tensor:
-    """Output (B, Hq, L, Dv) in the input dtype; differentiable in q, k, v, a bias tensor, ssmax and the
-    parameters of an ``nn.Module`` bias function."""
+    """Output (B, Hq, L, Dv) in the input dtype; differentiable in q, k, v, a bias tensor, ssmax, a RelativeBias's
+    r1 and r2, and the parameters of an ``nn.Module`` bias function."""
     reason = unsupported(call)
     if reason:
         raise ValueError(reason)
     b, hq, _, lq, lk, _ = call.shape
-    if lq == 0 or lk == 0:
-        # Empty query set, or no key at all (every row fully masked): zeros that keep the graph.
-        zero = (call.q.sum() + call.k.sum() + call.v.sum()) * 0
-        return call.q.new_zeros(b, hq, lq, call.v.shape[-1]) + zero
     bias_fn = None if call.bias is None or isinstance(call.bias, Tensor) else call.bias
     bias = call.bias if isinstance(call.bias, Tensor) else None
     if isinstance(bias_fn, RelativeBias):
@@ -86,6 +84,13 @@ def attention(call: AttentionCall) -> Tensor:
         params = tuple(p for p in bias_fn.parameters() if p.requires_grad)
     else:
         params = ()
+    if lq == 0 or lk == 0:
+        # Empty query set, or no key at all (every row fully masked): zeros that keep the graph (a RelativeBias's
+        # parameters get zero gradients).
+        zero = (call.q.sum() + call.k.sum() + call.v.sum()) * 0
+        if isinstance(bias_fn, RelativeBias):
+            zero = zero + sum(p.sum() for p in params) * 0
+        return call.q.new_zeros(b, hq, lq, call.v.shape[-1]) + zero
     return _TiledAttention.apply(call, bias_fn, call.q, call.k, call.v, bias, call.ssmax, *params)
 
 

@@ -308,7 +308,7 @@ struct Relative {
         const int64_t off = e - (s - 1), d = off < 0 ? -off : off;
         const T entry = T(f[d] / double(scale));
         bias[h * width + e] = entry;
-        masks = masks || !(entry > masked_threshold<T>());
+        masks = masks || entry <= masked_threshold<T>();
         if (grads) d1[h * width + e] = T(g1[d]);
         if (grads && kind != 1) d2[h * width + e] = T(g2[d]);
       }

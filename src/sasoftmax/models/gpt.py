@@ -82,6 +82,7 @@ class CausalSelfAttention(MultiheadAttention):
         if isinstance(self.pos, RoPE):
             q, k = self.pos(q, k)
         elif isinstance(self.pos, ScoreBias):
+            # DAPE/DAPEV2 read the score map by design: materialised (O(L·S)), never inside the fused kernels.
             bias = self.pos(self.scaled_scores(q, k))
         elif self.pos is not None:
             # ALiBi and Kerple hand over their RelativeBias, which fused kernels evaluate per block themselves;
