@@ -1,6 +1,7 @@
 """The cpu backend against the eager reference: outputs and gradients of q, k, v, bias, SSMax's s and a
 bias function's parameters, over dtypes, causal, masks, biases, GQA, SSMax, odd sizes, Lq != Lk and
-fully masked rows; on the fused C++ path, the tiled path with C++ row kernels and the plain-PyTorch path."""
+fully masked rows; relative positional biases (RelativeBias) with their parameters' gradients; on the fused C++
+path, the tiled path with C++ row kernels and the plain-PyTorch path."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import torch
 from torch import nn
 
 import sasoftmax.backends.cpu as cpu
-from sasoftmax import benchmark
+from sasoftmax import RelativeBias, benchmark
 from sasoftmax.attention import attention, choose_backend, make_call
 from sasoftmax.backends import cpu_native
 
@@ -307,6 +308,11 @@ def test_empty_inputs():
     assert out.shape == (1, 2, 4, 8) and (out == 0).all()
     out.sum().backward()
     assert (q.grad == 0).all()
+    rb = relative_bias("kerple_log", 2)
+    for lq, lk in [(0, 5), (4, 0)]:
+        q, k, v, *_ = inputs(1, 2, 2, lq, lk)
+        grads = torch.autograd.grad(attention(q, k, v, bias=rb, backend="cpu").sum(), rb.parameters)
+        assert all((g == 0).all() for g in grads)
 
 
 def test_dropout_is_refused_and_auto_falls_back():
@@ -364,18 +370,19 @@ def test_bad_kernel_setting(monkeypatch):
 
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize(
-    "bias,kv_heads,queries", [("alibi", None, None), ("none", 2, 5), ("alibi", 1, 1), ("none", None, 1)]
+    "bias,kv_heads,queries",
+    [("alibi", None, None), ("none", 2, 5), ("alibi", 1, 1), ("none", None, 1), ("kerple", 2, 5), ("fire", None, 7)],
 )
 def test_benchmark_sdpa_and_sasoftmax_compute_the_same(causal, bias, kv_heads, queries):
-    """The benchmark's SDPA call (materialised ALiBi, explicit lower-right causal mask for other query lengths,
-    GQA) and its sasoftmax call (bias function) compute the same attention."""
+    """The benchmark's SDPA call (materialised positional bias, explicit lower-right causal mask for other query
+    lengths, GQA) and its sasoftmax call (the positional module) compute the same attention."""
     cases = [benchmark.Case(impl, 37, causal, 1, 4, 16, "float64", 1, bias, kv_heads, queries)
              for impl in ("sdpa", "cpu:softmax")]  # fmt: skip
     q, k, v, _ = benchmark.make_inputs(cases[0], requires_grad=False)
     assert q.shape[2] == (queries or 37) and k.shape[1] == (kv_heads or 4)
     want, got = (benchmark.operation(case)(q, k, v) for case in cases)
     torch.testing.assert_close(got, want, atol=1e-12, rtol=0)
-    if bias == "alibi":
+    if bias != "none":
         no_bias = benchmark.Case("sdpa", 37, causal, 1, 4, 16, "float64", 1, "none", kv_heads, queries)
         assert not torch.allclose(got, benchmark.operation(no_bias)(q, k, v))
 
@@ -386,3 +393,134 @@ def test_double_backward_raises():
     (gq,) = torch.autograd.grad(out.sum(), q, create_graph=True)
     with pytest.raises(RuntimeError):
         gq.sum().backward()
+
+
+# ---- Relative positional biases (RelativeBias: ALiBi, Kerple log and power), evaluated inside the fused path ----
+
+RELATIVE_KINDS = ("alibi", "kerple_log", "kerple_power")
+
+
+def relative_bias(kind, heads, *, seed=0, dtype=torch.float64, grad=(True, True)):
+    """A RelativeBias of ``kind`` with random parameters in the range the harness keeps them in; r1 and r2 leaves
+    that require grad as ``grad`` says."""
+    g = torch.Generator().manual_seed(seed)
+    r1 = (torch.rand(heads, generator=g, dtype=torch.float64) * 1.5 + 0.05).to(dtype).requires_grad_(grad[0])
+    if kind == "alibi":
+        return RelativeBias(kind, r1)
+    r2 = (torch.rand(heads, generator=g, dtype=torch.float64) * 1.5 + 0.05).to(dtype).requires_grad_(grad[1])
+    return RelativeBias(kind, r1, r2)
+
+
+def run_relative(backend, q, k, v, m, rb, s, grad, **kw):
+    """Output and gradients of q, k, v, s (when given) and the RelativeBias's parameters that require grad."""
+    return run(backend, q, k, v, m, rb, s, grad, [p for p in rb.parameters if p.requires_grad], **kw)
+
+
+RELATIVE_CASES = [
+    (kind, n, c, m, s, shape)
+    for (kind, n, c, m), (s, shape) in zip(
+        itertools.product(RELATIVE_KINDS, NORMALIZERS, (False, True), (None, "rows")),
+        itertools.cycle(
+            [(True, (2, 4, 2, 17, 17)), (False, (1, 3, 1, 37, 37)), (True, (2, 2, 2, 1, 37)),
+             (False, (1, 4, 2, 37, 17)), (True, (1, 2, 1, 17, 129))]
+        ),
+    )
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("kind,normalizer,causal,mask,ssmax,shape", RELATIVE_CASES)
+def test_relative_bias_matches_eager(path, kind, normalizer, causal, mask, ssmax, shape):
+    """Forward and the gradients of q, k, v, s, r1 and r2 against the eager backend, which evaluates the same
+    RelativeBias as a bias function: causal or not, GQA, masks with fully masked rows, SSMax, odd lengths and
+    Lq != Lk (queries aligned lower-right; with L > S some queries sit before the first key)."""
+    q, k, v, m, _, s, grad = inputs(*shape, mask=mask, ssmax=ssmax, seed=len(str(shape)))
+    rb = relative_bias(kind, shape[1], seed=shape[3])
+    kw = dict(normalizer=normalizer, causal=causal)
+    want = run_relative("eager", q, k, v, m, rb, s, grad, **kw)
+    assert_close(run_relative("cpu", q, k, v, m, rb, s, grad, **kw), want, atol=1e-10)
+
+
+def test_relative_bias_runs_fused_without_a_bias_tensor(monkeypatch):
+    """The fused path takes a RelativeBias whole: it never evaluates the bias as a function (no (H, L, S) or tile
+    tensor of it), and its backward is asked for r1/r2 gradients only when they are needed."""
+
+    def refuse(self, q_pos, k_pos):
+        raise AssertionError("the fused path evaluated the RelativeBias as a bias function")
+
+    monkeypatch.setattr(RelativeBias, "__call__", refuse)
+    calls = []
+    monkeypatch.setattr(cpu_native, "fused_backward", _spy_kw(cpu_native.fused_backward, calls))
+    q, k, v, *_ = inputs(1, 4, 2, 33, 33)
+    for grads, want in [((True, True), True), ((False, True), True), ((False, False), False)]:
+        rb = relative_bias("kerple_log", 4, grad=grads)
+        out = attention(q, k, v, bias=rb, causal=True, backend="cpu")
+        leaves = [q] + [p for p in rb.parameters if p.requires_grad]
+        got = torch.autograd.grad(out.sum(), leaves)
+        assert calls[-1]["want_dr"] is want and calls[-1]["relative"][0] == "kerple_log"
+        assert all(torch.isfinite(g).all() and g.abs().sum() > 0 for g in got)
+
+
+def _spy_kw(fn, calls):
+    def spy(*args, **kw):
+        calls.append(kw)
+        return fn(*args, **kw)
+
+    return spy
+
+
+@pytest.mark.parametrize("kind", RELATIVE_KINDS)
+def test_relative_bias_fused_blocks_chunks_and_threads(monkeypatch, kind):
+    """Many small blocks on two threads: the r1/r2 gradients are summed per work item and head, then over items in
+    a fixed order (chunks of a head's blocks, stacked query heads of a kv head), and come out bit-identical from two
+    runs; with a mask and SSMax, and batch > 1."""
+    monkeypatch.setattr(cpu, "FUSED_ROWS", 4)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for shape in [(1, 1, 1, 37, 37), (2, 4, 2, 29, 33), (1, 8, 1, 37, 37), (1, 2, 1, 1, 29)]:
+            q, k, v, m, _, s, grad = inputs(*shape, mask="full", ssmax=True, seed=shape[3])
+            rb = relative_bias(kind, shape[1], seed=shape[1])
+            kw = dict(normalizer="sa_norm", causal=True)
+            got = run_relative("cpu", q, k, v, m, rb, s, grad, **kw)
+            assert_close(got, run_relative("eager", q, k, v, m, rb, s, grad, **kw), atol=1e-10)
+            again = run_relative("cpu", q, k, v, m, rb, s, grad, **kw)
+            assert all(torch.equal(a, b) for a, b in zip(got, again))
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("kind", RELATIVE_KINDS)
+@pytest.mark.parametrize("normalizer,causal", [("sa_norm", True), ("sa", False), ("softmax", True)])
+def test_relative_bias_parameters_gradcheck(path, kind, normalizer, causal):
+    """float64 gradcheck of r1 and r2 through the cpu backend (finite differences against its closed-form
+    backward), with GQA, a mask, SSMax and Lq != Lk."""
+    q, k, v, m, _, _, _ = inputs(1, 4, 2, 7, 9, mask="rows", seed=2)
+    q, k, v = q.detach(), k.detach(), v.detach()
+    rb = relative_bias(kind, 4, seed=1)
+    s = torch.tensor([0.6, 0.9, 1.1, 0.8], dtype=torch.float64)
+
+    def f(*params):
+        spec = RelativeBias(kind, *params)
+        return attention(q, k, v, mask=m, bias=spec, ssmax=s, normalizer=normalizer, causal=causal, backend="cpu")
+
+    assert torch.autograd.gradcheck(f, rb.parameters, atol=1e-7)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_relative_bias_low_precision_within_twice_eager_error(path, dtype):
+    """FlashAttention's rule with a Kerple bias (float32 parameters): errors of the output and of the q, k, v, r1,
+    r2 gradients against a float64 reference at most 2x the eager backend's, plus a rounding allowance."""
+    args = inputs(1, 4, 2, 129, 129, d=32, dv=32, dtype=dtype, mask="rows", ssmax=True, seed=3)
+    rb = relative_bias("kerple_log", 4, dtype=torch.float32)
+    ref_rb = RelativeBias("kerple_log", *(p.detach().double().requires_grad_() for p in rb.parameters))
+    ref_args = [a.detach().double().requires_grad_(a.requires_grad) if torch.is_tensor(a) and a.is_floating_point()
+                else a for a in args]  # fmt: skip
+    kw = dict(normalizer="sa_norm", causal=True)
+    ref = run_relative("eager", *ref_args[:4], ref_rb, *ref_args[5:], **kw)
+    got, base = (run_relative(b, *args[:4], rb, *args[5:], **kw) for b in ("cpu", "eager"))
+    allowance = 1e-5 if dtype == torch.float32 else 1e-3
+    for i, (g, b, r) in enumerate(zip(got, base, ref)):
+        assert torch.isfinite(g).all(), f"item {i} has NaN/inf"
+        err, base_err = (g.double() - r).abs().max().item(), (b.double() - r).abs().max().item()
+        bound = 2 * base_err + allowance * max(1.0, r.abs().max().item())
+        assert err <= bound, f"item {i}: error {err} > 2 x eager's {base_err} + allowance"

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from sasoftmax import attention
+from sasoftmax import RelativeBias, attention
 from sasoftmax.backends import BACKENDS, load, unavailable
 from sasoftmax.backends.call import AttentionCall
 from sasoftmax.positional import (
@@ -33,7 +33,7 @@ def test_alibi_slopes_power_of_two_and_interleaved():
     assert alibi_slopes(6) == pytest.approx([2**-2, 2**-4, 2**-6, 2**-8, 2**-1, 2**-3])
 
 
-def test_alibi_bias_is_minus_slope_times_distance():
+def test_alibi_bias_is_minus_slope_times_absolute_distance():
     q_pos, k_pos = positions(3, 5)
     bias = ALiBi(4)(q_pos, k_pos)
     assert bias.shape == (1, 4, 3, 5)
@@ -41,7 +41,84 @@ def test_alibi_bias_is_minus_slope_times_distance():
     for h in range(4):
         for i in range(3):
             for j in range(5):
-                assert bias[0, h, i, j].item() == pytest.approx(-slopes[h] * (i + 2 - j))
+                assert bias[0, h, i, j].item() == pytest.approx(-slopes[h] * abs(i + 2 - j))
+    assert list(ALiBi(4).parameters()) == []
+    learnable = ALiBi(4, learnable=True)
+    assert [p.tolist() for p in learnable.parameters()] == [pytest.approx(slopes)]
+
+
+def test_kerple_power_formula_and_clamps():
+    torch.manual_seed(0)
+    kerple = Kerple(3, kind="power")
+    assert ((kerple.r1 >= 0) & (kerple.r1 <= 1)).all() and ((kerple.r2 >= 0) & (kerple.r2 <= 2)).all()
+    with torch.no_grad():
+        kerple.r1.copy_(torch.tensor([0.5, 1e-4, 1.5]))
+        kerple.r2.copy_(torch.tensor([0.7, 2.5, 1e-5]))
+    bias = kerple(*positions(3, 5))
+    r1, r2 = [0.5, 1e-2, 1.5], [0.7, 2.0, 1e-2]
+    for h in range(3):
+        for i in range(3):
+            for j in range(5):
+                expected = -r1[h] * abs(i + 2 - j) ** r2[h]
+                assert bias[0, h, i, j].item() == pytest.approx(expected, rel=1e-5, abs=1e-7)
+    bias.sum().backward()
+    assert torch.isfinite(kerple.r2.grad).all() and kerple.r2.grad[0] != 0
+    assert kerple.r1.grad[1] == 0 and kerple.r2.grad[1] == 0  # clamped: no gradient outside [eps, 2]
+    with pytest.raises(ValueError, match="kind must be one of"):
+        Kerple(2, kind="exp")
+
+
+RELATIVE_MODULES = {
+    "alibi": lambda: ALiBi(4),
+    "alibi_learnable": lambda: ALiBi(4, learnable=True),
+    "kerple_log": lambda: Kerple(4),
+    "kerple_power": lambda: Kerple(4, kind="power"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(RELATIVE_MODULES))
+def test_relative_bias_spec_equals_the_module(name):
+    """A module's RelativeBias gives the bias of its forward, and the same gradients to its parameters (through the
+    clamps: one head's r1 below the floor gets none), at Lq != Lk with queries on both sides of some keys."""
+    torch.manual_seed(0)
+    module = RELATIVE_MODULES[name]()
+    if isinstance(module, Kerple):
+        with torch.no_grad():
+            module.r1[1] = 1e-4
+    spec = module.relative_bias()
+    assert isinstance(spec, RelativeBias) and spec.heads == 4
+    q_pos, k_pos = torch.arange(2, 9), torch.arange(11)
+    want = module(q_pos, k_pos)
+    got = spec(q_pos, k_pos)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    weights = torch.randn(want.shape)
+    params = list(module.parameters())
+    if params:
+        grads_want = torch.autograd.grad((want * weights).sum(), params)
+        grads_got = torch.autograd.grad((module.relative_bias()(q_pos, k_pos) * weights).sum(), params)
+        for a, b in zip(grads_got, grads_want):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        if isinstance(module, Kerple):
+            assert grads_got[0][1] == 0
+
+
+def test_attention_takes_modules_with_a_relative_bias():
+    """bias=module passes the module's RelativeBias (what fused kernels evaluate), with gradients reaching the
+    module's parameters; a relative_bias() that returns something else is a TypeError."""
+    torch.manual_seed(0)
+    kerple = Kerple(2)
+    q, k, v = (torch.randn(1, 2, 5, 8) for _ in range(3))
+    out = attention(q, k, v, bias=kerple, causal=True, backend="cpu")
+    torch.testing.assert_close(out, attention(q, k, v, bias=kerple.relative_bias(), causal=True, backend="eager"))
+    out.sum().backward()
+    assert kerple.r1.grad is not None and kerple.r1.grad.abs().sum() > 0
+
+    class Bad(torch.nn.Module):
+        def relative_bias(self):
+            return torch.zeros(2)
+
+    with pytest.raises(TypeError, match="relative_bias"):
+        attention(q, k, v, bias=Bad())
 
 
 def test_kerple_formula_clamp_and_gradients():

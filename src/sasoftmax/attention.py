@@ -43,8 +43,9 @@ def attention(
         mask: bool, broadcastable to (B, Hq, L, S), True = attend.
         bias: additive float tensor broadcastable to (B, Hq, L, S) (−inf = masked), a
             :class:`sasoftmax.RelativeBias` (ALiBi, Kerple: evaluated and differentiated inside fused
-            kernels), or a bias function ``bias(q_pos, k_pos)`` evaluated per tile (see
-            :data:`sasoftmax.backends.BiasFunction`).
+            kernels), an object with a ``relative_bias()`` method returning one (``positional.ALiBi``,
+            ``positional.Kerple``: called once per call, so gradients reach the module's parameters), or a
+            bias function ``bias(q_pos, k_pos)`` evaluated per tile (see :data:`sasoftmax.backends.BiasFunction`).
         scale: logit scale, default 1/√D.
         ssmax: Scalable-Softmax s: None (off), a float > 0 for every head, or a (Hq,) tensor (learnable).
             Logits become x = s_h · ln(n_i) · z with n_i the number of keys row i may attend.
@@ -109,6 +110,12 @@ def make_call(q, k, v, normalizer, causal, mask, bias, scale, ssmax, eps, dropou
             got = mask.dtype if isinstance(mask, Tensor) else type(mask).__name__
             raise TypeError(f"mask must be a bool tensor (True = attend); got {got}. Pass additive masks as bias=")
         check_broadcast("mask", mask, full, q.device)
+    if bias is not None and not isinstance(bias, (Tensor, RelativeBias)) and hasattr(bias, "relative_bias"):
+        # A module that knows its RelativeBias (positional.ALiBi, Kerple): the form fused kernels evaluate.
+        spec = bias.relative_bias()
+        if not isinstance(spec, RelativeBias):
+            raise TypeError(f"bias.relative_bias() must return a sasoftmax.RelativeBias; got {type(spec).__name__}")
+        bias = spec
     if bias is not None:
         if isinstance(bias, Tensor):
             if not bias.is_floating_point():

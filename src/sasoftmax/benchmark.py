@@ -12,8 +12,10 @@ For each length N, causal or not, and each implementation (SDPA softmax; every n
   gradients and every temporary, torch's or not). glibc is told to return large freed blocks at
   once (MALLOC_MMAP_THRESHOLD_), so the resident set follows the live memory.
 
-With ``--bias alibi`` every implementation gets ALiBi's positional bias: the sasoftmax backends as a bias
-function (what the training harness passes), SDPA as a materialised float ``attn_mask``.
+With ``--bias alibi|kerple|fire`` every implementation gets that positional bias (the harness's ``ALiBi``,
+``Kerple`` (log) or ``FIRE`` module, seeded): the sasoftmax backends as the harness passes it (ALiBi and Kerple
+as a :class:`~sasoftmax.RelativeBias`, which the cpu backend's fused kernels evaluate themselves; FIRE as a
+bias function, evaluated per tile), SDPA as a materialised float ``attn_mask``.
 
 Ratios are against SDPA in the same run. Results print as a Markdown table and can be written as
 Markdown or JSON. ``sasoftmax bench`` and ``benchmarks/attention.py`` run it.
@@ -30,23 +32,29 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from .attention import attention
 from .normalizers import NORMALIZERS
+from .positional import make_positional
 
 QUICK_LENGTHS = (512, 1024, 2048)
 FULL_LENGTHS = (512, 1024, 2048, 4096, 8192, 16384)
+BIASES = ("none", "alibi", "kerple", "fire")
+BIAS_FREE = " no bias"
+"""Suffix of the implementations timed without the bias by ``--bias-free``."""
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
 
 @dataclass(frozen=True)
 class Case:
-    """One implementation at one size: ``impl`` is "sdpa" or "<backend>:<normalizer>"."""
+    """One implementation at one size: ``impl`` is "sdpa" or "<backend>:<normalizer>" (plus :data:`BIAS_FREE` for
+    a bias-free row of ``--bias-free``, whose ``bias`` is "none")."""
 
     impl: str
     n: int
@@ -92,11 +100,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--causal", choices=("both", "yes", "no"), default="both")
     parser.add_argument(
         "--bias",
-        choices=("none", "alibi"),
+        choices=BIASES,
         default="none",
-        help="alibi: a positional bias, -slope_h·|i - j|; the sasoftmax backends get it as a bias function "
-        "(evaluated per tile), SDPA as a float attn_mask (H, N, N) built before the timing (an input, so not "
-        "in its extra memory)",
+        help="a positional bias: alibi (-slope_h·|i - j|), kerple (-r1_h·ln(1 + r2_h·|i - j|)) or fire (an MLP "
+        "of the distance); the sasoftmax backends get alibi and kerple as a RelativeBias (evaluated inside the "
+        "cpu backend's fused kernels) and fire as a bias function (evaluated per tile), with gradients for the "
+        "bias's parameters; SDPA a float attn_mask (H, N, N) built before the timing (an input, so not in its "
+        "extra memory)",
+    )
+    parser.add_argument(
+        "--bias-free",
+        action="store_true",
+        help="with --bias: also time each cpu implementation without the bias (rows named '<impl> no bias'), "
+        "interleaved in the same run, to give the bias's cost as a ratio",
     )
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per case (median reported)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads")
@@ -139,6 +155,10 @@ def run(args: argparse.Namespace) -> int:
                 for normalizer in args.normalizers
                 if backend != "eager" or n <= args.eager_max_length
             ]
+            if args.bias_free and args.bias != "none":  # the same calls without the bias, timed in the same run
+                cases += [
+                    replace(c, impl=c.impl + BIAS_FREE, bias="none") for c in cases[1:] if c.impl.startswith("cpu:")
+                ]
             results = {c.impl: Row(c.impl, n, causal) for c in cases}
             if not args.no_time:
                 for impl, (fwd, both) in time_cases(cases, args.repeats, args.clock).items():
@@ -188,20 +208,22 @@ def make_inputs(case: Case, requires_grad: bool) -> tuple[torch.Tensor, ...]:
     return q, k, v, grad
 
 
-def alibi(heads: int) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """ALiBi's bias function: (q_pos (Lt,), k_pos (St,)) -> −slope_h·|i − j|, (H, Lt, St), slopes 2^(−8h/H)."""
-    slopes = 2.0 ** (-8.0 * torch.arange(1, heads + 1) / heads)
-
-    def bias(q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
-        return -slopes.view(-1, 1, 1) * (q_pos[:, None] - k_pos[None, :]).abs()
-
-    return bias
+def positional_bias(case: Case) -> nn.Module | None:
+    """The positional module ``case.bias`` names, seeded, with the harness's initialisation (None for "none").
+    Kerple's and FIRE's parameters require grad, as in training; ALiBi's slopes are fixed. Parameters are float32
+    (ALiBi's and Kerple's float64 for float64 inputs; FIRE computes in float32)."""
+    if case.bias == "none":
+        return None
+    torch.manual_seed(0)
+    module = make_positional(case.bias, case.heads, case.head_dim, train_len=case.n)
+    return module.double() if case.dtype == "float64" and hasattr(module, "relative_bias") else module
 
 
 def operation(case: Case) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
-    """The attention call that ``case.impl`` names (with ``case.bias``, built here for SDPA)."""
-    bias = alibi(case.heads) if case.bias == "alibi" else None
+    """The attention call that ``case.impl`` names (with ``case.bias``, materialised here for SDPA)."""
+    module = positional_bias(case)
     if case.impl == "sdpa":
+        bias = None if module is None else (lambda q_pos, k_pos: module(q_pos, k_pos).detach()[0])
         gqa = case.kv_heads not in (None, case.heads)
         lq = case.queries or case.n
         if bias is None and lq == case.n:
@@ -216,8 +238,9 @@ def operation(case: Case) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor]
         elif not allowed.all():
             mask = allowed
         return lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
-    backend, normalizer = case.impl.split(":")
-    return lambda q, k, v: attention(q, k, v, normalizer=normalizer, causal=case.causal, bias=bias, backend=backend)
+    backend, normalizer = case.impl.removesuffix(BIAS_FREE).split(":")
+    # The module itself as bias=: attention() takes ALiBi's and Kerple's RelativeBias from it at every call.
+    return lambda q, k, v: attention(q, k, v, normalizer=normalizer, causal=case.causal, bias=module, backend=backend)
 
 
 def time_cases(cases: list[Case], repeats: int, clock: str = "wall") -> dict[str, tuple[float, float]]:

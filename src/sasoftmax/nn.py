@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from .attention import attention
 from .backends import BiasFunction
+from .backends.relative_bias import RelativeBias
 from .normalizers import check_normalizer
 
 SSMAX_PAPER_INIT = 0.43
@@ -106,13 +107,15 @@ class MultiheadAttention(nn.Module):
         *,
         causal: bool = False,
         mask: Tensor | None = None,
-        bias: Tensor | BiasFunction | None = None,
+        bias: Tensor | RelativeBias | BiasFunction | None = None,
         rotary: RotaryFn | None = None,
     ) -> Tensor:
         """Attend from ``x`` (B, L, E) to ``context`` (B, S, E; default ``x``).
 
-        ``mask``/``bias`` as in :func:`sasoftmax.attention`; ``rotary(q, k) -> (q, k)`` is applied to the
-        head-split (B, H, L, head_dim) queries and keys before attention (e.g. RoPE).
+        ``mask``/``bias`` as in :func:`sasoftmax.attention` (a RelativeBias, or a module with a
+        ``relative_bias()`` method such as ``positional.Kerple``, runs inside the fused kernels);
+        ``rotary(q, k) -> (q, k)`` is applied to the head-split (B, H, L, head_dim) queries and keys before
+        attention (e.g. RoPE).
         """
         q, k, v = self.project(x, context)
         if rotary is not None:
@@ -138,7 +141,7 @@ class MultiheadAttention(nn.Module):
         *,
         causal: bool = False,
         mask: Tensor | None = None,
-        bias: Tensor | BiasFunction | None = None,
+        bias: Tensor | RelativeBias | BiasFunction | None = None,
     ) -> Tensor:
         """Attention with this layer's normalizer, SSMax and dropout, then the output projection: (B, L, E)."""
         out = attention(

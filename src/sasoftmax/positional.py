@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .backends.relative_bias import RelativeBias
 from .checks import check_choice
 
 POSITIONAL: tuple[str, ...] = ("nope", "rope", "alibi", "kerple", "fire", "dape_kerple", "dapev2_kerple")
@@ -84,35 +85,78 @@ def alibi_slopes(num_heads: int) -> list[float]:
 
 
 class ALiBi(nn.Module):
-    """Bias function −m_h·(i − j); no parameters."""
+    """Bias function −m_h·|i − j| with ALiBi's fixed slopes m_h, or learnable ones (``learnable=True``,
+    initialised to the same slopes).
 
-    def __init__(self, num_heads: int) -> None:
+    The distance is absolute, as in FlashAttention's ``alibi_slopes``; under causal masking (every key
+    j <= i) it equals the signed i − j of the ALiBi paper (which earlier versions of this module used).
+    :meth:`relative_bias` gives the same bias as a :class:`~sasoftmax.RelativeBias`, which fused kernels
+    evaluate themselves; passing the module as ``bias=`` uses it.
+    """
+
+    def __init__(self, num_heads: int, learnable: bool = False) -> None:
         super().__init__()
-        self.register_buffer("slopes", torch.tensor(alibi_slopes(num_heads)), persistent=False)
+        slopes = torch.tensor(alibi_slopes(num_heads))
+        self.learnable = learnable
+        if learnable:
+            self.slopes = nn.Parameter(slopes)
+        else:
+            self.register_buffer("slopes", slopes, persistent=False)
+
+    def relative_bias(self) -> RelativeBias:
+        """This bias as a RelativeBias ("alibi", the slopes as r1)."""
+        return RelativeBias.alibi(self.slopes)
 
     def forward(self, q_pos: Tensor, k_pos: Tensor) -> Tensor:
         """(1, H, Lt, St)."""
-        return -self.slopes[None, :, None, None] * relative_distance(q_pos, k_pos)
+        return -self.slopes[None, :, None, None] * relative_distance(q_pos, k_pos).abs()
+
+
+KERPLE_KINDS: tuple[str, ...] = ("log", "power")
 
 
 class Kerple(nn.Module):
-    """Kerple, logarithmic variant: bias −r1_h·ln(1 + r2_h·|i − j|), r1 and r2 learnable per head.
+    """Kerple (Chi et al., 2022) with r1 and r2 learnable per head, kept >= ``eps`` = 1e-2:
 
-    Initialised r1 ~ U(0, 2), r2 ~ U(0, 1) and kept >= ``eps`` = 1e-2 (clamped where used; the
-    reference code clamps the stored values in place, which gives the same logits).
+    - ``kind="log"`` (the SA-Softmax paper's): bias −r1_h·ln(1 + r2_h·|i − j|), r1 ~ U(0, 2), r2 ~ U(0, 1);
+    - ``kind="power"``: bias −r1_h·|i − j|^r2_h, r1 ~ U(0, 1), r2 ~ U(0, 2) and r2 <= 2 (the reference
+      code's a and p).
+
+    The constraints are clamps where the parameters are used (the reference code clamps the stored values
+    in place, which gives the same logits); :meth:`relative_bias` applies them too, so autograd carries
+    them. Passing the module as ``bias=`` hands the backends that RelativeBias.
     """
 
-    def __init__(self, num_heads: int, eps: float = 1e-2) -> None:
+    def __init__(self, num_heads: int, eps: float = 1e-2, kind: str = "log") -> None:
         super().__init__()
+        self.kind = check_choice("kind", kind, KERPLE_KINDS)
         self.eps = eps
-        self.r1 = nn.Parameter(torch.rand(num_heads) * 2)
-        self.r2 = nn.Parameter(torch.rand(num_heads))
+        if kind == "log":
+            self.r1 = nn.Parameter(torch.rand(num_heads) * 2)
+            self.r2 = nn.Parameter(torch.rand(num_heads))
+        else:
+            self.r1 = nn.Parameter(torch.rand(num_heads))
+            self.r2 = nn.Parameter(torch.rand(num_heads) * 2)
+
+    def constrained(self) -> tuple[Tensor, Tensor]:
+        """r1 and r2 as used: clamped to >= eps (and r2 <= 2 for the power kind), (H,) each."""
+        r2_max = 2.0 if self.kind == "power" else None
+        return self.r1.clamp(min=self.eps), self.r2.clamp(min=self.eps, max=r2_max)
+
+    def relative_bias(self) -> RelativeBias:
+        """This bias as a RelativeBias ("kerple_log" or "kerple_power") of the clamped parameters."""
+        return RelativeBias(f"kerple_{self.kind}", *self.constrained())
 
     def forward(self, q_pos: Tensor, k_pos: Tensor) -> Tensor:
         """(1, H, Lt, St)."""
-        r1 = self.r1.clamp(min=self.eps)[None, :, None, None]
-        r2 = self.r2.clamp(min=self.eps)[None, :, None, None]
-        return -r1 * torch.log1p(r2 * relative_distance(q_pos, k_pos).abs())
+        r1, r2 = (r[None, :, None, None] for r in self.constrained())
+        distance = relative_distance(q_pos, k_pos).abs()
+        if self.kind == "log":
+            return -r1 * torch.log1p(r2 * distance)
+        return -r1 * distance.pow(r2)
+
+    def extra_repr(self) -> str:
+        return f"kind={self.kind!r}"
 
 
 class FIRE(nn.Module):

@@ -15,10 +15,12 @@ never copying them per query head.
 
 Calls without a bias function or a bias that needs a gradient run whole in C++ (``cpu_kernels.cpp``, the
 "fused" path): one parallel region in which each thread computes blocks of :data:`FUSED_ROWS` query rows (of
-the query heads of one kv head) with the BLAS gemm torch uses and the row loops in between. Calls with a bias
-function or a bias that needs a gradient run the tiles of ``_Plan`` from Python ("tiled" path): the GEMMs in
-PyTorch, the elementwise work in the C++ row loops (two passes forward, one backward) when they can be built
-here, else in plain PyTorch (several passes; the same math). See docs/cpu_backend.md.
+the query heads of one kv head) with the BLAS gemm torch uses and the row loops in between. A
+:class:`~sasoftmax.RelativeBias` (ALiBi, Kerple) runs there too: the kernels evaluate it from its per-head
+parameters and return their gradients, reduced per head. Calls with another bias function or a bias that needs
+a gradient run the tiles of ``_Plan`` from Python ("tiled" path): the GEMMs in PyTorch, the elementwise work in
+the C++ row loops (two passes forward, one backward) when they can be built here, else in plain PyTorch (several
+passes; the same math). See docs/cpu_backend.md.
 
 Masked entries hold a large finite negative sentinel, not −inf: exp sends it to 0 and every other
 product with it is multiplied by p = 0 first, so fully masked rows give zeros and zero gradients
@@ -36,6 +38,7 @@ from torch.autograd.function import once_differentiable
 from ..normalizers import compute_dtype
 from . import cpu_native
 from .call import AttentionCall, BiasFunction, evaluate_bias_function, query_positions
+from .relative_bias import RelativeBias
 
 TILE_ELEMENTS = 1 << 20
 """Largest logits tile in elements (4 MiB in float32); two or three tiles are alive at once. A tile
@@ -67,19 +70,27 @@ def unsupported(call: AttentionCall) -> str | None:
 
 
 def attention(call: AttentionCall) -> Tensor:
-    """Output (B, Hq, L, Dv) in the input dtype; differentiable in q, k, v, a bias tensor, ssmax and the
-    parameters of an ``nn.Module`` bias function."""
+    """Output (B, Hq, L, Dv) in the input dtype; differentiable in q, k, v, a bias tensor, ssmax, a RelativeBias's
+    r1 and r2, and the parameters of an ``nn.Module`` bias function."""
     reason = unsupported(call)
     if reason:
         raise ValueError(reason)
     b, hq, _, lq, lk, _ = call.shape
-    if lq == 0 or lk == 0:
-        # Empty query set, or no key at all (every row fully masked): zeros that keep the graph.
-        zero = (call.q.sum() + call.k.sum() + call.v.sum()) * 0
-        return call.q.new_zeros(b, hq, lq, call.v.shape[-1]) + zero
     bias_fn = None if call.bias is None or isinstance(call.bias, Tensor) else call.bias
     bias = call.bias if isinstance(call.bias, Tensor) else None
-    params = tuple(p for p in bias_fn.parameters() if p.requires_grad) if isinstance(bias_fn, nn.Module) else ()
+    if isinstance(bias_fn, RelativeBias):
+        params = bias_fn.parameters  # r1 (and r2), whether they need a gradient or not: the fused path tells them
+    elif isinstance(bias_fn, nn.Module):
+        params = tuple(p for p in bias_fn.parameters() if p.requires_grad)
+    else:
+        params = ()
+    if lq == 0 or lk == 0:
+        # Empty query set, or no key at all (every row fully masked): zeros that keep the graph (a RelativeBias's
+        # parameters get zero gradients).
+        zero = (call.q.sum() + call.k.sum() + call.v.sum()) * 0
+        if isinstance(bias_fn, RelativeBias):
+            zero = zero + sum(p.sum() for p in params) * 0
+        return call.q.new_zeros(b, hq, lq, call.v.shape[-1]) + zero
     return _TiledAttention.apply(call, bias_fn, call.q, call.k, call.v, bias, call.ssmax, *params)
 
 
@@ -252,14 +263,17 @@ class _TiledAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, call: AttentionCall, bias_fn, q, k, v, bias, ssmax, *params) -> Tensor:
         dtype = compute_dtype(q.dtype)
-        # The fused path takes every call but those with a bias function or a bias that needs a gradient.
-        fusable = bias_fn is None and (bias is None or not bias.requires_grad)
+        # The fused path takes every call but those with a bias function other than a RelativeBias (which its
+        # kernels evaluate themselves) or a bias tensor that needs a gradient.
+        fusable = (bias_fn is None or isinstance(bias_fn, RelativeBias)) and (bias is None or not bias.requires_grad)
         ctx.fused = cpu_native.fused(dtype) if fusable else None
         if ctx.fused is not None:
             ctx.call = call
             qc, kc, vc = (t.to(dtype).contiguous() for t in (q, k, v))
-            out, stats, arg = cpu_native.fused_forward(ctx.fused, qc, kc, vc, *_fused_options(call, dtype))
-            ctx.save_for_backward(q, k, v, bias, ssmax, out, stats, arg)
+            out, stats, arg = cpu_native.fused_forward(
+                ctx.fused, qc, kc, vc, *_fused_options(call, dtype), relative=_relative(bias_fn, dtype)
+            )
+            ctx.save_for_backward(q, k, v, bias, ssmax, out, stats, arg, *params)
             return out.to(q.dtype)
         plans = _plans(call, bias_fn, bias, ssmax)
         out = torch.zeros(*q.shape[:3], v.shape[-1], dtype=dtype)
@@ -291,6 +305,8 @@ class _TiledAttention(torch.autograd.Function):
         q, k, v, bias, ssmax, out, stats, arg, *params = ctx.saved_tensors
         plans: list[_Plan] = ctx.plans
         need = dict(zip(("q", "k", "v", "bias", "s"), ctx.needs_input_grad[2:7]))
+        # The bias function's parameters to differentiate (a RelativeBias passes both of its own, needed or not).
+        wanted = [i for i, needed in enumerate(ctx.needs_input_grad[7:]) if needed]
         dtype = plans[0].dtype
         kc, vc = k.to(dtype), v.to(dtype)
         do = grad_out.to(dtype)
@@ -301,7 +317,7 @@ class _TiledAttention(torch.autograd.Function):
         dk, dv = (torch.zeros(t.transpose(-1, -2).shape, dtype=dtype) for t in (k, v))
         dbias = torch.zeros(_as_4d(bias).shape, dtype=dtype) if need["bias"] else None
         ds = torch.zeros(q.shape[1], dtype=dtype) if need["s"] else None
-        dparams = [torch.zeros_like(p) for p in params]
+        dparams: list[Tensor | None] = [torch.zeros_like(p) if i in wanted else None for i, p in enumerate(params)]
         work: dict[str, Tensor] = {}
         chunks = []
         for plan in plans:
@@ -319,15 +335,16 @@ class _TiledAttention(torch.autograd.Function):
             if plans[0].bias_fn is not None:
                 with torch.enable_grad():  # a graph from the function's parameters, if any, to its tile
                     bias_fn_tile = plans[0].eval_bias(rows, keys)
-                if params:  # dL/d(tile), gathered from every chunk, then pulled through the function once
+                if wanted:  # dL/d(tile), gathered from every chunk, then pulled through the function once
                     dtile = torch.zeros(bias_fn_tile.shape, dtype=dtype)
             for chunk in chunks:
                 _backward_block(*chunk, rows, keys, bias_fn_tile, dtile)
             if dtile is not None:
-                grads_p = torch.autograd.grad(bias_fn_tile, params, dtile.to(bias_fn_tile.dtype), allow_unused=True)
-                for acc, g in zip(dparams, grads_p):
+                inputs = [params[i] for i in wanted]
+                grads_p = torch.autograd.grad(bias_fn_tile, inputs, dtile.to(bias_fn_tile.dtype), allow_unused=True)
+                for i, g in zip(wanted, grads_p):
                     if g is not None:
-                        acc += g
+                        dparams[i] += g
         for plan, *_, grads, _ in chunks:
             if grads.own:
                 dk[:, plan.kv], dv[:, plan.kv] = grads.dk, grads.dv
@@ -351,25 +368,37 @@ def _fused_options(call: AttentionCall, dtype: torch.dtype) -> tuple:
     causal, normalizer, rows per block."""
     b, hq, _, lq, lk, _ = call.shape
     mask = None if call.mask is None else _as_4d(call.mask).expand(b, hq, lq, lk)
-    bias = None if call.bias is None else _as_4d(call.bias.detach().to(dtype)).expand(b, hq, lq, lk)
+    bias = None
+    if isinstance(call.bias, Tensor):
+        bias = _as_4d(call.bias.detach().to(dtype)).expand(b, hq, lq, lk)
     ssmax = None if call.ssmax is None else call.ssmax.detach().to(dtype).contiguous()
     rows = max(1, min(FUSED_ROWS, FUSED_TILE_ELEMENTS // lk))  # over stacked heads: not capped by L
     return mask, bias, ssmax, call.scale, call.eps, call.causal, call.normalizer, rows
 
 
+def _relative(bias_fn: BiasFunction | None, dtype: torch.dtype) -> cpu_native.Relative | None:
+    """A RelativeBias as the fused entries take it: (kind, r1, r2) in the compute dtype, or None."""
+    if not isinstance(bias_fn, RelativeBias):
+        return None
+    r1, r2 = (None if t is None else t.detach().to(dtype).contiguous() for t in (bias_fn.r1, bias_fn.r2))
+    return bias_fn.kind, r1, r2
+
+
 def _fused_backward(ctx: Any, grad_out: Tensor) -> tuple:
     """The backward of a call that the fused path computed: the gradients ``_TiledAttention.backward`` returns."""
-    q, k, v, bias, ssmax, out, stats, arg = ctx.saved_tensors
+    q, k, v, bias, ssmax, out, stats, arg, *params = ctx.saved_tensors
     dtype = out.dtype
     do = grad_out.to(dtype).contiguous()
     delta = (do * out).sum(-1)  # D_i = dO_i · o_i, (B, Hq, L)
     qc, kc, vc = (t.to(dtype).contiguous() for t in (q, k, v))
-    want_s = ctx.needs_input_grad[6]
-    dq, dk, dv, ds = cpu_native.fused_backward(
-        ctx.fused, qc, kc, vc, *_fused_options(ctx.call, dtype), do, delta, stats, arg, want_s
-    )
+    want_s, want_params = ctx.needs_input_grad[6], ctx.needs_input_grad[7:]
+    dq, dk, dv, ds, dr = cpu_native.fused_backward(
+        ctx.fused, qc, kc, vc, *_fused_options(ctx.call, dtype), do, delta, stats, arg, want_s,
+        relative=_relative(ctx.call.bias, dtype), want_dr=any(want_params),
+    )  # fmt: skip
     grads = (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, ds.to(ssmax.dtype) if want_s else None)
-    return (None, None, *(g if need else None for g, need in zip(grads, ctx.needs_input_grad[2:7])))
+    dparams = (dr[i].to(p.dtype) if need else None for i, (p, need) in enumerate(zip(params, want_params)))
+    return (None, None, *(g if need else None for g, need in zip(grads, ctx.needs_input_grad[2:7])), *dparams)
 
 
 class _Grads:

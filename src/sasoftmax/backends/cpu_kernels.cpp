@@ -10,6 +10,8 @@
 // the same row loops in between. This is how SDPA's CPU kernel works, and it removes a Python round trip and a
 // parallel region per tile.
 // Every row is reduced in a fixed order and every item writes its own memory, so results are deterministic.
+// The fused entries also evaluate a relative positional bias (ALiBi, Kerple; relative_bias.py) from its per-head
+// parameters, through per-head tables over the distance, and reduce its parameters' gradients per head.
 //
 // Conventions shared with cpu.py:
 //   raw[i, j] <= masked_threshold marks a masked entry (mask, bias −inf); keys j >= limit[i] are masked (causal).
@@ -238,6 +240,12 @@ struct Call {
   T scale, eps;
   Blas<T> blas;
   int threads;
+  // A relative bias f_h(|i − j|) (see Relative below), or null tables: rel_bias[h·rel_width + j − pos_i + S − 1]
+  // is f_h/scale for query position pos_i (= i + S − L) and key j; rel_d1, rel_d2 the same layout of ∂f/∂r1,
+  // ∂f/∂r2 (backward). rel_masks: some entry is −inf (an overflow), so logits must be checked for masking.
+  const T *rel_bias = nullptr, *rel_d1 = nullptr, *rel_d2 = nullptr;
+  int64_t rel_width = 0;
+  bool rel_masks = false;
 
   int64_t offset() const { return s - l; }  // causal: query i sees keys j <= i + S − L
   // Keys that a block of queries [r0, r1) may see: a prefix of this length.
@@ -251,6 +259,70 @@ struct Call {
   const T* qrow(int64_t bi, int64_t h, int64_t r) const { return q + slot(bi, h, r) * d; }
   const T* khead(int64_t bi, int64_t h) const { return k + (bi * hkv + h / (hq / hkv)) * s * d; }
   const T* vhead(int64_t bi, int64_t h) const { return v + (bi * hkv + h / (hq / hkv)) * s * dv; }
+  // Where key 0 of query row i of head h is in a relative-bias table (key j at [j]).
+  const T* rel_row(const T* table, int64_t h, int64_t i) const {
+    return table + h * rel_width + (s - 1) - (i + offset());
+  }
+};
+
+// A relative positional bias f_h(d) of the distance d = |pos_i − j| (relative_bias.py), by kind: 1 ALiBi
+// −r1·d; 2 Kerple log −r1·ln(1 + r2·d); 3 Kerple power −r1·d^r2 (0 at d = 0). f depends on j − pos_i alone, so
+// it is tabulated once per call and head over the L + S − 1 offsets a call has (evaluated in double): a row's
+// entries are then one contiguous run of its head's table, added by a vectorised pass. `bias` holds f/scale (it
+// is added to the raw logits q·k, which the row loops multiply by scale); with `grads`, `d1` and `d2` hold
+// ∂f/∂r1 and ∂f/∂r2 (d2 stays empty for ALiBi), which the backward reduces against dL/dz per row.
+template <typename T>
+struct Relative {
+  std::vector<T> bias, d1, d2;
+  int64_t width = 0;
+  bool masks = false;  // some entry is −inf (d^r2 overflowed): logits must be checked for masked entries
+
+  Relative(int kind, const T* r1, const T* r2, int64_t hq, int64_t l, int64_t s, T scale, bool grads) {
+    if (kind == 0) return;
+    width = l + s - 1;
+    bias.resize(hq * width);
+    if (grads) d1.resize(hq * width);
+    if (grads && kind != 1) d2.resize(hq * width);
+    const int64_t far = l > s ? l : s;  // distances 0 .. far − 1 occur
+    std::vector<double> f(far), g1(far), g2(far);
+    for (int64_t h = 0; h < hq; ++h) {
+      const double a = r1[h], b = kind != 1 ? double(r2[h]) : 0.0;
+      for (int64_t d = 0; d < far; ++d) {
+        const double x = double(d);
+        if (kind == 1) {
+          f[d] = -a * x;
+          g1[d] = -x;
+        } else if (kind == 2) {
+          const double lg = std::log1p(b * x);
+          f[d] = -a * lg;
+          g1[d] = -lg;
+          g2[d] = -a * x / (1.0 + b * x);
+        } else {
+          const double lg = d > 0 ? std::log(x) : 0.0, pw = d > 0 ? std::exp(b * lg) : 0.0;
+          f[d] = -a * pw;
+          g1[d] = -pw;
+          g2[d] = -a * pw * lg;
+        }
+      }
+      for (int64_t e = 0; e < width; ++e) {
+        const int64_t off = e - (s - 1), d = off < 0 ? -off : off;
+        const T entry = T(f[d] / double(scale));
+        bias[h * width + e] = entry;
+        masks = masks || entry <= masked_threshold<T>();
+        if (grads) d1[h * width + e] = T(g1[d]);
+        if (grads && kind != 1) d2[h * width + e] = T(g2[d]);
+      }
+    }
+  }
+
+  template <typename C>
+  void attach(C& c) const {
+    c.rel_bias = bias.empty() ? nullptr : bias.data();
+    c.rel_d1 = d1.empty() ? nullptr : d1.data();
+    c.rel_d2 = d2.empty() ? nullptr : d2.data();
+    c.rel_width = width;
+    c.rel_masks = masks;
+  }
 };
 
 // The logits of queries [r0, r1) of `heads` query heads from h0 (which share a kv head), stacked head after head
@@ -281,8 +353,14 @@ const T* block_logits(const Call<T>& c, int64_t bi, int64_t h0, int64_t heads, i
       const T inv_scale = T(1) / c.scale;
       for (int64_t j = 0; j < lim; ++j) x[j] += brow[j * bs] * inv_scale;
     }
+    if (c.rel_bias != nullptr) {  // the same with f_h/scale read from the head's table: entry j at base[j]
+      const T* base = c.rel_row(c.rel_bias, h, i);
+#pragma omp simd
+      for (int64_t j = 0; j < lim; ++j) x[j] += base[j];
+    }
     int64_t allowed = lim;
-    if (c.mask != nullptr || c.bias != nullptr) {  // set masked entries to the sentinel; count the allowed ones
+    // Set masked entries to the sentinel; count the allowed ones.
+    if (c.mask != nullptr || c.bias != nullptr || c.rel_masks) {
       const uint8_t* mrow = c.mask + bi * c.strides[0] + h * c.strides[1] + i * c.strides[2];
       const int64_t ms = c.strides[3];
       allowed = 0;
@@ -352,12 +430,35 @@ std::vector<int64_t> chunk_bounds(const Call<T>& c, int64_t blocks) {
 
 // Backward: dq (B, Hq, L, D); partial dk (B, Hq/together, chunks, S, D) and dv (B, Hq/together, chunks, S, Dv),
 // one per group of `together` query heads of a kv head and chunk of their query blocks; and ds (B, Hq, chunks) =
-// Σ_rows ln n · Σ_j dL/dx·z (null: not wanted). cpu.py sums the partials of a kv head in a fixed order. Work items
+// Σ_rows ln n · Σ_j dL/dx·z (null: not wanted); with a relative bias, dr (2, B, Hq, chunks) its parameters'
+// gradients (null: not wanted). cpu.py sums the partials of a kv head in a fixed order. Work items
 // are (group, chunk): the group's heads share each block (stacked rows, one pass over k and v, and dk, dv summed
 // over the heads by the GEMMs themselves), and each item accumulates its dk, dv privately (transposed, (D, S):
 // that GEMM runs faster), so no two threads write the same memory and the result does not depend on the schedule.
+// Adds Σ_j dL/dz_j·∂f/∂r1 and Σ_j dL/dz_j·∂f/∂r2 of one row (dz: dL/dz after backward_row, 0 at masked keys) to
+// acc[0], acc[1]: dL/dbias = dL/dz, as z = scale·q·k + bias.
+template <typename T>
+void relative_grads(const Call<T>& c, const T* dz, int64_t h, int64_t i, int64_t lim, double* acc) {
+  const T* a = c.rel_row(c.rel_d1, h, i);
+  T s1 = 0, s2 = 0;
+  if (c.rel_d2 == nullptr) {
+#pragma omp simd reduction(+ : s1)
+    for (int64_t j = 0; j < lim; ++j) s1 += dz[j] * a[j];
+  } else {
+    const T* b = c.rel_row(c.rel_d2, h, i);
+#pragma omp simd reduction(+ : s1, s2)
+    for (int64_t j = 0; j < lim; ++j) {
+      s1 += dz[j] * a[j];
+      s2 += dz[j] * b[j];
+    }
+  }
+  acc[0] += s1;
+  acc[1] += s2;
+}
+
 template <typename T, int mode>
-void fused_backward(const Call<T>& c, const T* dout, const T* delta, RowStats<T> st, T* dq, T* dk, T* dv, T* ds) {
+void fused_backward(const Call<T>& c, const T* dout, const T* delta, RowStats<T> st, T* dq, T* dk, T* dv, T* ds,
+                    T* dr) {
   const int64_t g = c.together, groups = c.hq / g, blocks = (c.l + c.rows - 1) / c.rows;
   const int64_t items = c.b * groups * c.chunks, stack = g * c.rows;  // stack: rows of a block, all its heads
   const std::vector<int64_t> bounds = chunk_bounds(c, blocks);
@@ -365,6 +466,7 @@ void fused_backward(const Call<T>& c, const T* dout, const T* delta, RowStats<T>
   {
     std::vector<T> z(stack * c.s), dw(stack * c.s), dob(stack * c.dv), qbuf(stack * c.d), dqbuf(stack * c.d);
     std::vector<T> dkt(c.d * c.s), dvt(c.dv * c.s), t(stack), log_n(stack), ds_head(g);
+    std::vector<double> dr_head(2 * g);  // the relative bias's ∂L/∂r1, ∂L/∂r2 of each head, summed over rows
     std::vector<int64_t> limit(stack);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t item = 0; item < items; ++item) {
@@ -372,6 +474,7 @@ void fused_backward(const Call<T>& c, const T* dout, const T* delta, RowStats<T>
       std::fill(dkt.begin(), dkt.end(), T(0));
       std::fill(dvt.begin(), dvt.end(), T(0));
       std::fill(ds_head.begin(), ds_head.end(), T(0));
+      std::fill(dr_head.begin(), dr_head.end(), 0.0);
       for (int64_t blk = bounds[chunk]; blk < bounds[chunk + 1]; ++blk) {
         const int64_t r0 = blk * c.rows, r1 = r0 + c.rows < c.l ? r0 + c.rows : c.l, n = r1 - r0;
         const int64_t keys = c.block_keys(r1);
@@ -391,6 +494,8 @@ void fused_backward(const Call<T>& c, const T* dout, const T* delta, RowStats<T>
           const T zsum = backward_row<T, mode>(z.data() + row * keys, dw.data() + row * keys, keys, limit[row],
                                                t[row], c.scale, delta[slot(row)], st, slot(row));
           ds_head[row / n] += zsum * log_n[row];
+          if (dr != nullptr) relative_grads(c, dw.data() + row * keys, h0 + row / n, r0 + row % n, limit[row],
+                                            &dr_head[2 * (row / n)]);
         }
         // dvᵀ += dO'ᵀ u;  dq = scale·dz k;  dkᵀ += scale·qᵀ dz (sums over the stacked heads' rows)
         gemm<T>(c.blas, true, false, c.dv, keys, g * n, T(1), dob.data(), c.dv, z.data(), keys, T(1), dvt.data(),
@@ -409,6 +514,13 @@ void fused_backward(const Call<T>& c, const T* dout, const T* delta, RowStats<T>
       }
       if (ds != nullptr)
         for (int64_t hi = 0; hi < g; ++hi) ds[((bi * c.hq + h0 + hi) * c.chunks) + chunk] = ds_head[hi];
+      if (dr != nullptr) {  // dr (2, B, Hq, chunks)
+        for (int64_t hi = 0; hi < g; ++hi) {
+          const int64_t at = (bi * c.hq + h0 + hi) * c.chunks + chunk;
+          dr[at] = T(dr_head[2 * hi]);
+          dr[c.b * c.hq * c.chunks + at] = T(dr_head[2 * hi + 1]);
+        }
+      }
     }
   }
 }
@@ -452,8 +564,11 @@ Call<T> make_call(const int64_t* dims, const T* q, const T* k, const T* v, const
   void sa_fused_forward_##S(const int64_t* dims, const T* q, const T* k, const T* v, const uint8_t* mask,    \
                             const T* bias, const int64_t* strides, const T* ssmax, T scale, T eps, int mode,  \
                             void* blas,                                                                        \
-                            int threads, T* out, T* lse, T* low, T* inv, int64_t* amin, int64_t* amax) {       \
-    const Call<T> c = make_call<T>(dims, q, k, v, mask, bias, strides, ssmax, scale, eps, blas, threads);     \
+                            int threads, T* out, T* lse, T* low, T* inv, int64_t* amin, int64_t* amax,        \
+                            int rel_kind, const T* r1, const T* r2) {                                          \
+    Call<T> c = make_call<T>(dims, q, k, v, mask, bias, strides, ssmax, scale, eps, blas, threads);           \
+    const Relative<T> rel(rel_kind, r1, r2, c.hq, c.l, c.s, scale, false);                                    \
+    rel.attach(c);                                                                                             \
     const RowStats<T> st{lse, low, inv, amin, amax};                                                           \
     by_mode(mode, [&](auto m) { fused_forward<T, decltype(m)::value>(c, out, st); });                          \
   }                                                                                                            \
@@ -461,10 +576,15 @@ Call<T> make_call(const int64_t* dims, const T* q, const T* k, const T* v, const
                              const T* bias, const int64_t* strides, const T* ssmax, T scale, T eps, int mode, \
                              void* blas,                                                                       \
                              int threads, const T* dout, const T* delta, T* lse, T* low, T* inv,              \
-                             int64_t* amin, int64_t* amax, T* dq, T* dk, T* dv, T* ds) {                       \
-    const Call<T> c = make_call<T>(dims, q, k, v, mask, bias, strides, ssmax, scale, eps, blas, threads);     \
+                             int64_t* amin, int64_t* amax, T* dq, T* dk, T* dv, T* ds, int rel_kind,           \
+                             const T* r1, const T* r2, T* dr) {                                                \
+    Call<T> c = make_call<T>(dims, q, k, v, mask, bias, strides, ssmax, scale, eps, blas, threads);           \
+    const Relative<T> rel(rel_kind, r1, r2, c.hq, c.l, c.s, scale, dr != nullptr);                            \
+    rel.attach(c);                                                                                             \
     const RowStats<T> st{lse, low, inv, amin, amax};                                                           \
-    by_mode(mode, [&](auto m) { fused_backward<T, decltype(m)::value>(c, dout, delta, st, dq, dk, dv, ds); }); \
+    by_mode(mode, [&](auto m) {                                                                                \
+      fused_backward<T, decltype(m)::value>(c, dout, delta, st, dq, dk, dv, ds, dr);                           \
+    });                                                                                                        \
   }
 
 extern "C" {

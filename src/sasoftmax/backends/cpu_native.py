@@ -3,8 +3,8 @@
 Built once per machine with ``torch.utils.cpp_extension.load`` (cached under ``TORCH_EXTENSIONS_DIR``)
 as a plain shared library with a C ABI, called through ctypes. Two kinds of entry: row kernels over one
 tile of logits (``forward``, ``backward``; the GEMMs stay in PyTorch), and whole calls without a bias function
-or a bias that needs a gradient in one parallel region (``fused_forward``, ``fused_backward``), which call the
-BLAS gemm that torch itself uses.
+(a RelativeBias excepted, which they evaluate and differentiate themselves) or a bias that needs a gradient in
+one parallel region (``fused_forward``, ``fused_backward``), which call the BLAS gemm that torch itself uses.
 ``kernels()`` returns None when there is no compiler or the build fails, and ``fused()`` also when torch's
 BLAS cannot be found; the cpu backend then falls back to its tiled or plain-PyTorch path. The environment
 variable ``SASOFTMAX_CPU_KERNELS`` chooses: ``1`` (default) all of them, ``tiles`` no whole calls, ``0``
@@ -30,6 +30,7 @@ if platform.machine().lower() in ("x86_64", "amd64"):
     # faster here. Without AVX-512 the flag changes nothing.
     _FLAGS.append("-mprefer-vector-width=512")
 _MODES = {"softmax": 0, "sa": 1, "sa_norm": 2}
+_RELATIVE_KINDS = {"alibi": 1, "kerple_log": 2, "kerple_power": 3}  # relative_bias.RELATIVE_BIAS_KINDS
 _TYPES = {torch.float32: ("f32", ctypes.c_float), torch.float64: ("f64", ctypes.c_double)}
 
 
@@ -170,6 +171,19 @@ def _call_args(
     return keep, args
 
 
+Relative = tuple[str, Tensor, "Tensor | None"]
+"""A relative positional bias for the fused entries: (kind of ``relative_bias.RELATIVE_BIAS_KINDS``, r1, r2 or
+None), r1 and r2 contiguous (Hq,) tensors in q's dtype."""
+
+
+def _relative_args(relative: Relative | None) -> tuple:
+    """The trailing (kind, r1, r2) arguments of the fused entries; kind 0 = no relative bias."""
+    if relative is None:
+        return ctypes.c_int(0), _ptr(None), _ptr(None)
+    kind, r1, r2 = relative
+    return ctypes.c_int(_RELATIVE_KINDS[kind]), _ptr(r1), _ptr(r2)
+
+
 def _divisors(n: int, at_most: int) -> list[int]:
     """The divisors of ``n`` up to ``at_most`` (at least 1), largest first."""
     return [g for g in range(min(n, max(1, at_most)), 0, -1) if n % g == 0]
@@ -178,13 +192,15 @@ def _divisors(n: int, at_most: int) -> list[int]:
 def fused_forward(
     fused_lib: tuple[ctypes.CDLL, int], q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, bias: Tensor | None,
     ssmax: Tensor | None, scale: float, eps: float, causal: bool, normalizer: str, rows: int,
+    relative: Relative | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
     """A whole forward in one parallel region, GEMMs included.
 
     q (B, Hq, L, D), k (B, Hkv, S, D), v (B, Hkv, S, Dv): contiguous, float32 or float64; ``mask`` bool and
     ``bias`` (additive, in q's dtype, no gradient) expanded to (B, Hq, L, S) (any strides), or None; ``ssmax``
     (Hq,) contiguous or None; ``rows`` query rows per block, over the query heads of a kv head that a block
-    stacks. Returns out (B, Hq, L, Dv), stats (3, B, Hq, L) = (lse, m, c) and arg (2, B, Hq, L) =
+    stacks; ``relative`` a relative positional bias the kernels evaluate themselves (see :data:`Relative`), added
+    to ``bias`` if both are given. Returns out (B, Hq, L, Dv), stats (3, B, Hq, L) = (lse, m, c) and arg (2, B, Hq, L) =
     (argmin, argmax).
     """
     lib, gemm = fused_lib
@@ -204,21 +220,25 @@ def fused_forward(
         q, k, v, mask, bias, ssmax, scale, eps, causal, normalizer, per_head, gemm, together=together
     )
     getattr(lib, f"sa_fused_forward_{_TYPES[q.dtype][0]}")(
-        *args, _ptr(out), _ptr(stats[0]), _ptr(stats[1]), _ptr(stats[2]), _ptr(arg[0]), _ptr(arg[1])
-    )
+        *args, _ptr(out), _ptr(stats[0]), _ptr(stats[1]), _ptr(stats[2]), _ptr(arg[0]), _ptr(arg[1]),
+        *_relative_args(relative),
+    )  # fmt: skip
     return out, stats, arg
 
 
 def fused_backward(
     fused_lib: tuple[ctypes.CDLL, int], q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, bias: Tensor | None,
     ssmax: Tensor | None, scale: float, eps: float, causal: bool, normalizer: str, rows: int, grad_out: Tensor,
-    delta: Tensor, stats: Tensor, arg: Tensor, want_ds: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:  # fmt: skip
+    delta: Tensor, stats: Tensor, arg: Tensor, want_ds: bool, relative: Relative | None = None,
+    want_dr: bool = False,
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None]:  # fmt: skip
     """The backward of :func:`fused_forward` in one parallel region (DESIGN §2).
 
     ``grad_out`` (B, Hq, L, Dv) and ``delta`` = Σ dO·o (B, Hq, L) contiguous; ``stats``, ``arg`` as returned by
     the forward; ``rows`` rows per block over the query heads of a kv head. Returns dq (B, Hq, L, D), dk
-    (B, Hkv, S, D), dv (B, Hkv, S, Dv) and ds (Hq,) or None.
+    (B, Hkv, S, D), dv (B, Hkv, S, Dv), ds (Hq,) or None, and with ``want_dr`` the gradients of the relative
+    bias's r1 and r2 as dr (2, Hq) (row 1 zeros for ALiBi), else None: per work item and head, reduced inside the
+    kernels, then summed here in a fixed order.
     """
     lib, gemm = fused_lib
     b, hq, lq, _ = q.shape
@@ -233,15 +253,17 @@ def fused_backward(
     dk = torch.empty(b, groups, chunks, lk, k.shape[-1], dtype=q.dtype)  # partial sums of each item
     dv = torch.empty(b, groups, chunks, lk, v.shape[-1], dtype=q.dtype)
     ds = torch.empty(b, hq, chunks, dtype=q.dtype) if want_ds else None
+    want_dr = want_dr and relative is not None
+    dr = torch.empty(2, b, hq, chunks, dtype=q.dtype) if want_dr else None
     _keep, args = _call_args(
         q, k, v, mask, bias, ssmax, scale, eps, causal, normalizer, per_head, gemm, chunks, together
     )
     getattr(lib, f"sa_fused_backward_{_TYPES[q.dtype][0]}")(
         *args, _ptr(grad_out), _ptr(delta), _ptr(stats[0]), _ptr(stats[1]), _ptr(stats[2]), _ptr(arg[0]),
-        _ptr(arg[1]), _ptr(dq), _ptr(dk), _ptr(dv), _ptr(ds),
+        _ptr(arg[1]), _ptr(dq), _ptr(dk), _ptr(dv), _ptr(ds), *_relative_args(relative), _ptr(dr),
     )  # fmt: skip
     if groups != hkv or chunks > 1:  # sum the partials of a kv head in a fixed order
         dk, dv = (t.view(b, hkv, -1, lk, t.shape[-1]).sum(2) for t in (dk, dv))
     else:
         dk, dv = dk.squeeze(2), dv.squeeze(2)
-    return dq, dk, dv, None if ds is None else ds.sum((0, 2))
+    return dq, dk, dv, None if ds is None else ds.sum((0, 2)), None if dr is None else dr.sum((1, 3))

@@ -60,9 +60,10 @@ class CausalSelfAttention(MultiheadAttention):
     """Causal self-attention with a positional encoding, on :class:`sasoftmax.nn.MultiheadAttention`.
 
     ``backend`` is read at every forward (``set_backend`` changes it). The positional module ``pos``
-    is either a rotary (RoPE), a bias function of positions (handed to the backend, evaluated per
-    tile), or a :class:`~sasoftmax.positional.ScoreBias` (DAPE): then this module computes the scaled
-    scores A = q·kᵀ/√D itself and passes the full (B, H, L, S) bias tensor, so the logits are
+    is either a rotary (RoPE), a relative bias (ALiBi, Kerple: its :class:`~sasoftmax.RelativeBias`, which
+    fused kernels evaluate and differentiate themselves), a bias function of positions (FIRE: handed to the
+    backend, evaluated per tile), or a :class:`~sasoftmax.positional.ScoreBias` (DAPE): then this module
+    computes the scaled scores A = q·kᵀ/√D itself and passes the full (B, H, L, S) bias tensor, so the logits are
     A + bias(A) — exactly the DAPE papers' A + B + f([A; B]).
     """
 
@@ -81,9 +82,12 @@ class CausalSelfAttention(MultiheadAttention):
         if isinstance(self.pos, RoPE):
             q, k = self.pos(q, k)
         elif isinstance(self.pos, ScoreBias):
+            # DAPE/DAPEV2 read the score map by design: materialised (O(L·S)), never inside the fused kernels.
             bias = self.pos(self.scaled_scores(q, k))
         elif self.pos is not None:
-            bias = self.pos
+            # ALiBi and Kerple hand over their RelativeBias, which fused kernels evaluate per block themselves;
+            # FIRE is a bias function, evaluated per tile.
+            bias = self.pos.relative_bias() if hasattr(self.pos, "relative_bias") else self.pos
         return self.attend(q, k, v, causal=True, bias=bias)
 
     def scaled_scores(self, q: Tensor, k: Tensor) -> Tensor:
