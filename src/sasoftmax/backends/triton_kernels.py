@@ -34,12 +34,12 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-LOG2E: tl.constexpr = 1.4426950408889634
-NO_BIAS: tl.constexpr = 0
-BIAS_TENSOR: tl.constexpr = 1
-ALIBI: tl.constexpr = 2
-KERPLE_LOG: tl.constexpr = 3
-KERPLE_POWER: tl.constexpr = 4
+LOG2E = tl.constexpr(1.4426950408889634)
+NO_BIAS = tl.constexpr(0)
+BIAS_TENSOR = tl.constexpr(1)
+ALIBI = tl.constexpr(2)
+KERPLE_LOG = tl.constexpr(3)
+KERPLE_POWER = tl.constexpr(4)
 
 
 @triton.jit
