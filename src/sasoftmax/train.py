@@ -480,11 +480,11 @@ def _train(config, out, corpus, state, rank, world, device, progress, step_hook,
                 # Before the update, so the weights (and any checkpoint of them) stay finite.
                 loss_value, norm_value = mean_loss.item(), float(grad_norm)
                 if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
-                    kept = f"its last good checkpoint (step {files.committed})" if files and files.committed else (
-                        "no checkpoint was written")  # fmt: skip
+                    kept = f"its last good checkpoint (step {files.committed}) is kept" if files and files.committed \
+                        else "it had no checkpoint yet"  # fmt: skip
                     raise NonFiniteError(
-                        f"run {out} diverged at step {step}: loss {loss_value}, gradient norm {norm_value}; it "
-                        f"stopped and {kept} is kept (try a lower --lr)"
+                        f"run {out} diverged at step {step} (loss {loss_value}, gradient norm {norm_value}) and "
+                        f"stopped; {kept} (try a lower --lr)"
                     )
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)

@@ -1,0 +1,226 @@
+"""Runs are never lost or corrupted: one writer per folder, signals save a checkpoint, checkpoints are verified,
+diverged runs stop, failed commands leave folders as they were, temporaries never follow planted symlinks."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from sasoftmax import cli
+from sasoftmax.files import LOCK_NAME, FolderInUse, folder_lock
+from sasoftmax.models import GPT
+from sasoftmax.signals import Interrupted
+from sasoftmax.train import RunError, make_config, read_checkpoint, train
+
+SRC = str(Path(cli.__file__).resolve().parents[1])
+
+
+def smoke(corpus_file, **kw) -> dict:
+    return make_config("smoke", data=corpus_file, **kw)
+
+
+def snapshot(folder: Path) -> dict:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())} if folder.exists() else {}
+
+
+def metric_steps(out: Path) -> list[int]:
+    return [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def same_weights(a: Path, b: Path) -> bool:
+    wa, wb = read_checkpoint(a)["model"], read_checkpoint(b)["model"]
+    return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_folder_lock_refuses_a_second_writer_and_ignores_dead_ones(tmp_path):
+    folder = tmp_path / "run"
+    with folder_lock(folder):
+        pid, host = (folder / LOCK_NAME).read_text().split()
+        assert int(pid) == os.getpid() and host
+        with pytest.raises(FolderInUse, match=f"in use by process {os.getpid()}.*{LOCK_NAME}"):
+            with folder_lock(folder):
+                pass
+    assert not (folder / LOCK_NAME).exists() and folder.is_dir()
+    (folder / LOCK_NAME).write_text(f"999999999 {os.uname().nodename}\n")  # left by a process that died
+    with folder_lock(folder):
+        assert (folder / LOCK_NAME).read_text().split()[0] == str(os.getpid())
+    with pytest.raises(RuntimeError), folder_lock(tmp_path / "new" / "deeper"):  # a failure removes what it made
+        raise RuntimeError
+    assert not (tmp_path / "new").exists()
+
+
+def test_sigint_saves_a_checkpoint_and_resume_is_bit_exact(corpus_file, tmp_path):
+    config = smoke(corpus_file, pos="kerple", normalizer="sa_norm", steps=12, checkpoint_every=100)
+    train(config, tmp_path / "full", progress=False)
+
+    def ctrl_c_at_5(step, model, inputs, targets):
+        if step == 5:
+            os.kill(os.getpid(), signal.SIGINT)  # arrives mid-step: the step finishes, then the run stops
+
+    out = tmp_path / "stopped"
+    with pytest.raises(Interrupted, match="SIGINT at step 6.*checkpoint") as stop:
+        train(config, out, progress=False, step_hook=ctrl_c_at_5, hook_every=1)
+    assert stop.value.exit_code == 130
+    assert read_checkpoint(out)["step"] == 6 and metric_steps(out) == list(range(6))
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+    train(config, out, resume=True, progress=False)
+    assert same_weights(tmp_path / "full", out)
+    full = (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["loss"] for x in full] == [json.loads(x)["loss"] for x in (out / "metrics.jsonl").read_text()
+                                                     .splitlines()]  # fmt: skip
+
+
+def _start_train(corpus_file: str, out: Path, *extra: str) -> subprocess.Popen:
+    command = [sys.executable, "-m", "sasoftmax", "train", "--data", corpus_file, "--out", str(out), "--no-progress",
+               "--threads", "1", *extra]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": SRC}
+    return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for(condition, process: subprocess.Popen, seconds: float = 120) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert condition(), process.stderr.read() if process.poll() is not None else "timed out"
+
+
+def test_second_writer_is_refused_and_sigterm_saves_a_checkpoint(corpus_file, tmp_path, capsys):
+    """A real second process: train, train --resume, eval and compare on its folder exit 2 naming the holder;
+    SIGTERM stops it with 143 after saving a checkpoint, from which a resume ends bit-exact."""
+    out = tmp_path / "run"
+    common = ["--steps", "3000", "--decay-steps", "3000", "--checkpoint-every", "1000"]
+    process = _start_train(corpus_file, out, *common)
+    try:
+        _wait_for(lambda: (out / "metrics.jsonl").exists() and (out / "metrics.jsonl").stat().st_size > 0, process)
+        base = ["train", "--data", corpus_file, "--out", str(out), "--no-progress", *common]
+        assert cli.main(base + ["--resume"]) == 2
+        assert f"in use by process {process.pid}" in capsys.readouterr().err
+        assert cli.main(base) == 2  # not empty
+        capsys.readouterr()
+        assert cli.main(["eval", str(out), "--lengths", "32"]) == 2
+        assert f"in use by process {process.pid}" in capsys.readouterr().err
+        process.send_signal(signal.SIGTERM)
+        _, err = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 143, err
+    assert "SIGTERM" in err and "checkpoint" in err and "--resume" in err
+    step = read_checkpoint(out)["step"]
+    assert 0 < step < 3000 and metric_steps(out) == list(range(step))
+    assert not (out / LOCK_NAME).exists()
+    # The same run, uninterrupted, to `step + 3` in-process: the resumed one matches it bit for bit.
+    config = smoke(corpus_file, steps=step + 3, decay_steps=3000, checkpoint_every=1000)
+    train(config, tmp_path / "full", progress=False)
+    train(config, out, resume=True, progress=False)
+    assert same_weights(tmp_path / "full", out)
+
+
+def test_two_concurrent_writers_one_wins(corpus_file, tmp_path):
+    """Two processes started together on one new folder: exactly one trains, the other exits 2; the run is whole."""
+    out = tmp_path / "run"
+    processes = [_start_train(corpus_file, out, "--steps", "6", "--resume") for _ in range(2)]
+    results = [(p.wait(timeout=180), p.stderr.read()) for p in processes]
+    codes = sorted(code for code, _ in results)
+    assert codes in ([0, 0], [0, 2]), results
+    if codes == [0, 2]:
+        assert any("in use by process" in err for _, err in results)
+    # Whichever way they ran, the folder holds one complete run (the loser found it finished if it came second).
+    assert read_checkpoint(out)["step"] == 6 and metric_steps(out) == list(range(6))
+
+
+def test_a_garbled_checkpoint_is_refused_and_kept(corpus_file, tmp_path, capsys):
+    out = tmp_path / "run"
+    train(smoke(corpus_file, steps=4, decay_steps=8), out, progress=False)
+    path = out / "checkpoint.pt"
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    data[middle : middle + 64] = bytes(64)
+    path.write_bytes(bytes(data))
+    before = snapshot(out)
+    with pytest.raises(RunError, match="checkpoint.pt is corrupt"):
+        read_checkpoint(out)
+    argv = ["train", "--data", corpus_file, "--steps", "8", "--decay-steps", "8", "--out", str(out), "--no-progress",
+            "--resume"]  # fmt: skip
+    assert cli.main(argv) == 2
+    assert "corrupt" in capsys.readouterr().err
+    assert snapshot(out) == before
+
+
+def test_a_checkpoint_with_odd_entries_is_refused(corpus_file, tmp_path, capsys):
+    out = tmp_path / "run"
+    train(smoke(corpus_file, steps=2), out, progress=False)
+    good = torch.load(out / "checkpoint.pt", weights_only=True)
+    for field, value in (("step", "7"), ("step", -1), ("rng", {}), ("summary", None), ("optimizer", [])):
+        torch.save({**good, field: value}, out / "checkpoint.pt")
+        assert cli.main(["train", "--data", corpus_file, "--steps", "2", "--out", str(out), "--resume",
+                         "--no-progress"]) == 2  # fmt: skip
+        assert f"its {field}" in capsys.readouterr().err
+        assert cli.main(["eval", str(out)]) == 2
+        assert f"its {field}" in capsys.readouterr().err
+
+
+def test_a_diverged_run_stops_keeping_its_last_good_checkpoint(corpus_file, tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = ["train", "--data", corpus_file, "--lr", "1e6", "--steps", "40", "--checkpoint-every", "1", "--out",
+            str(out), "--no-progress"]  # fmt: skip
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "diverged at step" in err and "last good checkpoint" in err and err.count("\n") == 1
+    state = read_checkpoint(out)  # finite weights, else this raises
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == list(range(state["step"]))  # strict JSON, no NaN
+    assert all("NaN" not in line and "Infinity" not in line for line in lines)
+
+
+def test_a_train_failing_at_its_first_step_leaves_nothing(corpus_file, tmp_path, monkeypatch):
+    def broken(self, *args, **kwargs):
+        raise RuntimeError("boom")
+
+    out = tmp_path / "run"
+    monkeypatch.setattr(GPT, "forward", broken)
+    with pytest.raises(RuntimeError, match="boom"):
+        train(smoke(corpus_file, steps=4), out, progress=False)
+    assert not out.exists()
+    monkeypatch.undo()
+    # A failing resume (extending the run) leaves its files as they were: config.json is not rewritten.
+    train(smoke(corpus_file, steps=4, decay_steps=8), out, progress=False)
+    before = snapshot(out)
+    monkeypatch.setattr(GPT, "forward", broken)
+    with pytest.raises(RuntimeError, match="boom"):
+        train(smoke(corpus_file, steps=8, decay_steps=8), out, resume=True, progress=False)
+    assert snapshot(out) == before
+
+
+def test_out_of_memory_is_one_line_and_exit_2(corpus_file, tmp_path, monkeypatch, capsys):
+    def oom(self, *args, **kwargs):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory")
+
+    monkeypatch.setattr(GPT, "forward", oom)
+    out = tmp_path / "run"
+    assert cli.main(["train", "--data", corpus_file, "--batch-size", "4096", "--out", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "out of memory" in err and "--batch-size" in err and err.count("\n") == 1
+    assert not out.exists()
+
+
+def test_planted_symlinks_are_never_written_through(corpus_file, tmp_path):
+    out = tmp_path / "run"
+    config = smoke(corpus_file, steps=4, decay_steps=8, checkpoint_every=2)
+    train(config, out, progress=False)
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    for name in ("checkpoint.pt.tmp", "metrics.jsonl.tmp", ".checkpoint.pt.tmp", "config.json.tmp"):
+        (out / name).symlink_to(victim)
+    train(smoke(corpus_file, steps=8, decay_steps=8, checkpoint_every=2), out, resume=True, progress=False)
+    assert victim.read_text() == "precious"
+    assert read_checkpoint(out)["step"] == 8
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp") and not p.is_symlink()]  # no temporaries left
