@@ -224,3 +224,111 @@ def test_planted_symlinks_are_never_written_through(corpus_file, tmp_path):
     assert victim.read_text() == "precious"
     assert read_checkpoint(out)["step"] == 8
     assert not [p for p in out.iterdir() if p.name.endswith(".tmp") and not p.is_symlink()]  # no temporaries left
+
+
+# ------------------------------------------------------------------------------------------ compare
+
+
+def _children(pid: int) -> set[int]:
+    """The live child processes of ``pid`` (Linux /proc), zombies excluded."""
+    found = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z":
+            found.add(int(stat.parent.name))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def _start_compare(corpus_file: str, out: Path, *extra: str) -> subprocess.Popen:
+    command = [sys.executable, "-m", "sasoftmax", "compare", "--preset", "smoke", "--out", str(out), "--data",
+               corpus_file, "--pos", "rope", "--normalizers", "softmax,sa_norm", "--no-retrieval", "--jobs", "2",
+               "--no-progress", *extra]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": SRC}
+    return subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def _both_training(out: Path) -> bool:
+    metrics = [out / "runs" / f"rope-{v}-s0" / "metrics.jsonl" for v in ("softmax", "sa_norm")]
+    return all(m.exists() and m.stat().st_size > 0 for m in metrics)
+
+
+needs_proc = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux /proc")
+
+
+@needs_proc
+@pytest.mark.parametrize("how", ["kill -9", "SIGINT"])
+def test_compare_workers_end_with_their_parent(corpus_file, tmp_path, how):
+    out = tmp_path / "cmp"
+    process = _start_compare(corpus_file, out, "--steps", "5000")
+    workers: set[int] = set()
+    try:
+        _wait_for(lambda: _both_training(out), process)
+        workers = _children(process.pid)
+        assert workers
+        sig = {"kill -9": signal.SIGKILL, "SIGINT": signal.SIGINT, "SIGTERM": signal.SIGTERM}[how]
+        process.send_signal(sig)
+        process.wait(timeout=120)
+        deadline = time.monotonic() + 60
+        while any(_alive(w) for w in workers) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not [w for w in workers if _alive(w)], f"workers outlived their parent ({how})"
+        if how != "kill -9":
+            assert process.returncode == 128 + sig
+        # Every worker saved its run when it was stopped, so a rerun continues from there.
+        for variant in ("softmax", "sa_norm"):
+            assert read_checkpoint(out / "runs" / f"rope-{variant}-s0")["step"] > 0
+    finally:
+        for pid in [process.pid, *workers]:
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+@needs_proc
+def test_a_failing_compare_task_stops_the_other_workers(corpus_file, tmp_path):
+    """A task that fails (a corrupt analysis.json) ends the compare at once with exit 2, workers included."""
+    from sasoftmax.experiments.compare import plan
+
+    out = tmp_path / "cmp"
+    settings = plan("smoke", pos=["rope"], variants=["softmax", "sa_norm"], steps=5000, data=corpus_file,
+                    retrieval=False)  # fmt: skip
+    out.mkdir()
+    (out / "compare.json").write_text(json.dumps(settings))
+    (out / "runs" / "rope-sa_norm-s0").mkdir(parents=True)
+    (out / "runs" / "rope-sa_norm-s0" / "analysis.json").write_text("[]")
+    process = _start_compare(corpus_file, out, "--steps", "5000")
+    began = time.monotonic()
+    _, err = process.communicate(timeout=180)
+    assert process.returncode == 2, err
+    assert "analysis.json is corrupt" in err and err.count("\n") == 1
+    assert time.monotonic() - began < 120  # the other run (5000 steps) was not trained to the end
+    assert not _children(process.pid)
+
+
+def test_failed_compare_leaves_no_files(corpus_file, tmp_path, capsys):
+    out = tmp_path / "cmp"
+    args = ["compare", "--preset", "smoke", "--out", str(out), "--pos", "rope", "--normalizers", "softmax",
+            "--no-retrieval", "--no-progress"]  # fmt: skip
+    assert cli.main(args + ["--data", str(tmp_path / "nonexistent")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert not out.exists()
+    assert cli.main(args + ["--data", corpus_file]) == 0  # the corrected command runs
+    full = (out / "results.json").read_bytes()
+    # A rerun that fails on one corrupt run file keeps the complete results.json.
+    (out / "runs" / "rope-softmax-s0" / "analysis.json").write_text("{not json")
+    assert cli.main(args + ["--data", corpus_file]) == 2
+    assert "analysis.json is corrupt" in capsys.readouterr().err
+    assert (out / "results.json").read_bytes() == full
+    (out / "compare.json").write_text("[]")
+    assert cli.main(args + ["--data", corpus_file]) == 2
+    assert "compare.json is corrupt" in capsys.readouterr().err
