@@ -332,3 +332,53 @@ def test_failed_compare_leaves_no_files(corpus_file, tmp_path, capsys):
     (out / "compare.json").write_text("[]")
     assert cli.main(args + ["--data", corpus_file]) == 2
     assert "compare.json is corrupt" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------ input checks
+
+
+@pytest.mark.parametrize("spec", ["hf:https://example.com/data.csv", "hf:../secret", "hf:/etc/passwd", "hf:a/b/c",
+                                  "hf:", "hf:name:../x", "hf:owner/name:cfg;rm"])  # fmt: skip
+def test_hf_data_takes_only_hub_dataset_names(spec, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert cli.main(["train", "--data", spec, "--out", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "hub dataset id" in err or "config name" in err
+    assert not out.exists()
+
+
+def test_hf_data_refuses_names_of_local_folders(tmp_path, monkeypatch, capsys):
+    from sasoftmax.data import check_hub_name
+
+    assert check_hub_name("wikitext:wikitext-2-raw-v1") == ("wikitext", "wikitext-2-raw-v1")
+    assert check_hub_name("owner/some.name") == ("owner/some.name", None)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "wikitext").mkdir()
+    with pytest.raises(ValueError, match="local path"):
+        check_hub_name("wikitext")
+
+
+@pytest.mark.parametrize("option", ["--batch", "--heads", "--head-dim"])
+def test_bench_rejects_non_positive_sizes(option, capsys):
+    assert cli.main(["bench", "--lengths", "8", option, "0", "--no-memory", "--repeats", "1"]) == 2
+    err = capsys.readouterr().err
+    assert option in err and err.count("\n") == 1
+
+
+def test_odd_run_files_are_one_line_errors_naming_the_file(corpus_file, tmp_path, capsys):
+    out = tmp_path / "run"
+    train(smoke(corpus_file, steps=2), out, progress=False)
+    (out / "config.json").write_text("[]")
+    assert cli.main(["train", "--data", corpus_file, "--steps", "2", "--out", str(out), "--resume"]) == 2
+    assert "config.json is corrupt" in capsys.readouterr().err
+    results = tmp_path / "cmp"
+    results.mkdir()
+    (results / "results.json").write_text(json.dumps({"settings": {}, "runs": [{"name": "x"}]}))
+    assert cli.main(["report", str(results)]) == 2
+    err = capsys.readouterr().err
+    assert "results.json is not usable" in err and err.count("\n") == 1
+    from sasoftmax.analysis.gradient_flow import read_hooks
+
+    (out / "hooks.jsonl").write_text("{\n")
+    with pytest.raises(ValueError, match="hooks.jsonl is corrupt"):
+        read_hooks(out / "hooks.jsonl")
