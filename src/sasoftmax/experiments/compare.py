@@ -192,7 +192,10 @@ def compare(
     settings: dict, out: str | Path, *, progress: bool = True, jobs: int = 1, threads: int | None = None
 ) -> dict:
     """Run (or resume) the comparison ``settings`` (from :func:`plan`) in ``out``; returns the results dict,
-    also written to ``out/results.json`` (after every finished task, so a killed compare leaves a valid file).
+    also written to ``out/results.json`` (after every finished task, so a killed compare leaves a valid file,
+    unless that would replace one with more entries). ``out`` is held with :func:`~sasoftmax.files.folder_lock`
+    (a second compare there is refused); on an error, Ctrl-C or SIGTERM the workers are stopped (each
+    training run saves its checkpoint), and a worker whose parent dies stops by itself.
 
     ``jobs`` > 1 runs that many tasks (training runs and needle models) at once in worker processes, each
     with ``threads`` torch threads (default 1): on a small CPU, independent single-threaded runs use the
