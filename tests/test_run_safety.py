@@ -382,3 +382,18 @@ def test_odd_run_files_are_one_line_errors_naming_the_file(corpus_file, tmp_path
     (out / "hooks.jsonl").write_text("{\n")
     with pytest.raises(ValueError, match="hooks.jsonl is corrupt"):
         read_hooks(out / "hooks.jsonl")
+
+
+def test_a_checkpoint_is_never_replaced_by_non_finite_weights(corpus_file, tmp_path):
+    from sasoftmax.train import NonFiniteError, _save_checkpoint, make_optimizer, model_config
+
+    out = tmp_path / "run"
+    config = smoke(corpus_file, steps=2)
+    train(config, out, progress=False)
+    before = snapshot(out)
+    model = GPT(model_config(config))
+    with torch.no_grad():
+        next(model.parameters())[0] = float("nan")
+    with pytest.raises(NonFiniteError, match="not replaced"):
+        _save_checkpoint(out, model, make_optimizer(model, config), torch.Generator(), 3, config, "x", {}, 1)
+    assert snapshot(out) == before
