@@ -27,6 +27,7 @@ import sysconfig
 import tempfile
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -125,20 +126,21 @@ def library_path() -> Path:
     if target.is_file():
         return target
     folder.mkdir(parents=True, exist_ok=True)
-    with _build_lock(folder / "build.lock"):
+    with _build_lock(folder / "build.lock") as exclusive:
         if not target.is_file():  # another process may have built it while this one waited
-            _build(folder, target)
+            _build(folder, target, clean=exclusive)
     return target
 
 
 @contextlib.contextmanager
-def _build_lock(path: Path):
+def _build_lock(path: Path) -> Iterator[bool]:
     """Hold an exclusive flock on ``path`` (created if needed), waiting up to ``BUILD_WAIT_S`` for a live
-    holder; the holder's pid and host are written in the file to say who builds."""
+    holder; the holder's pid and host are written in the file to say who builds. Yields whether the lock is
+    exclusive (False where there is no flock)."""
     try:
         import fcntl
     except ImportError:  # no flock (Windows): builds run in private folders, so concurrent ones only duplicate work
-        yield
+        yield False
         return
     fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
     try:
@@ -158,7 +160,7 @@ def _build_lock(path: Path):
                 waited += 0.2
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()} {socket.gethostname()}\n".encode())
-        yield
+        yield True
     finally:
         os.close(fd)  # releases the flock
 
@@ -171,11 +173,12 @@ def _holder(path: Path) -> str:
         return "another process"
 
 
-def _build(folder: Path, target: Path) -> None:
-    """Compile into a private folder (so torch's own build lock is never shared), then rename into place."""
+def _build(folder: Path, target: Path, clean: bool) -> None:
+    """Compile into a private folder (so torch's own build lock is never shared), then rename into place;
+    ``clean`` (this process holds the build lock) first removes the folders of builders that died."""
     from torch.utils import cpp_extension
 
-    for leftover in folder.glob("build-*"):  # folders of builders that died: the lock says none is running
+    for leftover in folder.glob("build-*") if clean else ():
         shutil.rmtree(leftover, ignore_errors=True)
     private = Path(tempfile.mkdtemp(prefix="build-", dir=folder))
     try:
