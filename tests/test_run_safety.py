@@ -408,3 +408,11 @@ def test_a_checkpoint_is_never_replaced_by_non_finite_weights(corpus_file, tmp_p
     with pytest.raises(NonFiniteError, match="not replaced"):
         _save_checkpoint(out, model, make_optimizer(model, config), torch.Generator(), 3, config, "x", {}, 1)
     assert snapshot(out) == before
+
+
+def test_hook_results_are_strict_json_lines(corpus_file, tmp_path):
+    out = tmp_path / "run"
+    train(smoke(corpus_file, steps=2), out, progress=False, hook_every=1,
+          step_hook=lambda step, *_: {"x": float("nan"), "y": [1.0, float("inf")]})  # fmt: skip
+    rows = [json.loads(line) for line in (out / "hooks.jsonl").read_text().splitlines()]
+    assert rows == [{"step": 0, "x": None, "y": [1.0, None]}, {"step": 1, "x": None, "y": [1.0, None]}]

@@ -552,8 +552,9 @@ class _RunFiles:
             write_json(out / "config.json", self.config)
 
     def add(self, name: str, record: dict) -> None:
-        """Append ``record`` as a strict JSON line (NaN or infinity raise ValueError) to ``name``."""
-        line = json.dumps(record, allow_nan=False) + "\n"
+        """Append ``record`` to ``name`` as a strict JSON line: metrics are finite (the loop stops the run
+        otherwise), and a NaN or infinity a step hook returns is written as null."""
+        line = json.dumps(_finite_or_none(record), allow_nan=False) + "\n"
         if name not in self.handles:
             self.handles[name] = open(self.out / name, "a")
         self.handles[name].write(line)
@@ -582,6 +583,17 @@ class _RunFiles:
         for handle in self.handles.values():
             handle.close()
         self.handles.clear()
+
+
+def _finite_or_none(value):
+    """``value`` with every non-finite float (in nested dicts and lists) replaced by None."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_none(v) for v in value]
+    return value
 
 
 def _run_hook(step_hook: StepHook, step: int, model: GPT, x: Tensor, y: Tensor, files: _RunFiles) -> None:
