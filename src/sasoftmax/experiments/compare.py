@@ -216,12 +216,12 @@ def compare(
         try:
             return _compare(settings, out, progress, jobs, threads)
         except Exception:
-            if created and not has_entries_besides(out, "compare.json"):
+            if created and not _has_entries_besides(out, "compare.json"):
                 (out / "compare.json").unlink(missing_ok=True)  # a failure before any work: leave no trace
             raise
 
 
-def has_entries_besides(folder: Path, *names: str) -> bool:
+def _has_entries_besides(folder: Path, *names: str) -> bool:
     return any(p.name not in (LOCK_NAME, *names) for p in folder.iterdir())
 
 
