@@ -112,10 +112,11 @@ def build_key() -> str:
 
 def build_dir() -> Path:
     """The folder of this environment's and CPU's build: ``$TORCH_EXTENSIONS_DIR`` (default
-    ``~/.cache/torch_extensions``) / ``sasoftmax-<build_key()>``."""
-    from torch.utils import cpp_extension
-
-    root = os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root()
+    ``$XDG_CACHE_HOME/torch_extensions``, ``~/.cache/torch_extensions``) / ``sasoftmax-<build_key()>``."""
+    # Not torch.utils.cpp_extension's own default: importing that module (and setuptools) costs ~0.3 s, which a
+    # process that only loads the built library should not pay.
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache",
+                                                          "torch_extensions")  # fmt: skip
     return Path(root) / f"sasoftmax-{build_key()}"
 
 
