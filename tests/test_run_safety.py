@@ -278,7 +278,7 @@ needs_proc = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="ne
 
 
 @needs_proc
-@pytest.mark.parametrize("how", ["kill -9", "SIGINT"])
+@pytest.mark.parametrize("how", ["kill -9", "SIGINT", "SIGTERM"])
 def test_compare_workers_end_with_their_parent(corpus_file, tmp_path, how):
     out = tmp_path / "cmp"
     process = _start_compare(corpus_file, out, "--steps", "5000")
@@ -296,6 +296,7 @@ def test_compare_workers_end_with_their_parent(corpus_file, tmp_path, how):
         assert not [w for w in workers if _alive(w)], f"workers outlived their parent ({how})"
         if how != "kill -9":
             assert process.returncode == 128 + sig
+            assert "rerun the same command to resume" in process.stderr.read()
         # Every worker saved its run when it was stopped, so a rerun continues from there.
         for variant in ("softmax", "sa_norm"):
             assert read_checkpoint(out / "runs" / f"rope-{variant}-s0")["step"] > 0

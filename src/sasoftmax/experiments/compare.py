@@ -53,7 +53,7 @@ from ..files import LOCK_NAME, folder_lock, has_entries, read_json, write_json
 from ..models import GPT, GPTConfig
 from ..nn import SSMAX_PAPER_INIT
 from ..positional import POSITIONAL
-from ..signals import Interrupted, raising_signals, watch_parent
+from ..signals import Interrupted, raising_signals, signal_name, watch_parent
 from ..train import RunError, load_model, make_config, train
 
 VARIANTS: dict[str, tuple[str, bool]] = {
@@ -215,6 +215,10 @@ def compare(
         created = _claim_directory(out, settings)
         try:
             return _compare(settings, out, progress, jobs, threads)
+        except (Interrupted, KeyboardInterrupt) as stop:
+            signum = getattr(stop, "signum", signal.SIGINT)
+            raise Interrupted(signum, f"interrupted by {signal_name(signum)}; finished runs and the checkpoints of "
+                                      "interrupted ones are kept: rerun the same command to resume") from stop
         except Exception:
             if created and not _has_entries_besides(out, "compare.json"):
                 (out / "compare.json").unlink(missing_ok=True)  # a failure before any work: leave no trace
