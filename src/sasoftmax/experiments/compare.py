@@ -319,6 +319,9 @@ def _in_worker(fn, *args, **kwargs):
 
 def _init_worker(threads: int, parent: int) -> None:
     torch.set_num_threads(threads)
+    # Ctrl-C reaches the whole process group: the parent decides, and stops the workers with SIGTERM (a training
+    # run still catches SIGINT itself and saves its checkpoint).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     watch_parent(parent)  # a parent killed with kill -9 takes its workers with it
 
 
