@@ -140,6 +140,9 @@ def run(args: argparse.Namespace) -> int:
     lengths = args.lengths or (FULL_LENGTHS if args.full else QUICK_LENGTHS)
     if any(n <= 0 for n in lengths) or args.repeats <= 0 or args.threads <= 0:
         raise ValueError("lengths, --repeats and --threads must be positive")
+    for name in ("batch", "heads", "head_dim"):
+        if getattr(args, name) <= 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be positive; got {getattr(args, name)}")
     if args.kv_heads is not None and not (0 < args.kv_heads <= args.heads and args.heads % args.kv_heads == 0):
         raise ValueError(f"--kv-heads must divide --heads ({args.heads}); got {args.kv_heads}")
     if args.queries is not None and args.queries <= 0:

@@ -17,6 +17,7 @@ from .backends import BACKENDS
 from .normalizers import NORMALIZERS
 from .positional import POSITIONAL
 from .presets import PRESETS
+from .signals import Interrupted
 
 DELEGATED = {
     "bench": ("sasoftmax.benchmark", "benchmark the attention backends"),
@@ -122,9 +123,27 @@ def main(argv: list[str] | None = None) -> int:
         return int(exit_.code or 0)
     try:
         return int(args.handler(args) or 0)
-    except (ValueError, OSError) as err:
-        print(f"sasoftmax {args.command}: error: {err}", file=sys.stderr)
+    except Interrupted as stop:
+        print(f"sasoftmax {args.command}: {stop}", file=sys.stderr)
+        return stop.exit_code
+    except (ValueError, TypeError, OSError) as err:
+        print(f"sasoftmax {args.command}: error: {_one_line(err)}", file=sys.stderr)
+        return 2
+    except (torch.OutOfMemoryError, MemoryError, RuntimeError) as err:
+        if not isinstance(err, (torch.OutOfMemoryError, MemoryError)) and not _is_out_of_memory(err):
+            raise  # a bug: keep its traceback
+        print(f"sasoftmax {args.command}: error: out of memory ({_one_line(err)}); try a smaller --batch-size",
+              file=sys.stderr)  # fmt: skip
         return 2
     except KeyboardInterrupt:
         print(f"sasoftmax {args.command}: interrupted", file=sys.stderr)
         return 130
+
+
+def _is_out_of_memory(err: RuntimeError) -> bool:
+    text = str(err).lower()
+    return "out of memory" in text or "can't allocate memory" in text or "not enough memory" in text
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split()) or type(err).__name__

@@ -5,8 +5,9 @@
 - ``None``: the source of the running interpreter's standard library (``sysconfig`` "stdlib" path,
   ``*.py``, test directories and test files excluded) — always there, no download;
 - a path: a text file, or a directory whose files are read recursively (hidden files skipped);
-- ``"hf:NAME[:CONFIG]"``: a Hugging Face dataset's "text" column through the ``datasets`` library, if
-  it is installed and can reach the hub (or its cache).
+- ``"hf:NAME[:CONFIG]"``: a Hugging Face hub dataset's "text" column through the ``datasets`` library, if
+  it is installed and can reach the hub (or its cache). NAME must be a hub dataset id (``name`` or
+  ``owner/name``): URLs, paths and names of local files are refused, and no remote code runs.
 
 Files go to validation deterministically: sorted by the SHA-1 of their relative path, the first 5 %
 (at least one) are validation. A single file is split by bytes (the last 10 % are validation). The
@@ -17,6 +18,8 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import inspect
+import re
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
@@ -107,16 +110,37 @@ def _split_files(root: Path, files: list[Path], description: str) -> Corpus:
     return Corpus(_tokens(b"\n".join(train)), _tokens(b"\n".join(val)), digest.hexdigest(), description)
 
 
-def _load_hf(name_config: str) -> Corpus:
+_HUB_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)?")
+_HUB_CONFIG = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
+def check_hub_name(name_config: str) -> tuple[str, str | None]:
+    """``"NAME[:CONFIG]"`` -> (NAME, CONFIG or None) if NAME is a Hugging Face hub dataset id (``name`` or
+    ``owner/name``: letters, digits, ``_.-``) and CONFIG a config name; ValueError otherwise. URLs, paths,
+    ``..`` and names of local files or folders are refused: ``datasets`` would load those instead of the hub."""
     name, _, config = name_config.partition(":")
-    if not name:
-        raise ValueError("data 'hf:NAME[:CONFIG]' needs a dataset name")
+    spec = f"hf:{name_config}"
+    if not _HUB_NAME.fullmatch(name) or ".." in name or name.endswith("."):
+        raise ValueError(f"data {spec!r}: NAME must be a Hugging Face hub dataset id like 'wikitext' or "
+                         "'owner/name' (letters, digits, _ . -), not a URL or a path")  # fmt: skip
+    if config and not _HUB_CONFIG.fullmatch(config):
+        raise ValueError(f"data {spec!r}: CONFIG must be a dataset config name (letters, digits, _ . -)")
+    if Path(name).exists():
+        raise ValueError(f"data {spec!r}: {name!r} is a local path, which `datasets` would load instead of the hub "
+                         "dataset; pass local data as --data PATH")  # fmt: skip
+    return name, config or None
+
+
+def _load_hf(name_config: str) -> Corpus:
+    name, config = check_hub_name(name_config)
     try:
         import datasets
     except ImportError:
         raise ValueError("data 'hf:...' needs the `datasets` library: pip install datasets") from None
     try:
-        ds = datasets.load_dataset(name, config or None)
+        # Never remote code: datasets before 4 take trust_remote_code (False refuses loading scripts); 4 runs none.
+        no_code = {"trust_remote_code": False} if "trust_remote_code" in _parameters(datasets.load_dataset) else {}
+        ds = datasets.load_dataset(name, config, **no_code)
     except Exception as err:  # network errors, unknown names, offline mode: all mean "cannot load"
         raise ValueError(f"could not load Hugging Face dataset {name_config!r} (offline or unknown?): {err}") from err
     split = "validation" if "validation" in ds else "test" if "test" in ds else None
@@ -126,6 +150,10 @@ def _load_hf(name_config: str) -> Corpus:
     val = "\n".join(ds[split]["text"]).encode()
     fingerprint = hashlib.sha256(f"hf:{name_config}".encode() + str(ds["train"]._fingerprint).encode()).hexdigest()
     return Corpus(_tokens(train), _tokens(val), fingerprint, f"Hugging Face dataset {name_config}")
+
+
+def _parameters(fn) -> set[str]:
+    return set(inspect.signature(fn).parameters)
 
 
 def _is_stdlib_source(rel: Path) -> bool:

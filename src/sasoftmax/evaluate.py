@@ -12,14 +12,13 @@ attention materialises the score map (DAPE encodings, or an eager backend) — a
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 import torch
 
 from .data import load_corpus
-from .files import write_json
+from .files import folder_lock, read_json, write_json
 from .train import RunError, check_lengths, load_model
 
 TOKENS_PER_BATCH = 16384
@@ -41,16 +40,24 @@ def parse_lengths(text: str) -> list[int]:
 @torch.no_grad()
 def evaluate(out: str | Path, lengths: list[int], *, max_tokens: int | None = None) -> dict[str, dict[str, float]]:
     """``{"<length>": {"loss", "ppl", "tokens"}}`` of run ``out`` on its validation split; also written
-    to ``out/eval.json`` (only after every length succeeded: nothing is overwritten on error)."""
+    to ``out/eval.json`` (only after every length succeeded: nothing is overwritten on error). Holds the run
+    directory's lock while it runs (:func:`~sasoftmax.files.folder_lock`): a run being trained is refused."""
     lengths = check_lengths(lengths)
     if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1):
         raise ValueError(f"max_tokens must be a positive int or None; got {max_tokens!r}")
     out = Path(out)
+    if not out.is_dir():
+        raise RunError(f"no checkpoint at {out / 'checkpoint.pt'}")
+    with folder_lock(out, create=False):  # eval.json has one writer, and no run trains here meanwhile
+        return _evaluate(out, lengths, max_tokens)
+
+
+def _evaluate(out: Path, lengths: list[int], max_tokens: int | None) -> dict[str, dict[str, float]]:
     model, config = load_model(out)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
     corpus = load_corpus(config["data"])
-    saved = json.loads((out / "config.json").read_text()) if (out / "config.json").exists() else {}
+    saved = read_json(out / "config.json") if (out / "config.json").exists() else {}
     if saved.get("data_fingerprint", corpus.fingerprint) != corpus.fingerprint:
         raise RunError(f"the data of run {out} changed since training (fingerprint differs)")
     budget = max_tokens or config["eval_tokens"]

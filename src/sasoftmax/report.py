@@ -570,5 +570,9 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as err:
         print(f"sasoftmax report: error: {err}", file=sys.stderr)
         return 2
+    except (KeyError, TypeError, IndexError, AttributeError) as err:  # a results.json with missing or odd entries
+        print(f"sasoftmax report: error: {Path(args.dir) / 'results.json'} is not usable: {type(err).__name__} "
+              f"{err}", file=sys.stderr)  # fmt: skip
+        return 2
     print(f"wrote {paths[0]} and {len(paths) - 1} plots")
     return 0

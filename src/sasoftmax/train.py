@@ -18,6 +18,7 @@ import math
 import os
 import sys
 import time
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -28,11 +29,12 @@ from torch import Tensor, nn
 from .backends import BACKENDS
 from .checks import check_choice
 from .data import VOCAB_SIZE, load_corpus, sample_batch
-from .files import write_atomic, write_json
+from .files import folder_lock, has_entries, read_json, write_atomic, write_json
 from .models import GPT, GPTConfig
 from .normalizers import check_normalizer
 from .positional import check_positional
 from .presets import PRESETS
+from .signals import DeferredSignals, Interrupted, signal_name
 
 CHECKPOINT_VERSION = 1
 ATTENTION_DEFAULTS: dict = {
@@ -53,6 +55,10 @@ StepHook = Callable[[int, GPT, Tensor, Tensor], "dict | None"]
 
 class RunError(ValueError):
     """A run directory cannot be used as asked (exists, differs, corrupt, missing)."""
+
+
+class NonFiniteError(RunError):
+    """The loss or the gradients of a run became NaN or infinite; the run stopped at its last good checkpoint."""
 
 
 def make_config(preset: str, **overrides) -> dict:
@@ -173,10 +179,18 @@ def make_optimizer(model: nn.Module, config: dict) -> torch.optim.AdamW:
 
 
 def read_checkpoint(out: str | Path) -> dict:
-    """The checkpoint of run ``out`` (on CPU); RunError if it is missing or unreadable."""
+    """The checkpoint of run ``out`` (on CPU), verified: the archive's CRC-32 of every record, the layout and
+    types of the entries, finite weights. RunError naming the file if it is missing, corrupt or foreign."""
     path = Path(out) / "checkpoint.pt"
     if not path.is_file():
         raise RunError(f"no checkpoint at {path}")
+    try:  # torch.load does not check the zip archive's checksums: a garbled record would load as garbage
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except Exception as err:  # BadZipFile, truncated files, I/O errors
+        raise RunError(f"checkpoint {path} is corrupt or unreadable: {err}") from err
+    if bad is not None:
+        raise RunError(f"checkpoint {path} is corrupt: the checksum of its record {bad} does not match")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises many kinds for truncated or foreign files
@@ -184,10 +198,37 @@ def read_checkpoint(out: str | Path) -> dict:
     if not isinstance(state, dict) or state.get("version") != CHECKPOINT_VERSION or "model" not in state:
         raise RunError(f"checkpoint {path} is not a sasoftmax checkpoint (version {CHECKPOINT_VERSION})")
     try:
-        check_config(state["config"])
+        check_config(state.get("config"))
     except (TypeError, ValueError) as err:
         raise RunError(f"checkpoint {path} holds an invalid config: {err}") from err
+    problem = _checkpoint_problem(state)
+    if problem:
+        raise RunError(f"checkpoint {path} is corrupt: {problem}")
     return state
+
+
+def _checkpoint_problem(state: dict) -> str | None:
+    """What is wrong with the entries of a loaded checkpoint, or None."""
+    step, summary, rng = state.get("step"), state.get("summary"), state.get("rng")
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        return f"its step must be an int >= 0, found {step!r}"
+    if not isinstance(summary, dict) or any(not isinstance(summary.get(k), (int, float)) for k in _SUMMARY_KEYS):
+        return f"its summary must map {', '.join(_SUMMARY_KEYS)} to numbers"
+    if not isinstance(rng, dict) or any(not isinstance(rng.get(k), Tensor) or rng[k].dtype != torch.uint8
+                                        for k in ("torch", "data")):  # fmt: skip
+        return "its rng must hold the 'torch' and 'data' generator states (uint8 tensors)"
+    model, optimizer = state.get("model"), state.get("optimizer")
+    if not isinstance(model, dict) or not all(isinstance(v, Tensor) for v in model.values()):
+        return "its model must be a dict of tensors"
+    if not isinstance(optimizer, dict) or not {"state", "param_groups"} <= set(optimizer):
+        return "its optimizer state is missing"
+    bad = [k for k, v in model.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        return f"its weights {bad[:3]} hold NaN or infinite values"
+    return None
+
+
+_SUMMARY_KEYS = ("step", "loss", "tokens", "elapsed")
 
 
 def load_model(out: str | Path) -> tuple[GPT, dict]:
@@ -215,23 +256,26 @@ def _config_differences(saved: dict, config: dict) -> list[str]:
 
 
 def _truncate_jsonl(path: Path, step: int) -> None:
-    """Keep the lines of ``path`` whose "step" is < ``step`` (what a checkpoint at ``step`` covers)."""
+    """Keep the lines of ``path`` whose "step" is < ``step`` (what a checkpoint at ``step`` covers); the file is
+    rewritten only if a line goes."""
     if not path.exists():
         return
+    lines = path.read_text().splitlines()
     kept = []
-    for line in path.read_text().splitlines():
+    for line in lines:
         try:
             if json.loads(line)["step"] < step:
                 kept.append(line)
         except (json.JSONDecodeError, KeyError, TypeError):
             continue  # a line torn by a kill, or blank
-    write_atomic(path, lambda tmp: tmp.write_text("".join(line + "\n" for line in kept)))
+    if kept != lines:
+        write_atomic(path, lambda tmp: tmp.write_text("".join(line + "\n" for line in kept)))
 
 
 def _prepare_run_dir(out: Path, config: dict, fingerprint: str, resume: bool) -> dict | None:
     """Check that ``out`` can host this run; returns the checkpoint to resume from, or None. Writes nothing."""
     if not resume:
-        if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        if out.exists() and (not out.is_dir() or has_entries(out)):
             raise RunError(f"run directory {out} already exists and is not empty: pass --resume to continue it")
         return None
     if out.exists() and not out.is_dir():
@@ -239,16 +283,16 @@ def _prepare_run_dir(out: Path, config: dict, fingerprint: str, resume: bool) ->
     saved_path = out / "config.json"
     if saved_path.exists():
         try:
-            saved = json.loads(saved_path.read_text())
-        except (OSError, json.JSONDecodeError) as err:
-            raise RunError(f"{saved_path} is corrupt: {err}") from err
+            saved = dict(read_json(saved_path))
+        except ValueError as err:
+            raise RunError(str(err)) from err
         saved_fingerprint = saved.pop("data_fingerprint", None)
         differences = _config_differences(saved, config)
         if differences:
             raise RunError(f"cannot resume {out} with a different config: " + "; ".join(differences))
         if saved_fingerprint != fingerprint:
             raise RunError(f"cannot resume {out}: its data changed (fingerprint {saved_fingerprint} != {fingerprint})")
-    elif out.exists() and any(out.iterdir()):
+    elif out.exists() and has_entries(out):
         raise RunError(f"{out} is not a run directory (no config.json) and is not empty")
     if not (out / "checkpoint.pt").exists():
         return None
@@ -341,13 +385,17 @@ def train(
             f"seq_len {config['seq_len']} needs more"
         )
     rank, world, device, created_group = _distributed()
-    state = _prepare_run_dir(out, config, corpus.fingerprint, resume)
-    if world > 1:
-        dist.barrier()  # every rank has checked the directory before rank 0 writes to it
-    if state is not None and state["step"] >= config["steps"]:
-        summary = dict(state["summary"])
-    else:
-        summary = _train(config, out, corpus, state, rank, world, device, progress, step_hook, hook_every)
+    if out.exists() and not out.is_dir():
+        raise RunError(f"run directory {out} is not a directory")
+    # One writer per run directory: rank 0 holds its lock for the whole run (a second train is refused).
+    with folder_lock(out) if rank == 0 else contextlib.nullcontext():
+        state = _prepare_run_dir(out, config, corpus.fingerprint, resume)
+        if world > 1:
+            dist.barrier()  # every rank has checked the directory before rank 0 writes to it
+        if state is not None and state["step"] >= config["steps"]:
+            summary = dict(state["summary"])
+        else:
+            summary = _train(config, out, corpus, state, rank, world, device, progress, step_hook, hook_every)
     # Only on success, once every rank is done with its collectives: tearing the group down while another rank
     # still communicates (or after one failed) can hang or abort gloo's worker threads. On an error the process
     # exits and torchrun stops the other ranks.
@@ -370,18 +418,17 @@ def _train(config, out, corpus, state, rank, world, device, progress, step_hook,
     start = 0
     summary = {"step": 0, "loss": math.nan, "tokens": 0, "elapsed": 0.0}
     if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        sampler.set_state(state["rng"]["data"])
-        torch.set_rng_state(state["rng"]["torch"])
+        try:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            sampler.set_state(state["rng"]["data"])
+            torch.set_rng_state(state["rng"]["torch"])
+        except (RuntimeError, ValueError, KeyError, TypeError) as err:
+            raise RunError(f"checkpoint {out / 'checkpoint.pt'} does not match its config: {err}") from err
         if device.type == "cuda" and state["rng"].get("cuda") is not None:
             torch.cuda.set_rng_state(state["rng"]["cuda"], device)
         start, summary = state["step"], dict(state["summary"])
-    if writer:
-        out.mkdir(parents=True, exist_ok=True)
-        write_json(out / "config.json", {**config, "data_fingerprint": corpus.fingerprint})
-        for name in ("metrics.jsonl", "hooks.jsonl"):
-            _truncate_jsonl(out / name, start)
+    files = _RunFiles(out, config, corpus.fingerprint, start, fresh=state is None) if writer else None
     ddp = None
     if world > 1:
         device_ids = [device.index] if device.type == "cuda" else None
@@ -391,71 +438,165 @@ def _train(config, out, corpus, state, rank, world, device, progress, step_hook,
         torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
     )
     params = list(model.parameters())
-    # Only rank 0 writes; both files are closed in the finally below.
-    metrics = open(out / "metrics.jsonl", "a") if writer else None
-    hooks = open(out / "hooks.jsonl", "a") if writer and step_hook is not None and hook_every > 0 else None
+    want_hooks = writer and step_hook is not None and hook_every > 0
     bar = _Progress(progress and writer, start, steps, f"{config['normalizer']}/{config['pos']}")
     tokens_per_step = batch * accum * seq_len
     last_time, last_step, t0 = time.perf_counter(), start, time.perf_counter() - summary["elapsed"]
+
+    def commit(done: int) -> None:
+        nonlocal summary
+        summary = {**summary, "step": done, "elapsed": time.perf_counter() - t0}
+        files.commit(done, lambda: _save_checkpoint(out, model, optimizer, sampler, done, config, corpus.fingerprint,
+                                                    summary, world))  # fmt: skip
+
     try:
-        model.train()
-        for step in range(start, steps):
-            lr = learning_rate(step, config)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            micro = []
-            for _ in range(accum):
-                x, y = sample_batch(corpus.train, batch, seq_len, sampler)
-                rows = slice(rank * per_rank, (rank + 1) * per_rank)
-                micro.append((x[rows].to(device), y[rows].to(device)))
-            if hooks is not None and step % hook_every == 0:
-                _run_hook(step_hook, step, model, *micro[0], hooks)
-            loss_sum = torch.zeros((), device=device)
-            for i, (x, y) in enumerate(micro):
-                sync = ddp.no_sync() if ddp is not None and i < accum - 1 else contextlib.nullcontext()
-                with sync:
-                    with autocast:
-                        _, loss = net(x, y)
-                    (loss / accum).backward()
-                loss_sum += loss.detach()
-            clip = config["grad_clip"] if config["grad_clip"] > 0 else math.inf
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            mean_loss = loss_sum / accum
-            if world > 1:
-                dist.all_reduce(mean_loss)
-                mean_loss /= world
-            done = step + 1
-            record = None
-            if step % config["log_every"] == 0 or done == steps:
-                now = time.perf_counter()
-                record = {
-                    "step": step, "loss": mean_loss.item(), "lr": lr, "grad_norm": float(grad_norm),
-                    "tokens": done * tokens_per_step,
-                    "tokens_per_s": (done - last_step) * tokens_per_step / max(now - last_time, 1e-9),
-                    "elapsed": now - t0,
-                }
-                last_time, last_step = now, done
-                summary = {"step": done, "loss": record["loss"], "tokens": record["tokens"], "elapsed": now - t0}
-                if metrics is not None:
-                    metrics.write(json.dumps(record) + "\n")
-            bar.update(step, record)
-            if writer and (done % config["checkpoint_every"] == 0 or done == steps):
-                summary = {**summary, "step": done, "elapsed": time.perf_counter() - t0}
-                metrics.flush()
-                if hooks is not None:
-                    hooks.flush()
-                _save_checkpoint(out, model, optimizer, sampler, done, config, corpus.fingerprint, summary, world)
+        with DeferredSignals() as signals:
+            model.train()
+            for step in range(start, steps):
+                lr = learning_rate(step, config)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                micro = []
+                for _ in range(accum):
+                    x, y = sample_batch(corpus.train, batch, seq_len, sampler)
+                    rows = slice(rank * per_rank, (rank + 1) * per_rank)
+                    micro.append((x[rows].to(device), y[rows].to(device)))
+                if want_hooks and step % hook_every == 0:
+                    _run_hook(step_hook, step, model, *micro[0], files)
+                loss_sum = torch.zeros((), device=device)
+                for i, (x, y) in enumerate(micro):
+                    sync = ddp.no_sync() if ddp is not None and i < accum - 1 else contextlib.nullcontext()
+                    with sync:
+                        with autocast:
+                            _, loss = net(x, y)
+                        (loss / accum).backward()
+                    loss_sum += loss.detach()
+                clip = config["grad_clip"] if config["grad_clip"] > 0 else math.inf
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
+                mean_loss = loss_sum / accum
+                if world > 1:
+                    dist.all_reduce(mean_loss)
+                    mean_loss /= world
+                # Before the update, so the weights (and any checkpoint of them) stay finite.
+                loss_value, norm_value = mean_loss.item(), float(grad_norm)
+                if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
+                    kept = f"its last good checkpoint (step {files.committed}) is kept" if files and files.committed \
+                        else "it had no checkpoint yet"  # fmt: skip
+                    raise NonFiniteError(
+                        f"run {out} diverged at step {step} (loss {loss_value}, gradient norm {norm_value}) and "
+                        f"stopped; {kept} (try a lower --lr)"
+                    )
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                done = step + 1
+                record = None
+                if step % config["log_every"] == 0 or done == steps:
+                    now = time.perf_counter()
+                    record = {
+                        "step": step, "loss": loss_value, "lr": lr, "grad_norm": norm_value,
+                        "tokens": done * tokens_per_step,
+                        "tokens_per_s": (done - last_step) * tokens_per_step / max(now - last_time, 1e-9),
+                        "elapsed": now - t0,
+                    }  # fmt: skip
+                    last_time, last_step = now, done
+                    summary = {"step": done, "loss": loss_value, "tokens": record["tokens"], "elapsed": now - t0}
+                    if files is not None:
+                        files.add("metrics.jsonl", record)
+                bar.update(step, record)
+                stop = _agreed_signal(signals.received, world, device)
+                if writer and (done % config["checkpoint_every"] == 0 or done == steps or stop):
+                    commit(done)
+                if stop:
+                    where = f"; checkpoint at step {done} saved in {out}, continue with --resume" if writer else ""
+                    raise Interrupted(stop, f"interrupted by {signal_name(stop)} at step {done}{where}")
+    except Exception as err:
+        if files is not None and not isinstance(err, Interrupted):
+            files.roll_back()
+        raise
     finally:
         bar.close()
-        for f in (metrics, hooks):
-            if f is not None:
-                f.close()
+        if files is not None:
+            files.close()
     return summary
 
 
-def _run_hook(step_hook: StepHook, step: int, model: GPT, x: Tensor, y: Tensor, hooks) -> None:
+def _agreed_signal(received: int | None, world: int, device: torch.device) -> int:
+    """The stop signal received by any rank (0 if none), so that every rank stops after the same step."""
+    if world == 1:
+        return received or 0
+    flag = torch.tensor(received or 0, device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return int(flag)
+
+
+class _RunFiles:
+    """What rank 0 writes in a run directory, committed together with each checkpoint.
+
+    ``metrics.jsonl`` and ``hooks.jsonl`` get their lines as steps are made (so they can be followed); a
+    checkpoint at step s covers the lines of steps < s, and lines past the checkpoint (left by a kill) are cut
+    when the run resumes. ``config.json`` is written when a fresh run starts and, on resume, with the first
+    checkpoint (when "steps" changed). :meth:`roll_back` (on an error) cuts the lines back to the last checkpoint
+    and removes the files that this command created if it committed nothing, so a failed command leaves the
+    directory as it was.
+    """
+
+    def __init__(self, out: Path, config: dict, fingerprint: str, start: int, fresh: bool) -> None:
+        self.out, self.committed, self.fresh = out, start, fresh
+        self.config = {**config, "data_fingerprint": fingerprint}
+        self.existed = {name: (out / name).exists() for name in ("config.json", "metrics.jsonl", "hooks.jsonl")}
+        self.handles: dict[str, object] = {}
+        self.commits = 0
+        for name in ("metrics.jsonl", "hooks.jsonl"):
+            _truncate_jsonl(out / name, start)  # lines past the checkpoint, left by a kill
+        if fresh:
+            write_json(out / "config.json", self.config)
+
+    def add(self, name: str, record: dict) -> None:
+        """Append ``record`` to ``name`` as a strict JSON line: metrics are finite (the loop stops the run
+        otherwise), and a NaN or infinity a step hook returns is written as null."""
+        line = json.dumps(_finite_or_none(record), allow_nan=False) + "\n"
+        if name not in self.handles:
+            self.handles[name] = open(self.out / name, "a")
+        self.handles[name].write(line)
+
+    def commit(self, step: int, save_checkpoint: Callable[[], None]) -> None:
+        if not self.fresh and self.commits == 0:
+            saved = read_json(self.out / "config.json") if self.existed["config.json"] else None
+            if saved != self.config:
+                write_json(self.out / "config.json", self.config)
+        for handle in self.handles.values():
+            handle.flush()
+            os.fsync(handle.fileno())
+        save_checkpoint()
+        self.committed, self.commits = step, self.commits + 1
+
+    def roll_back(self) -> None:
+        self.close()
+        for name, existed in self.existed.items():
+            path = self.out / name
+            if not existed and self.commits == 0:
+                path.unlink(missing_ok=True)
+            elif name != "config.json":
+                _truncate_jsonl(path, self.committed)
+
+    def close(self) -> None:
+        for handle in self.handles.values():
+            handle.close()
+        self.handles.clear()
+
+
+def _finite_or_none(value):
+    """``value`` with every non-finite float (in nested dicts and lists) replaced by None."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_none(v) for v in value]
+    return value
+
+
+def _run_hook(step_hook: StepHook, step: int, model: GPT, x: Tensor, y: Tensor, files: _RunFiles) -> None:
     was_training = model.training
     devices = [x.device] if x.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
@@ -463,11 +604,16 @@ def _run_hook(step_hook: StepHook, step: int, model: GPT, x: Tensor, y: Tensor, 
     model.zero_grad(set_to_none=True)
     model.train(was_training)
     if result is not None:
-        hooks.write(json.dumps({"step": step, **result}) + "\n")
+        files.add("hooks.jsonl", {"step": step, **result})
 
 
 def _save_checkpoint(out, model, optimizer, sampler, step, config, fingerprint, summary, world) -> None:
+    """Write the checkpoint atomically; never one whose weights are not finite (RunError)."""
     device = next(model.parameters()).device
+    bad = [name for name, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
+    if bad:
+        raise NonFiniteError(f"run {out}: weights {bad[:3]} became NaN or infinite at step {step}; the checkpoint "
+                             "was not replaced")  # fmt: skip
     state = {
         "version": CHECKPOINT_VERSION,
         "world_size": world,

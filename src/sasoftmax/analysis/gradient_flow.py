@@ -123,7 +123,13 @@ def read_hooks(path: str | Path) -> list[dict]:
     path = Path(path)
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    try:
+        records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path} is corrupt: {err}") from err
+    if not all(isinstance(r, dict) for r in records):
+        raise ValueError(f"{path} is corrupt: every line must be a JSON object")
+    return records
 
 
 METRICS = ("logit_grad_rms", "vanish_frac", "q_grad_norm", "k_grad_norm")

@@ -1,6 +1,7 @@
 """Build and load the fused row kernels of the cpu backend (``cpu_kernels.cpp``), or report why not.
 
-Built once per machine with ``torch.utils.cpp_extension.load`` (cached under ``TORCH_EXTENSIONS_DIR``)
+Built once per environment and CPU kind with ``torch.utils.cpp_extension`` (cached under
+``TORCH_EXTENSIONS_DIR``, see :func:`library_path`; a process that finds it built loads it without any lock)
 as a plain shared library with a C ABI, called through ctypes. Two kinds of entry: row kernels over one
 tile of logits (``forward``, ``backward``; the GEMMs stay in PyTorch), and whole calls without a bias function
 (a RelativeBias excepted, which they evaluate and differentiate themselves) or a bias that needs a gradient in
@@ -13,11 +14,20 @@ plain PyTorch only.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
+import hashlib
 import os
 import platform
+import shutil
+import socket
+import sys
+import sysconfig
+import tempfile
+import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -53,21 +63,139 @@ def enabled() -> bool:
 
 @functools.cache
 def _library() -> ctypes.CDLL | None:
+    try:
+        return ctypes.CDLL(str(library_path()))
+    except Exception as err:  # no compiler, no ninja, a failed build: fall back, but say so once
+        warnings.warn(f"sasoftmax: cpu kernels unavailable ({err}); using the plain-PyTorch path", stacklevel=3)
+        return None
+
+
+# ----------------------------------------------------------------------------------- build and cache
+# A built library is found by a key of everything it depends on, and is loaded directly when it is there:
+# a process that finds it takes no lock (torch.utils.cpp_extension.load takes one on every call, and a
+# process killed while holding it left every later process waiting forever). A build runs under an
+# advisory flock, which the kernel releases when its holder dies however it dies, in a private folder, and
+# the library is renamed into place only when complete.
+
+_LIBRARY_NAME = "sasoftmax_cpu_kernels"
+BUILD_WAIT_S = 600.0
+"""How long a process waits for another live process building the same library before it gives up."""
+
+
+def _cpu_kind() -> str:
+    """What ``-march=native`` compiles for: the CPU's model and feature flags (Linux), else the platform."""
+    try:
+        text = Path("/proc/cpuinfo").read_text(errors="replace")
+    except OSError:
+        return f"{platform.machine()} {platform.processor()}"
+    fields = {}
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip()
+        if key in ("model name", "flags", "Features", "CPU part", "CPU implementer") and key not in fields:
+            fields[key] = value.strip()
+    return f"{platform.machine()} {sorted(fields.items())}"
+
+
+def build_key() -> str:
+    """A hash of what the library depends on: its source, the flags, the compiler asked for, torch, the
+    Python ABI, the environment (``sys.prefix``) and the CPU kind."""
+    parts = [
+        _SOURCE.read_bytes(), " ".join(_FLAGS), os.environ.get("CXX", "c++"), torch.__version__, torch.__file__,
+        sys.implementation.cache_tag or "", sysconfig.get_config_var("SOABI") or "", sys.prefix, _cpu_kind(),
+    ]  # fmt: skip
+    digest = hashlib.sha256()
+    for part in parts:
+        digest.update(part if isinstance(part, bytes) else part.encode())
+        digest.update(b"\0")
+    return digest.hexdigest()[:16]
+
+
+def build_dir() -> Path:
+    """The folder of this environment's and CPU's build: ``$TORCH_EXTENSIONS_DIR`` (default
+    ``$XDG_CACHE_HOME/torch_extensions``, ``~/.cache/torch_extensions``) / ``sasoftmax-<build_key()>``."""
+    # Not torch.utils.cpp_extension's own default: importing that module (and setuptools) costs ~0.3 s, which a
+    # process that only loads the built library should not pay.
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache",
+                                                          "torch_extensions")  # fmt: skip
+    return Path(root) / f"sasoftmax-{build_key()}"
+
+
+def library_path() -> Path:
+    """The built library, built first if it is not there yet (see the notes above)."""
+    folder = build_dir()
+    target = folder / f"{_LIBRARY_NAME}.so"
+    if target.is_file():
+        return target
+    folder.mkdir(parents=True, exist_ok=True)
+    with _build_lock(folder / "build.lock") as exclusive:
+        if not target.is_file():  # another process may have built it while this one waited
+            _build(folder, target, clean=exclusive)
+    return target
+
+
+@contextlib.contextmanager
+def _build_lock(path: Path) -> Iterator[bool]:
+    """Hold an exclusive flock on ``path`` (created if needed), waiting up to ``BUILD_WAIT_S`` for a live
+    holder; the holder's pid and host are written in the file to say who builds. Yields whether the lock is
+    exclusive (False where there is no flock)."""
+    try:
+        import fcntl
+    except ImportError:  # no flock (Windows): builds run in private folders, so concurrent ones only duplicate work
+        yield False
+        return
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+    try:
+        waited, told = 0.0, False
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if waited >= BUILD_WAIT_S:
+                    raise TimeoutError(f"{path} is still held after {waited:.0f} s (by {_holder(path)})") from None
+                if not told and waited >= 2:
+                    print(f"sasoftmax: waiting for {_holder(path)} building the cpu kernels ({path})",
+                          file=sys.stderr, flush=True)  # fmt: skip
+                    told = True
+                time.sleep(0.2)
+                waited += 0.2
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()} {socket.gethostname()}\n".encode())
+        yield True
+    finally:
+        os.close(fd)  # releases the flock
+
+
+def _holder(path: Path) -> str:
+    try:
+        pid_host = path.read_text().split()
+        return f"process {pid_host[0]} on {pid_host[1]}"
+    except (OSError, IndexError):
+        return "another process"
+
+
+def _build(folder: Path, target: Path, clean: bool) -> None:
+    """Compile into a private folder (so torch's own build lock is never shared), then rename into place;
+    ``clean`` (this process holds the build lock) first removes the folders of builders that died."""
     from torch.utils import cpp_extension
 
+    for leftover in folder.glob("build-*") if clean else ():
+        shutil.rmtree(leftover, ignore_errors=True)
+    private = Path(tempfile.mkdtemp(prefix="build-", dir=folder))
     try:
-        path = cpp_extension.load(
-            name="sasoftmax_cpu_kernels",
+        built = cpp_extension.load(
+            name=_LIBRARY_NAME,
             sources=[str(_SOURCE)],
             extra_cflags=_FLAGS,
             extra_ldflags=["-fopenmp"],
             is_python_module=False,
+            build_directory=str(private),
             verbose=False,
         )
-        return ctypes.CDLL(path)
-    except Exception as err:  # no compiler, no ninja, a failed build: fall back, but say so once
-        warnings.warn(f"sasoftmax: cpu kernels unavailable ({err}); using the plain-PyTorch path", stacklevel=3)
-        return None
+        os.replace(built, target)
+    finally:
+        shutil.rmtree(private, ignore_errors=True)
 
 
 def kernels() -> ctypes.CDLL | None:

@@ -30,10 +30,13 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
+import os
 import platform
+import signal
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -46,10 +49,11 @@ from ..analysis.retrieval import NeedleTask, run_needle
 from ..checks import check_choice
 from ..data import load_corpus
 from ..evaluate import evaluate
-from ..files import write_json
+from ..files import LOCK_NAME, folder_lock, has_entries, read_json, write_json
 from ..models import GPT, GPTConfig
 from ..nn import SSMAX_PAPER_INIT
 from ..positional import POSITIONAL
+from ..signals import Interrupted, raising_signals, signal_name, watch_parent
 from ..train import RunError, load_model, make_config, train
 
 VARIANTS: dict[str, tuple[str, bool]] = {
@@ -188,7 +192,10 @@ def compare(
     settings: dict, out: str | Path, *, progress: bool = True, jobs: int = 1, threads: int | None = None
 ) -> dict:
     """Run (or resume) the comparison ``settings`` (from :func:`plan`) in ``out``; returns the results dict,
-    also written to ``out/results.json`` (after every finished task, so a killed compare leaves a valid file).
+    also written to ``out/results.json`` (after every finished task, so a killed compare leaves a valid file,
+    unless that would replace one with more entries). ``out`` is held with :func:`~sasoftmax.files.folder_lock`
+    (a second compare there is refused); on an error, Ctrl-C or SIGTERM the workers are stopped (each
+    training run saves its checkpoint), and a worker whose parent dies stops by itself.
 
     ``jobs`` > 1 runs that many tasks (training runs and needle models) at once in worker processes, each
     with ``threads`` torch threads (default 1): on a small CPU, independent single-threaded runs use the
@@ -200,7 +207,29 @@ def compare(
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive int; got {value!r}")
     out = Path(out)
-    _claim_directory(out, settings)
+    load_corpus(settings["data"])  # unusable data fails here, before anything is written
+    if out.exists() and not out.is_dir():
+        raise RunError(f"{out} exists and is not a comparison directory: use an empty --out")
+    # One compare per directory (a second is refused); SIGTERM unwinds like Ctrl-C so the workers are stopped.
+    with folder_lock(out), raising_signals():
+        created = _claim_directory(out, settings)
+        try:
+            return _compare(settings, out, progress, jobs, threads)
+        except (Interrupted, KeyboardInterrupt) as stop:
+            signum = getattr(stop, "signum", signal.SIGINT)
+            raise Interrupted(signum, f"interrupted by {signal_name(signum)}; finished runs and the checkpoints of "
+                                      "interrupted ones are kept: rerun the same command to resume") from stop
+        except Exception:
+            if created and not _has_entries_besides(out, "compare.json"):
+                (out / "compare.json").unlink(missing_ok=True)  # a failure before any work: leave no trace
+            raise
+
+
+def _has_entries_besides(folder: Path, *names: str) -> bool:
+    return any(p.name not in (LOCK_NAME, *names) for p in folder.iterdir())
+
+
+def _compare(settings: dict, out: Path, progress: bool, jobs: int, threads: int | None) -> dict:
     start = time.perf_counter()
     tasks: list[tuple[str, tuple]] = [
         (name, (complete_run, settings, out / "runs" / name, pos, variant, seed))
@@ -214,14 +243,17 @@ def compare(
             for seed in settings["seeds"] for variant in settings["variants"]
         ]
     done: dict[str, dict] = {}
+    # The running results.json never replaces one with more entries (a rerun that fails keeps the full one).
+    previous = _result_count(out / "results.json")
 
     def finished(name: str, entry: dict) -> None:
         done[name] = entry
         _say(progress, f"[{len(done)}/{len(tasks)}] {name} done")
-        write_json(out / "results.json", _collect(settings, tasks, done, time.perf_counter() - start))
+        if len(done) >= previous:
+            write_json(out / "results.json", _collect(settings, tasks, done, time.perf_counter() - start))
 
     if jobs == 1:
-        previous = torch.get_num_threads()
+        previous_threads = torch.get_num_threads()
         try:
             if threads is not None:
                 torch.set_num_threads(threads)
@@ -229,20 +261,68 @@ def compare(
                 _say(progress, f"{name} ...")
                 finished(name, fn(*args, progress=progress))
         finally:
-            torch.set_num_threads(previous)
+            torch.set_num_threads(previous_threads)
     else:
         context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(jobs, mp_context=context, initializer=_init_worker, initargs=(threads or 1,)) as pool:
-            futures = {pool.submit(fn, *args, progress=False): name for name, (fn, *args) in tasks}
+        pool = ProcessPoolExecutor(jobs, mp_context=context, initializer=_init_worker,
+                                   initargs=(threads or 1, os.getpid()))  # fmt: skip
+        try:
+            futures = {pool.submit(_in_worker, fn, *args, progress=False): name for name, (fn, *args) in tasks}
             for future in as_completed(futures):
                 finished(futures[future], future.result())
+        except BaseException as err:
+            _stop_workers(pool)  # an error, Ctrl-C or SIGTERM: no worker outlives this compare
+            if isinstance(err, BrokenProcessPool):
+                raise RunError(f"a worker process of this compare died ({err}); rerun the same command to resume "
+                               "(finished runs are kept)") from err  # fmt: skip
+            raise
+        pool.shutdown()
     results = _collect(settings, tasks, done, time.perf_counter() - start)
     write_json(out / "results.json", results)  # the exact dict returned, so `report` redraws the same report
     return results
 
 
-def _init_worker(threads: int) -> None:
+def _result_count(path: Path) -> int:
+    """How many runs and needle results an existing results.json holds (0 if none or unreadable)."""
+    try:
+        results = read_json(path)
+        return len(results.get("runs", [])) + len(results.get("retrieval", []))
+    except (ValueError, TypeError, AttributeError):
+        return 0
+
+
+def _stop_workers(pool: ProcessPoolExecutor, grace_s: float = 60.0) -> None:
+    """Cancel the queued tasks and stop the workers: SIGTERM (a training run saves its checkpoint and exits),
+    then SIGKILL for any still alive after ``grace_s``."""
+    processes = list((pool._processes or {}).values())  # the executor has no public handle on its processes
+    pool.shutdown(wait=False, cancel_futures=True)
+    for process in processes:
+        if process.is_alive():
+            process.terminate()
+    deadline = time.monotonic() + grace_s
+    for process in processes:
+        process.join(max(0.0, deadline - time.monotonic()))
+        if process.is_alive():
+            process.kill()
+            process.join()
+
+
+def _in_worker(fn, *args, **kwargs):
+    """Run a task in a worker; a signal that stopped it (after its checkpoint was saved) ends the worker."""
+    try:
+        return fn(*args, **kwargs)
+    except Interrupted as stop:
+        os._exit(stop.exit_code)
+    except KeyboardInterrupt:
+        os._exit(128 + signal.SIGINT)
+
+
+def _init_worker(threads: int, parent: int) -> None:
     torch.set_num_threads(threads)
+    # Ctrl-C reaches the whole process group: the parent decides, and stops the workers with SIGTERM (a training
+    # run still catches SIGINT itself and saves its checkpoint).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    watch_parent(parent)  # a parent killed with kill -9 takes its workers with it
 
 
 def _collect(settings: dict, tasks: list[tuple[str, tuple]], done: dict[str, dict], seconds: float) -> dict:
@@ -260,7 +340,7 @@ def complete_run(
     config = run_config(settings, pos, variant, seed)
     done = run_dir / "analysis.json"
     if done.exists():
-        entry = json.loads(done.read_text())
+        entry = read_json(done)
         if entry.get("config") == config:
             return entry
     began = time.perf_counter()
@@ -299,7 +379,7 @@ def complete_needle(settings: dict, path: Path, variant: str, seed: int, *, prog
     normalizer, ssmax = VARIANTS[variant]
     key = {"settings": r, "seed": seed, "variant": variant, "ssmax_init": settings["ssmax_init"]}
     if path.exists():
-        entry = json.loads(path.read_text())
+        entry = read_json(path)
         if entry.get("key") == key:
             return entry
     task = NeedleTask()
@@ -319,23 +399,24 @@ def complete_needle(settings: dict, path: Path, variant: str, seed: int, *, prog
     return entry
 
 
-def _claim_directory(out: Path, settings: dict) -> None:
-    """Record the settings in ``out/compare.json``, or check that a previous comparison there matches."""
+def _claim_directory(out: Path, settings: dict) -> bool:
+    """Record the settings in ``out/compare.json`` (True), or check that a previous comparison there matches
+    (False)."""
     marker = out / "compare.json"
     if marker.exists():
         try:
-            saved = json.loads(marker.read_text())
-        except json.JSONDecodeError as err:
-            raise RunError(f"{marker} is corrupt: {err}") from err
+            saved = read_json(marker)
+        except ValueError as err:
+            raise RunError(str(err)) from err
         if saved != settings:
             diff = sorted(k for k in set(saved) | set(settings) if saved.get(k) != settings.get(k))
             raise RunError(f"{out} holds a comparison with different settings ({', '.join(diff)}); "
                            "use another --out or the same options")
-        return
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        return False
+    if has_entries(out):
         raise RunError(f"{out} exists and is not a comparison directory (no compare.json): use an empty --out")
-    out.mkdir(parents=True, exist_ok=True)
     write_json(marker, settings)
+    return True
 
 
 def _curve(path: Path, points: int = 200) -> dict:
