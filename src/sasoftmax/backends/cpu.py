@@ -489,7 +489,7 @@ def _forward_plain(plan: _Plan, tile: _Tile) -> tuple[Tensor, Tensor, Tensor, Te
         e.mul_(xh.sub_(low))  # (x − m)·e; masked entries: finite · 0
     elif plan.normalizer == "sa":
         e.mul_(xh)
-    nonempty = total > 0
+    nonempty = total != 0  # NaN (a NaN logit) counts as nonempty, so the row becomes NaN
     total = torch.where(nonempty, total, torch.ones_like(total))
     fac = torch.where(nonempty, (inv if plan.normalizer == "sa_norm" else 1) / total, 0)
     lse = torch.where(nonempty, mu + torch.log(total), 0)

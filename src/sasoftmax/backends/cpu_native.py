@@ -24,7 +24,11 @@ import torch
 from torch import Tensor
 
 _SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
-_FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp"]
+# No -ffast-math: its -ffinite-math-only lets the compiler drop the tests through which a NaN logit reaches the
+# output (as it does in eager PyTorch), and its reassociation broke the exp's exact range reduction. What it gave
+# the loops comes from these flags (FMA contraction, no errno/trap bookkeeping) and from the code itself; OpenMP
+# simd reductions may reorder their sums without it. See docs/cpu_backend.md for the speed before and after.
+_FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-ffp-contract=fast", "-fopenmp"]
 if platform.machine().lower() in ("x86_64", "amd64"):
     # gcc keeps to 256-bit vectors by default even with AVX-512; 512-bit ones made the row loops ~1.4x
     # faster here. Without AVX-512 the flag changes nothing.
