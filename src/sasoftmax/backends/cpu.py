@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from ..normalizers import compute_dtype
-from . import cpu_native
+from . import cpu_native, cpu_ops  # noqa: F401 (cpu_ops registers the torch.ops.sasoftmax operators)
 from .call import AttentionCall, BiasFunction, evaluate_bias_function, query_positions
 
 TILE_ELEMENTS = 1 << 20
@@ -58,12 +58,27 @@ MIN_ROWS = 256
 
 
 def unsupported(call: AttentionCall) -> str | None:
-    """Why the cpu backend cannot serve ``call`` (dropout, non-CPU tensors), or None."""
+    """Why the cpu backend cannot serve ``call`` (dropout, non-CPU tensors; under ``torch.compile`` what the
+    fused path does not take), or None."""
     if call.q.device.type != "cpu":
         return f"the cpu backend needs CPU tensors; got {call.q.device}"
     if call.dropout_p > 0:
         return "the cpu backend does not implement dropout (dropout_p > 0); use backend='eager'"
+    if torch.compiler.is_compiling() and not _fusable(call):
+        return (
+            "under torch.compile the cpu backend serves only its fused C++ path (no bias function, no bias that "
+            "needs a gradient, kernels built here); use backend='eager'"
+        )
     return None
+
+
+def _fusable(call: AttentionCall) -> bool:
+    """Whether the fused C++ path (the custom operators of ``cpu_ops``) serves ``call``: no bias function, no bias
+    tensor that needs a gradient, and the kernels and torch's BLAS are there."""
+    bias = call.bias
+    if bias is not None and not (isinstance(bias, Tensor) and not (bias.requires_grad and torch.is_grad_enabled())):
+        return False
+    return cpu_native.fused_available(compute_dtype(call.q.dtype))
 
 
 def attention(call: AttentionCall) -> Tensor:
@@ -77,6 +92,13 @@ def attention(call: AttentionCall) -> Tensor:
         # Empty query set, or no key at all (every row fully masked): zeros that keep the graph.
         zero = (call.q.sum() + call.k.sum() + call.v.sum()) * 0
         return call.q.new_zeros(b, hq, lq, call.v.shape[-1]) + zero
+    if _fusable(call):
+        bias = None if call.bias is None else call.bias.detach()
+        out, _, _ = torch.ops.sasoftmax.cpu_fused_forward(
+            call.q, call.k, call.v, call.mask, bias, call.ssmax, call.scale, call.eps, call.causal, call.normalizer,
+            max(1, min(FUSED_ROWS, FUSED_TILE_ELEMENTS // lk)),  # rows per block, over stacked heads: not capped by L
+        )  # fmt: skip
+        return out.to(call.q.dtype)
     bias_fn = None if call.bias is None or isinstance(call.bias, Tensor) else call.bias
     bias = call.bias if isinstance(call.bias, Tensor) else None
     params = tuple(p for p in bias_fn.parameters() if p.requires_grad) if isinstance(bias_fn, nn.Module) else ()
@@ -252,15 +274,6 @@ class _TiledAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, call: AttentionCall, bias_fn, q, k, v, bias, ssmax, *params) -> Tensor:
         dtype = compute_dtype(q.dtype)
-        # The fused path takes every call but those with a bias function or a bias that needs a gradient.
-        fusable = bias_fn is None and (bias is None or not bias.requires_grad)
-        ctx.fused = cpu_native.fused(dtype) if fusable else None
-        if ctx.fused is not None:
-            ctx.call = call
-            qc, kc, vc = (t.to(dtype).contiguous() for t in (q, k, v))
-            out, stats, arg = cpu_native.fused_forward(ctx.fused, qc, kc, vc, *_fused_options(call, dtype))
-            ctx.save_for_backward(q, k, v, bias, ssmax, out, stats, arg)
-            return out.to(q.dtype)
         plans = _plans(call, bias_fn, bias, ssmax)
         out = torch.zeros(*q.shape[:3], v.shape[-1], dtype=dtype)
         # Per row: lse (0 for an empty row), m, c; argmin, argmax (−1 where sa_norm has no such term).
@@ -286,8 +299,6 @@ class _TiledAttention(torch.autograd.Function):
     @staticmethod
     @once_differentiable  # closed-form and in-place: double backward raises instead of lying
     def backward(ctx: Any, grad_out: Tensor):
-        if ctx.fused is not None:
-            return _fused_backward(ctx, grad_out)
         q, k, v, bias, ssmax, out, stats, arg, *params = ctx.saved_tensors
         plans: list[_Plan] = ctx.plans
         need = dict(zip(("q", "k", "v", "bias", "s"), ctx.needs_input_grad[2:7]))
@@ -344,32 +355,6 @@ class _TiledAttention(torch.autograd.Function):
             ds.to(ssmax.dtype) if need["s"] else None,
         )
         return (None, None, *grads_in, *dparams)
-
-
-def _fused_options(call: AttentionCall, dtype: torch.dtype) -> tuple:
-    """The arguments of the fused entries after q, k, v: mask and bias (expanded to 4-D), ssmax, scale, eps,
-    causal, normalizer, rows per block."""
-    b, hq, _, lq, lk, _ = call.shape
-    mask = None if call.mask is None else _as_4d(call.mask).expand(b, hq, lq, lk)
-    bias = None if call.bias is None else _as_4d(call.bias.detach().to(dtype)).expand(b, hq, lq, lk)
-    ssmax = None if call.ssmax is None else call.ssmax.detach().to(dtype).contiguous()
-    rows = max(1, min(FUSED_ROWS, FUSED_TILE_ELEMENTS // lk))  # over stacked heads: not capped by L
-    return mask, bias, ssmax, call.scale, call.eps, call.causal, call.normalizer, rows
-
-
-def _fused_backward(ctx: Any, grad_out: Tensor) -> tuple:
-    """The backward of a call that the fused path computed: the gradients ``_TiledAttention.backward`` returns."""
-    q, k, v, bias, ssmax, out, stats, arg = ctx.saved_tensors
-    dtype = out.dtype
-    do = grad_out.to(dtype).contiguous()
-    delta = (do * out).sum(-1)  # D_i = dO_i · o_i, (B, Hq, L)
-    qc, kc, vc = (t.to(dtype).contiguous() for t in (q, k, v))
-    want_s = ctx.needs_input_grad[6]
-    dq, dk, dv, ds = cpu_native.fused_backward(
-        ctx.fused, qc, kc, vc, *_fused_options(ctx.call, dtype), do, delta, stats, arg, want_s
-    )
-    grads = (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, ds.to(ssmax.dtype) if want_s else None)
-    return (None, None, *(g if need else None for g, need in zip(grads, ctx.needs_input_grad[2:7])))
 
 
 class _Grads:

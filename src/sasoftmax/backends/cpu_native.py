@@ -102,6 +102,13 @@ def fused(dtype: torch.dtype) -> tuple[ctypes.CDLL, int] | None:
     return None if gemm is None else (lib, gemm)
 
 
+@torch.compiler.assume_constant_result
+def fused_available(dtype: torch.dtype) -> bool:
+    """Whether :func:`fused` serves ``dtype``: torch.compile runs this while tracing and keeps the answer as a
+    constant (it cannot trace the build and the ctypes lookups)."""
+    return fused(dtype) is not None
+
+
 def _ptr(t: Tensor | None) -> ctypes.c_void_p:
     return ctypes.c_void_p(None if t is None else t.data_ptr())
 
