@@ -9,7 +9,7 @@ works as before. The backward operator has no derivative of its own: a double ba
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -43,9 +43,9 @@ def fused_forward(
     q: Tensor,
     k: Tensor,
     v: Tensor,
-    mask: Optional[Tensor],
-    bias: Optional[Tensor],
-    ssmax: Optional[Tensor],
+    mask: Tensor | None,
+    bias: Tensor | None,
+    ssmax: Tensor | None,
     scale: float,
     eps: float,
     causal: bool,
@@ -76,9 +76,9 @@ def fused_backward(
     q: Tensor,
     k: Tensor,
     v: Tensor,
-    mask: Optional[Tensor],
-    bias: Optional[Tensor],
-    ssmax: Optional[Tensor],
+    mask: Tensor | None,
+    bias: Tensor | None,
+    ssmax: Tensor | None,
     scale: float,
     eps: float,
     causal: bool,
