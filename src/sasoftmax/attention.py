@@ -84,7 +84,7 @@ def make_call(q, k, v, normalizer, causal, mask, bias, scale, ssmax, eps, dropou
         if not isinstance(t, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor; got {type(t).__name__}")
         if t.dtype not in DTYPES:
-            raise TypeError(f"{name} must be a float16, bfloat16, float32 or float64 tensor; got {t.dtype}")
+            raise TypeError(f"{name} must be a floating tensor of float16, bfloat16, float32 or float64; got {t.dtype}")
         if t.dim() != 4:
             raise ValueError(f"{name} must be 4-D (batch, heads, length, head_dim); got shape {tuple(t.shape)}")
     if not (q.dtype == k.dtype == v.dtype):
