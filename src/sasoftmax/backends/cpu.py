@@ -15,7 +15,8 @@ never copying them per query head.
 
 Calls without a bias function or a bias that needs a gradient run whole in C++ (``cpu_kernels.cpp``, the
 "fused" path): one parallel region in which each thread computes blocks of :data:`FUSED_ROWS` query rows (of
-the query heads of one kv head) with the BLAS gemm torch uses and the row loops in between. Calls with a bias
+the query heads of one kv head) with the BLAS gemm torch uses and the row loops in between, called as the custom
+operators of ``cpu_ops`` (so torch.compile and torch.export keep it as one op). Calls with a bias
 function or a bias that needs a gradient run the tiles of ``_Plan`` from Python ("tiled" path): the GEMMs in
 PyTorch, the elementwise work in the C++ row loops (two passes forward, one backward) when they can be built
 here, else in plain PyTorch (several passes; the same math). See docs/cpu_backend.md.
