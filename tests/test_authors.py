@@ -16,7 +16,6 @@ import pytest
 import torch
 
 import sasoftmax
-from sasoftmax import backends
 
 DENOMINATOR_BIAS = 1e-10  # their SA_Denominator_Bias default
 
@@ -42,23 +41,8 @@ def authors_sa_norm(q, k, v, bias=None, denominator_bias=DENOMINATOR_BIAS, numer
     return w @ v
 
 
-PATHS = ["eager", "cpu-fused", "cpu-tiled", "cpu-plain", "triton"]
-
-
-@pytest.fixture(params=PATHS)
-def path(request, monkeypatch):
-    name = request.param
-    if name == "triton":
-        reason = backends.unavailable("triton")
-        if reason:
-            pytest.skip(reason)
-    if name.startswith("cpu-"):
-        monkeypatch.setenv("SASOFTMAX_CPU_KERNELS", {"fused": "1", "tiled": "tiles", "plain": "0"}[name[4:]])
-    return name
-
-
 @pytest.mark.parametrize("with_bias", [False, True], ids=["no-bias", "alibi"])
-def test_causal_self_attention_equals_the_authors_code(path, with_bias):
+def test_causal_self_attention_equals_the_authors_code(backend_path, with_bias):
     g = torch.Generator().manual_seed(3)
     b, h, n, d = 2, 2, 12, 16
     q, k, v, grad = (torch.randn(b, h, n, d, generator=g, dtype=torch.float64) for _ in range(4))
@@ -68,16 +52,14 @@ def test_causal_self_attention_equals_the_authors_code(path, with_bias):
         dist = torch.arange(n)[:, None] - torch.arange(n)[None, :]
         bias = -slopes * dist.clamp_min(0).double()
     leaves = [t.requires_grad_() for t in (q, k, v)]
-    dtype = torch.float32 if path == "triton" else torch.float64
-    backend = path.split("-")[0]
-    if backend == "triton" and bias is not None:
-        bias = bias.float()
+    dtype, device = backend_path.dtype, backend_path.device
 
-    want_out = authors_sa_norm(*leaves, bias=bias if bias is None else bias.double())
+    want_out = authors_sa_norm(*leaves, bias=bias)
     want = [want_out, *torch.autograd.grad(want_out, leaves, grad)]
-    got_out = sasoftmax.attention(*(t.to(dtype) for t in leaves), normalizer="sa_norm", causal=True, bias=bias,
-                                  eps=2 * DENOMINATOR_BIAS, backend=backend)  # fmt: skip
-    got = [got_out, *torch.autograd.grad(got_out, leaves, grad.to(dtype))]
+    got_out = sasoftmax.attention(*(t.to(device, dtype) for t in leaves), normalizer="sa_norm", causal=True,
+                                  bias=None if bias is None else bias.to(device, dtype), eps=2 * DENOMINATOR_BIAS,
+                                  backend=backend_path.backend)  # fmt: skip
+    got = [got_out, *torch.autograd.grad(got_out, leaves, grad.to(device, dtype))]
     rtol = 1e-9 if dtype == torch.float64 else 2e-4
     for name, a, w in zip(("out", "dq", "dk", "dv"), got, want):
         err = (a.double() - w).abs().max().item()
