@@ -87,8 +87,8 @@ inline double exp_nonpositive(double a) {
 }
 
 // exp(a) for a <= 0, and 0 where the logit v is the sentinel; NaN for NaN a or v. The argument is clamped at
-// −80 (e^−80 is negligible against the row's largest term, 1), which also keeps glibc's vector exp (float64)
-// off its slow scalar path for underflowing lanes.
+// −80 (e^−80 is negligible against the row's largest term, 1), which keeps 2^n of exp_nonpositive a normal
+// number.
 template <typename T>
 inline T safe_exp(T a, T v) {
   const T e = exp_nonpositive(a < T(-80) ? T(-80) : a);
