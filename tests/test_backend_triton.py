@@ -337,6 +337,9 @@ def test_supported_call_is_served():
 def test_without_triton_the_backend_is_unavailable(monkeypatch):
     for name in ("sasoftmax.backends.triton", "sasoftmax.backends.triton_kernels"):
         monkeypatch.delitem(sys.modules, name, raising=False)
+    monkeypatch.delattr(backends, "triton", raising=False)  # else `from . import triton` finds it there
+    monkeypatch.setattr(backends, "_loaded", {})  # backends imported once are remembered
+    monkeypatch.setattr(backends, "_reasons", {})
     monkeypatch.setitem(sys.modules, "triton", None)  # makes `import triton` raise ImportError
     reason = backends.unavailable("triton")
     assert reason is not None and "triton is not installed" in reason

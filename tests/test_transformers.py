@@ -415,3 +415,20 @@ def test_unsupported_attention_features_raise():
     model = transformers.Gemma2ForCausalLM(config).eval()
     with pytest.raises(ValueError, match="softcap"):
         convert(model)
+
+
+def test_fullgraph_compiled_forward_generates_like_uncompiled():
+    """transformers' test_generate_compile_model_forward_fullgraph, on a converted model: the forward compiled
+    with fullgraph=True (static cache, so prefill and decoding each compile once) gives the same tokens and
+    logits. The "aot_eager" compiler backend keeps it fast: dynamo's capture is what failed before."""
+    model = convert(build("llama"), "sa_norm", ssmax=0.7)
+    randomise_scales(model)
+    ids, mask = batch("left", length=7, short=4)
+    common = dict(attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0, output_logits=True,
+                  return_dict_in_generate=True, cache_implementation="static")  # fmt: skip
+    with torch.no_grad():
+        want = model.generate(ids, **common)
+        model.forward = torch.compile(model.forward, fullgraph=True, backend="aot_eager")
+        got = model.generate(ids, **common)
+    assert torch.equal(got.sequences, want.sequences)
+    torch.testing.assert_close(torch.stack(got.logits), torch.stack(want.logits), atol=0, rtol=0)

@@ -13,7 +13,10 @@ from .backends import BACKENDS, AttentionCall, BiasFunction
 from .backends.call import broadcasts_to
 from .backends.relative_bias import RelativeBias
 from .checks import check_choice
-from .normalizers import check_eps, check_normalizer
+from .normalizers import check_eps, check_normalizer, compute_dtype
+
+DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+"""Input dtypes of q, k and v (the math runs in float32, float64 for float64)."""
 
 
 def attention(
@@ -49,7 +52,7 @@ def attention(
         scale: logit scale, default 1/√D.
         ssmax: Scalable-Softmax s: None (off), a float > 0 for every head, or a (Hq,) tensor (learnable).
             Logits become x = s_h · ln(n_i) · z with n_i the number of keys row i may attend.
-        eps: ε in sa_norm's denominator M − m + ε.
+        eps: ε > 0 in sa_norm's denominator M − m + ε.
         dropout_p: dropout probability on the weights (applied whenever > 0, like SDPA).
         backend: "auto", "eager", "cpu", "triton" or "sdpa" (PyTorch's SDPA; plain softmax calls only).
 
@@ -81,8 +84,8 @@ def make_call(q, k, v, normalizer, causal, mask, bias, scale, ssmax, eps, dropou
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor; got {type(t).__name__}")
-        if not t.is_floating_point():
-            raise TypeError(f"{name} must be a floating tensor (float16, bfloat16, float32, float64); got {t.dtype}")
+        if t.dtype not in DTYPES:
+            raise TypeError(f"{name} must be a floating tensor of float16, bfloat16, float32 or float64; got {t.dtype}")
         if t.dim() != 4:
             raise ValueError(f"{name} must be 4-D (batch, heads, length, head_dim); got shape {tuple(t.shape)}")
     if not (q.dtype == k.dtype == v.dtype):
@@ -128,14 +131,20 @@ def make_call(q, k, v, normalizer, causal, mask, bias, scale, ssmax, eps, dropou
                 raise ValueError(f"bias (RelativeBias) must be on q's device {q.device}; got {bias.r1.device}")
         elif not callable(bias):
             raise TypeError(f"bias must be a float tensor or a function (q_pos, k_pos); got {type(bias).__name__}")
+    dtype = compute_dtype(q.dtype)
     if scale is None:
         scale = 1.0 / math.sqrt(d) if d > 0 else 1.0
     elif isinstance(scale, bool) or not isinstance(scale, (int, float)):
         raise TypeError(f"scale must be a float > 0 or None; got {type(scale).__name__}")
-    elif not (0 < scale < float("inf")):
-        raise ValueError(f"scale must be a finite float > 0; got {scale}")
-    ssmax = ssmax_tensor(ssmax, hq, q.device)
-    eps = check_eps(eps)
+    else:
+        # Outside the normal range of the compute dtype, scale (or 1/scale, which fused kernels use) is inf or 0.
+        finfo = torch.finfo(dtype)
+        if not finfo.tiny <= scale <= finfo.max:
+            raise ValueError(
+                f"scale must be a finite float > 0 within [{finfo.tiny:.3g}, {finfo.max:.3g}] ({dtype}); got {scale}"
+            )
+    ssmax = ssmax_tensor(ssmax, hq, q.device, dtype)
+    eps = check_eps(eps, dtype)
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)):
         raise TypeError(f"dropout_p must be a float in [0, 1); got {type(dropout_p).__name__}")
     if not 0 <= dropout_p < 1:
@@ -150,8 +159,15 @@ def check_broadcast(name: str, t: Tensor, full: tuple[int, ...], device: torch.d
         raise ValueError(f"{name} of shape {tuple(t.shape)} is not broadcastable to (B, Hq, L, S) = {full}")
 
 
-def ssmax_tensor(ssmax: Union[float, Tensor, None], heads: int, device: torch.device) -> Tensor | None:
-    """SSMax's s as a (heads,) tensor, or None; a float must be > 0."""
+def ssmax_tensor(
+    ssmax: Union[float, Tensor, None], heads: int, device: torch.device, dtype: torch.dtype
+) -> Tensor | None:
+    """SSMax's s as a (heads,) tensor (a float becomes one of the compute ``dtype``), or None.
+
+    Values must be finite and > 0. Those of a tensor are checked on CPU outside ``torch.compile`` only: the
+    check reads the values, which for a CUDA tensor would wait for the GPU at every call (and a compiled graph
+    cannot branch on them). There a NaN s gives NaN outputs.
+    """
     if ssmax is None:
         return None
     if isinstance(ssmax, Tensor):
@@ -161,9 +177,13 @@ def ssmax_tensor(ssmax: Union[float, Tensor, None], heads: int, device: torch.de
             raise ValueError(f"ssmax tensor must have shape (Hq,) = ({heads},); got {tuple(ssmax.shape)}")
         if ssmax.device != device:
             raise ValueError(f"ssmax must be on q's device {device}; got {ssmax.device}")
+        if ssmax.device.type == "cpu" and not torch.compiler.is_compiling():
+            values = ssmax.detach()
+            if not bool(((values > 0) & torch.isfinite(values)).all()):
+                raise ValueError(f"ssmax tensor values must be finite and > 0; got {values.tolist()}")
         return ssmax
     if isinstance(ssmax, bool) or not isinstance(ssmax, (int, float)):
         raise TypeError(f"ssmax must be None, a float > 0 or a (Hq,) tensor; got {type(ssmax).__name__}")
     if not (0 < ssmax < float("inf")):
         raise ValueError(f"ssmax must be a finite float > 0; got {ssmax}")
-    return torch.full((heads,), float(ssmax), device=device)
+    return torch.full((heads,), float(ssmax), device=device, dtype=dtype)

@@ -10,9 +10,10 @@ import torch
 from torch import Tensor, nn
 
 from .attention import attention
-from .backends import BiasFunction
+from .backends import BACKENDS, BiasFunction
 from .backends.relative_bias import RelativeBias
-from .normalizers import check_normalizer
+from .checks import check_choice
+from .normalizers import check_eps, check_normalizer
 
 SSMAX_PAPER_INIT = 0.43
 """The s of the SSMax paper's worked example (arXiv 2501.19399)."""
@@ -83,6 +84,15 @@ class MultiheadAttention(nn.Module):
     ) -> None:
         super().__init__()
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+        for name, value in (("embed_dim", embed_dim), ("num_heads", num_heads), ("num_kv_heads", num_kv_heads)):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"{name} must be an int; got {type(value).__name__} {value!r}")
+        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)):
+            raise TypeError(f"dropout must be a float in [0, 1); got {type(dropout).__name__}")
+        if not isinstance(bias, bool):
+            raise TypeError(f"bias must be a bool; got {type(bias).__name__}")
+        check_eps(eps)
+        check_choice("backend", backend, ("auto",) + BACKENDS)
         if embed_dim <= 0 or num_heads <= 0 or embed_dim % num_heads != 0:
             raise ValueError(f"embed_dim ({embed_dim}) must be a positive multiple of num_heads ({num_heads})")
         if num_kv_heads <= 0 or num_heads % num_kv_heads != 0:
@@ -126,6 +136,14 @@ class MultiheadAttention(nn.Module):
         """Head-split projections: q (B, H, L, head_dim) from ``x``; k, v (B, Hkv, S, head_dim) from
         ``context`` (default ``x``)."""
         context = x if context is None else context
+        embed_dim = self.q_proj.in_features
+        for name, t in (("x", x), ("context", context)):
+            if not isinstance(t, Tensor):
+                raise TypeError(f"{name} must be a torch.Tensor; got {type(t).__name__}")
+            if t.dim() != 3 or t.shape[-1] != embed_dim:
+                raise ValueError(f"{name} must have shape (batch, length, {embed_dim}); got {tuple(t.shape)}")
+        if context.shape[0] != x.shape[0]:
+            raise ValueError(f"context must have x's batch size {x.shape[0]}; got {context.shape[0]}")
         b, lq, _ = x.shape
         lk = context.shape[1]
         q = self.q_proj(x).view(b, lq, self.num_heads, self.head_dim).transpose(1, 2)

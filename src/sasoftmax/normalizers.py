@@ -31,12 +31,17 @@ def check_normalizer(normalizer: object) -> str:
     return check_choice("normalizer", normalizer, NORMALIZERS)
 
 
-def check_eps(eps: object) -> float:
-    """Return ``eps`` as a float if it is a finite number >= 0, else raise."""
+def check_eps(eps: object, dtype: torch.dtype = torch.float32) -> float:
+    """Return ``eps`` as a float if it is finite and > 0 in the compute dtype ``dtype``, else raise.
+
+    ε = 0 would make sa_norm's weights 0/0 = NaN on rows whose logits are all equal (M = m = 0), and an ε
+    below the dtype's smallest normal number rounds to (or near) 0 there.
+    """
     if isinstance(eps, bool) or not isinstance(eps, (int, float)):
-        raise TypeError(f"eps must be a float >= 0; got {type(eps).__name__}")
-    if not eps >= 0 or eps == float("inf"):
-        raise ValueError(f"eps must be a finite float >= 0; got {eps}")
+        raise TypeError(f"eps must be a float > 0; got {type(eps).__name__}")
+    tiny = torch.finfo(dtype).tiny
+    if not tiny <= eps < float("inf"):
+        raise ValueError(f"eps must be a finite float > 0 (at least {tiny:.3g} in {dtype}); got {eps}")
     return float(eps)
 
 
@@ -50,19 +55,27 @@ def masked_weights(x: Tensor, allowed: Tensor, normalizer: str, eps: float, dim:
     neg_inf = torch.tensor(float("-inf"), dtype=x.dtype, device=x.device)
     pos_inf = torch.tensor(float("inf"), dtype=x.dtype, device=x.device)
     x = torch.where(allowed, x, torch.zeros((), dtype=x.dtype, device=x.device))
-    row_max = torch.where(allowed, x, neg_inf).amax(dim, keepdim=True)
-    # A fully masked row has max −inf; any finite shift works there because all its terms are 0.
-    shift = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max)).detach()
+    for_max = torch.where(allowed, x, neg_inf)
+    row_max = for_max.amax(dim, keepdim=True)
+    # A fully masked row has max −inf; any finite shift works there because all its terms are 0. (Tests are
+    # written so that a NaN logit passes through: it makes the shift, the sum and so the whole row NaN.)
+    shift = torch.where(torch.isneginf(row_max), torch.zeros_like(row_max), row_max).detach()
     # −inf (not a masked_fill after exp) keeps the backward of exp finite at masked entries.
     e = torch.exp(torch.where(allowed, x - shift, neg_inf))
     total = e.sum(dim, keepdim=True)
-    p = e / torch.where(total > 0, total, torch.ones_like(total))
+    p = e / torch.where(total == 0, torch.ones_like(total), total)
     if normalizer == "softmax":
         return p
     if normalizer == "sa":
         return x * p
-    low = torch.where(allowed, x, pos_inf).amin(dim, keepdim=True).clamp_max(0.0)
-    high = row_max.clamp_min(0.0)
+    # m = min(0, min x) and M = max(0, max x), differentiable by the tie rule of DESIGN §1: the gradient of M
+    # reaches only the first allowed key that attains the max, and only when max x > 0 strictly (of m: the
+    # first key attaining the min, when min x < 0). amax/amin would split it among tied keys and pass it on
+    # at 0; argmax/argmin return the first index, and gather sends the gradient to that index alone.
+    zero = torch.zeros((), dtype=x.dtype, device=x.device)
+    high = torch.where(row_max > 0, x.gather(dim, for_max.argmax(dim, keepdim=True)), zero)
+    for_min = torch.where(allowed, x, pos_inf)
+    low = torch.where(for_min.amin(dim, keepdim=True) < 0, x.gather(dim, for_min.argmin(dim, keepdim=True)), zero)
     return (x - low) / (high - low + eps) * p
 
 
@@ -81,7 +94,7 @@ def normalize(
         normalizer: one of :data:`NORMALIZERS`.
         mask: optional bool tensor broadcastable to ``scores``; True = attend.
         dim: the key dimension that the weights are normalised over.
-        eps: the ε of ``sa_norm``'s denominator M − m + ε.
+        eps: the ε of ``sa_norm``'s denominator M − m + ε, > 0.
 
     Returns:
         Weights with the shape and dtype of ``scores`` (math in float32, float64 for float64).
@@ -91,7 +104,7 @@ def normalize(
     if not scores.is_floating_point():
         raise TypeError(f"scores must be a floating tensor; got dtype {scores.dtype}")
     check_normalizer(normalizer)
-    eps = check_eps(eps)
+    eps = check_eps(eps, compute_dtype(scores.dtype))
     if isinstance(dim, bool) or not isinstance(dim, int):
         raise TypeError(f"dim must be an int; got {type(dim).__name__}")
     if scores.dim() == 0 or not -scores.dim() <= dim < scores.dim():

@@ -10,7 +10,6 @@ calls to PyTorch's ``scaled_dot_product_attention`` (a baseline; ``auto`` never 
 
 from __future__ import annotations
 
-import importlib
 from types import ModuleType
 
 from ..checks import check_choice
@@ -20,17 +19,39 @@ BACKENDS: tuple[str, ...] = ("eager", "cpu", "triton", "sdpa")
 
 __all__ = ["BACKENDS", "AttentionCall", "BiasFunction", "load", "unavailable"]
 
+_loaded: dict[str, ModuleType] = {}
+"""Backends imported so far. ``load`` imports a backend once, not per call, and ``torch.compile`` traces
+its dictionary lookup (it cannot trace ``importlib``)."""
+
 
 def load(name: str) -> ModuleType:
-    """Import backend ``name``; raises ImportError (with the reason) if it cannot run here."""
-    check_choice("backend", name, BACKENDS)
-    return importlib.import_module(f"{__name__}.{name}")
+    """Import backend ``name`` (once); raises ImportError (with the reason) if it cannot run here."""
+    module = _loaded.get(name)
+    if module is None:
+        check_choice("backend", name, BACKENDS)
+        # Import statements (not importlib): torch.compile runs them while tracing a first call.
+        if name == "eager":
+            from . import eager as module
+        elif name == "cpu":
+            from . import cpu as module
+        else:
+            from . import triton as module
+        _loaded[name] = module
+    return module
+
+
+_reasons: dict[str, str] = {}
+"""Why a backend could not be imported, for those that could not: tried once, like ``_loaded``."""
 
 
 def unavailable(name: str) -> str | None:
     """Why backend ``name`` cannot be imported here (e.g. triton not installed), or None."""
-    try:
-        load(name)
-    except ImportError as err:
-        return f"backend {name!r} is unavailable: {err}"
-    return None
+    if name in _loaded:
+        return None
+    if name not in _reasons:
+        try:
+            load(name)
+        except ImportError as err:
+            _reasons[name] = f"backend {name!r} is unavailable: {err}"
+            return _reasons[name]
+    return _reasons.get(name)

@@ -66,6 +66,8 @@ def evaluate_bias_function(fn: BiasFunction, q_pos: Tensor, k_pos: Tensor, batch
     out = fn(q_pos, k_pos)
     if not isinstance(out, Tensor) or not out.is_floating_point():
         raise TypeError(f"bias function must return a floating tensor; got {type(out).__name__}")
+    if out.device != q_pos.device:
+        raise ValueError(f"bias function must return a tensor on q's device {q_pos.device}; got {out.device}")
     full = (batch, heads, len(q_pos), len(k_pos))
     if not broadcasts_to(out.shape, full):
         raise ValueError(

@@ -15,7 +15,8 @@ never copying them per query head.
 
 Calls without a bias function or a bias that needs a gradient run whole in C++ (``cpu_kernels.cpp``, the
 "fused" path): one parallel region in which each thread computes blocks of :data:`FUSED_ROWS` query rows (of
-the query heads of one kv head) with the BLAS gemm torch uses and the row loops in between. A
+the query heads of one kv head) with the BLAS gemm torch uses and the row loops in between, called as the custom
+operators of ``cpu_ops`` (so torch.compile and torch.export keep it as one op). A
 :class:`~sasoftmax.RelativeBias` (ALiBi, Kerple) runs there too: the kernels evaluate it from its per-head
 parameters and return their gradients, reduced per head. Calls with another bias function or a bias that needs
 a gradient run the tiles of ``_Plan`` from Python ("tiled" path): the GEMMs in PyTorch, the elementwise work in
@@ -36,7 +37,7 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from ..normalizers import compute_dtype
-from . import cpu_native
+from . import cpu_native, cpu_ops  # noqa: F401 (cpu_ops registers the torch.ops.sasoftmax operators)
 from .call import AttentionCall, BiasFunction, evaluate_bias_function, query_positions
 from .relative_bias import RelativeBias
 
@@ -61,12 +62,28 @@ MIN_ROWS = 256
 
 
 def unsupported(call: AttentionCall) -> str | None:
-    """Why the cpu backend cannot serve ``call`` (dropout, non-CPU tensors), or None."""
+    """Why the cpu backend cannot serve ``call`` (dropout, non-CPU tensors; under ``torch.compile`` what the
+    fused path does not take), or None."""
     if call.q.device.type != "cpu":
         return f"the cpu backend needs CPU tensors; got {call.q.device}"
     if call.dropout_p > 0:
         return "the cpu backend does not implement dropout (dropout_p > 0); use backend='eager'"
+    if torch.compiler.is_compiling() and not _fusable(call):
+        return (
+            "under torch.compile the cpu backend serves only its fused C++ path (no bias function, no bias that "
+            "needs a gradient, kernels built here); use backend='eager'"
+        )
     return None
+
+
+def _fusable(call: AttentionCall) -> bool:
+    """Whether the fused C++ path (the custom operators of ``cpu_ops``) serves ``call``: no bias function but a
+    RelativeBias, no bias tensor that needs a gradient, and the kernels and torch's BLAS are there."""
+    bias = call.bias
+    fixed_tensor = isinstance(bias, Tensor) and not (bias.requires_grad and torch.is_grad_enabled())
+    if bias is not None and not fixed_tensor and not isinstance(bias, RelativeBias):
+        return False
+    return cpu_native.fused_available(compute_dtype(call.q.dtype))
 
 
 def attention(call: AttentionCall) -> Tensor:
@@ -79,18 +96,26 @@ def attention(call: AttentionCall) -> Tensor:
     bias_fn = None if call.bias is None or isinstance(call.bias, Tensor) else call.bias
     bias = call.bias if isinstance(call.bias, Tensor) else None
     if isinstance(bias_fn, RelativeBias):
-        params = bias_fn.parameters  # r1 (and r2), whether they need a gradient or not: the fused path tells them
+        params = tuple(p for p in bias_fn.parameters if p.requires_grad)
     elif isinstance(bias_fn, nn.Module):
         params = tuple(p for p in bias_fn.parameters() if p.requires_grad)
     else:
         params = ()
     if lq == 0 or lk == 0:
-        # Empty query set, or no key at all (every row fully masked): zeros that keep the graph (a RelativeBias's
-        # parameters get zero gradients).
+        # Empty query set, or no key at all (every row fully masked): zeros that keep the graph (bias parameters
+        # get zero gradients).
         zero = (call.q.sum() + call.k.sum() + call.v.sum()) * 0
-        if isinstance(bias_fn, RelativeBias):
-            zero = zero + sum(p.sum() for p in params) * 0
+        zero = zero + sum((p.sum() for p in params), torch.zeros(())) * 0
         return call.q.new_zeros(b, hq, lq, call.v.shape[-1]) + zero
+    if _fusable(call):
+        kind, r1, r2 = _relative(call.bias)
+        out, _, _ = torch.ops.sasoftmax.cpu_fused_forward(
+            call.q, call.k, call.v, call.mask, None if bias is None else bias.detach(), call.ssmax, call.scale,
+            call.eps, call.causal, call.normalizer,
+            max(1, min(FUSED_ROWS, FUSED_TILE_ELEMENTS // lk)),  # rows per block, over stacked heads: not capped by L
+            kind, r1, r2,
+        )  # fmt: skip
+        return out.to(call.q.dtype)
     return _TiledAttention.apply(call, bias_fn, call.q, call.k, call.v, bias, call.ssmax, *params)
 
 
@@ -263,18 +288,6 @@ class _TiledAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, call: AttentionCall, bias_fn, q, k, v, bias, ssmax, *params) -> Tensor:
         dtype = compute_dtype(q.dtype)
-        # The fused path takes every call but those with a bias function other than a RelativeBias (which its
-        # kernels evaluate themselves) or a bias tensor that needs a gradient.
-        fusable = (bias_fn is None or isinstance(bias_fn, RelativeBias)) and (bias is None or not bias.requires_grad)
-        ctx.fused = cpu_native.fused(dtype) if fusable else None
-        if ctx.fused is not None:
-            ctx.call = call
-            qc, kc, vc = (t.to(dtype).contiguous() for t in (q, k, v))
-            out, stats, arg = cpu_native.fused_forward(
-                ctx.fused, qc, kc, vc, *_fused_options(call, dtype), relative=_relative(bias_fn, dtype)
-            )
-            ctx.save_for_backward(q, k, v, bias, ssmax, out, stats, arg, *params)
-            return out.to(q.dtype)
         plans = _plans(call, bias_fn, bias, ssmax)
         out = torch.zeros(*q.shape[:3], v.shape[-1], dtype=dtype)
         # Per row: lse (0 for an empty row), m, c; argmin, argmax (−1 where sa_norm has no such term).
@@ -300,8 +313,6 @@ class _TiledAttention(torch.autograd.Function):
     @staticmethod
     @once_differentiable  # closed-form and in-place: double backward raises instead of lying
     def backward(ctx: Any, grad_out: Tensor):
-        if ctx.fused is not None:
-            return _fused_backward(ctx, grad_out)
         q, k, v, bias, ssmax, out, stats, arg, *params = ctx.saved_tensors
         plans: list[_Plan] = ctx.plans
         need = dict(zip(("q", "k", "v", "bias", "s"), ctx.needs_input_grad[2:7]))
@@ -363,42 +374,11 @@ class _TiledAttention(torch.autograd.Function):
         return (None, None, *grads_in, *dparams)
 
 
-def _fused_options(call: AttentionCall, dtype: torch.dtype) -> tuple:
-    """The arguments of the fused entries after q, k, v: mask and bias (expanded to 4-D), ssmax, scale, eps,
-    causal, normalizer, rows per block."""
-    b, hq, _, lq, lk, _ = call.shape
-    mask = None if call.mask is None else _as_4d(call.mask).expand(b, hq, lq, lk)
-    bias = None
-    if isinstance(call.bias, Tensor):
-        bias = _as_4d(call.bias.detach().to(dtype)).expand(b, hq, lq, lk)
-    ssmax = None if call.ssmax is None else call.ssmax.detach().to(dtype).contiguous()
-    rows = max(1, min(FUSED_ROWS, FUSED_TILE_ELEMENTS // lk))  # over stacked heads: not capped by L
-    return mask, bias, ssmax, call.scale, call.eps, call.causal, call.normalizer, rows
-
-
-def _relative(bias_fn: BiasFunction | None, dtype: torch.dtype) -> cpu_native.Relative | None:
-    """A RelativeBias as the fused entries take it: (kind, r1, r2) in the compute dtype, or None."""
-    if not isinstance(bias_fn, RelativeBias):
-        return None
-    r1, r2 = (None if t is None else t.detach().to(dtype).contiguous() for t in (bias_fn.r1, bias_fn.r2))
-    return bias_fn.kind, r1, r2
-
-
-def _fused_backward(ctx: Any, grad_out: Tensor) -> tuple:
-    """The backward of a call that the fused path computed: the gradients ``_TiledAttention.backward`` returns."""
-    q, k, v, bias, ssmax, out, stats, arg, *params = ctx.saved_tensors
-    dtype = out.dtype
-    do = grad_out.to(dtype).contiguous()
-    delta = (do * out).sum(-1)  # D_i = dO_i · o_i, (B, Hq, L)
-    qc, kc, vc = (t.to(dtype).contiguous() for t in (q, k, v))
-    want_s, want_params = ctx.needs_input_grad[6], ctx.needs_input_grad[7:]
-    dq, dk, dv, ds, dr = cpu_native.fused_backward(
-        ctx.fused, qc, kc, vc, *_fused_options(ctx.call, dtype), do, delta, stats, arg, want_s,
-        relative=_relative(ctx.call.bias, dtype), want_dr=any(want_params),
-    )  # fmt: skip
-    grads = (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, ds.to(ssmax.dtype) if want_s else None)
-    dparams = (dr[i].to(p.dtype) if need else None for i, (p, need) in enumerate(zip(params, want_params)))
-    return (None, None, *(g if need else None for g, need in zip(grads, ctx.needs_input_grad[2:7])), *dparams)
+def _relative(bias) -> tuple[str, Tensor | None, Tensor | None]:
+    """A RelativeBias as the fused operators take it: (kind, r1, r2), or ("", None, None)."""
+    if not isinstance(bias, RelativeBias):
+        return "", None, None
+    return bias.kind, bias.r1, bias.r2
 
 
 class _Grads:
@@ -518,7 +498,7 @@ def _forward_plain(plan: _Plan, tile: _Tile) -> tuple[Tensor, Tensor, Tensor, Te
         e.mul_(xh.sub_(low))  # (x − m)·e; masked entries: finite · 0
     elif plan.normalizer == "sa":
         e.mul_(xh)
-    nonempty = total > 0
+    nonempty = total != 0  # NaN (a NaN logit) counts as nonempty, so the row becomes NaN
     total = torch.where(nonempty, total, torch.ones_like(total))
     fac = torch.where(nonempty, (inv if plan.normalizer == "sa_norm" else 1) / total, 0)
     lse = torch.where(nonempty, mu + torch.log(total), 0)

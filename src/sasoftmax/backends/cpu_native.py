@@ -34,7 +34,11 @@ import torch
 from torch import Tensor
 
 _SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
-_FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp"]
+# No -ffast-math: its -ffinite-math-only lets the compiler drop the tests through which a NaN logit reaches the
+# output (as it does in eager PyTorch), and its reassociation broke the exp's exact range reduction. What it gave
+# the loops comes from these flags (FMA contraction, no errno/trap bookkeeping) and from the code itself; OpenMP
+# simd reductions may reorder their sums without it. See docs/cpu_backend.md for the speed before and after.
+_FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-ffp-contract=fast", "-fopenmp"]
 if platform.machine().lower() in ("x86_64", "amd64"):
     # gcc keeps to 256-bit vectors by default even with AVX-512; 512-bit ones made the row loops ~1.4x
     # faster here. Without AVX-512 the flag changes nothing.
@@ -225,6 +229,13 @@ def fused(dtype: torch.dtype) -> tuple[ctypes.CDLL, int] | None:
     lib = kernels() if _setting() == "1" else None
     gemm = _blas().get(dtype) if lib is not None else None
     return None if gemm is None else (lib, gemm)
+
+
+@torch.compiler.assume_constant_result
+def fused_available(dtype: torch.dtype) -> bool:
+    """Whether :func:`fused` serves ``dtype``: torch.compile runs this while tracing and keeps the answer as a
+    constant (it cannot trace the build and the ctypes lookups)."""
+    return fused(dtype) is not None
 
 
 def _ptr(t: Tensor | None) -> ctypes.c_void_p:

@@ -82,7 +82,7 @@ def _logits(
 
     ``r``/``c`` are row/key indices and ``t`` SSMax's factor, each broadcastable to the tile (so the same code
     serves (rows, keys) and (keys, rows) tiles). Without MASKED every pair is known to be allowed. Masked
-    pairs keep a finite z (a −inf bias adds 0), so p·x is 0, not NaN, there.
+    pairs get z = 0, so p·x and dx·z are 0, not NaN, there.
     """
     z = qk * scale
     ok = c < S  # in tiles without MASKED every pair is allowed; callers then ignore ok
@@ -99,6 +99,8 @@ def _logits(
         z = z + tl.where(dropped, 0.0, bias)
     elif BIAS != NO_BIAS:
         z = z + _relative_bias(tl.abs(r + pos0 - c).to(tl.float32), r1, r2, BIAS)
+    if MASKED:  # a NaN or inf logit of a masked pair (from k) must not reach the row through p·x or dx·z
+        z = tl.where(ok, z, 0.0)
     x = z
     if HAS_SSMAX:
         x = z * t

@@ -1,0 +1,132 @@
+"""torch.compile(fullgraph=True) and torch.export of sasoftmax.attention: outputs and gradients equal the
+uncompiled ones; the cpu backend's fused kernels are custom operators (checked by torch.library.opcheck).
+
+Compiling is slow on 2 cores: a few small cases, mostly with the "aot_eager" compiler backend (dynamo's full
+graph capture and AOTAutograd, which is where the custom operators' fake and autograd registrations matter),
+and one case through inductor.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import sasoftmax
+from sasoftmax.attention import make_call
+from sasoftmax.backends import cpu, cpu_native
+
+needs_fused = pytest.mark.skipif(
+    cpu_native.fused(torch.float64) is None, reason="the cpu backend's fused kernels cannot be built here"
+)
+
+
+def leaves(dtype=torch.float64, lq=9, lk=9, seed=0, head_dim=8):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(2, 4, lq, head_dim, generator=g, dtype=dtype)
+    k, v = (torch.randn(2, 2, lk, head_dim, generator=g, dtype=dtype) for _ in range(2))
+    s = torch.rand(4, generator=g, dtype=dtype) + 0.3
+    mask = torch.rand(lq, lk, generator=g) > 0.3
+    bias = torch.randn(1, 4, lq, lk, generator=g, dtype=dtype)
+    return [t.requires_grad_() for t in (q, k, v, s)], mask, bias
+
+
+def outputs_and_grads(fn, tensors, *args):
+    out = fn(*tensors, *args)
+    return [out, *torch.autograd.grad(out, tensors, torch.ones_like(out))]
+
+
+@pytest.mark.parametrize(
+    "backend,compiler",
+    [
+        pytest.param("cpu", "inductor", marks=needs_fused),
+        ("eager", "aot_eager"),
+    ],
+)
+def test_fullgraph_compile_equals_uncompiled(backend, compiler):
+    tensors, mask, bias = leaves()
+
+    def fn(q, k, v, s, mask, bias):
+        return sasoftmax.attention(q, k, v, normalizer="sa_norm", causal=True, mask=mask, bias=bias, ssmax=s,
+                                   backend=backend)  # fmt: skip
+
+    compiled = torch.compile(fn, fullgraph=True, backend=compiler)
+    want = outputs_and_grads(fn, tensors, mask, bias)
+    got = outputs_and_grads(compiled, tensors, mask, bias)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
+
+
+def test_fullgraph_compile_of_the_triton_kernels():
+    """The Triton kernels are custom operators too (run here by Triton's interpreter on CPU tensors): with a
+    mask, a bias tensor, SSMax and a RelativeBias, compiled outputs and gradients equal the uncompiled ones."""
+    from sasoftmax.backends import triton as triton_backend
+
+    if not triton_backend.INTERPRET and not torch.cuda.is_available():
+        pytest.skip("no CUDA and Triton's interpreter is off")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    tensors, mask, bias = leaves(torch.float32, head_dim=16)
+    tensors = [t.detach().to(device).requires_grad_() for t in tensors]
+    mask, bias = mask.to(device), bias.to(device)
+    r1 = torch.tensor([0.5, 0.25, 0.125, 0.0625], device=device, requires_grad=True)
+
+    def fn(q, k, v, s, r1, mask, bias):
+        out = sasoftmax.attention(q, k, v, normalizer="sa_norm", causal=True, mask=mask, bias=bias, ssmax=s,
+                                  backend="triton")  # fmt: skip
+        return out + sasoftmax.attention(q, k, v, bias=sasoftmax.RelativeBias.alibi(r1), backend="triton")
+
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    want = outputs_and_grads(fn, [*tensors, r1], mask, bias)
+    got = outputs_and_grads(compiled, [*tensors, r1], mask, bias)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+
+
+@needs_fused
+def test_compiled_auto_backend_takes_the_custom_operator():
+    tensors, *_ = leaves(torch.float32)
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    def fn(q, k, v, s):
+        return sasoftmax.attention(q, k, v, normalizer="sa", ssmax=s)
+
+    got = outputs_and_grads(torch.compile(fn, fullgraph=True, backend=capture), tensors)
+    want = outputs_and_grads(fn, tensors)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+    assert "sasoftmax.cpu_fused_forward" in graphs[0].code
+
+
+@needs_fused
+def test_export_holds_the_custom_operator():
+    class Layer(torch.nn.Module):
+        def forward(self, q, k, v):
+            return sasoftmax.attention(q, k, v, normalizer="sa_norm", causal=True, backend="cpu")
+
+    (q, k, v, _), *_ = leaves(torch.float32)
+    q, k, v = (t.detach() for t in (q, k, v))
+    program = torch.export.export(Layer(), (q, k, v))
+    assert "sasoftmax.cpu_fused_forward" in str(program.graph)
+    torch.testing.assert_close(program.module()(q, k, v), Layer()(q, k, v), atol=0, rtol=0)
+
+
+@needs_fused
+@pytest.mark.parametrize("with_options", [False, True])
+def test_custom_operators_pass_opcheck(with_options):
+    (q, k, v, s), mask, bias = leaves(lq=5, lk=7)
+    args = (q, k, v, mask if with_options else None, bias if with_options else None, s if with_options else None)
+    options = (0.3, 1e-6, with_options, "sa_norm", 4, "", None, None)  # scale, eps, causal, normalizer, rows, no bias
+    torch.library.opcheck(torch.ops.sasoftmax.cpu_fused_forward.default, (*args, *options))
+
+
+def test_under_compile_the_cpu_backend_declines_what_only_its_tiled_path_serves(monkeypatch):
+    q = torch.randn(1, 2, 5, 8)
+    with_function = make_call(q, q, q, "sa", False, None, lambda qp, kp: torch.zeros(()), None, None, 1e-6, 0.0)
+    plain = make_call(q, q, q, "sa", False, None, None, None, None, 1e-6, 0.0)
+    assert cpu.unsupported(with_function) is None  # eagerly, the tiled path serves it
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert "torch.compile" in cpu.unsupported(with_function)
+    assert cpu.unsupported(plain) is None or cpu_native.fused(torch.float32) is None
