@@ -65,8 +65,9 @@ step() {
     [ "$rc" -eq 0 ] || FAILED=1
 }
 
-# The result headers name the commit: from git, else from $SASOFTMAX_COMMIT (a copy without .git).
-COMMIT=$(git rev-parse HEAD 2>/dev/null) || COMMIT=${SASOFTMAX_COMMIT:-unknown}
+# The result headers name the commit: $SASOFTMAX_COMMIT when set (a copied working tree may carry a stale or no
+# .git), else git's HEAD.
+COMMIT=${SASOFTMAX_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}
 export SASOFTMAX_COMMIT=$COMMIT
 {
     echo "# gpu_check.sh $(date -u '+%Y-%m-%d %H:%M:%S UTC'), quick=$QUICK"

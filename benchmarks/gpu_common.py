@@ -30,7 +30,10 @@ def use_interpreter_on_cpu(device: str) -> None:
 
 
 def git_commit() -> str:
-    """HEAD of the repository (with "+dirty" when tracked files changed), else $SASOFTMAX_COMMIT, else "unknown"."""
+    """$SASOFTMAX_COMMIT when set (a copied working tree may carry a stale .git), else HEAD of the repository (with
+    "+dirty" when tracked files changed), else "unknown"."""
+    if os.environ.get("SASOFTMAX_COMMIT"):
+        return os.environ["SASOFTMAX_COMMIT"]
     try:
         head = subprocess.run(
             ["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, check=True
@@ -41,7 +44,7 @@ def git_commit() -> str:
         ).stdout.strip()  # fmt: skip
         return head + ("+dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
-        return os.environ.get("SASOFTMAX_COMMIT") or "unknown"
+        return "unknown"
 
 
 def header(device: str, **settings: object) -> dict[str, object]:

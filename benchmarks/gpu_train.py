@@ -58,7 +58,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--heads", type=int, help="default 12 (smoke 2)")
     parser.add_argument("--warmup", type=int, help="untimed steps first (default 3; smoke 1)")
     parser.add_argument("--steps", type=int, help="timed steps (default 10; smoke 2)")
-    parser.add_argument("--amp", choices=("bf16", "none"), default="bf16", help="autocast dtype (default bf16)")
+    parser.add_argument(
+        "--amp", choices=("bf16", "none"), help="autocast dtype (default bf16; none on CPU, where Triton's interpreter "
+        "refuses bfloat16)"
+    )  # fmt: skip
     parser.add_argument("--dry-run", action="store_true", help="check the arguments, print the plan, train nothing")
     args = parser.parse_args(argv)
     smoke = args.smoke
@@ -71,6 +74,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.heads = args.heads or (2 if smoke else 12)
     args.warmup = args.warmup if args.warmup is not None else (1 if smoke else 3)
     args.steps = args.steps or (2 if smoke else 10)
+    args.amp = args.amp or ("none" if args.device == "cpu" else "bf16")
     for name in ("seqs", "tokens", "layers", "width", "heads", "steps"):
         value = getattr(args, name)
         if any(x <= 0 for x in (value if isinstance(value, list) else [value])):

@@ -270,3 +270,11 @@ def test_properties(b, hkv, groups, lq, lk, d, magnitude, normalizer, causal, ss
     p = sasoftmax.normalize(scores, "softmax", mask=key_mask)
     w = sasoftmax.normalize(scores, "sa_norm", mask=key_mask)
     assert (w >= 0).all() and (w <= p + 1e-7).all()
+
+
+def test_every_backend_name_loads_its_own_module():
+    from sasoftmax import backends
+
+    for name in backends.BACKENDS:
+        if backends.unavailable(name) is None:
+            assert backends.load(name).__name__ == f"sasoftmax.backends.{name}"

@@ -34,8 +34,10 @@ def load(name: str) -> ModuleType:
             from . import eager as module
         elif name == "cpu":
             from . import cpu as module
-        else:
+        elif name == "triton":
             from . import triton as module
+        else:
+            from . import sdpa as module
         _loaded[name] = module
     return module
 
