@@ -56,6 +56,19 @@ def test_fullgraph_compile_equals_uncompiled(backend, compiler):
         torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
 
 
+def test_fullgraph_compile_of_the_sdpa_backend():
+    """The fourth backend (plain softmax through PyTorch's SDPA) compiles whole too."""
+    tensors, *_ = leaves(torch.float64)
+
+    def fn(q, k, v, s):
+        return sasoftmax.attention(q, k, v, normalizer="softmax", causal=True, backend="sdpa") * s.sum()
+
+    want = outputs_and_grads(fn, tensors)
+    got = outputs_and_grads(torch.compile(fn, fullgraph=True, backend="aot_eager"), tensors)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
+
+
 def test_fullgraph_compile_of_the_triton_kernels():
     """The Triton kernels are custom operators too (run here by Triton's interpreter on CPU tensors): with a
     mask, a bias tensor, SSMax and a RelativeBias, compiled outputs and gradients equal the uncompiled ones."""

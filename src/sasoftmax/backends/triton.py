@@ -98,12 +98,12 @@ def ssmax_factor(call: AttentionCall) -> Tensor:
     return (call.ssmax.float().view(1, -1, 1) * log_n.reshape((1,) * (3 - log_n.dim()) + log_n.shape)).expand(b, hq, lq)
 
 
-def allowed_counts(call: AttentionCall, bias: Tensor | None = None, rows: slice | None = None) -> Tensor:
-    """n_i, the number of keys each row may attend (mask ∧ causal ∧ bias != −inf), broadcastable to (B, Hq, L).
+def allowed_counts(call: AttentionCall) -> Tensor:
+    """n_i, the number of keys each row may attend (mask ∧ causal ∧ bias tensor != −inf), broadcastable to
+    (B, Hq, L).
 
-    ``bias`` (a tensor, or a bias function's values for ``rows``) defaults to the call's bias tensor; ``rows``
-    restricts the count to a block of query rows. Needs no memory beyond the mask's and the bias's own when
-    there is no bias tensor: a mask without a query axis is counted by a prefix sum.
+    Without a bias tensor it needs no memory beyond the mask's own: a mask without a query axis is counted by a
+    prefix sum.
     """
     _, _, _, lq, lk, _ = call.shape
     device = call.q.device
@@ -111,12 +111,7 @@ def allowed_counts(call: AttentionCall, bias: Tensor | None = None, rows: slice 
     mask = call.mask
     if mask is not None:
         mask = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))
-    if bias is None and isinstance(call.bias, Tensor):
-        bias = call.bias
-    if rows is not None:
-        last = last[rows]
-        if mask is not None and mask.shape[-2] != 1:
-            mask = mask[..., rows, :]
+    bias = call.bias if isinstance(call.bias, Tensor) else None
     if bias is not None:
         allowed = ~torch.isneginf(bias.reshape((1,) * (4 - bias.dim()) + tuple(bias.shape)))
         if mask is not None:
