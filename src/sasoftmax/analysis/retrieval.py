@@ -115,9 +115,10 @@ def train_needle(
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.1)
     model.train()
+    device = next(model.parameters()).device
     losses = []
     for _ in range(steps):
-        idx, target = task.batch(batch_size, length, generator)
+        idx, target = (t.to(device) for t in task.batch(batch_size, length, generator))
         loss = F.cross_entropy(task.value_logits(last_logits(model, idx)), target)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -136,6 +137,7 @@ def needle_accuracy(
     """Accuracy (argmax over the value scores) at each length: ``{"<length>": accuracy}``."""
     was_training = model.training
     model.eval()
+    device = next(model.parameters()).device
     out = {}
     try:
         for n in lengths:
@@ -144,7 +146,7 @@ def needle_accuracy(
             done = 0
             while done < samples:
                 b = min(batch_size, samples - done)
-                idx, target = task.batch(b, n, generator)
+                idx, target = (t.to(device) for t in task.batch(b, n, generator))
                 correct += int((task.predict(last_logits(model, idx)) == target).sum())
                 done += b
             out[str(n)] = correct / samples
