@@ -72,7 +72,7 @@ def test_results_json_has_the_issue_format(smoke):
     assert len(setup["data"]["fingerprint"]) == 64 and setup["versions"]["torch"] == torch.__version__
     assert setup["machine"]["threads"] == 1 and "cores" in setup["machine"] and "commit" in setup
     cell = results["statistics"]["runs"]["rope"]["sa_norm"]["ppl@32"]
-    per_seed = {str(r["seed"]): r["eval"]["32"]["ppl"] for r in runs if r["pos"] == "rope" and r["variant"] == "sa_norm"}
+    per_seed = {str(r["seed"]): r["eval"]["32"]["ppl"] for r in runs if (r["pos"], r["variant"]) == ("rope", "sa_norm")}
     assert cell["per_seed"] == per_seed and cell["mean"] == pytest.approx(sum(per_seed.values()) / 3)
     assert cell["low"] < cell["mean"] < cell["high"]
     base = {str(r["seed"]): r["eval"]["32"]["ppl"] for r in runs if r["pos"] == "rope" and r["variant"] == "softmax"}
@@ -226,8 +226,8 @@ def test_parallel_jobs_give_the_same_runs(smoke, corpus_file, tmp_path):
                  "--no-progress"]) == 0
     results = json.loads((out / "results.json").read_text())
     sequential = {r["name"]: r for r in json.loads((smoke / "results.json").read_text())["runs"]}
-    # grid order
-    assert [r["name"] for r in results["runs"]] == ["kerple-softmax-s1", "kerple-sa_norm-s1", "kerple-softmax_to_ssmax-s1"]
+    names = ["kerple-softmax-s1", "kerple-sa_norm-s1", "kerple-softmax_to_ssmax-s1"]
+    assert [r["name"] for r in results["runs"]] == names  # grid order
     for run in results["runs"]:
         assert run["eval"] == sequential[run["name"]]["eval"]  # one thread per task in both: same arithmetic
     assert [row["variant"] for row in results["retrieval"]] == ["softmax", "sa_norm"]

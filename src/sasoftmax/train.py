@@ -207,7 +207,7 @@ def load_model(out: str | Path) -> tuple[GPT, dict]:
         model.load_state_dict(state["model"])
     except RuntimeError as err:
         raise RunError(f"checkpoint in {out} does not match its config: {err}") from err
-    _switch_ssmax(model, state["config"], state["step"])
+    _switch_ssmax(model, state["config"], state["step"] - 1)  # as the last update it holds was made
     return model.eval(), dict(state["config"])
 
 

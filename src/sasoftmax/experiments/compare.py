@@ -177,7 +177,9 @@ def plan(
         if name not in VARIANTS:
             raise ValueError(f"unknown variant {name!r}; choose from {', '.join(VARIANTS)}")
     if isinstance(ssmax_init, bool) or not isinstance(ssmax_init, (int, float)) or not 0 < ssmax_init < float("inf"):
-        raise ValueError(f"ssmax_init must be a finite float > 0; got {ssmax_init!r}")
+        raise ValueError(
+            f"ssmax_init (--ssmax-init) must be a finite float > 0 (the initial SSMax s); got {ssmax_init!r}"
+        )
     seeds = list(settings["seeds"] if seeds is None else seeds)
     if not seeds or len(set(seeds)) != len(seeds):
         raise ValueError(f"seeds must be a non-empty list of distinct ints >= 0; got {seeds!r}")
