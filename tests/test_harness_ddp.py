@@ -79,7 +79,8 @@ def test_compare_under_torchrun(tmp_path):
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
         "-m", "sasoftmax", "compare", "--preset", "smoke", "--pos", "alibi",
-        "--normalizers", "softmax,softmax_to_ssmax", "--seeds", "0,1", "--data", str(data), "--out", str(out), "--no-progress",
+        "--normalizers", "softmax,softmax_to_ssmax", "--seeds", "0,1", "--data", str(data), "--out", str(out),
+        "--no-progress",
     ]
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
