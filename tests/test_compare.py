@@ -268,3 +268,32 @@ def test_report_rejects_a_directory_without_results(tmp_path, capsys):
     (tmp_path / "results.json").write_text("{not json")
     assert main(["report", str(tmp_path)]) == 2
     assert "not valid JSON" in capsys.readouterr().err
+
+
+def test_tasks_go_to_the_gpu_when_there_is_one(monkeypatch, capsys):
+    """Every task (in this process or in a --jobs worker) computes on the current CUDA device, so several
+    workers share one GPU; without CUDA on the CPU. (No GPU here: CUDA's answers are faked.)"""
+    from sasoftmax.experiments import compare as compare_module
+
+    assert compare_module._device() == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    assert compare_module._device() == torch.device("cuda", 0)
+    settings = plan("gpu")
+    tasks = compare_module._tasks(settings, Path("unused"))
+    compare_module._TaskProgress(True, tasks, 6, 2).close()
+    err = capsys.readouterr().err
+    assert "126 training runs + 15 needle models = 141 tasks, 6 at a time, on cuda" in err
+
+
+def test_presets_train_three_seeds_and_the_gpu_grid():
+    from sasoftmax.experiments.compare import RESOURCES, SETTINGS
+
+    assert all(len(SETTINGS[name]["seeds"]) >= 3 for name in SETTINGS)
+    gpu = plan("gpu")
+    assert gpu["pos"] == ["nope", "rope", "alibi", "kerple", "fire", "dape_kerple", "dapev2_kerple"]
+    assert gpu["eval_lengths"] == [512, 1024, 2048, 4096] and gpu["switch_step"] == 500
+    config = run_config(gpu, "dapev2_kerple", "softmax_to_ssmax", 2)
+    assert (config["n_layer"], config["n_embd"], config["seq_len"], config["steps"]) == (6, 384, 512, 1000)
+    assert config["ssmax"] == pytest.approx(1 / math.log(512)) and config["ssmax_from"] == 500
+    assert RESOURCES["gpu"]["jobs"] > 1
