@@ -43,10 +43,11 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from .. import report
 from ..analysis.fade import attention_fade
@@ -72,7 +73,7 @@ VARIANTS: dict[str, tuple[str, bool]] = {
 """variant -> (normalizer, SSMax on)."""
 
 SWITCHED = ("softmax_to_ssmax",)
-"""Variants that train with softmax for the first ``switch_fraction`` of the steps, then continue with SSMax
+"""Variants that train with softmax for the first half of the steps (``settings["switch_step"]``), then with SSMax
 initialised to s = 1/ln(L) (L the training length): at L the logits are unchanged at the switch (the SSMax
 paper's claim that switching during or after pretraining brings part of its length generalisation)."""
 
@@ -305,17 +306,13 @@ def _tasks(settings: dict, out: Path) -> list[tuple[str, tuple]]:
 def _compare_distributed(settings: dict, out: Path, progress: bool, threads: int | None) -> dict | None:
     """:func:`compare` under torchrun: every rank trains each run (DDP, :func:`sasoftmax.train.train`), rank 0
     evaluates, analyses and writes; needle models are spread over the ranks, one GPU each."""
-    import datetime as _datetime
-
-    import torch.distributed as dist
-
     if threads is not None:
         torch.set_num_threads(threads)
     created = not dist.is_initialized()
     if created:
         # Rank 0 evaluates each run while the others wait at a barrier: allow it hours, not NCCL's minutes.
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo",
-                                timeout=_datetime.timedelta(hours=6))
+                                timeout=timedelta(hours=6))
     rank, world = dist.get_rank(), dist.get_world_size()
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
@@ -476,8 +473,6 @@ def _device() -> torch.device:
 
 
 def _rank() -> int:
-    import torch.distributed as dist
-
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
