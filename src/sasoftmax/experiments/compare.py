@@ -252,10 +252,9 @@ def compare(
         return _compare_distributed(settings, out, progress, threads)
     _claim_directory(out, settings)
     start = time.perf_counter()
-    setup = setup_of(settings, jobs=jobs, threads=threads)
     tasks = _tasks(settings, out)
     done: dict[str, dict] = {}
-    bar = _TaskProgress(progress, tasks, jobs, threads)
+    bar = _TaskProgress(progress, tasks, jobs, threads)  # says what runs before anything else takes time
 
     def finished(name: str, entry: dict) -> None:
         done[name] = entry
@@ -263,6 +262,7 @@ def compare(
         write_json(out / "results.json", _collect(settings, tasks, done, time.perf_counter() - start, setup))
 
     try:
+        setup = setup_of(settings, jobs=jobs, threads=threads)
         if jobs == 1:
             previous = torch.get_num_threads()
             try:
@@ -380,7 +380,7 @@ class _TaskProgress:
         how = (f"{world} processes (torchrun) training each run together" if world > 1
                else f"{jobs} at a time" if jobs > 1 else "one at a time")
         _say(True, f"{runs} training runs + {needles} needle models = {self.total} tasks, {how}, on {where} "
-                   f"({threads or 'default'} torch threads per task); finished tasks are reused on a rerun")
+                   f"({threads or 'default'} torch thread(s) per task); finished tasks are reused on a rerun")
         try:
             from tqdm.auto import tqdm
         except ImportError:
