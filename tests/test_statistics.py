@@ -31,14 +31,17 @@ def test_paired_differences_use_the_seeds_both_sides_have():
     assert describe(list(base.values()))["high"] > describe([10.0, 11.0, 12.5])["low"]
 
 
-@pytest.mark.parametrize("values,claimed,expected", [
-    ([-1.0, -1.2, -0.9], "lower", "reproduced"),
-    ([-1.0, -1.2, -0.9], "higher", "contradicted"),
-    ([1.0, 1.2, 0.9], "higher", "reproduced"),
-    ([1.0, 1.2, 0.9], "lower", "contradicted"),
-    ([-1.0, 0.5, 0.2], "lower", "inconclusive"),
-    ([-1.0], "lower", "inconclusive"),  # one seed: no interval
-])
+@pytest.mark.parametrize(
+    "values,claimed,expected",
+    [
+        ([-1.0, -1.2, -0.9], "lower", "reproduced"),
+        ([-1.0, -1.2, -0.9], "higher", "contradicted"),
+        ([1.0, 1.2, 0.9], "higher", "reproduced"),
+        ([1.0, 1.2, 0.9], "lower", "contradicted"),
+        ([-1.0, 0.5, 0.2], "lower", "inconclusive"),
+        ([-1.0], "lower", "inconclusive"),  # one seed: no interval
+    ],
+)
 def test_verdict_rule(values, claimed, expected):
     diff = paired(dict(enumerate(values)), dict.fromkeys(range(len(values)), 0.0))
     assert verdict(diff, claimed) == expected
