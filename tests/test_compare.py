@@ -297,3 +297,14 @@ def test_presets_train_three_seeds_and_the_gpu_grid():
     assert (config["n_layer"], config["n_embd"], config["seq_len"], config["steps"]) == (6, 384, 512, 1000)
     assert config["ssmax"] == pytest.approx(1 / math.log(512)) and config["ssmax_from"] == 500
     assert RESOURCES["gpu"]["jobs"] > 1
+
+
+def test_parallel_workers_start_runs_of_different_encodings_together():
+    from sasoftmax.experiments.compare import _schedule, _tasks
+
+    settings = plan("gpu")
+    order = [name for name, _ in _schedule(_tasks(settings, Path("unused")))]
+    first = order[:6]  # what six workers train at once
+    assert len({name.split("-")[0] for name in first}) == 6
+    assert sum(name.startswith("dape") for name in first) <= 2
+    assert sorted(order) == sorted(name for name, _ in _tasks(settings, Path("unused")))

@@ -278,7 +278,7 @@ def compare(
             with ProcessPoolExecutor(
                 jobs, mp_context=context, initializer=_init_worker, initargs=(threads or 1,)
             ) as pool:
-                futures = {pool.submit(fn, *args, progress=False): name for name, (fn, *args) in tasks}
+                futures = {pool.submit(fn, *args, progress=False): name for name, (fn, *args) in _schedule(tasks)}
                 for future in as_completed(futures):
                     finished(futures[future], future.result())
     finally:
@@ -301,6 +301,22 @@ def _tasks(settings: dict, out: Path) -> list[tuple[str, tuple]]:
         for seed in settings["seeds"] for variant in needle_variants(settings)
     ]
     return tasks
+
+
+def _schedule(tasks: list[tuple[str, tuple]]) -> list[tuple[str, tuple]]:
+    """The order in which worker processes start the tasks: per seed, variant by variant and within a variant
+    encoding by encoding, so that the runs training at once use different positional encodings (the DAPE
+    ones materialise score maps and need the most memory; six of them at once could overflow a GPU).
+    Results keep the grid order of :func:`_tasks`."""
+    runs = [t for t in tasks if t[1][0] is complete_run]
+    others = [t for t in tasks if t[1][0] is not complete_run]
+    settings = runs[0][1][1] if runs else None
+
+    def key(task: tuple[str, tuple]) -> tuple[int, int, int]:
+        _, (_, _, _, pos, variant, seed) = task
+        return seed, settings["variants"].index(variant), settings["pos"].index(pos)
+
+    return sorted(runs, key=key) + others
 
 
 def _compare_distributed(settings: dict, out: Path, progress: bool, threads: int | None) -> dict | None:
