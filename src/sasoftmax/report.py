@@ -16,6 +16,7 @@ import argparse
 import json
 import math
 import sys
+import textwrap
 from collections.abc import Callable
 from pathlib import Path
 
@@ -443,7 +444,8 @@ def _chance(results: dict) -> float:
 
 
 def _cell(stats: dict, fmt: str) -> str:
-    return interval_text(stats, fmt)
+    """mean [95% interval]; fractions (formatted as %) have their interval clipped to [0, 1]."""
+    return interval_text(stats, fmt, bounds=(0.0, 1.0) if fmt.endswith("%}") and "+" not in fmt else None)
 
 
 def markdown(results: dict, plots: list[Path], plot_note: str | None = None) -> str:
@@ -459,7 +461,7 @@ def markdown(results: dict, plots: list[Path], plot_note: str | None = None) -> 
         f"Preset `{s['preset']}`. Runs of one seed share initialisation seed, data order and budget; only the "
         "attention differs. Numbers are means over seeds with their 95% t-interval in brackets "
         f"([low, high], {len(seeds)} seeds, Student's t with {len(seeds) - 1} degrees of freedom); differences "
-        "are paired by seed (variant − softmax).",
+        "are paired by seed (variant − softmax). Intervals of fractions (percentages) are clipped to [0, 100%].",
         "",
         *_setup_lines(results),
         "## The papers' claims beside what we measured",
@@ -626,25 +628,39 @@ def _style(variant: str, markers: bool = True) -> dict:
     return style
 
 
-def _columnwise(series: list[list[float]]) -> tuple[list[float], list[float | None], list[float | None]]:
-    """Mean and 95% interval bounds, column by column, of equally long series (one per seed)."""
+def _columnwise(
+    series: list[list[float]], log: bool = False, bounds: tuple[float, float] | None = None
+) -> tuple[list[float], list[float | None], list[float | None]]:
+    """Mean and 95% interval bounds, column by column, of equally long series (one per seed). ``log``: of
+    log10 of the values, returned as the geometric mean and its interval (for positive values on a log
+    axis); ``bounds`` clips the interval (fractions)."""
+    if log:
+        series = [[math.log10(v) if v and v > 0 else math.nan for v in row] for row in series]
     stats = [describe(list(column)) for column in zip(*series)]
-    return [s["mean"] for s in stats], [s["low"] for s in stats], [s["high"] for s in stats]
+    mean, low, high = [s["mean"] for s in stats], [s["low"] for s in stats], [s["high"] for s in stats]
+    if log:
+        mean, low, high = ([None if v is None else 10**v for v in seq] for seq in (mean, low, high))
+    if bounds is not None:
+        low = [None if v is None else max(bounds[0], v) for v in low]
+        high = [None if v is None else min(bounds[1], v) for v in high]
+    return mean, low, high
 
 
-def _plot_band(ax, variant: str, xs, series: list[list[float]], markers: bool = False, **kw) -> None:
-    """Mean line over seeds with its 95% interval as a band (no band with one seed)."""
-    mean, low, high = _columnwise(series)
+def _plot_band(ax, variant: str, xs, series: list[list[float]], markers: bool = False, log: bool = False,
+               bounds: tuple[float, float] | None = None, **kw) -> None:
+    """Mean line over seeds with its 95% interval as a band (no band with one seed); ``log``: geometric."""
+    mean, low, high = _columnwise(series, log, bounds)
     style = _style(variant, markers)
     ax.plot(xs, mean, label=_label(variant), linewidth=1.4, markersize=4, **style, **kw)
     if all(v is not None for v in low):
         ax.fill_between(xs, low, high, color=style["color"], alpha=0.15, linewidth=0)
 
 
-def _plot_bars(ax, variant: str, xs, series: list[list[float]], index: int, count: int) -> None:
+def _plot_bars(ax, variant: str, xs, series: list[list[float]], index: int, count: int,
+               bounds: tuple[float, float] | None = None) -> None:
     """Mean over seeds at each x with 95%-interval error bars, dodged sideways (log-2 x axis) so that
     variants at one x do not hide each other."""
-    mean, low, high = _columnwise(series)
+    mean, low, high = _columnwise(series, bounds=bounds)
     shift = 2 ** (0.05 * (index - (count - 1) / 2))
     xs = [x * shift for x in xs]
     style = _style(variant)
@@ -666,6 +682,8 @@ def _finish(fig, results: dict, title: str, path: Path) -> Path:
     """A figure title saying what is averaged, one legend below the panels (covering no data), and save."""
     seeds = _seeds(results)
     spread = "; bands and bars: 95% t-interval over seeds" if len(seeds) > 1 else ""
+    width_in = fig.get_size_inches()[0]
+    title = textwrap.fill(title, width=int(width_in * 13))
     fig.suptitle(f"{title}\n{results['settings']['preset']} preset, mean of {len(seeds)} seed"
                  f"{'s' if len(seeds) > 1 else ''}{spread}", fontsize=10)
     handles, labels = {}, []
@@ -674,15 +692,14 @@ def _finish(fig, results: dict, title: str, path: Path) -> Path:
             if label not in handles:
                 handles[label] = handle
                 labels.append(label)
-    width_in = fig.get_size_inches()[0]
     columns = max(1, min(len(labels), int(width_in / 1.9)))
     rows = math.ceil(len(labels) / columns)
-    legend_in, title_in = 0.22 * rows + 0.1, 0.5  # inches below the panels for the legend, above for the title
+    legend_in, title_in = 0.22 * rows + 0.1, 0.18 * (title.count("\n") + 2)  # inches for the legend, the title
     height_in = fig.get_size_inches()[1] + legend_in + title_in
     fig.set_size_inches(width_in, height_in)
     fig.legend([handles[label] for label in labels], labels, loc="lower center", ncol=columns, fontsize=8,
                frameon=False)
-    fig.tight_layout(rect=(0, legend_in / height_in, 1, 1 - title_in / height_in))
+    fig.tight_layout(rect=(0, legend_in / height_in, 1, 1))  # tight_layout leaves room for the suptitle
     return _save(fig, path)
 
 
@@ -721,9 +738,15 @@ def plot_loss(results: dict, path: Path) -> Path:
         top.set_ylim(low_y - margin, high_y + margin)
         top.set(title=f"{pos}", xlabel="training step", ylabel="training loss (nats/token)")
         bottom.axhline(0, color="#000000", linewidth=0.8)
+        switch = results["settings"].get("switch_step")
+        switched = switch is not None and "softmax_to_ssmax" in variants
+        if switched:
+            bottom.axvline(switch, color=STYLES["softmax_to_ssmax"]["color"], linestyle=":", linewidth=1)
         bottom.set(xlabel="training step", ylabel="loss − softmax's (nats/token)")
-        bottom.set_title(f"{pos}: paired difference to softmax (below 0 = lower loss)", fontsize=8)
-    return _finish(fig, results, f"Training loss (moving average over {window} logged steps)", path)
+        bottom.set_title(f"{pos}: difference to softmax, paired by seed", fontsize=9)
+    note = "; dotted: where softmax → SSMax switches" if "softmax_to_ssmax" in results["settings"]["variants"] else ""
+    return _finish(fig, results, f"Training loss (moving average over {window} logged steps; below 0 in the lower "
+                   f"panels = lower loss than softmax{note})", path)
 
 
 def plot_ppl(results: dict, path: Path) -> Path:
@@ -767,9 +790,10 @@ def plot_gradient_flow(results: dict, path: Path) -> Path:
             flows = [r["analysis"]["gradient_flow"] for r in runs]
             rms = [[_mean(layers) for layers in f["logit_grad_rms"]] for f in flows]
             frac = [[_mean(layers) for layers in f["vanish_frac"]] for f in flows]
-            _plot_band(top, variant, flows[0]["steps"], rms, markers=True)
-            _plot_band(bottom, variant, flows[0]["steps"], frac, markers=True)
-        top.set(title=pos, xlabel="training step", ylabel="RMS of dL/dlogits (per token)", yscale="log")
+            _plot_band(top, variant, flows[0]["steps"], rms, markers=True, log=True)
+            _plot_band(bottom, variant, flows[0]["steps"], frac, markers=True, bounds=(0.0, 1.0))
+        top.set(title=pos, xlabel="training step", ylabel="RMS of dL/dlogits (per token)\ngeometric mean over seeds",
+                yscale="log")
         bottom.set(xlabel="training step", ylabel=f"fraction with |dL/dlogits| < {threshold}")
         bottom.set_title(f"{pos}: vanishing logit gradients", fontsize=8)
         for ax in (top, bottom):
@@ -812,7 +836,7 @@ def plot_retrieval(results: dict, path: Path) -> Path:
     needles = _needles(results)
     for i, (variant, rows) in enumerate(needles.items()):
         _plot_bars(ax, variant, lengths, [[row["accuracy"][str(n)] for n in lengths] for row in rows.values()],
-                   i, len(needles))
+                   i, len(needles), bounds=(0.0, 1.0))
     ax.axhline(_chance(results), color="grey", linestyle=":", label="chance")
     ax.axvline(r["train_length"], color="grey", linestyle="--", linewidth=1)
     ax.set(title=f"{r['n_layer']}-layer needle model, {r['pos']} (dashed: training length)",

@@ -87,10 +87,16 @@ def verdict(difference: dict, claimed: str) -> str:
     return "inconclusive"
 
 
-def interval_text(stats: dict, fmt: str, signed: bool = False) -> str:
-    """ "mean [low, high]" (or just the mean with one value, "–" with none), each number with ``fmt``."""
+def interval_text(
+    stats: dict, fmt: str, signed: bool = False, bounds: tuple[float, float] | None = None
+) -> str:
+    """ "mean [low, high]" (or just the mean with one value, "–" with none), each number with ``fmt``.
+
+    ``bounds`` clips the interval for display (a t-interval of a fraction can reach past 0 or 1)."""
     if stats["mean"] is None:
         return "–"
+    if bounds is not None and stats["low"] is not None:
+        stats = {**stats, "low": max(bounds[0], stats["low"]), "high": min(bounds[1], stats["high"])}
 
     def f(x: float) -> str:
         text = fmt.format(x)
