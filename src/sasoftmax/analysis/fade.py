@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from ..backends import eager
-from ..models import set_backend
+from ..models import device_of, set_backend
 from .gradient_flow import attention_modules
 
 # Cap on recorded attention-map entries per forward (all layers and heads hold their maps at once).
@@ -67,7 +67,7 @@ def attention_fade(model: nn.Module, tokens: Tensor, lengths: list[int], *, samp
     backends = [m.backend for m in layers]
     was_training = model.training
     tokens = tokens.long()
-    device = next(model.parameters()).device
+    device = device_of(model)
     per_layer_max: list[list[float]] = []
     per_layer_ent: list[list[float]] = []
     try:
@@ -112,3 +112,4 @@ def check_lengths(lengths: object) -> list[int]:
     if not out or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in out):
         raise ValueError(f"lengths must be a non-empty list of positive ints; got {out!r}")
     return sorted(set(out))
+

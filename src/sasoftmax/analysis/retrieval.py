@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..models import device_of
+
 
 @dataclass(frozen=True)
 class NeedleTask:
@@ -115,7 +117,7 @@ def train_needle(
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.1)
     model.train()
-    device = next(model.parameters()).device
+    device = device_of(model)
     losses = []
     for _ in range(steps):
         idx, target = (t.to(device) for t in task.batch(batch_size, length, generator))
@@ -137,7 +139,7 @@ def needle_accuracy(
     """Accuracy (argmax over the value scores) at each length: ``{"<length>": accuracy}``."""
     was_training = model.training
     model.eval()
-    device = next(model.parameters()).device
+    device = device_of(model)
     out = {}
     try:
         for n in lengths:
@@ -184,3 +186,4 @@ def run_needle(
         "seconds": round(time.perf_counter() - start, 2),
         "uniform_loss": math.log(task.num_values),
     }
+
