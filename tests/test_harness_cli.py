@@ -1,6 +1,7 @@
 """The `sasoftmax` command line: train/eval end to end, delegation, and every bad input (exit 2, nothing written)."""
 
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -142,3 +143,67 @@ def test_unusable_data_exits_2_and_writes_nothing(tmp_path, capsys):
         assert cli.main(["train", "--data", str(data), "--out", str(out), "--no-progress"]) == 2
         assert message in capsys.readouterr().err
         assert not out.exists()
+
+
+def test_version_and_help_defaults(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.build_parser().parse_args(["--version"])
+    assert exit_.value.code == 0 and capsys.readouterr().out.startswith("sasoftmax ")
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for default in ("(default smoke)", "(default sa_norm)", "(default rope)", "default off"):
+        assert default in text
+
+
+def test_ssmax_messages_agree(corpus_file, tmp_path, capsys):
+    messages = []
+    for value in ("-1", "0", "inf"):
+        assert cli.main(["train", "--data", corpus_file, f"--ssmax={value}", "--out", str(tmp_path / "x")]) == 2
+        messages.append(capsys.readouterr().err.split("; got")[0])
+    assert len(set(messages)) == 1 and "finite float > 0" in messages[0]
+    assert cli.main(["train", "--data", corpus_file, "--ssmax-from", "2", "--out", str(tmp_path / "x")]) == 2
+    assert "ssmax_from needs ssmax" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+def test_report_on_a_training_run_says_what_to_do(run_dir, capsys):
+    assert cli.main(["report", str(run_dir)]) == 2
+    err = capsys.readouterr().err
+    assert "is a training run" in err and f"sasoftmax eval {run_dir}" in err and "--out NEW_DIR" in err
+
+
+def test_switching_to_ssmax_trains_softmax_first(corpus_file, tmp_path):
+    """--ssmax-from K: steps before K are exactly the softmax run's (s untouched), SSMax acts from K on."""
+    from sasoftmax.nn import SSMaxScale
+    from sasoftmax.train import load_model
+
+    common = ["train", "--preset", "smoke", "--normalizer", "softmax", "--pos", "alibi", "--data", corpus_file,
+              "--steps", "8", "--checkpoint-every", "4", "--threads", "1", "--no-progress"]
+    assert cli.main(common + ["--out", str(tmp_path / "softmax")]) == 0
+    s0 = 1 / math.log(32)
+    assert cli.main(common + ["--ssmax", str(s0), "--ssmax-from", "4", "--steps", "4", "--decay-steps", "8",
+                              "--out", str(tmp_path / "switch")]) == 0
+    half, _ = load_model(tmp_path / "switch")  # stopped at the switch: SSMax still off, s as initialised
+    scales = [m for m in half.modules() if isinstance(m, SSMaxScale)]
+    assert scales and all(not m.enabled for m in scales)
+    assert all(torch.equal(m.s, torch.full_like(m.s, s0)) for m in scales)
+    assert cli.main(common + ["--ssmax", str(s0), "--ssmax-from", "4", "--resume",
+                              "--out", str(tmp_path / "switch")]) == 0
+
+    def losses(name):
+        return [json.loads(line)["loss"] for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+
+    assert losses("switch")[:4] == losses("softmax")[:4]
+    assert losses("switch")[4:] != losses("softmax")[4:]
+    full, _ = load_model(tmp_path / "switch")
+    scales = [m for m in full.modules() if isinstance(m, SSMaxScale)]
+    assert all(m.enabled for m in scales) and not all(torch.equal(m.s, torch.full_like(m.s, s0)) for m in scales)
+
+
+def test_bench_prints_its_settings_first(capsys):
+    assert cli.main(["bench", "--lengths", "32", "--repeats", "1", "--causal", "yes", "--backends", "cpu",
+                     "--normalizers", "sa_norm", "--no-memory", "--threads", "1"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("bench: time of cpu:sa_norm, sdpa at N = 32") and "1 timed repeats" in out[0]
+    assert any("| 32 | yes | cpu:sa_norm |" in line for line in out)

@@ -66,3 +66,31 @@ def test_torchrun_splits_each_batch_between_the_ranks(tmp_path):
           progress=False)
     a, b = read_checkpoint(tmp_path / "one")["model"], read_checkpoint(tmp_path / "two")["model"]
     assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+
+
+def test_compare_under_torchrun(tmp_path):
+    """`torchrun -m sasoftmax compare`: both ranks train every run (one of them switches to SSMax midway, so s has
+    no gradient at first), rank 0 evaluates and writes the report, the needle models are split between the ranks."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    data = tmp_path / "corpus.txt"
+    data.write_text((root / "textwrap.py").read_text() + (root / "argparse.py").read_text())
+    out = tmp_path / "cmp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+        "-m", "sasoftmax", "compare", "--preset", "smoke", "--pos", "alibi",
+        "--normalizers", "softmax,softmax_to_ssmax", "--seeds", "0,1", "--data", str(data), "--out", str(out),
+        "--no-progress",
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert [r["name"] for r in results["runs"]] == [
+        "alibi-softmax-s0", "alibi-softmax_to_ssmax-s0", "alibi-softmax-s1", "alibi-softmax_to_ssmax-s1"]
+    assert [(r["variant"], r["seed"]) for r in results["retrieval"]] == [("softmax", 0), ("softmax", 1)]
+    assert results["setup"]["machine"]["world_size"] == 2
+    for run in results["runs"]:
+        assert read_checkpoint(out / "runs" / run["name"])["world_size"] == 2
+    switched = results["runs"][1]
+    assert switched["train"]["loss"][:4] == pytest.approx(results["runs"][0]["train"]["loss"][:4], rel=1e-6)
+    assert (out / "report.md").is_file() and result.stdout.count("training runs") == 1  # rank 0 alone

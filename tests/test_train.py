@@ -29,13 +29,16 @@ def weights(out) -> dict:
 
 
 def test_presets_and_make_config():
-    assert set(PRESETS) == {"smoke", "quick", "paper"}
+    assert set(PRESETS) == {"smoke", "quick", "gpu", "paper"}
     config = make_config("quick", normalizer="softmax", ssmax=0.43, pos="kerple", steps=5)
     assert config["preset"] == "quick" and config["ssmax"] == 0.43 and config["steps"] == 5
     assert config["data"] is None and config["seq_len"] == 128
     assert json.loads(json.dumps(config)) == config
     paper = make_config("paper")
     assert (paper["n_layer"], paper["n_embd"], paper["n_head"], paper["seq_len"]) == (12, 768, 12, 512)
+    gpu = make_config("gpu")
+    assert (gpu["n_layer"], gpu["n_embd"], gpu["seq_len"], gpu["steps"]) == (6, 384, 512, 1000)
+    assert gpu["eval_lengths"] == [512, 1024, 2048, 4096]
 
 
 @pytest.mark.parametrize(

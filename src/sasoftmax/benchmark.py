@@ -149,33 +149,33 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--queries must be positive; got {args.queries}")
     torch.set_num_threads(args.threads)
     causals = {"both": (False, True), "yes": (True,), "no": (False,)}[args.causal]
+    groups = [(n, causal, _cases(args, n, causal)) for n in lengths for causal in causals]
+    print(_settings_line(args, lengths, groups), flush=True)
+    work = sum((0 if args.no_time else 1) + (0 if args.no_memory else len(cases)) for _, _, cases in groups)
+    progress = _Progress(work)
     rows: list[Row] = []
-    for n in lengths:
-        for causal in causals:
-            cases = [_case(args, "sdpa", n, causal)] + [
-                _case(args, f"{backend}:{normalizer}", n, causal)
-                for backend in args.backends
-                for normalizer in args.normalizers
-                if backend != "eager" or n <= args.eager_max_length
-            ]
-            if args.bias_free and args.bias != "none":  # the same calls without the bias, timed in the same run
-                cases += [
-                    replace(c, impl=c.impl + BIAS_FREE, bias="none") for c in cases[1:] if c.impl.startswith("cpu:")
-                ]
+    try:
+        for n, causal, cases in groups:
             results = {c.impl: Row(c.impl, n, causal) for c in cases}
             if not args.no_time:
+                progress.describe(f"N={n}{' causal' if causal else ''}: timing {len(cases)} implementations")
                 for impl, (fwd, both) in time_cases(cases, args.repeats, args.clock).items():
                     results[impl].fwd_ms, results[impl].fwd_bwd_ms = fwd, both
+                progress.step()
             if not args.no_memory:
                 for case in cases:
+                    progress.describe(f"N={n}{' causal' if causal else ''}: memory of {case.impl}")
                     results[case.impl].extra_mib = peak_memory(case)
+                    progress.step()
             base = results["sdpa"]
             for row in results.values():
                 row.fwd_ratio = _ratio(row.fwd_ms, base.fwd_ms)
                 row.fwd_bwd_ratio = _ratio(row.fwd_bwd_ms, base.fwd_bwd_ms)
                 row.memory_ratio = _ratio(row.extra_mib, base.extra_mib)
             rows.extend(results.values())
-            print(markdown_table(list(results.values())), flush=True)
+            progress.write(markdown_table(list(results.values())))
+    finally:
+        progress.close()
     info = machine_info(args)
     table = markdown_table(rows)
     print("\n" + _describe(info) + "\n\n" + table)
@@ -186,6 +186,69 @@ def run(args: argparse.Namespace) -> int:
         with open(args.json, "w") as f:
             json.dump({"machine": info, "rows": [asdict(r) for r in rows]}, f, indent=2)
     return 0
+
+
+def _cases(args: argparse.Namespace, n: int, causal: bool) -> list:
+    """SDPA first, then every backend × normalizer (eager only up to --eager-max-length), and with --bias-free the
+    cpu calls again without the bias, timed in the same run."""
+    cases = [_case(args, "sdpa", n, causal)] + [
+        _case(args, f"{backend}:{normalizer}", n, causal)
+        for backend in args.backends
+        for normalizer in args.normalizers
+        if backend != "eager" or n <= args.eager_max_length
+    ]
+    if args.bias_free and args.bias != "none":
+        cases += [replace(c, impl=c.impl + BIAS_FREE, bias="none") for c in cases[1:] if c.impl.startswith("cpu:")]
+    return cases
+
+
+def _settings_line(args: argparse.Namespace, lengths, groups) -> str:
+    """What the benchmark is about to measure, printed before it starts."""
+    impls = sorted({case.impl for _, _, cases in groups for case in cases})
+    what = " and ".join(w for w, skip in (("time", args.no_time), ("peak memory", args.no_memory)) if not skip)
+    return (
+        f"bench: {what or 'nothing'} of {', '.join(impls)} at N = {', '.join(map(str, lengths))} "
+        f"(causal: {args.causal}); B={args.batch}, H={args.heads}"
+        + (f", Hkv={args.kv_heads}" if args.kv_heads else "")
+        + (f", L={args.queries}" if args.queries else "")
+        + f", D={args.head_dim}, {args.dtype}"
+        + (f", {args.bias} bias" if args.bias != "none" else "")
+        + f"; {args.repeats} timed repeats ({args.clock} clock), {args.threads} torch threads; eager above N = "
+        f"{args.eager_max_length} skipped; {len(groups)} (N, causal) groups"
+    )
+
+
+class _Progress:
+    """A tqdm bar with ETA on stderr (plain lines without tqdm); tables go through :meth:`write`."""
+
+    def __init__(self, total: int) -> None:
+        try:
+            from tqdm.auto import tqdm
+        except ImportError:
+            self.bar = None
+        else:
+            self.bar = tqdm(total=total, desc="bench", unit="step", dynamic_ncols=True,
+                            bar_format="{desc}: {n}/{total} |{bar}| {elapsed} elapsed, ETA {remaining} {postfix}")
+
+    def describe(self, text: str) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix_str(text)
+        else:
+            print(f"bench: {text}", file=sys.stderr, flush=True)
+
+    def step(self) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def write(self, text: str) -> None:
+        if self.bar is not None:
+            self.bar.write(text)
+        else:
+            print(text, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 def _case(args: argparse.Namespace, impl: str, n: int, causal: bool) -> Case:

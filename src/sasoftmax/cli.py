@@ -28,10 +28,15 @@ DELEGATED = {
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", choices=tuple(PRESETS), default="smoke", help="sizes and budget (default smoke)")
-    parser.add_argument("--normalizer", choices=NORMALIZERS, default="sa_norm", help="attention normalizer")
+    parser.add_argument("--normalizer", choices=NORMALIZERS, default="sa_norm",
+                        help="attention normalizer (default sa_norm)")
     parser.add_argument("--ssmax", type=float, default=None, metavar="S",
-                        help="turn on Scalable-Softmax with learnable per-head s initialised to S (e.g. 0.43)")
-    parser.add_argument("--pos", choices=POSITIONAL, default="rope", help="positional encoding")
+                        help="turn on Scalable-Softmax with learnable per-head s initialised to S > 0 (e.g. 0.43; "
+                             "default off)")
+    parser.add_argument("--ssmax-from", type=int, metavar="STEP",
+                        help="with --ssmax: train with plain softmax logits before STEP, then with SSMax "
+                             "(default: SSMax from the start)")
+    parser.add_argument("--pos", choices=POSITIONAL, default="rope", help="positional encoding (default rope)")
     parser.add_argument("--steps", type=int, help="training steps (default: the preset's)")
     parser.add_argument("--decay-steps", type=int, help="horizon of the cosine schedule (default: --steps)")
     parser.add_argument("--seed", type=int, help="seed of the model initialisation and data sampling")
@@ -69,7 +74,8 @@ def run_train(args: argparse.Namespace) -> int:
                     "backend")
         if getattr(args, key) is not None
     }
-    config = make_config(args.preset, normalizer=args.normalizer, ssmax=args.ssmax, pos=args.pos, **overrides)
+    config = make_config(args.preset, normalizer=args.normalizer, ssmax=args.ssmax, ssmax_from=args.ssmax_from,
+                         pos=args.pos, **overrides)
     summary = train(config, args.out, resume=args.resume, progress=not args.no_progress)
     print(f"{args.out}: step {summary['step']}, loss {summary['loss']:.4f}")
     return 0
@@ -96,8 +102,19 @@ def run_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def version() -> str:
+    """The installed distribution's version (pyproject.toml's when installed with pip), else "unknown"."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("sasoftmax")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sasoftmax", description="Self-Adjust Softmax and Scalable-Softmax")
+    parser.add_argument("--version", action="version", version=f"sasoftmax {version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     train = sub.add_parser("train", help="train a decoder LM", description="Train a decoder LM.")
     add_train_arguments(train)

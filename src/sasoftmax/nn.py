@@ -25,6 +25,10 @@ class SSMaxScale(nn.Module):
     Two initialisations are common: a constant (the paper's example uses s = 0.43, the default here),
     or ``SSMaxScale.for_length(heads, L)``, which sets s = 1 / ln(L) so that s·ln(n) = 1 at the training
     length L and the model starts out as plain softmax attention there.
+
+    ``enabled`` (default True) switches SSMax off without removing s: a layer whose scale is disabled
+    attends with plain softmax logits and s gets no gradient. A run that trains with softmax first and
+    switches to SSMax later (:func:`set_ssmax_enabled`) keeps one set of parameters throughout.
     """
 
     def __init__(self, num_heads: int, init: float = SSMAX_PAPER_INIT) -> None:
@@ -34,6 +38,7 @@ class SSMaxScale(nn.Module):
         if isinstance(init, bool) or not isinstance(init, (int, float)) or not 0 < init < float("inf"):
             raise ValueError(f"init must be a finite float > 0; got {init!r}")
         self.s = nn.Parameter(torch.full((num_heads,), float(init)))
+        self.enabled = True
 
     @classmethod
     def for_length(cls, num_heads: int, length: int) -> SSMaxScale:
@@ -47,7 +52,15 @@ class SSMaxScale(nn.Module):
         return self.s
 
     def extra_repr(self) -> str:
-        return f"num_heads={self.s.numel()}"
+        return f"num_heads={self.s.numel()}, enabled={self.enabled}"
+
+
+def set_ssmax_enabled(model: nn.Module, enabled: bool) -> int:
+    """Switch every :class:`SSMaxScale` of ``model`` on or off; returns how many there are."""
+    scales = [m for m in model.modules() if isinstance(m, SSMaxScale)]
+    for scale in scales:
+        scale.enabled = bool(enabled)
+    return len(scales)
 
 
 RotaryFn = Callable[[Tensor, Tensor], "tuple[Tensor, Tensor]"]
@@ -168,7 +181,7 @@ class MultiheadAttention(nn.Module):
             causal=causal,
             mask=mask,
             bias=bias,
-            ssmax=None if self.ssmax is None else self.ssmax(),
+            ssmax=None if self.ssmax is None or not self.ssmax.enabled else self.ssmax(),
             eps=self.eps,
             dropout_p=self.dropout if self.training else 0.0,
             backend=self.backend,

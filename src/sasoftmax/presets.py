@@ -1,8 +1,10 @@
 """Run presets: sizes and budgets of the harness's training runs.
 
 - ``smoke``: seconds on a CPU; what the tests train.
-- ``quick``: about a minute per run on a 2-core CPU, so that ``sasoftmax compare --preset quick``
-  (10 runs plus evaluation and analyses) finishes in under 20 minutes.
+- ``quick``: about 20 seconds per run on a 2-core CPU, so that ``sasoftmax compare --preset quick``
+  (36 runs plus evaluation and analyses, two at a time) finishes in minutes.
+- ``gpu``: the mid size (6 layers, width 384, 6 heads, training length 512, 1000 steps of 32 sequences),
+  where SA-Softmax's verdict differs from the quick preset's; meant for one GPU, several runs at once.
 - ``paper``: a GPT-NeoX-125M-like model (12 layers, width 768, 12 heads) at training length 512, as in
   the SA-Softmax and DAPE experiments; meant for GPUs (use ``torchrun`` to scale out).
 
@@ -26,6 +28,12 @@ PRESETS: dict[str, dict] = {
         "pos_width": 32, "seq_len": 128, "batch_size": 16, "grad_accum": 1, "steps": 400, "decay_steps": None,
         "lr": 2e-3, "min_lr": 2e-4, "warmup": 40, "weight_decay": 0.1, "grad_clip": 1.0,
         "log_every": 10, "checkpoint_every": 100, "eval_lengths": [128, 256, 512, 1024], "eval_tokens": 32768,
+    },
+    "gpu": {
+        "n_layer": 6, "n_embd": 384, "n_head": 6, "n_kv_head": None, "mlp_ratio": 4, "dropout": 0.0,
+        "pos_width": 32, "seq_len": 512, "batch_size": 32, "grad_accum": 1, "steps": 1000, "decay_steps": None,
+        "lr": 1e-3, "min_lr": 1e-4, "warmup": 100, "weight_decay": 0.1, "grad_clip": 1.0,
+        "log_every": 10, "checkpoint_every": 250, "eval_lengths": [512, 1024, 2048, 4096], "eval_tokens": 131072,
     },
     "paper": {
         "n_layer": 12, "n_embd": 768, "n_head": 12, "n_kv_head": None, "mlp_ratio": 4, "dropout": 0.0,

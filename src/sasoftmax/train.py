@@ -31,6 +31,7 @@ from .checks import check_choice
 from .data import VOCAB_SIZE, load_corpus, sample_batch
 from .files import folder_lock, has_entries, read_json, write_atomic, write_json
 from .models import GPT, GPTConfig
+from .nn import set_ssmax_enabled
 from .normalizers import check_normalizer
 from .positional import check_positional
 from .presets import PRESETS
@@ -38,9 +39,11 @@ from .signals import DeferredSignals, Interrupted, signal_name
 
 CHECKPOINT_VERSION = 1
 ATTENTION_DEFAULTS: dict = {
-    "normalizer": "sa_norm", "ssmax": None, "pos": "rope", "seed": 0, "data": None, "backend": "auto",
+    "normalizer": "sa_norm", "ssmax": None, "ssmax_from": None, "pos": "rope", "seed": 0, "data": None,
+    "backend": "auto",
 }
-"""Keys every preset leaves to the caller, with their defaults."""
+"""Keys every preset leaves to the caller, with their defaults. ``ssmax_from`` (with ``ssmax``): the step at
+which SSMax turns on; the steps before it train with plain softmax logits (None: SSMax from the start)."""
 
 _POSITIVE_INTS = (
     "n_layer", "n_embd", "n_head", "mlp_ratio", "pos_width", "seq_len", "batch_size", "grad_accum", "steps",
@@ -64,7 +67,8 @@ class NonFiniteError(RunError):
 def make_config(preset: str, **overrides) -> dict:
     """The full run config of ``preset`` with ``overrides`` applied; JSON-serialisable.
 
-    Keys: "preset", the attention choices ("normalizer", "ssmax" (None or the initial SSMax s), "pos"),
+    Keys: "preset", the attention choices ("normalizer", "ssmax" (None or the initial SSMax s), "ssmax_from"
+    (None, or the step at which SSMax turns on after training with softmax), "pos"),
     "seed", "data" (None = the standard library corpus), "backend", and the preset's sizes and budget
     (see :mod:`sasoftmax.presets`). Unknown keys or bad values raise ValueError/TypeError.
     When "steps" is overridden and "decay_steps" is not, the schedule follows the new "steps".
@@ -104,10 +108,15 @@ def check_config(config: dict) -> dict:
     _check_float("lr", config["lr"], 0.0)
     if not config["lr"] > 0:
         raise ValueError(f"lr must be > 0; got {config['lr']}")
-    if config["ssmax"] is not None:
-        _check_float("ssmax", config["ssmax"], 0.0)
-        if not config["ssmax"] > 0:
-            raise ValueError(f"ssmax must be None or a float > 0; got {config['ssmax']}")
+    ssmax = config["ssmax"]
+    if ssmax is not None and (isinstance(ssmax, bool) or not isinstance(ssmax, (int, float))):
+        raise TypeError(f"ssmax must be None or a finite float > 0 (the initial SSMax s); got {ssmax!r}")
+    if ssmax is not None and not 0 < ssmax < math.inf:
+        raise ValueError(f"ssmax must be None or a finite float > 0 (the initial SSMax s); got {ssmax}")
+    if config["ssmax_from"] is not None:
+        _check_int("ssmax_from", config["ssmax_from"], 0)
+        if ssmax is None:
+            raise ValueError("ssmax_from needs ssmax (the initial s of the SSMax that turns on at that step)")
     _check_float("dropout", config["dropout"], 0.0)
     if not config["dropout"] < 1:
         raise ValueError(f"dropout must be in [0, 1); got {config['dropout']}")
@@ -239,7 +248,14 @@ def load_model(out: str | Path) -> tuple[GPT, dict]:
         model.load_state_dict(state["model"])
     except RuntimeError as err:
         raise RunError(f"checkpoint in {out} does not match its config: {err}") from err
+    _switch_ssmax(model, state["config"], state["step"] - 1)  # as the last update it holds was made
     return model.eval(), dict(state["config"])
+
+
+def _switch_ssmax(model: nn.Module, config: dict, step: int) -> None:
+    """SSMax on or off as ``config["ssmax_from"]`` says for the update of ``step`` (a no-op without it)."""
+    if config["ssmax_from"] is not None:
+        set_ssmax_enabled(model, step >= config["ssmax_from"])
 
 
 def _config_differences(saved: dict, config: dict) -> list[str]:
@@ -432,7 +448,10 @@ def _train(config, out, corpus, state, rank, world, device, progress, step_hook,
     ddp = None
     if world > 1:
         device_ids = [device.index] if device.type == "cuda" else None
-        ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+        # A run that switches to SSMax leaves s without gradient before the switch.
+        ddp = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=device_ids, find_unused_parameters=config["ssmax_from"] is not None
+        )
     net = ddp or model
     autocast = (
         torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
@@ -453,6 +472,7 @@ def _train(config, out, corpus, state, rank, world, device, progress, step_hook,
         with DeferredSignals() as signals:
             model.train()
             for step in range(start, steps):
+                _switch_ssmax(model, config, step)
                 lr = learning_rate(step, config)
                 for group in optimizer.param_groups:
                     group["lr"] = lr

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from ..backends import eager
-from ..models import set_backend
+from ..models import device_of, set_backend
 from .gradient_flow import attention_modules
 
 # Cap on recorded attention-map entries per forward (all layers and heads hold their maps at once).
@@ -32,7 +32,7 @@ def row_stats(weights: Tensor, allowed: Tensor) -> tuple[Tensor, Tensor]:
     Returns two tensors of the leading shape (…). Rows without allowed keys give (0, 0).
     """
     w = torch.where(allowed, weights, torch.zeros((), dtype=weights.dtype))
-    neg = torch.tensor(float("-inf"), dtype=weights.dtype)
+    neg = torch.tensor(float("-inf"), dtype=weights.dtype, device=weights.device)
     top = torch.where(allowed, weights, neg).amax(-1)
     top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
     a = w.abs()
@@ -67,6 +67,7 @@ def attention_fade(model: nn.Module, tokens: Tensor, lengths: list[int], *, samp
     backends = [m.backend for m in layers]
     was_training = model.training
     tokens = tokens.long()
+    device = device_of(model)
     per_layer_max: list[list[float]] = []
     per_layer_ent: list[list[float]] = []
     try:
@@ -74,7 +75,7 @@ def attention_fade(model: nn.Module, tokens: Tensor, lengths: list[int], *, samp
         set_backend(model, "eager")
         for n in lengths:
             starts = torch.linspace(0, tokens.numel() - n, samples).long().tolist()
-            windows = torch.stack([tokens[s : s + n] for s in starts])
+            windows = torch.stack([tokens[s : s + n] for s in starts]).to(device)
             chunk = max(1, _MAX_MAP_ENTRIES // (n * n * max(1, len(layers))))
             tops: list[list[Tensor]] = []
             ents: list[list[Tensor]] = []
@@ -111,3 +112,4 @@ def check_lengths(lengths: object) -> list[int]:
     if not out or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in out):
         raise ValueError(f"lengths must be a non-empty list of positive ints; got {out!r}")
     return sorted(set(out))
+

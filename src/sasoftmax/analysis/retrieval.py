@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..models import device_of
+
 
 @dataclass(frozen=True)
 class NeedleTask:
@@ -115,9 +117,10 @@ def train_needle(
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.1)
     model.train()
+    device = device_of(model)
     losses = []
     for _ in range(steps):
-        idx, target = task.batch(batch_size, length, generator)
+        idx, target = (t.to(device) for t in task.batch(batch_size, length, generator))
         loss = F.cross_entropy(task.value_logits(last_logits(model, idx)), target)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -136,6 +139,7 @@ def needle_accuracy(
     """Accuracy (argmax over the value scores) at each length: ``{"<length>": accuracy}``."""
     was_training = model.training
     model.eval()
+    device = device_of(model)
     out = {}
     try:
         for n in lengths:
@@ -144,7 +148,7 @@ def needle_accuracy(
             done = 0
             while done < samples:
                 b = min(batch_size, samples - done)
-                idx, target = task.batch(b, n, generator)
+                idx, target = (t.to(device) for t in task.batch(b, n, generator))
                 correct += int((task.predict(last_logits(model, idx)) == target).sum())
                 done += b
             out[str(n)] = correct / samples
@@ -182,3 +186,4 @@ def run_needle(
         "seconds": round(time.perf_counter() - start, 2),
         "uniform_loss": math.log(task.num_values),
     }
+

@@ -176,6 +176,12 @@ class GPT(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
 
+def device_of(model: nn.Module) -> torch.device:
+    """Where ``model``'s parameters live (the CPU for a model without parameters): its inputs go there."""
+    parameter = next(model.parameters(), None)
+    return torch.device("cpu") if parameter is None else parameter.device
+
+
 def set_backend(model: nn.Module, name: str) -> None:
     """Set the attention backend ("auto", "eager", "cpu", "triton", "sdpa") of every attention layer of ``model``."""
     found = False
