@@ -4,7 +4,9 @@ Triton's interpreter, which runs the kernel tests on CPU, accepts code the GPU c
 module globals ``X: tl.constexpr = 1`` did, once). tests/triton_compile_sm90.py records the launches of a few
 representative calls and compiles each down to a cubin with ptxas; it runs in subprocesses because this session
 has TRITON_INTERPRET=1 set (tests/conftest.py) and triton reads it once, at import. The variants compile in
-parallel, one process each, with a fresh Triton cache (so nothing is taken from an earlier compile).
+parallel, one process each: ~25 s of CPU in all on a fresh machine. Triton's cache (keyed by the kernels'
+source, the options, the target and the compiler's versions; failures are never cached) makes reruns of
+unchanged kernels cheap.
 """
 
 from __future__ import annotations
@@ -31,18 +33,17 @@ HOPPER_SHARED_BYTES = 227 * 1024  # the most shared memory one block may use on 
 TIMEOUT_S = 300  # a hung compile fails the test instead of hanging the suite
 
 
-def compile_variant(name: str, cache: Path) -> subprocess.Popen:
+def compile_variant(name: str) -> subprocess.Popen:
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
     src = str(Path(sasoftmax.__file__).parents[1])  # compile the sources this session imports
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [src, env.get("PYTHONPATH")]))
-    env["TRITON_CACHE_DIR"] = str(cache)
     return subprocess.Popen(
         [sys.executable, str(SCRIPT), name], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
 
 
-def test_kernels_compile_for_hopper(tmp_path):
-    processes = {name: compile_variant(name, tmp_path / f"cache{i}") for i, name in enumerate(VARIANTS)}
+def test_kernels_compile_for_hopper():
+    processes = {name: compile_variant(name) for name in VARIANTS}
     reports, table, problems = {}, [], []
     try:
         for name, process in processes.items():

@@ -84,7 +84,10 @@ class Recorder:
                 compiled = triton.compile(source, target=GPUTarget("cuda", *HOPPER), options=options)
                 self.results[name] = {"shared": compiled.metadata.shared}
             except Exception as err:  # reported per kernel by the test
-                lines = traceback.format_exception_only(type(err), err)
+                chain = [err]  # Triton wraps the error inside a kernel's callees: report the innermost one too
+                while chain[-1].__cause__ is not None and len(chain) < 10:
+                    chain.append(chain[-1].__cause__)
+                lines = [line for e in chain[:1] + chain[1:][-1:] for line in traceback.format_exception_only(e)]
                 self.results[name] = {"error": "".join(lines).strip()[-3000:]}
 
         return launch
