@@ -1,0 +1,72 @@
+"""The Triton kernels compile for Hopper (sm_90), checked without a GPU.
+
+Triton's interpreter, which runs the kernel tests on CPU, accepts code the GPU compiler refuses (annotated
+module globals ``X: tl.constexpr = 1`` did, once). tests/triton_compile_sm90.py records the launches of a few
+representative calls and compiles each down to a cubin with ptxas; it runs in subprocesses because this session
+has TRITON_INTERPRET=1 set (tests/conftest.py) and triton reads it once, at import. The variants compile in
+parallel, one process each: ~25 s of CPU in all on a fresh machine. Triton's cache (keyed by the kernels'
+source, the options, the target and the compiler's versions; failures are never cached) makes reruns of
+unchanged kernels cheap.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("triton", reason="triton is not installed (it has wheels for Linux only)")
+
+import sasoftmax  # noqa: E402
+
+SCRIPT = Path(__file__).with_name("triton_compile_sm90.py")
+VARIANTS = {  # variant -> the kernels its forward and backward launch (row_extrema for sa_norm only)
+    "bf16 D=128 sa_norm causal kerple_log ssmax": {"row_extrema", "fwd", "bwd_dq", "bwd_dkdv"},
+    "fp32 D=64 sa mask": {"fwd", "bwd_dq", "bwd_dkdv"},
+    "bf16 D=64 softmax bias tensor (grad)": {"fwd", "bwd_dq", "bwd_dkdv"},
+}
+HOPPER_SHARED_BYTES = 227 * 1024  # the most shared memory one block may use on sm_90
+TIMEOUT_S = 300  # a hung compile fails the test instead of hanging the suite
+
+
+def compile_variant(name: str) -> subprocess.Popen:
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    src = str(Path(sasoftmax.__file__).parents[1])  # compile the sources this session imports
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [src, env.get("PYTHONPATH")]))
+    return subprocess.Popen(
+        [sys.executable, str(SCRIPT), name], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+
+
+def test_kernels_compile_for_hopper():
+    processes = {name: compile_variant(name) for name in VARIANTS}
+    reports, table, problems = {}, [], []
+    try:
+        for name, process in processes.items():
+            stdout, stderr = process.communicate(timeout=TIMEOUT_S)
+            assert process.returncode == 0, f"{name}: the compile script failed:\n{stderr[-3000:]}"
+            reports[name] = json.loads(stdout.strip().splitlines()[-1])
+    finally:
+        for process in processes.values():
+            if process.poll() is None:
+                process.kill()
+    skips = {report["skip"] for report in reports.values() if "skip" in report}
+    if skips:
+        pytest.skip("cannot compile for NVIDIA GPUs here: " + "; ".join(sorted(skips)))
+    for name, kernels in VARIANTS.items():
+        results = reports[name]["variants"][name]
+        for kernel in sorted(kernels - results.keys()):
+            problems.append(f"{name}: {kernel} was not launched")
+        for kernel, result in results.items():
+            if "error" in result:
+                table.append(f"  {name:45} {kernel:12} FAILED")
+                problems.append(f"{name}: {kernel} does not compile:\n{result['error']}")
+            else:
+                table.append(f"  {name:45} {kernel:12} {result['shared']:7d} B shared")
+                if result["shared"] > HOPPER_SHARED_BYTES:
+                    problems.append(f"{name}: {kernel} needs {result['shared']} B of shared memory")
+    assert not problems, "\n".join(problems + ["shared memory per kernel (Hopper has 227 KiB per block):", *table])

@@ -1,0 +1,304 @@
+"""Each Triton kernel against its naive twin (tests/triton_naive.py), output by output.
+
+The kernels run through the backend's own launchers, ``_forward`` (row_extrema, fwd) and ``_backward``
+(bwd_dq, bwd_dkdv); the statistics they keep to themselves (row_extrema's μ, bwd_dq's D_i and min term) are
+read from the launch arguments. float32 inputs; the twins compute in float64 from the same values. Small odd
+shapes leave partial tiles (the interpreter runs 16×16 tiles); the cases cover every pair of the factors
+normalizer × causal × grouped-query × mask × SSMax × bias kind (checked below) rather than their product.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+pytest.importorskip("triton", reason="triton is not installed (it has wheels for Linux only)")
+
+import triton_naive as naive  # noqa: E402
+from sasoftmax.backends import triton as tb  # noqa: E402
+from sasoftmax.backends import triton_kernels as kernels  # noqa: E402
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+pytestmark = pytest.mark.skipif(
+    not CUDA and not tb.INTERPRET,
+    reason="no CUDA and Triton's interpreter is off (TRITON_INTERPRET=1 must be set before triton is imported)",
+)
+
+RTOL = 1e-5
+"""Largest error allowed, relative to the largest magnitude of the twin's output."""
+
+# (B, Hq, Hkv, L, S, D, Dv): partial tiles everywhere; Dv != D and D not a power of two; L > S (under causal
+# masking the first rows see no key); a single decoding query.
+PLAIN = [(1, 2, 2, 19, 35, 16, 16), (1, 2, 2, 1, 37, 32, 16)]
+GROUPED = [(2, 4, 2, 33, 21, 24, 16), (1, 3, 1, 17, 40, 16, 32)]
+
+
+@dataclass(frozen=True)
+class Case:
+    norm: int
+    bias: str
+    causal: bool
+    grouped: bool
+    mask: bool
+    ssmax: bool
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (GROUPED if self.grouped else PLAIN)[(self.norm + len(self.bias)) % 2]
+
+    def __str__(self) -> str:
+        flags = [n for n in ("causal", "grouped", "mask", "ssmax") if getattr(self, n)]
+        return "-".join([("softmax", "sa", "sa_norm")[self.norm], self.bias, *flags])
+
+
+# Every pair of factor levels occurs in some case (test_cases_cover_every_pair), then the rarest mixtures.
+CASES = [
+    Case(0, "none", True, True, False, True),
+    Case(1, "none", True, False, True, False),
+    Case(2, "none", False, False, False, False),
+    Case(0, "tensor", False, False, False, False),
+    Case(1, "tensor", False, True, False, False),
+    Case(2, "tensor", True, False, True, True),
+    Case(0, "alibi", False, False, True, False),
+    Case(1, "alibi", True, False, False, True),
+    Case(2, "alibi", False, True, True, False),
+    Case(0, "kerple_log", True, False, True, False),
+    Case(1, "kerple_log", False, False, True, True),
+    Case(2, "kerple_log", True, True, False, False),
+    Case(0, "kerple_power", False, True, True, False),
+    Case(1, "kerple_power", True, True, False, True),
+    Case(2, "kerple_power", True, False, True, True),
+    Case(2, "tensor", True, True, True, True),
+    Case(2, "kerple_log", True, True, True, True),
+    Case(2, "none", True, True, False, True),
+]
+
+
+def test_cases_cover_every_pair():
+    levels = {"norm": (0, 1, 2), "bias": tuple(naive.BIAS_KINDS)}
+    levels.update({name: (False, True) for name in ("causal", "grouped", "mask", "ssmax")})
+    for (a, la), (b, lb) in itertools.combinations(levels.items(), 2):
+        seen = {(getattr(c, a), getattr(c, b)) for c in CASES}
+        assert seen == set(itertools.product(la, lb)), f"no case has some pair of {a} × {b}"
+
+
+def make_problem(case: Case, seed: int) -> tuple[naive.Problem, torch.Tensor]:
+    """float32 inputs of a case (on the kernels' device) and dO."""
+    b, hq, hkv, lq, lk, d, dv = case.shape
+    gen = torch.Generator().manual_seed(seed)
+
+    def rand(*size, lo=None, hi=None):
+        x = torch.rand(*size, generator=gen) * (hi - lo) + lo if lo is not None else torch.randn(*size, generator=gen)
+        return x.to(DEVICE)
+
+    q, k, v, do = rand(b, hq, lq, d), rand(b, hkv, lk, d), rand(b, hkv, lk, dv), rand(b, hq, lq, dv)
+    mask = bias = r1 = r2 = t = None
+    if case.mask:  # padding-like and random holes, one row with no key at all
+        mask = (rand(b, hq, lq, lk, lo=0, hi=1) > 0.3).cpu()
+        mask[:, :, 0, -lk // 3 :] = False
+        mask[0, -1, lq // 2] = False
+        mask = mask.to(DEVICE)
+    kind = naive.BIAS_KINDS[case.bias]
+    if kind == naive.TENSOR:
+        bias = rand(b, hq, lq, lk).cpu()
+        bias[rand(b, hq, lq, lk, lo=0, hi=1).cpu() < 0.15] = -math.inf
+        bias = bias.to(DEVICE)
+    elif kind != naive.NONE:
+        r1, r2 = rand(hq, lo=0.1, hi=1.0), rand(hq, lo=0.2, hi=1.5)
+        r2 = None if kind == naive.ALIBI else r2
+    if case.ssmax:
+        t = rand(b, hq, lq, lo=0.5, hi=2.0)
+    problem = naive.Problem(q, k, v, t, mask, bias, kind, r1, r2, case.norm, case.causal, d**-0.5, 1e-6, lk - lq)
+    return problem, do
+
+
+def on_cpu(p: naive.Problem, dtype: torch.dtype) -> naive.Problem:
+    """The problem's tensors on the CPU, floating ones in ``dtype`` (the mask stays bool)."""
+
+    def convert(x):
+        return None if x is None else x.cpu() if x.dtype == torch.bool else x.cpu().to(dtype)
+
+    return naive.Problem(**{name: convert(x) if isinstance(x, torch.Tensor) else x for name, x in p.__dict__.items()})
+
+
+class Capture:
+    """Stands in for a kernel: launches it and keeps its last launch's arguments by name."""
+
+    def __init__(self, kernel):
+        self.kernel, self.args = kernel, {}
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.args = dict(zip(self.kernel.arg_names, args), **kwargs)
+            return self.kernel[grid](*args, **kwargs)
+
+        return launch
+
+
+@dataclass
+class KernelRun:
+    o: torch.Tensor
+    saved: tb._Saved
+    extrema: dict
+    dq_args: dict
+    grads: tuple
+
+
+def run_kernels(p: naive.Problem, do: torch.Tensor, monkeypatch) -> KernelRun:
+    extrema, dq = Capture(kernels.row_extrema), Capture(kernels.bwd_dq)
+    monkeypatch.setattr(kernels, "row_extrema", extrema)
+    monkeypatch.setattr(kernels, "bwd_dq", dq)
+    b, hq, lq, _ = p.q.shape
+    opt = tb._Options(p.norm, p.causal, p.scale, p.eps, p.pos0)
+    mask, bias = tb._views(p.q, p.k, p.mask, p.bias)
+    o = torch.empty(b, hq, lq, p.v.shape[3], device=p.q.device, dtype=p.v.dtype)
+    saved = tb._forward(p.q, p.k, p.v, o, p.t, mask, bias, p.kind, p.r1, p.r2, opt)
+    grads = tb._backward(p.q, p.k, p.v, o, do, p.t, mask, bias, p.kind, p.r1, p.r2, saved, opt, p.kind != 0)
+    return KernelRun(o, saved, extrema.args, dq.args, grads)
+
+
+def twin_outputs(p: naive.Problem, do: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Every output of the four twins, by name (the kernels' outputs go by the same names)."""
+    logits = naive.logits(p)
+    out = {}
+    ext = None
+    if p.norm == 2:
+        ext = naive.row_extrema(p, logits)
+        out.update(mu=ext.mu, low=ext.low, inv_delta=ext.inv_delta, argmax=ext.argmax, argmin=ext.argmin)
+    f = naive.fwd(p, logits, ext)
+    out.update(o=f.o, lse=f.lse)
+    back = naive.bwd_dq(p, logits, ext, f, do)
+    out.update(dq=back.dq, D=back.delta)
+    if p.norm == 2:
+        out["min term"] = back.g_low
+    if p.t is not None:
+        out["dL/dt"] = back.dt
+    kv = naive.bwd_dkdv(p, logits, f, back, do)
+    out.update(dk=kv.dk, dv=kv.dv)
+    if p.kind == naive.TENSOR:
+        out["dL/dbias"] = kv.dbias
+    elif p.kind != naive.NONE:
+        out["dL/dr1"] = kv.dr[0]
+        if p.kind != naive.ALIBI:
+            out["dL/dr2"] = kv.dr[1]
+    return out
+
+
+def kernel_outputs(run: KernelRun, p: naive.Problem) -> dict[str, torch.Tensor]:
+    """The same outputs from the kernels, per-row statistics reshaped to (B, Hq, L)."""
+    b, hq, lq, _ = p.q.shape
+
+    def row(x):
+        return x.view(b, hq, lq)
+
+    out = {}
+    if p.norm == 2:
+        out.update(mu=row(run.extrema["MU"]), low=row(run.saved.low), inv_delta=row(run.saved.inv_delta))
+        out.update(argmax=row(run.saved.argmax).long(), argmin=row(run.saved.argmin).long())
+    dq, dk, dv, dt, bias_grads = run.grads
+    out.update(o=run.o, lse=row(run.saved.lse), dq=dq, D=row(run.dq_args["DELTA"]))
+    if p.norm == 2:
+        out["min term"] = row(run.dq_args["G_LOW"])
+    if dt is not None:
+        out["dL/dt"] = dt
+    out.update(dk=dk, dv=dv)
+    if p.kind == naive.TENSOR:
+        out["dL/dbias"] = bias_grads
+    elif p.kind != naive.NONE:
+        out["dL/dr1"] = bias_grads[0]
+        if p.kind != naive.ALIBI:
+            out["dL/dr2"] = bias_grads[1]
+    return {name: x.cpu() for name, x in out.items()}
+
+
+def max_error(name: str, actual: torch.Tensor, expected: torch.Tensor) -> tuple[float, float]:
+    """max |actual − expected| and max |expected| over expected's finite entries (infinities must agree)."""
+    actual, expected = actual.double().reshape(expected.shape), expected.double()
+    assert not torch.isnan(actual).any(), f"{name}: NaN"
+    finite = torch.isfinite(expected)
+    assert torch.equal(actual[~finite], expected[~finite]), f"{name}: infinities differ"
+    if not finite.any():
+        return 0.0, 0.0
+    return (actual[finite] - expected[finite]).abs().max().item(), expected[finite].abs().max().item()
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_kernels_match_their_naive_twins(case, monkeypatch):
+    """Indices exactly; values within RTOL of the float64 twin, or (where the problem is ill-conditioned: a
+    causal row seeing one key x has sa_norm's dx = dW/x + ... − D/x, cancelling) within twice the error of
+    the float32 twin, FlashAttention's rule."""
+    p, do = make_problem(case, seed=CASES.index(case))
+    run = run_kernels(p, do, monkeypatch)
+    if case.norm != 2:
+        assert run.extrema == {}, "row_extrema runs for sa_norm only"
+    actual = kernel_outputs(run, p)
+    expected = twin_outputs(on_cpu(p, torch.float64), do.double().cpu())
+    plain = twin_outputs(on_cpu(p, torch.float32), do.float().cpu())
+    assert actual.keys() == expected.keys()
+    failures = []
+    for name, want in expected.items():
+        if name in ("argmax", "argmin"):
+            if not torch.equal(actual[name], want):
+                failures.append(f"{name}: {(actual[name] != want).sum().item()} rows differ")
+            continue
+        err, size = max_error(name, actual[name], want)
+        plain_err, _ = max_error(name, plain[name], want)
+        if err > max(RTOL * size, 2 * plain_err) + 1e-6:
+            failures.append(f"{name}: error {err:.3g} ({err / size:.3g} relative; float32 twin {plain_err:.3g})")
+    assert not failures, "; ".join(failures)
+    if case.norm == 2:  # the min/max gradient terms occur
+        assert (expected["argmax"] >= 0).any() and (expected["argmin"] >= 0).any()
+    if case.causal and p.q.shape[2] > p.k.shape[2]:  # rows with no key: logsumexp +inf, zero output and dq
+        assert torch.isinf(actual["lse"][:, :, 0]).all() and (actual["o"][:, :, 0] == 0).all()
+        assert (actual["dq"][:, :, 0] == 0).all()
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_naive_twins_match_the_eager_reference(case):
+    """The twins themselves against autograd through the eager reference, float64: o and every gradient
+    (SSMax's ds_h = Σ ln(n_i)·dL/dt_i; relative-bias parameters; a bias tensor)."""
+    from sasoftmax import RelativeBias, attention
+
+    p, do = make_problem(case, seed=CASES.index(case))
+    p, do = on_cpu(p, torch.float64), do.double().cpu()
+    hq = p.q.shape[1]
+    s = torch.linspace(0.5, 1.5, hq, dtype=torch.float64) if case.ssmax else None
+    if s is not None:  # t_i = s_h·ln(n_i), n_i = the keys row i may attend (at least 1)
+        log_n = naive.logits(p).allowed.sum(-1).clamp_min(1).double().log()
+        p = naive.Problem(**{**p.__dict__, "t": s.view(1, -1, 1) * log_n})
+    leaves = [x.clone().requires_grad_() for x in (p.q, p.k, p.v)]
+    bias = None
+    if p.kind == naive.TENSOR:
+        bias = p.bias.clone().requires_grad_()
+        leaves.append(bias)
+    elif p.kind != naive.NONE:
+        kind = next(name for name, number in naive.BIAS_KINDS.items() if number == p.kind)
+        params = [r.clone().requires_grad_() for r in (p.r1, p.r2) if r is not None]
+        bias = RelativeBias(kind, *params)
+        leaves += params
+    if s is not None:
+        leaves.append(s.clone().requires_grad_())
+    o = attention(
+        *leaves[:3], normalizer=("softmax", "sa", "sa_norm")[p.norm], causal=p.causal, mask=p.mask, bias=bias,
+        ssmax=leaves[-1] if s is not None else None, eps=p.eps, backend="eager",
+    )  # fmt: skip
+    grads = torch.autograd.grad(o, leaves, do)
+    twin = twin_outputs(p, do)
+    names = ["o", "dq", "dk", "dv"]
+    if p.kind == naive.TENSOR:
+        names.append("dL/dbias")
+    elif p.kind != naive.NONE:
+        names += ["dL/dr1"] + (["dL/dr2"] if p.kind != naive.ALIBI else [])
+    expected = [twin[name] for name in names]
+    if s is not None:
+        names.append("ds")
+        expected.append((twin["dL/dt"] * log_n).sum((0, 2)))
+    got = [o, *grads]
+    assert len(got) == len(expected)
+    for name, actual, want in zip(names, got, expected):
+        torch.testing.assert_close(actual, want, rtol=1e-9, atol=1e-10, msg=lambda m, name=name: f"{name}: {m}")

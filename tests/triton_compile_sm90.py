@@ -1,0 +1,154 @@
+"""Compile the Triton kernels for Hopper (sm_90) ahead of time, without a GPU: run by tests/test_triton_compile.py.
+
+Triton's interpreter accepts code that its GPU compiler refuses (e.g. annotated module globals
+``X: tl.constexpr = 1``), so the interpreter tests alone miss such errors. This script replaces each kernel of
+``sasoftmax.backends.triton_kernels`` by a recorder, runs the backend's forward and backward on CPU tensors
+as if they were CUDA ones (the recorders launch nothing, so the tensors' contents do not matter), and compiles
+every recorded launch — its argument types, constexprs, warps and stages — with ``triton.compile`` for
+``GPUTarget("cuda", 90, 32)``, down to a cubin (ptxas included).
+
+Usage: ``python tests/triton_compile_sm90.py [VARIANT ...]`` (all variants without names; see ``variants()``),
+with TRITON_INTERPRET unset (the kernels must be JIT functions, not interpreted ones). Prints one JSON object:
+``{"skip": reason}`` where triton's NVIDIA backend or ptxas is missing, else ``{"variants": {variant: {kernel:
+{"shared": bytes} or {"error": message}}}}``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import traceback
+
+import torch
+
+DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.int32: "i32",
+               torch.uint8: "u8", torch.int64: "i64", torch.bool: "i1"}  # fmt: skip
+KERNELS = ("row_extrema", "fwd", "bwd_dq", "bwd_dkdv")
+HOPPER = (90, 32)  # compute capability 9.0, 32 threads per warp
+
+
+def unavailable() -> str | None:
+    """Why this machine cannot compile for NVIDIA GPUs, or None."""
+    if os.environ.get("TRITON_INTERPRET"):
+        return "TRITON_INTERPRET is set: the kernels would be interpreted, not compiled"
+    try:
+        import triton
+        from triton.backends.nvidia import compiler  # noqa: F401
+    except ImportError as err:
+        return f"triton's NVIDIA backend is not available ({err})"
+    ptxas = triton.knobs.nvidia.ptxas.path
+    if not ptxas or not os.access(ptxas, os.X_OK):
+        return f"ptxas is not available ({ptxas!r})"
+    return None
+
+
+def signature(kernel, args: tuple, kwargs: dict) -> tuple[dict, dict]:
+    """Triton's signature (argument name -> type) and constexprs of one launch."""
+    values = dict(zip(kernel.arg_names, args), **kwargs)
+    types, constants = {}, {}
+    for param in kernel.params:
+        value = values[param.name]
+        if param.is_constexpr:
+            types[param.name], constants[param.name] = "constexpr", value
+        elif isinstance(value, torch.Tensor):
+            types[param.name] = "*" + DTYPE_NAMES[value.dtype]
+        elif isinstance(value, bool):
+            types[param.name] = "i1"
+        elif isinstance(value, int):
+            types[param.name] = "i64" if abs(value) >= 2**31 else "i32"
+        elif isinstance(value, float):
+            types[param.name] = "fp32"
+        else:
+            raise TypeError(f"{kernel.__name__}: argument {param.name} = {value!r} has no Triton type here")
+    return types, constants
+
+
+class Recorder:
+    """Stands in for a kernel: ``recorder[grid](*args, **kwargs)`` compiles that launch for Hopper instead."""
+
+    def __init__(self, kernel, results: dict):
+        self.kernel, self.results = kernel, results
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            import triton
+            from triton.backends.compiler import GPUTarget
+            from triton.compiler import ASTSource
+
+            name = self.kernel.__name__
+            try:
+                types, constants = signature(self.kernel, args, kwargs)
+                options = {"num_warps": kwargs["num_warps"], "num_stages": kwargs["num_stages"]}
+                source = ASTSource(self.kernel, types, constants)
+                compiled = triton.compile(source, target=GPUTarget("cuda", *HOPPER), options=options)
+                self.results[name] = {"shared": compiled.metadata.shared}
+            except Exception as err:  # reported per kernel by the test
+                chain = [err]  # Triton wraps the error inside a kernel's callees: report the innermost one too
+                while chain[-1].__cause__ is not None and len(chain) < 10:
+                    chain.append(chain[-1].__cause__)
+                lines = [line for e in chain[:1] + chain[1:][-1:] for line in traceback.format_exception_only(e)]
+                self.results[name] = {"error": "".join(lines).strip()[-3000:]}
+
+        return launch
+
+
+def variants() -> dict[str, dict]:
+    """Representative calls: (B, Hq, Hkv, L, S) = (1, 4, 2, 300, 300), grouped-query attention."""
+    from sasoftmax import RelativeBias
+
+    heads = 4
+    r1, r2 = torch.rand(heads, requires_grad=True), torch.rand(heads, requires_grad=True)
+    return {
+        "bf16 D=128 sa_norm causal kerple_log ssmax": dict(
+            dtype=torch.bfloat16, d=128, normalizer="sa_norm", causal=True, bias=RelativeBias.kerple_log(r1, r2),
+            ssmax=torch.full((heads,), 0.5, requires_grad=True),
+        ),
+        "fp32 D=64 sa mask": dict(
+            dtype=torch.float32, d=64, normalizer="sa", causal=False, mask=torch.rand(1, 1, 300, 300) < 0.5
+        ),
+        "bf16 D=64 softmax bias tensor (grad)": dict(
+            dtype=torch.bfloat16, d=64, normalizer="softmax", causal=True,
+            bias=torch.randn(1, heads, 300, 300, requires_grad=True),
+        ),
+    }  # fmt: skip
+
+
+def record(dtype, d, normalizer, causal, bias=None, ssmax=None, mask=None, length=300) -> dict:
+    """Compile every kernel launch of one forward and backward; {kernel: result}."""
+    from sasoftmax.attention import make_call
+    from sasoftmax.backends import triton as backend
+    from sasoftmax.backends import triton_kernels as kernels
+
+    results: dict = {}
+    originals = {name: getattr(kernels, name) for name in KERNELS}
+    backend.INTERPRET = False  # the GPU tiles and code paths
+    try:
+        for name, kernel in originals.items():
+            setattr(kernels, name, Recorder(kernel, results))
+        q = torch.randn(1, 4, length, d, dtype=dtype, requires_grad=True)
+        k, v = (torch.randn(1, 2, length, d, dtype=dtype, requires_grad=True) for _ in range(2))
+        call = make_call(q, k, v, normalizer, causal, mask, bias, None, ssmax, 1e-6, 0.0)
+        backend.attention(call).sum().backward()
+    finally:
+        for name, kernel in originals.items():
+            setattr(kernels, name, kernel)
+    return results
+
+
+def main(names: list[str]) -> None:
+    """Compile the variants named (all without names) and print the JSON report."""
+    reason = unavailable()
+    if reason:
+        print(json.dumps({"skip": reason}))
+        return
+    specs = variants()
+    unknown = set(names) - set(specs)
+    if unknown:
+        raise SystemExit(f"unknown variants {sorted(unknown)}; known: {sorted(specs)}")
+    report = {name: record(**specs[name]) for name in names or specs}
+    print(json.dumps({"variants": report}))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
