@@ -94,7 +94,8 @@ if [ "$TEST_WORKERS" -gt 0 ] && "$PY" -c "import xdist" 2>/dev/null; then
     XDIST=(-n "$TEST_WORKERS")
 fi
 # No -x: one run has to show every failing test, not the first.
-step tests "$TESTS_S" "$OUT/tests.log" "$PY" -m pytest tests/test_backend_triton.py -rfE --tb=short \
+step tests "$TESTS_S" "$OUT/tests.log" "$PY" -m pytest tests/test_backend_triton.py tests/test_triton_kernels.py \
+    -rfE --tb=short \
     -p no:cacheprovider ${XDIST[@]+"${XDIST[@]}"}
 [ -f "$OUT/tests.log" ] && tail -n 3 "$OUT/tests.log" | sed 's/^/   /' | tee -a "$LOG"
 
