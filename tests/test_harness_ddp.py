@@ -42,26 +42,48 @@ def test_torchrun_two_processes_match_one(tmp_path):
     assert read_checkpoint(tmp_path / "two")["world_size"] == 2 and read_checkpoint(tmp_path / "one")["world_size"] == 1
 
 
+GLOO_THREADS = (
+    "def gloo_threads():\n"
+    "    # gloo's native threads (named pt_gloo_runloop, gloo_tcp_loop); None where there is no /proc\n"
+    "    if not os.path.isdir('/proc/self/task'):\n"
+    "        return None\n"
+    "    names = [open(f'/proc/self/task/{t}/comm').read() for t in os.listdir('/proc/self/task')]\n"
+    "    return sum('gloo' in name for name in names)\n"
+)
+
+
 def test_torchrun_splits_each_batch_between_the_ranks(tmp_path):
-    """Through the Python API under torchrun: each rank sees batch_size / 2 rows, and the run still matches."""
+    """Through the Python API under torchrun: each rank sees batch_size / 2 rows, and the run still matches.
+
+    train() also leaves no gloo worker thread behind: one left running until the interpreter shuts down can
+    abort the process (SIGABRT, "terminate called without an active exception") when it frees a finished
+    collective's tensors then."""
     root = Path(sysconfig.get_paths()["stdlib"])
     data = tmp_path / "corpus.txt"
     data.write_text((root / "textwrap.py").read_text() + (root / "argparse.py").read_text())
     script = tmp_path / "run.py"
     script.write_text(
-        "import sys\n"
+        "import json, os, sys\n"
         "from sasoftmax.train import make_config, train\n"
-        f"config = make_config('smoke', pos='alibi', normalizer='sa', steps=3, data={str(data)!r})\n"
-        "hook = lambda step, model, x, y: {'rows': x.shape[0]}\n"
+        + GLOO_THREADS
+        + f"config = make_config('smoke', pos='alibi', normalizer='sa', steps=3, data={str(data)!r})\n"
+        "hook = lambda step, model, x, y: {'rows': x.shape[0], 'gloo_threads': gloo_threads()}\n"
         "train(config, sys.argv[1], progress=False, step_hook=hook, hook_every=1)\n"
+        "with open(sys.argv[1] + '.threads' + os.environ['RANK'], 'w') as f:\n"
+        "    json.dump(gloo_threads(), f)\n"
     )
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                str(script), str(tmp_path / "two")]
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    rows = [json.loads(line)["rows"] for line in (tmp_path / "two" / "hooks.jsonl").read_text().splitlines()]
-    assert rows == [2, 2, 2]  # smoke's batch of 4, halved
+    hooks = [json.loads(line) for line in (tmp_path / "two" / "hooks.jsonl").read_text().splitlines()]
+    assert [h["rows"] for h in hooks] == [2, 2, 2]  # smoke's batch of 4, halved
+    during = [h["gloo_threads"] for h in hooks]
+    after = [json.loads((tmp_path / f"two.threads{rank}").read_text()) for rank in (0, 1)]
+    if during[0] is not None:
+        assert all(n > 0 for n in during)  # the check sees gloo's threads while the group exists
+        assert after == [0, 0]
     train(make_config("smoke", pos="alibi", normalizer="sa", steps=3, data=str(data)), tmp_path / "one",
           progress=False)
     a, b = read_checkpoint(tmp_path / "one")["model"], read_checkpoint(tmp_path / "two")["model"]

@@ -13,6 +13,8 @@ produces bit-identical weights to an uninterrupted one.
 from __future__ import annotations
 
 import contextlib
+import gc
+import importlib
 import json
 import math
 import os
@@ -327,6 +329,14 @@ def _distributed() -> tuple[int, int, torch.device, bool]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     cuda = torch.cuda.is_available()
     if world > 1 and not dist.is_initialized():
+        # torch.distributed.nn.functional binds `group=group.WORLD` as default arguments when it is first imported,
+        # and DistributedDataParallel imports it: imported after the group exists, it would hold the group for the
+        # rest of the process, so destroy_process_group could not stop gloo's worker threads. One of them can then
+        # drop its last completed work (holding a tensor with a Python object) while the interpreter shuts down,
+        # and the thread, denied the GIL, aborts the process ("terminate called without an active exception").
+        # Imported first, its defaults are None (the default group, looked up when called).
+        importlib.import_module("torch.distributed.nn.functional")
+
         dist.init_process_group(backend="nccl" if cuda else "gloo")
         created = True
     else:
@@ -404,21 +414,40 @@ def train(
     if out.exists() and not out.is_dir():
         raise RunError(f"run directory {out} is not a directory")
     # One writer per run directory: rank 0 holds its lock for the whole run (a second train is refused).
-    with folder_lock(out) if rank == 0 else contextlib.nullcontext():
-        state = _prepare_run_dir(out, config, corpus.fingerprint, resume)
-        if world > 1:
-            dist.barrier()  # every rank has checked the directory before rank 0 writes to it
-        if state is not None and state["step"] >= config["steps"]:
-            summary = dict(state["summary"])
-        else:
-            summary = _train(config, out, corpus, state, rank, world, device, progress, step_hook, hook_every)
-    # Only on success, once every rank is done with its collectives: tearing the group down while another rank
-    # still communicates (or after one failed) can hang or abort gloo's worker threads. On an error the process
-    # exits and torchrun stops the other ranks.
+    try:
+        with folder_lock(out) if rank == 0 else contextlib.nullcontext():
+            state = _prepare_run_dir(out, config, corpus.fingerprint, resume)
+            if world > 1:
+                dist.barrier()  # every rank has checked the directory before rank 0 writes to it
+            if state is not None and state["step"] >= config["steps"]:
+                summary = dict(state["summary"])
+            else:
+                summary = _train(config, out, corpus, state, rank, world, device, progress, step_hook, hook_every)
+    except Interrupted:
+        if created_group:
+            _leave_group()  # every rank stops after the same step (see _agreed_signal)
+        raise
+    # Only on success or an agreed stop, once every rank is done with its collectives: tearing the group down
+    # while another rank still communicates (or after one failed) can hang or abort gloo's worker threads. On
+    # another error the process exits and torchrun stops the other ranks.
     if created_group:
-        dist.barrier()
-        dist.destroy_process_group()
+        _leave_group()
     return summary
+
+
+def _leave_group() -> None:
+    """Destroy the default process group (created by :func:`_distributed`) and, with it, its worker threads.
+
+    The group must really be freed here, not at interpreter exit: a gloo worker thread drops its reference to a
+    finished collective (and to the tensors it holds) only after the caller has moved on, and a thread that does
+    so while Python shuts down is refused the GIL and aborts the process ("terminate called without an active
+    exception"). DistributedDataParallel sits in a reference cycle that holds the group through its reducer
+    until the garbage collector runs, so it is collected first; destroy_process_group then drops the last
+    reference, and the group's destructor joins the worker threads with the GIL released.
+    """
+    gc.collect()
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 def _train(config, out, corpus, state, rank, world, device, progress, step_hook, hook_every) -> dict:
@@ -537,6 +566,9 @@ def _train(config, out, corpus, state, rank, world, device, progress, step_hook,
         bar.close()
         if files is not None:
             files.close()
+        # An exception's traceback keeps this frame's locals: without DDP, its reducer (and the process group it
+        # holds) can be freed when train() leaves the group after an agreed stop (see _leave_group).
+        ddp = net = None
     return summary
 
 
