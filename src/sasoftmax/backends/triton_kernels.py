@@ -12,7 +12,7 @@ Logits, per tile: z = scale·q·kᵀ + bias, x = t_i·z (SSMax; x = z without it
 2 ALiBi −r1_h·d, 3 Kerple log −r1_h·ln(1 + r2_h·d), 4 Kerple power −r1_h·d^r2_h, with d = |i + POS0 − j|,
 r1/r2 read per head.
 
-Kernels (sa_norm runs three passes forward+backward over the keys: extrema, forward, and the two backward ones):
+Kernels, in launch order (sa_norm walks the keys four times: extrema, forward, dq, dk/dv; the others three):
 - ``row_extrema`` (sa_norm): max and min of x per row and the first key attaining each; saves μ = max x,
   m = min(0, min x), c = 1/(max(0, μ) − m + ε), and the argmax/argmin of the min/max gradient terms (−1 where
   the term vanishes: max x <= 0, min x >= 0 or no key).
