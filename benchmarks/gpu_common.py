@@ -12,7 +12,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import time
 from collections.abc import Callable
 from datetime import datetime, timezone
@@ -29,22 +28,18 @@ def use_interpreter_on_cpu(device: str) -> None:
         os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+def cpu_name() -> str:
+    from sasoftmax.machine import cpu_name as name  # (imported late: the scripts set up triton first)
+
+    return name()
+
+
 def git_commit() -> str:
-    """$SASOFTMAX_COMMIT when set (a copied working tree may carry a stale .git), else HEAD of the repository (with
-    "+dirty" when tracked files changed), else "unknown"."""
-    if os.environ.get("SASOFTMAX_COMMIT"):
-        return os.environ["SASOFTMAX_COMMIT"]
-    try:
-        head = subprocess.run(
-            ["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, check=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True, text=True, timeout=10, check=True,
-        ).stdout.strip()  # fmt: skip
-        return head + ("+dirty" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
+    """$SASOFTMAX_COMMIT when set (a copied working tree may carry a stale .git), else the checkout's commit (with
+    "+changes" when tracked files differ), else "unknown"."""
+    from sasoftmax.machine import git_commit as checkout_commit
+
+    return os.environ.get("SASOFTMAX_COMMIT") or checkout_commit(REPO) or "unknown"
 
 
 def header(device: str, **settings: object) -> dict[str, object]:
@@ -73,17 +68,6 @@ def header(device: str, **settings: object) -> dict[str, object]:
         "commit": git_commit(),
         **settings,
     }
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def describe(info: dict[str, object]) -> str:

@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import attention
+from .machine import cpu_name
 from .normalizers import NORMALIZERS
 from .positional import make_positional
 
@@ -376,7 +377,7 @@ def _memory_child(spec: str) -> None:
 def machine_info(args: argparse.Namespace) -> dict[str, object]:
     return {
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "cpu": _cpu_name(),
+        "cpu": cpu_name(),
         "cores": os.cpu_count(),
         "threads": args.threads,
         "load_average_1min": round(os.getloadavg()[0], 2),
@@ -392,17 +393,6 @@ def machine_info(args: argparse.Namespace) -> dict[str, object]:
         "repeats": args.repeats,
         "clock": args.clock,
     }
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def _describe(info: dict[str, object]) -> str:

@@ -40,7 +40,6 @@ import multiprocessing
 import os
 import platform
 import signal
-import subprocess
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -59,6 +58,7 @@ from ..checks import check_choice
 from ..data import load_corpus
 from ..evaluate import evaluate
 from ..files import LOCK_NAME, folder_lock, has_entries, read_json, write_json
+from ..machine import cpu_name, git_commit
 from ..models import GPT, GPTConfig
 from ..nn import SSMAX_PAPER_INIT
 from ..positional import POSITIONAL
@@ -667,10 +667,10 @@ def setup_of(settings: dict, *, jobs: int = 1, threads: int | None = None) -> di
         "data": {"description": corpus.description, "fingerprint": corpus.fingerprint,
                  "train_tokens": int(corpus.train.numel()), "val_tokens": int(corpus.val.numel())},
         "versions": _versions(),
-        "commit": _commit(),
+        "commit": git_commit(),
         "machine": {
             "platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
-            "cpu": _cpu_name(), "cores": os.cpu_count(),
+            "cpu": cpu_name(), "cores": os.cpu_count(),
             "gpu": torch.cuda.get_device_name() if cuda else None,
             "device": "cuda" if cuda else "cpu", "jobs": jobs,
             "threads": threads if threads is not None else torch.get_num_threads(),
@@ -689,32 +689,6 @@ def _versions() -> dict:
         except metadata.PackageNotFoundError:
             found[name] = None
     return found
-
-
-def _commit() -> str | None:
-    """The git commit of the code that runs (with "+changes" when its checkout differs), or None."""
-    here = Path(__file__).resolve().parent
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=here, capture_output=True, text=True,
-                              timeout=10, check=False)
-        if head.returncode != 0:
-            return None
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "."], cwd=here,
-                               capture_output=True, text=True, timeout=10, check=False)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return head.stdout.strip() + ("+changes" if dirty.stdout.strip() else "")
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def _say(enabled: bool, message: str) -> None:
