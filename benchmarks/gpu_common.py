@@ -12,6 +12,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from datetime import datetime, timezone
@@ -148,6 +149,18 @@ def error_text(err: BaseException, limit: int = 160) -> str:
         return "out of memory"
     text = " ".join(f"{type(err).__name__}: {err}".split())
     return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def run_rows(script: str, run: Callable, args) -> int:
+    """Run a benchmark's ``run(args)`` (which writes its files after every row): 0, or 1 with one line on stderr
+    when it stops early, e.g. on a CUDA context broken by an earlier row."""
+    use_interpreter_on_cpu(args.device)
+    try:
+        run(args)
+    except (RuntimeError, torch.cuda.OutOfMemoryError) as err:
+        print(f"{script}: stopped: {error_text(err, 300)} (the rows measured so far are written)", file=sys.stderr)
+        return 1
+    return 0
 
 
 def release(device: str) -> None:

@@ -416,16 +416,7 @@ def main(argv: list[str] | None = None) -> int:
             f"modes {args.modes}, bias {args.bias}, providers {args.providers}; nothing measured"
         )
         return 0
-    common.use_interpreter_on_cpu(args.device)
-    try:
-        run(args)
-    except (RuntimeError, torch.cuda.OutOfMemoryError) as err:  # e.g. a CUDA context broken by an earlier row
-        print(
-            f"triton_attention.py: stopped: {common.error_text(err, 300)} (the rows measured so far are written)",
-            file=sys.stderr,
-        )
-        return 1
-    return 0
+    return common.run_rows("triton_attention.py", run, args)
 
 
 if __name__ == "__main__":

@@ -215,6 +215,17 @@ def test_tiles_never_hold_the_score_matrix(monkeypatch):
     assert sizes and max(sizes) <= 4 * 129 * 8 < 129 * 129
 
 
+def assert_within_twice_eager(got, base, ref, dtype):
+    """The low-precision rule: every output's error against the float64 reference ``ref`` is at most twice that of
+    eager in the same dtype (``base``), plus a small allowance; and finite."""
+    allowance = 1e-5 if dtype == torch.float32 else 1e-3
+    for i, (g, b, r) in enumerate(zip(got, base, ref)):
+        assert torch.isfinite(g).all(), f"item {i} has NaN/inf"
+        err, base_err = (g.double() - r).abs().max().item(), (b.double() - r).abs().max().item()
+        bound = 2 * base_err + allowance * max(1.0, r.abs().max().item())
+        assert err <= bound, f"item {i}: error {err} > 2 x eager's {base_err} + allowance"
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("normalizer,causal", [("sa_norm", True), ("sa_norm", False), ("sa", False), ("softmax", True)])
 def test_low_precision_within_twice_eager_error(path, dtype, normalizer, causal):
@@ -228,12 +239,7 @@ def test_low_precision_within_twice_eager_error(path, dtype, normalizer, causal)
     ref = run("eager", *ref_args, **kw)
     got, base = run("cpu", *args, **kw), run("eager", *args, **kw)
     assert got[0].dtype == dtype
-    allowance = 1e-5 if dtype == torch.float32 else 1e-3
-    for i, (g, b, r) in enumerate(zip(got, base, ref)):
-        assert torch.isfinite(g).all(), f"item {i} has NaN/inf"
-        err, base_err = (g.double() - r).abs().max().item(), (b.double() - r).abs().max().item()
-        bound = 2 * base_err + allowance * max(1.0, r.abs().max().item())
-        assert err <= bound, f"item {i}: error {err} > 2 x eager's {base_err} + allowance"
+    assert_within_twice_eager(got, base, ref, dtype)
 
 
 @pytest.mark.parametrize(
@@ -518,9 +524,4 @@ def test_relative_bias_low_precision_within_twice_eager_error(path, dtype):
     kw = dict(normalizer="sa_norm", causal=True)
     ref = run_relative("eager", *ref_args[:4], ref_rb, *ref_args[5:], **kw)
     got, base = (run_relative(b, *args[:4], rb, *args[5:], **kw) for b in ("cpu", "eager"))
-    allowance = 1e-5 if dtype == torch.float32 else 1e-3
-    for i, (g, b, r) in enumerate(zip(got, base, ref)):
-        assert torch.isfinite(g).all(), f"item {i} has NaN/inf"
-        err, base_err = (g.double() - r).abs().max().item(), (b.double() - r).abs().max().item()
-        bound = 2 * base_err + allowance * max(1.0, r.abs().max().item())
-        assert err <= bound, f"item {i}: error {err} > 2 x eager's {base_err} + allowance"
+    assert_within_twice_eager(got, base, ref, dtype)
