@@ -199,6 +199,19 @@ def _precision(k: Tensor) -> str | None:
     return "ieee" if k.dtype == torch.float32 else None
 
 
+def _common_args(q, k, t, mask, bias, kind, r1, r2, opt: _Options, none: Tensor) -> tuple[tuple, tuple, dict]:
+    """What every kernel takes: (t, r1, r2) as contiguous float32 tensors (``none`` where absent); the mask's and
+    bias's pointers and strides, then H, GROUPS, L, S, POS0 and the scale; and the constexpr flags."""
+    t_arg = none if t is None else t.contiguous()
+    r1_arg = none if r1 is None else r1.float().contiguous()
+    r2_arg = none if r2 is None else r2.float().contiguous()
+    b, hq, lq, d = q.shape
+    views = (*_broadcast_args(mask, q), *_broadcast_args(bias, q), hq, hq // k.shape[1], lq, k.shape[2])
+    flags = {"CAUSAL": opt.causal, "HAS_MASK": mask is not None, "BIAS_KIND": kind, "HAS_SSMAX": t is not None}
+    flags.update(ALL_MASKED=mask is not None or kind == 1, PRECISION=_precision(k), D=d, D_PAD=_pad(d))
+    return (t_arg, r1_arg, r2_arg), (*views, opt.pos0, opt.scale), flags
+
+
 @dataclass
 class _Saved:
     """Per-row statistics of a forward, (B·Hq, L) each (empty placeholders where a normalizer needs none)."""
@@ -217,19 +230,14 @@ def _forward(q, k, v, o, t, mask, bias, kind, r1, r2, opt: _Options) -> _Saved:
     view (kind 1) or None; ``r1``/``r2``: (Hq,) float32 (kinds 2–4) or None.
     """
     b, hq, lq, d = q.shape
-    lk, dv = k.shape[2], v.shape[3]
+    dv = v.shape[3]
     rows = torch.empty(b * hq, lq, device=q.device, dtype=torch.float32)
     lse = torch.empty_like(rows)
     none = torch.empty(0, device=q.device, dtype=torch.float32)
     # Distinct empty tensors where the normalizer saves nothing (operator outputs must not alias each other).
     saved = _Saved(lse, none, none.clone(), none.int(), none.int())
     cfg = _configs(d, dv, q.dtype)["fwd"]
-    t_arg = none if t is None else t.contiguous()
-    r1_arg = none if r1 is None else r1.float().contiguous()
-    r2_arg = none if r2 is None else r2.float().contiguous()
-    common = (*_broadcast_args(mask, q), *_broadcast_args(bias, q), hq, hq // k.shape[1], lq, lk, opt.pos0, opt.scale)
-    flags = {"CAUSAL": opt.causal, "HAS_MASK": mask is not None, "BIAS_KIND": kind, "HAS_SSMAX": t is not None}
-    flags.update(ALL_MASKED=mask is not None or kind == 1, PRECISION=_precision(k), D=d, D_PAD=_pad(d))
+    (t_arg, r1_arg, r2_arg), common, flags = _common_args(q, k, t, mask, bias, kind, r1, r2, opt, none)
     grid = (triton.cdiv(lq, cfg.block_m), b * hq)
     mu = none
     if opt.norm == 2:
@@ -274,18 +282,13 @@ def _backward(
     delta = torch.empty(b * hq, lq, device=q.device, dtype=torch.float32)
     g_low = torch.empty_like(delta) if opt.norm == 2 else none
     dt = torch.empty_like(delta) if t is not None else none
-    t_arg = none if t is None else t.contiguous()
-    r1_arg = none if r1 is None else r1.float().contiguous()
-    r2_arg = none if r2 is None else r2.float().contiguous()
     dq = torch.empty(b, hq, lq, d, device=q.device, dtype=q.dtype)
     dk = torch.empty(b, hkv, lk, d, device=q.device, dtype=kv_grad_dtype or k.dtype)
     dv_ = torch.empty(b, hkv, lk, dv, device=q.device, dtype=kv_grad_dtype or v.dtype)
-    shared = (*_strides(q), *_strides(k), *_strides(v), *_broadcast_args(mask, q), *_broadcast_args(bias, q))
-    shared += (hq, hq // hkv, lq, lk, opt.pos0, opt.scale)
-    flags = {"NORM": opt.norm, "CAUSAL": opt.causal, "HAS_MASK": mask is not None, "BIAS_KIND": kind}
-    flags.update(HAS_SSMAX=t is not None, ALL_MASKED=mask is not None or kind == 1, PRECISION=_precision(k))
+    (t_arg, r1_arg, r2_arg), common, flags = _common_args(q, k, t, mask, bias, kind, r1, r2, opt, none)
+    shared = (*_strides(q), *_strides(k), *_strides(v), *common)
     # sa_norm's dx carries 1/(M − m + ε), up to 1/ε, beyond float16's range: its products run in float32.
-    flags.update(DX_FP32=opt.norm == 2 and k.dtype == torch.float16, D=d, D_PAD=_pad(d), DV=dv, DV_PAD=_pad(dv))
+    flags.update(NORM=opt.norm, DX_FP32=opt.norm == 2 and k.dtype == torch.float16, DV=dv, DV_PAD=_pad(dv))
     cfg = configs["dq"]
     kernels.bwd_dq[(triton.cdiv(lq, cfg.block_m), b * hq)](
         q, k, v, o, do, dq, saved.lse, t_arg, saved.low, saved.inv_delta, saved.argmin, saved.argmax, delta, g_low,
@@ -388,6 +391,7 @@ def triton_backward(
     dq, dk, dv, dt, bias_grads = _backward(
         q, k, v, o, do, t, *_views(q, k, mask, bias), kind, r1, r2, saved, opt, bias_grad
     )
+
     def empty() -> Tensor:  # a fresh one each time: operator outputs must not alias each other
         return q.new_empty((0,), dtype=torch.float32)
 
