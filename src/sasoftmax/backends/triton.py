@@ -111,14 +111,9 @@ def allowed_counts(call: AttentionCall) -> Tensor:
     mask = call.mask
     if mask is not None:
         mask = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))
-    bias = call.bias if isinstance(call.bias, Tensor) else None
-    if bias is not None:
-        allowed = ~torch.isneginf(bias.reshape((1,) * (4 - bias.dim()) + tuple(bias.shape)))
-        if mask is not None:
-            allowed = allowed & mask
-        if call.causal:
-            allowed = allowed & (torch.arange(lk, device=device)[None, :] <= last[:, None])
-        return allowed.sum(-1)
+    if isinstance(call.bias, Tensor):
+        bias = call.bias.reshape((1,) * (4 - call.bias.dim()) + tuple(call.bias.shape))
+        return _count_allowed(bias, mask, last if call.causal else None)
     if mask is None:
         return (last + 1).clamp(0, lk) if call.causal else torch.full(last.shape, lk, device=device)
     if not call.causal:
@@ -129,6 +124,17 @@ def allowed_counts(call: AttentionCall) -> Tensor:
         return prefix[..., (last + 1).clamp(0, lk)]
     seen = torch.arange(lk, device=device)[None, :] <= last[:, None]
     return (mask & seen).sum(-1)
+
+
+def _count_allowed(bias: Tensor, mask: Tensor | None, last: Tensor | None) -> Tensor:
+    """Keys per row where the bias is not −inf, the mask allows (any nonzero) and, given the last key each row
+    sees (causal), j <= last_i; ``bias`` and ``mask`` broadcastable to (B, Hq, rows, S)."""
+    allowed = ~torch.isneginf(bias)
+    if mask is not None:
+        allowed = allowed & (mask != 0)
+    if last is not None:
+        allowed = allowed & (torch.arange(bias.shape[-1], device=bias.device)[None, :] <= last[:, None])
+    return allowed.sum(-1)
 
 
 @dataclass(frozen=True)
@@ -539,14 +545,9 @@ def _block_factor(ssmax, mask, bias, rows, opt, q, k, with_log_n=False):
     if ssmax is None:
         return (None, None) if with_log_n else None
     b, hq, lq, _ = q.shape
-    lk = k.shape[2]
-    allowed = ~torch.isneginf(bias)
-    if mask is not None:
-        allowed = allowed & (mask[:, :, rows] != 0)
-    if opt.causal:
-        last = query_positions(lq, lk, q.device)[rows]
-        allowed = allowed & (torch.arange(lk, device=q.device)[None, :] <= last[:, None])
-    log_n = torch.log(allowed.sum(-1).clamp_min(1).float())
+    last = query_positions(lq, k.shape[2], q.device)[rows] if opt.causal else None
+    counts = _count_allowed(bias, None if mask is None else mask[:, :, rows], last)
+    log_n = torch.log(counts.clamp_min(1).float())
     t = ssmax.detach().float().view(1, hq, 1) * log_n
     return (t, log_n) if with_log_n else t
 
