@@ -214,6 +214,34 @@ def test_half_precision_ssmax_rows_with_one_key(dtype):
         torch.testing.assert_close(a.float(), r.float(), rtol=0.02, atol=0.02 * r.abs().max().item())
 
 
+# GPU tiles are rarely square (forward 128×64, dq 128×32, dk/dv 32×128; tuned tables may pick others):
+# SASOFTMAX_TRITON_TILES sets the interpreter's tiles too, scaled down.
+NON_SQUARE_TILES = {
+    "tall": "fwd:32x16x4x1,dq:32x16x4x1,dkdv:16x32x4x1",
+    "wide": "fwd:16x32x4x1,dq:16x32x4x1,dkdv:32x16x4x1",
+}
+
+
+@needs_kernels
+@pytest.mark.parametrize("tiles", NON_SQUARE_TILES)
+@pytest.mark.parametrize("normalizer", NORMALIZERS)
+def test_non_square_tiles(normalizer, tiles, monkeypatch):
+    """Block bounds of causal rows, the two-part loops and partial blocks with BLOCK_M != BLOCK_N, with a
+    RelativeBias, SSMax and a padding mask (L < S, and L > S with rows that see no key)."""
+    from sasoftmax import RelativeBias
+
+    monkeypatch.setenv("SASOFTMAX_TRITON_TILES", NON_SQUARE_TILES[tiles])
+    ssmax = torch.tensor([0.3, 0.5, 0.8, 1.2], dtype=torch.float64)
+    for shape, causal in (((2, 4, 2, 45, 70, 16, 16), False), ((2, 4, 2, 45, 70, 16, 16), True),
+                          ((1, 4, 1, 70, 37, 16, 16), True)):  # fmt: skip
+        r1 = torch.linspace(0.2, 0.8, 4, device=DEVICE)
+        bias = RelativeBias.kerple_log(r1, r1.flip(0))
+        mask = make_masks(shape, seed=5)["padding"]
+        assert_matches_eager(
+            shape, torch.float32, ssmax=ssmax, normalizer=normalizer, causal=causal, mask=mask, bias=bias
+        )
+
+
 @needs_kernels
 @pytest.mark.parametrize("normalizer", NORMALIZERS)
 def test_strided_inputs(normalizer):

@@ -201,7 +201,9 @@ def kernel_outputs(run: KernelRun, p: naive.Problem) -> dict[str, torch.Tensor]:
         out.update(mu=row(run.extrema["MU"]), low=row(run.saved.low), inv_delta=row(run.saved.inv_delta))
         out.update(argmax=row(run.saved.argmax).long(), argmin=row(run.saved.argmin).long())
     dq, dk, dv, dt, bias_grads = run.grads
-    out.update(o=run.o, lse=row(run.saved.lse), dq=dq, D=row(run.dq_args["DELTA"]))
+    shift, inv_l = run.saved.shift, run.saved.inv_l
+    lse = shift if inv_l.numel() == 0 else shift - torch.log(inv_l)  # float32 saves μ and 1/ℓ
+    out.update(o=run.o, lse=row(lse), dq=dq, D=row(run.dq_args["DELTA"]))
     if p.norm == 2:
         out["min term"] = row(run.dq_args["G_LOW"])
     if dt is not None:

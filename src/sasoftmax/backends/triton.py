@@ -165,12 +165,12 @@ def _configs(d: int, dv: int, dtype: torch.dtype) -> dict[str, _Config]:
     Hopper after Triton's fused-attention tutorial and FlashAttention-2 (forward: 128 query rows; dq: 128
     rows × 32 keys; dk/dv: 32 rows × 128 keys), smaller for wide heads and float32 (which stages twice the
     bytes). ``SASOFTMAX_TRITON_TILES=fwd:BMxBNxWxS,dq:...,dkdv:...`` overrides them (for tuning runs)."""
-    if INTERPRET:
-        tile = _Config(16, 16, 4, 1)
-        return {"fwd": tile, "dq": tile, "dkdv": tile}
     widest = max(d, dv)
     wide = dtype == torch.float32
-    if widest <= 64 and not wide:
+    if INTERPRET:
+        tile = _Config(16, 16, 4, 1)
+        configs = {"fwd": tile, "dq": tile, "dkdv": tile}
+    elif widest <= 64 and not wide:
         configs = {"fwd": _Config(128, 64, 4, 3), "dq": _Config(128, 32, 4, 3), "dkdv": _Config(32, 128, 4, 3)}
     elif widest <= 128 and not wide:
         configs = {"fwd": _Config(128, 64, 8, 3), "dq": _Config(128, 32, 8, 2), "dkdv": _Config(32, 128, 8, 2)}
@@ -199,6 +199,11 @@ def _broadcast_args(t: Tensor | None, placeholder: Tensor) -> tuple:
     return (t, *t.stride())
 
 
+def _exact(q: Tensor) -> bool:
+    """float32 inputs: the backward recomputes probabilities from μ and 1/ℓ (``triton_kernels._probs``)."""
+    return q.dtype == torch.float32
+
+
 def _precision(k: Tensor) -> str | None:
     # float32 inputs get exact float32 products (no TF32), as the eager reference computes them;
     # None keeps the platform default (TF32 for the float32 dx products of float16 sa_norm).
@@ -220,9 +225,12 @@ def _common_args(q, k, t, mask, bias, kind, r1, r2, opt: _Options, none: Tensor)
 
 @dataclass
 class _Saved:
-    """Per-row statistics of a forward, (B·Hq, L) each (empty placeholders where a normalizer needs none)."""
+    """Per-row statistics of a forward, (B·Hq, L) each (empty placeholders where a normalizer or dtype needs
+    none). The backward recomputes p = e^{x − shift}·inv_l: shift is the logsumexp and inv_l empty for 16-bit
+    inputs; for float32 inputs shift is the row max μ and inv_l = 1/ℓ (see ``triton_kernels._probs``)."""
 
-    lse: Tensor
+    shift: Tensor
+    inv_l: Tensor
     low: Tensor
     inv_delta: Tensor
     argmin: Tensor
@@ -238,10 +246,11 @@ def _forward(q, k, v, o, t, mask, bias, kind, r1, r2, opt: _Options) -> _Saved:
     b, hq, lq, d = q.shape
     dv = v.shape[3]
     rows = torch.empty(b * hq, lq, device=q.device, dtype=torch.float32)
-    lse = torch.empty_like(rows)
     none = torch.empty(0, device=q.device, dtype=torch.float32)
-    # Distinct empty tensors where the normalizer saves nothing (operator outputs must not alias each other).
-    saved = _Saved(lse, none, none.clone(), none.int(), none.int())
+    exact = _exact(q)
+    # Distinct empty tensors where nothing is saved (operator outputs must not alias each other).
+    saved = _Saved(torch.empty_like(rows), torch.empty_like(rows) if exact else none.clone(), none.clone(),
+                   none.clone(), none.int(), none.int())  # fmt: skip
     cfg = _configs(d, dv, q.dtype)["fwd"]
     (t_arg, r1_arg, r2_arg), common, flags = _common_args(q, k, t, mask, bias, kind, r1, r2, opt, none)
     grid = (triton.cdiv(lq, cfg.block_m), b * hq)
@@ -254,9 +263,9 @@ def _forward(q, k, v, o, t, mask, bias, kind, r1, r2, opt: _Options) -> _Saved:
             *_strides(q), *_strides(k), *common, opt.eps, **flags, **cfg.launch(),
         )  # fmt: skip
     kernels.fwd[grid](
-        q, k, v, o, lse, t_arg, mu, saved.low, saved.inv_delta, r1_arg, r2_arg,
+        q, k, v, o, saved.shift, saved.inv_l, t_arg, mu, saved.low, saved.inv_delta, r1_arg, r2_arg,
         *_strides(q), *_strides(k), *_strides(v), *_strides(o), *common,
-        NORM=opt.norm, DV=dv, DV_PAD=_pad(dv), **flags, **cfg.launch(),
+        NORM=opt.norm, EXACT=exact, DV=dv, DV_PAD=_pad(dv), **flags, **cfg.launch(),
     )  # fmt: skip
     return saved
 
@@ -295,10 +304,11 @@ def _backward(
     shared = (*_strides(q), *_strides(k), *_strides(v), *common)
     # sa_norm's dx carries 1/(M − m + ε), up to 1/ε, beyond float16's range: its products run in float32.
     flags.update(NORM=opt.norm, DX_FP32=opt.norm == 2 and k.dtype == torch.float16, DV=dv, DV_PAD=_pad(dv))
+    flags.update(EXACT=_exact(q))
     cfg = configs["dq"]
     kernels.bwd_dq[(triton.cdiv(lq, cfg.block_m), b * hq)](
-        q, k, v, o, do, dq, saved.lse, t_arg, saved.low, saved.inv_delta, saved.argmin, saved.argmax, delta, g_low,
-        dt, r1_arg, r2_arg, *shared, **flags, **cfg.launch(),
+        q, k, v, o, do, dq, saved.shift, saved.inv_l, t_arg, saved.low, saved.inv_delta, saved.argmin, saved.argmax,
+        delta, g_low, dt, r1_arg, r2_arg, *shared, **flags, **cfg.launch(),
     )  # fmt: skip
     cfg = configs["dkdv"]
     key_blocks = triton.cdiv(lk, cfg.block_n)
@@ -306,8 +316,8 @@ def _backward(
     # zeros: the kernel writes only the tiles causal masking leaves visible
     dbias = torch.zeros(b, hq, lq, lk, device=q.device, dtype=torch.float32) if bias_grad and kind == 1 else none
     kernels.bwd_dkdv[(key_blocks, b * hkv)](
-        q, k, v, do, dk, dv_, saved.lse, t_arg, saved.low, saved.inv_delta, saved.argmin, saved.argmax, delta, g_low,
-        r1_arg, r2_arg, dr, dbias, *shared, BIAS_GRAD=bias_grad, **flags, **cfg.launch(),
+        q, k, v, do, dk, dv_, saved.shift, saved.inv_l, t_arg, saved.low, saved.inv_delta, saved.argmin, saved.argmax,
+        delta, g_low, r1_arg, r2_arg, dr, dbias, *shared, BIAS_GRAD=bias_grad, **flags, **cfg.launch(),
     )  # fmt: skip
     bias_grads = None
     if bias_grad:
@@ -343,14 +353,15 @@ def triton_forward(
     scale: float,
     eps: float,
     pos0: int,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """One forward. ``t`` (B, Hq, L) SSMax factors or None; ``mask`` bool and ``bias`` (kind 1) broadcastable to
     (B, Hq, L, S); kinds 2–4 read ``r1``, ``r2`` (Hq,). Returns o (B, Hq, L, Dv) and the saved row statistics
-    lse, m, 1/δ (float32) and argmin, argmax (int32), each (B·Hq, L) (empty where the normalizer needs none)."""
+    of ``_Saved``: shift, 1/ℓ, m, 1/δ (float32) and argmin, argmax (int32), each (B·Hq, L) (empty where the
+    normalizer or dtype needs none)."""
     b, hq, lq, _ = q.shape
     o = torch.empty(b, hq, lq, v.shape[3], device=q.device, dtype=v.dtype)
     saved = _forward(q, k, v, o, t, *_views(q, k, mask, bias), kind, r1, r2, _Options(norm, causal, scale, eps, pos0))
-    return o, saved.lse, saved.low, saved.inv_delta, saved.argmin, saved.argmax
+    return o, saved.shift, saved.inv_l, saved.low, saved.inv_delta, saved.argmin, saved.argmax
 
 
 @triton_forward.register_fake
@@ -358,9 +369,10 @@ def _(q, k, v, t, mask, bias, kind, r1, r2, norm, causal, scale, eps, pos0):
     b, hq, lq, _ = q.shape
     rows = (b * hq, lq) if norm == 2 else (0,)
     o = q.new_empty((b, hq, lq, v.shape[3]), dtype=v.dtype)
-    lse = q.new_empty((b * hq, lq), dtype=torch.float32)
+    shift = q.new_empty((b * hq, lq), dtype=torch.float32)
+    inv_l = q.new_empty((b * hq, lq) if _exact(q) else (0,), dtype=torch.float32)
     stats = [q.new_empty(rows, dtype=dtype) for dtype in (torch.float32, torch.float32, torch.int32, torch.int32)]
-    return o, lse, *stats
+    return o, shift, inv_l, *stats
 
 
 @torch.library.custom_op("sasoftmax::triton_backward", mutates_args=())
@@ -381,7 +393,8 @@ def triton_backward(
     pos0: int,
     o: Tensor,
     grad_out: Tensor,
-    lse: Tensor,
+    shift: Tensor,
+    inv_l: Tensor,
     low: Tensor,
     inv_delta: Tensor,
     argmin: Tensor,
@@ -393,7 +406,7 @@ def triton_backward(
     gradients) was not asked for with ``bias_grad``."""
     opt = _Options(norm, causal, scale, eps, pos0)
     do = grad_out.to(v.dtype).contiguous()
-    saved = _Saved(lse, low, inv_delta, argmin, argmax)
+    saved = _Saved(shift, inv_l, low, inv_delta, argmin, argmax)
     dq, dk, dv, dt, bias_grads = _backward(
         q, k, v, o, do, t, *_views(q, k, mask, bias), kind, r1, r2, saved, opt, bias_grad
     )
@@ -412,8 +425,8 @@ def triton_backward(
 
 
 @triton_backward.register_fake
-def _(q, k, v, t, mask, bias, kind, r1, r2, norm, causal, scale, eps, pos0, o, grad_out, lse, low, inv_delta,
-      argmin, argmax, bias_grad):  # fmt: skip
+def _(q, k, v, t, mask, bias, kind, r1, r2, norm, causal, scale, eps, pos0, o, grad_out, shift, inv_l, low,
+      inv_delta, argmin, argmax, bias_grad):  # fmt: skip
     def empty():
         return q.new_empty((0,), dtype=torch.float32)
 

@@ -18,7 +18,8 @@ Kernels, in launch order (sa_norm walks the keys four times: extrema, forward, d
   the term vanishes: max x <= 0, min x >= 0 or no key).
 - ``fwd``: one program per (query block, batch·head). softmax and sa keep the running max μ, ℓ = Σ e^{x−μ}
   and one accumulator (Σ e^{x−μ}·v, or Σ e^{x−μ}·x·v), rescaled when μ grows; sa_norm knows μ and m from
-  ``row_extrema`` and accumulates Σ e^{x−μ}(x − m)·v with no rescaling. Writes o and logsumexp.
+  ``row_extrema`` and accumulates Σ e^{x−μ}(x − m)·v with no rescaling. Writes o and what the backward
+  recomputes probabilities from (``_probs``): the logsumexp, or for float32 inputs (EXACT) μ and 1/ℓ.
 - ``bwd_dq``: one program per (query block, batch·head): D_i = dO_i·o_i, dx per tile (DESIGN §2), dq,
   E_i = Σ_j p_ij dW_ij, and with SSMax dL/dt_i = Σ_j dx_ij z_ij. The max term −D_i c_i is added to dx at the
   argmax inside the tile (so it cancels against its neighbours in float32 before dx is rounded); the min
@@ -35,11 +36,40 @@ import triton
 import triton.language as tl
 
 LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
 NO_BIAS = tl.constexpr(0)
 BIAS_TENSOR = tl.constexpr(1)
 ALIBI = tl.constexpr(2)
 KERPLE_LOG = tl.constexpr(3)
 KERPLE_POWER = tl.constexpr(4)
+
+
+# Two element-wise functions differ between the GPU and Triton's interpreter (which has no libdevice):
+# - log2 for the Kerple biases: tl.log/tl.log2 compile to libdevice's accurate logf, ~40 instructions per element
+#   (that made Kerple 2.5× the bias-free time on an H200); fast_log2f is one lg2.approx on the special-function
+#   unit, like the exp2 of the probabilities (absolute error ~2^-22, far below the logits' own rounding).
+# - exp for float32 probabilities in the backward (``_probs``): libdevice's correctly rounded-ish expf, so that
+#   float32 gradients are as accurate as PyTorch's (tl.exp is ex2.approx of x·log2 e).
+if triton.knobs.runtime.interpret:
+
+    @triton.jit
+    def _log2(x):
+        return tl.log2(x)
+
+    @triton.jit
+    def _exp(x):
+        return tl.exp(x)
+
+else:
+    from triton.language.extra import libdevice
+
+    @triton.jit
+    def _log2(x):
+        return libdevice.fast_log2f(x)
+
+    @triton.jit
+    def _exp(x):
+        return libdevice.exp(x)
 
 
 @triton.jit
@@ -48,10 +78,30 @@ def _relative_bias(dist, r1, r2, BIAS: tl.constexpr):
     if BIAS == ALIBI:
         f = dist
     elif BIAS == KERPLE_LOG:
-        f = tl.log(1.0 + r2 * dist)
+        f = _log2(1.0 + r2 * dist) * LN2
     else:
-        f = tl.where(dist > 0, tl.exp2(r2 * tl.log2(tl.maximum(dist, 1.0))), 0.0)
+        f = tl.where(dist > 0, tl.exp2(r2 * _log2(tl.maximum(dist, 1.0))), 0.0)
     return -r1 * f
+
+
+@triton.jit
+def _probs(x, shift, inv_l, EXACT: tl.constexpr):
+    """p = e^{x − logsumexp} of a tile from the saved row statistics (broadcast). 16-bit inputs save the
+    logsumexp itself as ``shift``; float32 inputs (EXACT) save the row max μ and 1/ℓ and get p = e^{x − μ}/ℓ,
+    because a logsumexp rounded to float32 at its magnitude costs p several ulps (2–2.5× PyTorch's error in
+    the float32 gradients), while x − μ is computed exactly near the max."""
+    if EXACT:
+        return _exp(x - shift) * inv_l
+    return tl.math.exp2((x - shift) * LOG2E)
+
+
+@triton.jit
+def _row_shift(SHIFT, INV_L, stat, row_ok, EXACT: tl.constexpr):
+    """The saved (shift, 1/ℓ) of rows ``stat`` for ``_probs`` (1/ℓ unused without EXACT); rows past L: +inf."""
+    shift = tl.load(SHIFT + stat, mask=row_ok, other=float("inf"))
+    if EXACT:
+        return shift, tl.load(INV_L + stat, mask=row_ok, other=0.0)
+    return shift, shift
 
 
 @triton.jit
@@ -263,12 +313,12 @@ def row_extrema(
 
 @triton.jit
 def fwd(
-    Q, K, V, OUT, LSE, T, MU, LOW, INV_DELTA, R1, R2,
+    Q, K, V, OUT, SHIFT, INV_L, T, MU, LOW, INV_DELTA, R1, R2,
     sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, son, sod,
     MASK, smb, smh, sml, sms, BIAS, sbb, sbh, sbl, sbs,
     H, GROUPS, L, S, pos0, scale,
     NORM: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, BIAS_KIND: tl.constexpr,
-    HAS_SSMAX: tl.constexpr, ALL_MASKED: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_SSMAX: tl.constexpr, ALL_MASKED: tl.constexpr, PRECISION: tl.constexpr, EXACT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     D: tl.constexpr, D_PAD: tl.constexpr, DV: tl.constexpr, DV_PAD: tl.constexpr,
 ):  # fmt: skip
@@ -317,8 +367,12 @@ def fwd(
     scale_out = 1.0 / safe_total
     if NORM == 2:
         scale_out *= tl.load(INV_DELTA + stat, mask=row_ok, other=0.0)
-    # +inf for a row with no key, so that recomputed probabilities are 0.
-    tl.store(LSE + stat, tl.where(has_keys, mu + tl.log(safe_total), float("inf")), mask=row_ok)
+    # The backward's shift (see _probs): +inf for a row with no key, so that recomputed probabilities are 0.
+    if EXACT:
+        tl.store(SHIFT + stat, tl.where(has_keys, mu, float("inf")), mask=row_ok)
+        tl.store(INV_L + stat, 1.0 / safe_total, mask=row_ok)
+    else:
+        tl.store(SHIFT + stat, tl.where(has_keys, mu + tl.log(safe_total), float("inf")), mask=row_ok)
     o_ptr = OUT + b * sob + h * soh + rows[:, None] * son + offs_dv[None, :] * sod
     out = acc * scale_out[:, None]
     tl.store(o_ptr, out.to(OUT.dtype.element_ty), mask=row_ok[:, None] & (offs_dv[None, :] < DV))
@@ -343,10 +397,10 @@ def _dx(x, p, dw, d_o, low, inv_delta, NORM: tl.constexpr):
 @triton.jit
 def _dq_tiles(
     q, do, dq, e_sum, r_sum, lo, hi, k_base, v_base, skn, skd, svn, svd, rows, offs_n, offs_d, offs_dv,
-    t, lse, d_o, low, inv_delta, arg_hi, g_hi, L, S, pos0, scale,
+    t, shift, inv_l, d_o, low, inv_delta, arg_hi, g_hi, L, S, pos0, scale,
     mask_base, sml, sms, bias_base, sbl, sbs, r1, r2,
     NORM: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, BIAS: tl.constexpr,
-    HAS_SSMAX: tl.constexpr, DX_FP32: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_SSMAX: tl.constexpr, DX_FP32: tl.constexpr, PRECISION: tl.constexpr, EXACT: tl.constexpr,
     BLOCK_N: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, DV: tl.constexpr, DV_PAD: tl.constexpr,
 ):  # fmt: skip
     for start_n in range(lo, hi, BLOCK_N):
@@ -360,7 +414,7 @@ def _dq_tiles(
         )  # fmt: skip
         # Masking before exp: a masked logit may lie far above the row's logsumexp.
         x_p = tl.where(ok, x, float("-inf")) if MASKED else x
-        p = tl.math.exp2((x_p - lse[:, None]) * LOG2E)
+        p = _probs(x_p, shift[:, None], inv_l[:, None], EXACT)
         dw = tl.dot(do, vt, input_precision=PRECISION)
         _, dx = _dx(x, p, dw, d_o[:, None], low[:, None], inv_delta[:, None], NORM)
         if NORM == 2:
@@ -377,13 +431,13 @@ def _dq_tiles(
 
 @triton.jit
 def bwd_dq(
-    Q, K, V, OUT, DO, DQ, LSE, T, LOW, INV_DELTA, ARGMIN, ARGMAX, DELTA, G_LOW, DT, R1, R2,
+    Q, K, V, OUT, DO, DQ, SHIFT, INV_L, T, LOW, INV_DELTA, ARGMIN, ARGMAX, DELTA, G_LOW, DT, R1, R2,
     sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
     MASK, smb, smh, sml, sms, BIAS, sbb, sbh, sbl, sbs,
     H, GROUPS, L, S, pos0, scale,
     NORM: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, BIAS_KIND: tl.constexpr,
     HAS_SSMAX: tl.constexpr, ALL_MASKED: tl.constexpr, DX_FP32: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    EXACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     D: tl.constexpr, D_PAD: tl.constexpr, DV: tl.constexpr, DV_PAD: tl.constexpr,
 ):  # fmt: skip
     """dq (contiguous (B, Hq, L, D), q's dtype), D_i, the min term (D_i − E_i)·c_i and dL/dt_i.
@@ -406,7 +460,7 @@ def bwd_dq(
     o = _load(OUT + bh * L * DV, rows, L, DV, offs_dv, 1, DV, DV_PAD, True)
     d_o = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
     tl.store(DELTA + stat, d_o, mask=row_ok)
-    lse = tl.load(LSE + stat, mask=row_ok, other=float("inf"))
+    shift, inv_l = _row_shift(SHIFT, INV_L, stat, row_ok, EXACT)
     t, r1, r2 = _row_factor_and_bias(T, stat, row_ok, R1, R2, h, BLOCK_M, HAS_SSMAX, BIAS_KIND)
     if NORM == 2:
         low = tl.load(LOW + stat, mask=row_ok, other=0.0)
@@ -430,15 +484,15 @@ def bwd_dq(
         full_end = 0
     dq, e_sum, r_sum = _dq_tiles(
         q, do, dq, e_sum, r_sum, 0, full_end, k_base, v_base, skn, skd, svn, svd, rows, offs_n, offs_d, offs_dv,
-        t, lse, d_o, low, inv_delta, arg_hi, g_hi, L, S, pos0, scale, mask_base, sml, sms, bias_base, sbl, sbs,
-        r1, r2, NORM, False, CAUSAL, HAS_MASK, BIAS_KIND, HAS_SSMAX, DX_FP32, PRECISION, BLOCK_N, D, D_PAD, DV,
-        DV_PAD,
+        t, shift, inv_l, d_o, low, inv_delta, arg_hi, g_hi, L, S, pos0, scale, mask_base, sml, sms, bias_base, sbl,
+        sbs, r1, r2, NORM, False, CAUSAL, HAS_MASK, BIAS_KIND, HAS_SSMAX, DX_FP32, PRECISION, EXACT, BLOCK_N, D,
+        D_PAD, DV, DV_PAD,
     )  # fmt: skip
     dq, e_sum, r_sum = _dq_tiles(
         q, do, dq, e_sum, r_sum, full_end, end, k_base, v_base, skn, skd, svn, svd, rows, offs_n, offs_d,
-        offs_dv, t, lse, d_o, low, inv_delta, arg_hi, g_hi, L, S, pos0, scale, mask_base, sml, sms, bias_base,
-        sbl, sbs, r1, r2, NORM, True, CAUSAL, HAS_MASK, BIAS_KIND, HAS_SSMAX, DX_FP32, PRECISION, BLOCK_N, D,
-        D_PAD, DV, DV_PAD,
+        offs_dv, t, shift, inv_l, d_o, low, inv_delta, arg_hi, g_hi, L, S, pos0, scale, mask_base, sml, sms,
+        bias_base, sbl, sbs, r1, r2, NORM, True, CAUSAL, HAS_MASK, BIAS_KIND, HAS_SSMAX, DX_FP32, PRECISION, EXACT,
+        BLOCK_N, D, D_PAD, DV, DV_PAD,
     )  # fmt: skip
     if NORM == 2:
         # The min term (D − E)·c at the argmin: through the key row there into dq, through z there into dL/dt.
@@ -461,10 +515,11 @@ def bwd_dq(
 @triton.jit
 def _dkdv_tiles(
     k, v, dk, dv, dr1, dr2, lo, hi, q_base, do_base, stat_base, sqn, sqd, cols, offs_m, offs_d, offs_dv,
-    LSE, T, LOW, INV_DELTA, ARGMIN, ARGMAX, DELTA, G_LOW, L, S, pos0, scale,
+    SHIFT, INV_L, T, LOW, INV_DELTA, ARGMIN, ARGMAX, DELTA, G_LOW, L, S, pos0, scale,
     mask_base, sml, sms, bias_base, sbl, sbs, dbias_base, r1, r2,
     NORM: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, BIAS: tl.constexpr,
     BIAS_GRAD: tl.constexpr, HAS_SSMAX: tl.constexpr, DX_FP32: tl.constexpr, PRECISION: tl.constexpr,
+    EXACT: tl.constexpr,
     BLOCK_M: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, DV: tl.constexpr, DV_PAD: tl.constexpr,
 ):  # fmt: skip
     """One query head's contribution to a key block, in transposed (keys, rows) tiles."""
@@ -474,7 +529,7 @@ def _dkdv_tiles(
         stat = stat_base + rows
         qt = _load_t(q_base, rows, L, sqn, offs_d, sqd, D, D_PAD, True)
         do = _load(do_base, rows, L, DV, offs_dv, 1, DV, DV_PAD, True)
-        lse = tl.load(LSE + stat, mask=row_ok, other=float("inf"))
+        shift, inv_l = _row_shift(SHIFT, INV_L, stat, row_ok, EXACT)
         d_o = tl.load(DELTA + stat, mask=row_ok, other=0.0)
         t, _, _ = _row_factor_and_bias(T, stat, row_ok, T, T, 0, BLOCK_M, HAS_SSMAX, NO_BIAS)
         qk = tl.dot(k, qt, input_precision=PRECISION)
@@ -483,7 +538,7 @@ def _dkdv_tiles(
             bias_base, sbl, sbs, r1, r2, MASKED, CAUSAL, HAS_MASK, BIAS, HAS_SSMAX,
         )  # fmt: skip
         x_p = tl.where(ok, x, float("-inf")) if MASKED else x
-        p = tl.math.exp2((x_p - lse[None, :]) * LOG2E)
+        p = _probs(x_p, shift[None, :], inv_l[None, :], EXACT)
         dw = tl.dot(v, tl.trans(do), input_precision=PRECISION)
         if NORM == 2:
             low = tl.load(LOW + stat, mask=row_ok, other=0.0)
@@ -514,25 +569,25 @@ def _dkdv_tiles(
                 if BIAS == ALIBI:
                     dr1 += tl.sum(-dx * dist, 0)
                 elif BIAS == KERPLE_LOG:
-                    dr1 += tl.sum(-dx * tl.log(1.0 + r2 * dist), 0)
+                    dr1 += tl.sum(-dx * (_log2(1.0 + r2 * dist) * LN2), 0)
                     dr2 += tl.sum(-dx * r1 * dist / (1.0 + r2 * dist), 0)
                 else:
-                    log_d = tl.log(tl.maximum(dist, 1.0))
-                    powered = tl.where(dist > 0, tl.exp(r2 * log_d), 0.0)
+                    log2_d = _log2(tl.maximum(dist, 1.0))
+                    powered = tl.where(dist > 0, tl.exp2(r2 * log2_d), 0.0)
                     dr1 += tl.sum(-dx * powered, 0)
-                    dr2 += tl.sum(-dx * r1 * powered * log_d, 0)
+                    dr2 += tl.sum(-dx * r1 * powered * (log2_d * LN2), 0)
     return dk, dv, dr1, dr2
 
 
 @triton.jit
 def bwd_dkdv(
-    Q, K, V, DO, DK, DV_OUT, LSE, T, LOW, INV_DELTA, ARGMIN, ARGMAX, DELTA, G_LOW, R1, R2, DR, DBIAS,
+    Q, K, V, DO, DK, DV_OUT, SHIFT, INV_L, T, LOW, INV_DELTA, ARGMIN, ARGMAX, DELTA, G_LOW, R1, R2, DR, DBIAS,
     sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
     MASK, smb, smh, sml, sms, BIAS, sbb, sbh, sbl, sbs,
     H, GROUPS, L, S, pos0, scale,
     NORM: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, BIAS_KIND: tl.constexpr,
     BIAS_GRAD: tl.constexpr, HAS_SSMAX: tl.constexpr, ALL_MASKED: tl.constexpr, DX_FP32: tl.constexpr,
-    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    PRECISION: tl.constexpr, EXACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     D: tl.constexpr, D_PAD: tl.constexpr, DV: tl.constexpr, DV_PAD: tl.constexpr,
 ):  # fmt: skip
     """dk, dv (contiguous (B, Hkv, S, D/Dv), k's dtype); dO contiguous (B, Hq, L, Dv).
@@ -580,16 +635,16 @@ def bwd_dkdv(
         dbias_base = DBIAS + bh * L * S
         dk, dv, dr1, dr2 = _dkdv_tiles(
             k, v, dk, dv, dr1, dr2, lo, full, q_base, do_base, bh * L, sqn, sqd, cols, offs_m, offs_d, offs_dv,
-            LSE, T, LOW, INV_DELTA, ARGMIN, ARGMAX, DELTA, G_LOW, L, S, pos0, scale,
+            SHIFT, INV_L, T, LOW, INV_DELTA, ARGMIN, ARGMAX, DELTA, G_LOW, L, S, pos0, scale,
             mask_base, sml, sms, bias_base, sbl, sbs, dbias_base, r1, r2,
-            NORM, True, CAUSAL, HAS_MASK, BIAS_KIND, BIAS_GRAD, HAS_SSMAX, DX_FP32, PRECISION,
+            NORM, True, CAUSAL, HAS_MASK, BIAS_KIND, BIAS_GRAD, HAS_SSMAX, DX_FP32, PRECISION, EXACT,
             BLOCK_M, D, D_PAD, DV, DV_PAD,
         )  # fmt: skip
         dk, dv, dr1, dr2 = _dkdv_tiles(
             k, v, dk, dv, dr1, dr2, full, L, q_base, do_base, bh * L, sqn, sqd, cols, offs_m, offs_d, offs_dv,
-            LSE, T, LOW, INV_DELTA, ARGMIN, ARGMAX, DELTA, G_LOW, L, S, pos0, scale,
+            SHIFT, INV_L, T, LOW, INV_DELTA, ARGMIN, ARGMAX, DELTA, G_LOW, L, S, pos0, scale,
             mask_base, sml, sms, bias_base, sbl, sbs, dbias_base, r1, r2,
-            NORM, False, CAUSAL, HAS_MASK, BIAS_KIND, BIAS_GRAD, HAS_SSMAX, DX_FP32, PRECISION,
+            NORM, False, CAUSAL, HAS_MASK, BIAS_KIND, BIAS_GRAD, HAS_SSMAX, DX_FP32, PRECISION, EXACT,
             BLOCK_M, D, D_PAD, DV, DV_PAD,
         )  # fmt: skip
         if BIAS_GRAD and BIAS_KIND > BIAS_TENSOR:
