@@ -1,22 +1,27 @@
 #!/usr/bin/env bash
 # One command for a fresh GPU machine (torch and triton installed, nothing else; the repository root as the
 # working directory): versions, the Triton tests on CUDA, the kernel benchmark (without and with positional
-# biases) and the GPT training benchmark. Every step has a time limit (the whole script ends within
-# 8 minutes with the defaults) and a failing step does not stop the next.
+# biases), the GPT training benchmark (with a profile of its rows at the first length) and, when asked
+# (TUNE_S > 0), the tile tuning. Every step has a time limit (the whole script ends within 8 minutes with the
+# defaults) and a failing step does not stop the next.
 #
 #   benchmarks/gpu_check.sh OUT_DIR
 #
-# Writes at most 8 files, flat, into OUT_DIR:
+# Writes at most 10 files, flat, into OUT_DIR:
 #   run.log      nvidia-smi, versions, each step's command, exit status and duration, the benchmarks' progress
 #   tests.log    pytest tests/test_backend_triton.py on CUDA
 #   kernels.md   kernels.json   attention kernels: ms, TFLOP/s, ratios to SDPA FlashAttention-2 / cuDNN, memory
 #   bias.md      bias.json      the same with ALiBi, Kerple and FIRE biases (N = 4096 by default)
-#   train.md     train.json     GPT training tokens/s and peak memory against the SDPA-softmax model
+#   train.md     train.json     GPT training tokens/s and peak memory against the SDPA-softmax model, and per
+#                               row the kernels taking the most device time per step (PROFILE_STEPS steps)
+#   tune.md      tune.json      (TUNE_S > 0 only) candidate tiles per kernel, timed (benchmarks/triton_tune.py)
 #
 # Budget (environment variables; seconds):
 #   GPU_CHECK_QUICK=1    fewer sizes: N 1024 4096, head dim 128, fwd+bwd only, train seq 1024, 5 timed steps
-#   VERSIONS_S=10 TESTS_S=170 KERNELS_S=150 BIAS_S=80 TRAIN_S=70   limits of the steps (0 skips a step); on an
-#   H200 (2026-11-26) a cold test step took ~130 s, kernels 141 s, train 61 s; bias's FIRE rows are slow
+#   VERSIONS_S=10 TESTS_S=160 KERNELS_S=150 BIAS_S=80 TRAIN_S=80 TUNE_S=0   limits of the steps (0 skips a
+#   step); on an H200 (2026-11-26) a cold test step took ~130 s, kernels 141 s, train 61 s; bias's FIRE rows
+#   are slow; the tuning (TUNE_S) needs ~300 s for its 96 candidates (each one compiles)
+#   PROFILE_STEPS=2      profiled training steps per row (0: none)
 #   EAGER_MAX_LEN=1024   largest N of the eager (materialised) rows in the kernel table
 #   TEST_WORKERS=14      pytest-xdist workers (if pytest-xdist is installed; 0 runs the tests in one process)
 #   GPU_CHECK_SMOKE=1    tiny sizes on CPU: runs every step's code path anywhere (numbers meaningless)
@@ -41,11 +46,13 @@ export PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
 QUICK=${GPU_CHECK_QUICK:-0}
 VERSIONS_S=${VERSIONS_S:-10}
-TESTS_S=${TESTS_S:-170}
+TESTS_S=${TESTS_S:-160}
 KERNELS_S=${KERNELS_S:-150}
 EAGER_MAX_LEN=${EAGER_MAX_LEN:-1024}
 BIAS_S=${BIAS_S:-80}
-TRAIN_S=${TRAIN_S:-70}
+TRAIN_S=${TRAIN_S:-80}
+TUNE_S=${TUNE_S:-0}
+PROFILE_STEPS=${PROFILE_STEPS:-2}
 TEST_WORKERS=${TEST_WORKERS:-14}
 FAILED=0
 
@@ -105,14 +112,17 @@ if [ "${GPU_CHECK_SMOKE:-0}" = 1 ]; then
     BIAS_SIZES=(--smoke --causal yes)
     BIAS_PROVIDERS=(sdpa-math cpu:sa_norm cpu:sa_norm+ssmax)
     TRAIN_SIZES=(--smoke --rows sdpa:softmax cpu:sa_norm)
+    TUNE_SIZES=(--smoke --kernels fwd --causal yes)
 elif [ "$QUICK" = 1 ]; then
     KERNEL_SIZES=(--lengths 1024 4096 --head-dims 128 --modes fwd+bwd)
     BIAS_SIZES=(--lengths 4096 --head-dims 128 --causal yes)
     TRAIN_SIZES=(--seqs 1024 --steps 5 --warmup 2)
+    TUNE_SIZES=(--head-dims 128 --causal yes)
 else
     KERNEL_SIZES=(--lengths 1024 4096 16384 --head-dims 64 128)
     BIAS_SIZES=(--lengths 4096 --head-dims 64 128 --causal yes)
     TRAIN_SIZES=(--seqs 1024 4096)
+    TUNE_SIZES=()
 fi
 DRY=()
 [ "${GPU_CHECK_DRY:-0}" = 1 ] && DRY=(--dry-run)
@@ -122,7 +132,9 @@ step bias "$BIAS_S" "$LOG" "$PY" benchmarks/triton_attention.py --out "$OUT" --p
     --bias none alibi kerple fire --providers "${BIAS_PROVIDERS[@]}" "${BIAS_SIZES[@]}" \
     ${DRY[@]+"${DRY[@]}"}
 step train "$TRAIN_S" "$LOG" "$PY" benchmarks/gpu_train.py --out "$OUT" --prefix train "${TRAIN_SIZES[@]}" \
-    ${DRY[@]+"${DRY[@]}"}
+    --profile "$PROFILE_STEPS" ${DRY[@]+"${DRY[@]}"}
+step tune "$TUNE_S" "$LOG" "$PY" benchmarks/triton_tune.py --out "$OUT" --prefix tune \
+    ${TUNE_SIZES[@]+"${TUNE_SIZES[@]}"} ${DRY[@]+"${DRY[@]}"}
 
 rm -f "$OUT"/*.tmp
 echo "== done after ${SECONDS}s; files: $(cd "$OUT" && ls | tr '\n' ' ')" | tee -a "$LOG"

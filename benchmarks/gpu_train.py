@@ -18,7 +18,8 @@ Rows (``--rows``) are ``<backend>:<normalizer>[+ssmax][@<pos>]``: backend sdpa/t
 normalizer softmax/sa/sa_norm, ``+ssmax`` a learnable SSMax scale (s = 0.43), ``@pos`` a positional
 encoding of the harness (default rope; e.g. ``@kerple``). A row that fails (out of memory, a call the
 backend does not serve) is recorded with its error and the run goes on. Results are rewritten after every
-row into --out/<prefix>.md and --out/<prefix>.json.
+row into --out/<prefix>.md and --out/<prefix>.json. ``--profile STEPS`` adds, per row at the first length, a
+table of the kernels with the most device time per step (torch.profiler), to find where a row's time goes.
 """
 
 from __future__ import annotations
@@ -62,6 +63,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--amp", choices=("bf16", "none"), help="autocast dtype (default bf16; none on CPU, where Triton's interpreter "
         "refuses bfloat16)"
     )  # fmt: skip
+    parser.add_argument(
+        "--profile", type=int, default=0, metavar="STEPS", help="after the timed steps at the first length, profile "
+        "STEPS more with torch.profiler: the kernels taking the most device time per step go into a second table"
+    )  # fmt: skip
     parser.add_argument("--dry-run", action="store_true", help="check the arguments, print the plan, train nothing")
     args = parser.parse_args(argv)
     smoke = args.smoke
@@ -75,6 +80,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.warmup = args.warmup if args.warmup is not None else (1 if smoke else 3)
     args.steps = args.steps or (2 if smoke else 10)
     args.amp = args.amp or ("none" if args.device == "cpu" else "bf16")
+    if args.profile < 0:
+        parser.error("--profile must be >= 0")
     for name in ("seqs", "tokens", "layers", "width", "heads", "steps"):
         value = getattr(args, name)
         if any(x <= 0 for x in (value if isinstance(value, list) else [value])):
@@ -106,8 +113,9 @@ def parse_row(row: str) -> tuple[str, str, bool, str]:
     return backend, normalizer, bool(plus), pos
 
 
-def train_row(args: argparse.Namespace, row: str, seq: int) -> dict:
-    """Build the model of ``row``, train it --warmup + --steps steps at ``seq``; the row's measurements."""
+def train_row(args: argparse.Namespace, row: str, seq: int, profile_steps: int = 0) -> dict:
+    """Build the model of ``row``, train it --warmup + --steps steps at ``seq`` (then ``profile_steps`` more
+    under the profiler); the row's measurements."""
     from sasoftmax.data import VOCAB_SIZE
     from sasoftmax.models.gpt import GPT, GPTConfig
     from sasoftmax.train import make_optimizer
@@ -159,9 +167,65 @@ def train_row(args: argparse.Namespace, row: str, seq: int) -> dict:
             result.update(peak_gib=peak / 2**30, extra_gib=(peak - before) / 2**30)
         if not math.isfinite(result["loss"]):
             result.update(status="error", note="the loss is not finite")
+        if profile_steps:
+            result["profile"] = profile(step, profile_steps, device)
     except Exception as err:  # noqa: BLE001 - a failing row is a result, never the end of the run
         result.update(status="error", note=common.error_text(err))
     return result  # the caller frees the model's memory once this frame is gone
+
+
+PROFILE_TOP = 12
+
+
+def profile(step, steps: int, device: str) -> dict:
+    """``steps`` calls of ``step`` under torch.profiler: the wall time and device-busy time per step, and the
+    kernels (or on CPU the operators) with the most self time per step: where a row's extra time goes."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    common.synchronize(device)
+    start = time.perf_counter()
+    with torch_profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        common.synchronize(device)
+    wall_ms = (time.perf_counter() - start) * 1e3 / steps
+    if device == "cuda":
+        events = [e for e in prof.key_averages() if e.self_device_time_total > 0]
+        self_us = {e.key: e.self_device_time_total for e in events}
+    else:
+        events = list(prof.key_averages())
+        self_us = {e.key: e.self_cpu_time_total for e in events}
+    calls = {e.key: e.count for e in events}
+    busy_ms = sum(self_us.values()) / 1e3 / steps if device == "cuda" else None
+    top = sorted(self_us, key=self_us.get, reverse=True)[:PROFILE_TOP]
+    return {
+        "steps": steps, "wall_ms": wall_ms, "device_busy_ms": busy_ms,
+        "top": [{"name": k, "ms_per_step": self_us[k] / 1e3 / steps, "calls_per_step": calls[k] / steps}
+                for k in top],
+    }  # fmt: skip
+
+
+def profile_tables(results: list[dict]) -> str:
+    """One table per profiled row: the kernels with the most device time per step."""
+    parts = []
+    for r in results:
+        prof = r.get("profile")
+        if not prof:
+            continue
+        busy = "" if prof["device_busy_ms"] is None else f", device busy {prof['device_busy_ms']:.1f} ms"
+        parts += [
+            f"\n### Profile: {r['row']} at seq {r['seq']} ({prof['steps']} steps; {prof['wall_ms']:.1f} ms per step "
+            f"under the profiler{busy})\n",
+            "| kernel / operator | ms per step | calls per step |",
+            "| --- | ---: | ---: |",
+        ]
+        for e in prof["top"]:
+            name = e["name"].replace("|", "/")
+            name = name if len(name) <= 90 else name[:89] + "…"
+            parts.append(f"| `{name}` | {e['ms_per_step']:.2f} | {e['calls_per_step']:g} |")
+    return "\n".join(parts)
 
 
 def add_ratios(results: list[dict], baseline: str) -> None:
@@ -200,22 +264,22 @@ def run(args: argparse.Namespace) -> list[dict]:
     info = common.header(
         args.device, model=f"{args.layers}x{args.width}, {args.heads} heads", tokens_per_step=args.tokens,
         amp=args.amp, warmup=args.warmup, steps=args.steps, timing="median step, wall clock, CUDA synchronised",
+        profile_steps=args.profile,
     )  # fmt: skip
     out = Path(args.out)
     rows = list(dict.fromkeys([args.baseline] + args.rows))  # the baseline first
     results: list[dict] = []
     for seq in args.seqs:
         for row in rows:
-            results.append(train_row(args, row, seq))
+            results.append(train_row(args, row, seq, args.profile if seq == args.seqs[0] else 0))
             gc.collect()
             common.release(args.device)
             r = results[-1]
             done = f"{r['tokens_per_s']:.0f} tokens/s" if r["status"] == "ok" else f"{r['status']}: {r['note']}"
             print(f"seq={seq} {row}: {done}", flush=True)
             add_ratios(results, args.baseline)
-            common.write_results(
-                out, args.prefix, "GPT training throughput", info, results, table(results, args.baseline)
-            )
+            tables = table(results, args.baseline) + "\n" + profile_tables(results)
+            common.write_results(out, args.prefix, "GPT training throughput", info, results, tables)
     print(f"\nwrote {out / (args.prefix + '.md')} and {out / (args.prefix + '.json')}")
     return results
 

@@ -217,8 +217,8 @@ def test_half_precision_ssmax_rows_with_one_key(dtype):
 # GPU tiles are rarely square (forward 128×64, dq 128×32, dk/dv 32×128; tuned tables may pick others):
 # SASOFTMAX_TRITON_TILES sets the interpreter's tiles too, scaled down.
 NON_SQUARE_TILES = {
-    "tall": "fwd:32x16x4x1,dq:32x16x4x1,dkdv:16x32x4x1",
-    "wide": "fwd:16x32x4x1,dq:16x32x4x1,dkdv:32x16x4x1",
+    "tall": "fwd:32x16x4x1,extrema:16x32x4x1,dq:32x16x4x1,dkdv:16x32x4x1",
+    "wide": "fwd:16x32x4x1,extrema:32x16x4x1,dq:16x32x4x1,dkdv:32x16x4x1",
 }
 
 
@@ -240,6 +240,13 @@ def test_non_square_tiles(normalizer, tiles, monkeypatch):
         assert_matches_eager(
             shape, torch.float32, ssmax=ssmax, normalizer=normalizer, causal=causal, mask=mask, bias=bias
         )
+
+
+@pytest.mark.parametrize("spec", ["fwd:32x16x4", "fdw:32x16x4x1", "dq:32x0x4x1", "dq=32x16x4x1"])
+def test_tile_override_is_checked(spec, monkeypatch):
+    monkeypatch.setenv("SASOFTMAX_TRITON_TILES", spec)
+    with pytest.raises(ValueError, match="SASOFTMAX_TRITON_TILES"):
+        triton_backend._configs(64, 64, torch.float16)
 
 
 @needs_kernels

@@ -21,6 +21,7 @@ sys.path.insert(0, str(BENCHMARKS))
 
 import gpu_train  # noqa: E402
 import triton_attention  # noqa: E402
+import triton_tune  # noqa: E402
 
 from sasoftmax import backends  # noqa: E402
 
@@ -85,6 +86,46 @@ def test_training_benchmark_smoke(tmp_path):
     assert refused["status"] == "error" and "softmax attention only" in refused["note"]
 
 
+def test_training_benchmark_profile(tmp_path):
+    """--profile adds, per row at the first length, the operators (kernels on CUDA) with the most time per step."""
+    argv = ["--smoke", "--out", str(tmp_path), "--rows", "cpu:sa_norm", "--warmup", "0", "--steps", "1"]
+    assert gpu_train.main([*argv, "--profile", "1", "--seqs", "16", "8"]) == 0
+    markdown, result = read(tmp_path, "train")
+    by = {(r["row"], r["seq"]): r for r in result["rows"]}
+    assert "profile" not in by[("cpu:sa_norm", 8)]  # the first length only
+    prof = by[("cpu:sa_norm", 16)]["profile"]
+    assert prof["steps"] == 1 and prof["wall_ms"] > 0 and 0 < len(prof["top"]) <= gpu_train.PROFILE_TOP
+    times = [e["ms_per_step"] for e in prof["top"]]
+    assert times == sorted(times, reverse=True) and times[0] > 0
+    assert "### Profile: cpu:sa_norm at seq 16" in markdown and f"`{prof['top'][0]['name']}`" in markdown
+
+
+@pytest.mark.skipif(not TRITON_ON_CPU, reason="the tuning times Triton kernels (here: in the interpreter)")
+def test_tile_tuning_smoke(tmp_path):
+    argv = ["--smoke", "--out", str(tmp_path), "--kernels", "fwd", "dkdv", "--causal", "yes", "--normalizers", "sa"]
+    assert triton_tune.main(argv) == 0
+    markdown, result = read(tmp_path, "tune")
+    rows = result["rows"]
+    assert [(r["kernel"], r["tiles"]) for r in rows] == [
+        ("fwd", "16x16x4x1"), ("fwd", "32x16x4x1"), ("dkdv", "16x16x4x1"), ("dkdv", "32x16x4x1")
+    ]  # the default first, then the candidates not equal to it
+    assert [r["default"] for r in rows] == [True, False, True, False]
+    for r in rows:
+        assert r["ms"] > 0 and r["note"] == ""
+    assert rows[1]["x default"] == pytest.approx(rows[1]["ms"] / rows[0]["ms"])
+    assert markdown.count("**") == 4  # the fastest of each kernel in bold
+
+
+def test_tile_tuning_dry_run_and_arguments(capsys):
+    assert triton_tune.main(["--dry-run"]) == 0
+    assert "16 kernel groups" in capsys.readouterr().out  # 2 head dims × causal both × (fwd, extrema, dq, dkdv)
+    assert triton_tune.main(["--dry-run", "--normalizers", "softmax"]) == 0
+    assert "12 kernel groups" in capsys.readouterr().out  # row_extrema is sa_norm's only
+    with pytest.raises(SystemExit) as exit_info:
+        triton_tune.parse_args(["--head-dims", "96", "--model-dim", "2048"])
+    assert exit_info.value.code == 2 and "multiple of every head dim" in capsys.readouterr().err
+
+
 @pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None, reason="needs bash and timeout")
 def test_gpu_check_passes_valid_arguments(tmp_path):
     """In dry-run mode the benchmarks only parse the GPU run's arguments (sizes, provider names) and exit."""
@@ -97,4 +138,5 @@ def test_gpu_check_passes_valid_arguments(tmp_path):
     assert proc.returncode == 0, log
     for step in ("kernels", "bias", "train"):
         assert f"== {step}: exit 0" in log
+    assert "== tune: skipped (limit 0)" in log  # the tuning runs only when asked (TUNE_S > 0)
     assert "216 rows on cuda" in log and "12 rows on cuda" in log

@@ -161,10 +161,12 @@ class _Config:
 
 
 def _configs(d: int, dv: int, dtype: torch.dtype) -> dict[str, _Config]:
-    """Tiles per kernel. 16×16 in the interpreter (many partial blocks, fast enough). On a GPU, tiles for
-    Hopper after Triton's fused-attention tutorial and FlashAttention-2 (forward: 128 query rows; dq: 128
-    rows × 32 keys; dk/dv: 32 rows × 128 keys), smaller for wide heads and float32 (which stages twice the
-    bytes). ``SASOFTMAX_TRITON_TILES=fwd:BMxBNxWxS,dq:...,dkdv:...`` overrides them (for tuning runs)."""
+    """Tiles per kernel (``extrema`` is sa_norm's row_extrema pass). 16×16 in the interpreter (many partial
+    blocks, fast enough). On a GPU, tiles for Hopper after Triton's fused-attention tutorial and
+    FlashAttention-2 (forward: 128 query rows; dq: 128 rows × 32 keys; dk/dv: 32 rows × 128 keys), smaller for
+    wide heads and float32 (which stages twice the bytes). ``SASOFTMAX_TRITON_TILES=fwd:BMxBNxWxS,dq:...``
+    (names fwd, extrema, dq, dkdv) overrides them, in the interpreter too; benchmarks/triton_tune.py times
+    candidates that way."""
     widest = max(d, dv)
     wide = dtype == torch.float32
     if INTERPRET:
@@ -178,9 +180,16 @@ def _configs(d: int, dv: int, dtype: torch.dtype) -> dict[str, _Config]:
         configs = {"fwd": _Config(64, 32, 4, 2), "dq": _Config(64, 32, 4, 2), "dkdv": _Config(32, 64, 4, 2)}
     else:
         configs = {"fwd": _Config(64, 32, 4, 2), "dq": _Config(64, 16, 4, 2), "dkdv": _Config(16, 64, 4, 2)}
+    configs["extrema"] = configs["fwd"]
     for part in filter(None, os.environ.get("SASOFTMAX_TRITON_TILES", "").split(",")):
         name, _, spec = part.partition(":")
-        configs[name] = _Config(*(int(n) for n in spec.split("x")))
+        numbers = spec.split("x")
+        if name not in configs or len(numbers) != 4 or not all(n.isdigit() and int(n) > 0 for n in numbers):
+            raise ValueError(
+                f"SASOFTMAX_TRITON_TILES: expected comma-separated NAME:BMxBNxWARPSxSTAGES with NAME in "
+                f"{sorted(configs)} and positive integers; got {part!r}"
+            )
+        configs[name] = _Config(*(int(n) for n in numbers))
     return configs
 
 
@@ -251,18 +260,19 @@ def _forward(q, k, v, o, t, mask, bias, kind, r1, r2, opt: _Options) -> _Saved:
     # Distinct empty tensors where nothing is saved (operator outputs must not alias each other).
     saved = _Saved(torch.empty_like(rows), torch.empty_like(rows) if exact else none.clone(), none.clone(),
                    none.clone(), none.int(), none.int())  # fmt: skip
-    cfg = _configs(d, dv, q.dtype)["fwd"]
+    configs = _configs(d, dv, q.dtype)
     (t_arg, r1_arg, r2_arg), common, flags = _common_args(q, k, t, mask, bias, kind, r1, r2, opt, none)
-    grid = (triton.cdiv(lq, cfg.block_m), b * hq)
     mu = none
     if opt.norm == 2:
         mu, saved.low, saved.inv_delta = torch.empty_like(rows), torch.empty_like(rows), torch.empty_like(rows)
         saved.argmin, saved.argmax = (torch.empty_like(rows, dtype=torch.int32) for _ in range(2))
-        kernels.row_extrema[grid](
+        cfg = configs["extrema"]
+        kernels.row_extrema[(triton.cdiv(lq, cfg.block_m), b * hq)](
             q, k, t_arg, mu, saved.low, saved.inv_delta, saved.argmin, saved.argmax, r1_arg, r2_arg,
             *_strides(q), *_strides(k), *common, opt.eps, **flags, **cfg.launch(),
         )  # fmt: skip
-    kernels.fwd[grid](
+    cfg = configs["fwd"]
+    kernels.fwd[(triton.cdiv(lq, cfg.block_m), b * hq)](
         q, k, v, o, saved.shift, saved.inv_l, t_arg, mu, saved.low, saved.inv_delta, r1_arg, r2_arg,
         *_strides(q), *_strides(k), *_strides(v), *_strides(o), *common,
         NORM=opt.norm, EXACT=exact, DV=dv, DV_PAD=_pad(dv), **flags, **cfg.launch(),

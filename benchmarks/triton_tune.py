@@ -1,0 +1,192 @@
+"""Tile tuning of the Triton kernels on a GPU: candidate tiles per kernel, timed one kernel at a time.
+
+    PYTHONPATH=src python3 benchmarks/triton_tune.py --out results           # on a GPU (~3-4 minutes)
+    PYTHONPATH=src python3 benchmarks/triton_tune.py --smoke --out /tmp/s     # tiny, in the interpreter (tests)
+
+For every (D, causal, normalizer) at one length N (FlashAttention's benchmark layout: model dim 2048, 16k
+tokens, bf16), each kernel's candidate configs (BLOCK_M × BLOCK_N × warps × stages) are timed with the other
+kernels at their defaults, through ``SASOFTMAX_TRITON_TILES``: ``fwd`` and ``extrema`` (sa_norm's first pass)
+by the forward's time, ``dq`` and ``dkdv`` by the backward's (the same forward's graph, retained). The default
+of ``sasoftmax.backends.triton._configs`` is always a candidate. A candidate that does not compile or launch
+(shared memory, registers) is recorded with its error. The report gives the median ms per candidate, its ratio
+to the default and the best per kernel; the best tiles go into ``_configs`` by hand once the full benchmark
+(triton_attention.py) confirms them. Results are rewritten after every row into --out/<prefix>.md/.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import gpu_common as common
+import torch
+
+KERNELS = ("fwd", "extrema", "dq", "dkdv")
+# BLOCK_M x BLOCK_N x warps x stages for 16-bit inputs on Hopper: around the defaults, Triton's fused-attention
+# tutorial (its backward pipelines 5 stages) and FlashAttention-2's shapes; extrema holds no accumulator, so wider.
+CANDIDATES = {
+    "fwd": ["128x64x4x3", "128x64x8x3", "128x128x8x3", "128x32x4x4", "64x64x4x4"],
+    "extrema": ["128x64x4x3", "128x128x8x3", "128x128x4x4", "64x128x4x3", "128x64x4x5"],
+    "dq": ["128x32x4x3", "128x32x4x5", "128x32x8x2", "128x64x8x3", "64x32x4x4"],
+    "dkdv": ["32x128x4x3", "32x128x4x5", "32x128x8x2", "64x128x8x3", "32x64x4x4"],
+}
+SMOKE_CANDIDATES = {name: ["16x16x4x1", "32x16x4x1"] for name in KERNELS}
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default="bench-tune", help="directory for <prefix>.md and <prefix>.json")
+    parser.add_argument("--prefix", default="tune", help="file name stem of the results (default tune)")
+    parser.add_argument("--device", choices=("cuda", "cpu"), help="default cuda (cpu with --smoke)")
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes in Triton's interpreter, to test the code")
+    parser.add_argument("--length", type=int, help="N (default 4096; smoke 32)")
+    parser.add_argument("--head-dims", type=int, nargs="+", help="D (default 64 128; smoke 16)")
+    parser.add_argument("--model-dim", type=int, help="H·D (default 2048; smoke 32)")
+    parser.add_argument("--tokens", type=int, help="B·N tokens (default 16384; smoke 64)")
+    parser.add_argument("--causal", choices=("both", "yes", "no"), default="both")
+    parser.add_argument("--normalizers", nargs="+", default=["sa_norm"], choices=("softmax", "sa", "sa_norm"))
+    parser.add_argument("--kernels", nargs="+", default=list(KERNELS), choices=KERNELS)
+    parser.add_argument("--dtype", choices=list(DTYPES), help="default bfloat16 (smoke float32)")
+    parser.add_argument("--warmup-ms", type=float, default=10, help="do_bench warm-up (ms)")
+    parser.add_argument("--rep-ms", type=float, default=40, help="do_bench measuring time (ms)")
+    parser.add_argument("--dry-run", action="store_true", help="check the arguments, print the plan, time nothing")
+    args = parser.parse_args(argv)
+    smoke = args.smoke
+    args.device = args.device or ("cpu" if smoke else "cuda")
+    args.length = args.length or (32 if smoke else 4096)
+    args.head_dims = args.head_dims or ([16] if smoke else [64, 128])
+    args.model_dim = args.model_dim or (32 if smoke else 2048)
+    args.tokens = args.tokens or (64 if smoke else 16384)
+    args.dtype = args.dtype or ("float32" if smoke else "bfloat16")
+    for d in args.head_dims:
+        if args.model_dim % d:
+            parser.error(f"--model-dim ({args.model_dim}) must be a multiple of every head dim (got {d})")
+    if args.tokens % args.length:
+        parser.error(f"--tokens ({args.tokens}) must be a multiple of --length ({args.length})")
+    return args
+
+
+def time_candidate(args, kernel: str, spec: str | None, q, k, v, do, normalizer: str, causal: bool) -> float:
+    """Median ms of the forward (fwd, extrema) or the backward (dq, dkdv) with ``kernel``'s tiles set to ``spec``
+    (None: the defaults)."""
+    from sasoftmax import attention
+
+    os.environ["SASOFTMAX_TRITON_TILES"] = "" if spec is None else f"{kernel}:{spec}"
+    try:
+
+        def forward():
+            return attention(q, k, v, normalizer=normalizer, causal=causal, backend="triton")
+
+        if kernel in ("fwd", "extrema"):
+            with torch.no_grad():
+                return common.median_ms(forward, args.device, args.warmup_ms, args.rep_ms)
+        out = forward()
+        return common.median_ms(
+            lambda: torch.autograd.grad(out, (q, k, v), do, retain_graph=True), args.device, args.warmup_ms, args.rep_ms
+        )
+    finally:
+        os.environ.pop("SASOFTMAX_TRITON_TILES", None)
+
+
+def default_spec(kernel: str, d: int, dtype: torch.dtype) -> str:
+    from sasoftmax.backends.triton import _configs
+
+    c = _configs(d, d, dtype)[kernel]
+    return f"{c.block_m}x{c.block_n}x{c.num_warps}x{c.num_stages}"
+
+
+def table(rows: list[dict]) -> str:
+    lines = [
+        "| D | causal | normalizer | kernel | tiles (BM×BN×warps×stages) | ms | × default | note |",
+        "| ---: | :---: | --- | --- | --- | ---: | ---: | --- |",
+    ]
+    best = {}
+    for r in rows:
+        group = (r["d"], r["causal"], r["normalizer"], r["kernel"])
+        if r["ms"] is not None and (group not in best or r["ms"] < best[group]["ms"]):
+            best[group] = r
+    for r in rows:
+        group = (r["d"], r["causal"], r["normalizer"], r["kernel"])
+        tiles = f"**{r['tiles']}**" if best.get(group) is r else r["tiles"]
+        note = ("default; " if r["default"] else "") + r["note"].replace("|", "/")
+        lines.append(
+            f"| {r['d']} | {'yes' if r['causal'] else 'no'} | {r['normalizer']} | {r['kernel']} | {tiles} | "
+            f"{common.fmt(r['ms'], 3)} | {common.fmt(r['x default'])} | {note.strip('; ')} |"
+        )
+    return "Fastest tiles per kernel in bold.\n\n" + "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> list[dict]:
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("triton_tune.py: no CUDA GPU here (torch.cuda.is_available() is False); use --smoke")
+    dtype = DTYPES[args.dtype]
+    batch = args.tokens // args.length
+    info = common.header(
+        args.device, N=args.length, batch=batch, model_dim=args.model_dim, dtype=args.dtype,
+        timing="triton.testing.do_bench median" if args.device == "cuda" else "wall clock (interpreter)",
+    )  # fmt: skip
+    out = Path(args.out)
+    rows: list[dict] = []
+    gen = torch.Generator(device=args.device).manual_seed(0)
+    inputs = {}
+    for d, causal, normalizer, kernel, candidates in plan(args):
+        if d not in inputs:
+            inputs.clear()  # one head dim's tensors at a time (the plan alternates them)
+            shape = (batch, args.model_dim // d, args.length, d)
+            inputs[d] = [torch.randn(shape, generator=gen, device=args.device).to(dtype) for _ in range(4)]
+            for t in inputs[d][:3]:
+                t.requires_grad_()
+        q, k, v, do = inputs[d]
+        default = default_spec(kernel, d, dtype)
+        group = []
+        for spec in dict.fromkeys([default] + candidates):
+            row = {"d": d, "causal": causal, "normalizer": normalizer, "kernel": kernel, "tiles": spec,
+                   "default": spec == default, "ms": None, "x default": None, "note": ""}  # fmt: skip
+            try:
+                row["ms"] = time_candidate(args, kernel, spec, q, k, v, do, normalizer, causal)
+            except Exception as err:  # noqa: BLE001 - a candidate that does not fit is a result
+                row["note"] = common.error_text(err)
+            common.release(args.device)
+            group.append(row)
+            rows.append(row)
+            for r in group:
+                r["x default"] = common.ratio(r["ms"], group[0]["ms"])
+            print(f"D={d} causal={causal} {normalizer} {kernel} {spec}: {common.fmt(row['ms'], 3)} ms {row['note']}",
+                  flush=True)  # fmt: skip
+            common.write_results(out, args.prefix, "Triton tile tuning", info, rows, table(rows))
+    print(f"\nwrote {out / (args.prefix + '.md')} and {out / (args.prefix + '.json')}")
+    return rows
+
+
+def plan(args: argparse.Namespace) -> list[tuple]:
+    """(D, causal, normalizer, kernel, candidates) in the order they are timed, the default first among the
+    candidates (None: not known before sasoftmax is imported, i.e. in a dry run)."""
+    candidates = SMOKE_CANDIDATES if args.smoke else CANDIDATES
+    causal_values = {"both": (True, False), "yes": (True,), "no": (False,)}[args.causal]
+    return [  # causal first: what training runs, in case a time limit cuts the run short
+        (d, causal, normalizer, kernel, candidates[kernel])
+        for causal in causal_values
+        for d in args.head_dims
+        for normalizer in args.normalizers
+        for kernel in args.kernels
+        if kernel != "extrema" or normalizer == "sa_norm"  # only sa_norm runs row_extrema
+    ]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.dry_run:
+        groups = plan(args)
+        print(
+            f"dry run: {len(groups)} kernel groups, up to {sum(len(g[-1]) + 1 for g in groups)} candidates on "
+            f"{args.device}: N={args.length}, D {args.head_dims}, {args.normalizers}, {args.kernels}; nothing timed"
+        )
+        return 0
+    return common.run_rows("triton_tune.py", run, args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
