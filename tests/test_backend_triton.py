@@ -242,6 +242,50 @@ def test_non_square_tiles(normalizer, tiles, monkeypatch):
         )
 
 
+class SmallSharedMemory:
+    """Stands in for a kernel on a GPU whose shared memory holds at most ``fits`` pipeline stages: Triton raises
+    OutOfResources for more (when it loads the compiled kernel, before running it)."""
+
+    def __init__(self, kernel, fits, resource="shared memory"):
+        self.kernel, self.fits, self.resource, self.tried = kernel, fits, resource, []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            from triton.runtime.errors import OutOfResources
+
+            self.tried.append(kwargs["num_stages"])
+            if kwargs["num_stages"] > self.fits:
+                raise OutOfResources(1000 * kwargs["num_stages"], 1000 * self.fits, self.resource)
+            return self.kernel[grid](*args, **kwargs)
+
+        return launch
+
+
+@needs_kernels
+def test_fewer_stages_where_shared_memory_is_short(monkeypatch):
+    """Tiles tuned for Hopper launch with fewer pipeline stages on a card with less shared memory, same result;
+    the stages that fit are remembered; other missing resources (threads) are errors."""
+    from sasoftmax.backends import triton_kernels
+
+    monkeypatch.setenv("SASOFTMAX_TRITON_TILES", "fwd:16x16x4x3")
+    monkeypatch.setattr(triton_backend, "_STAGES_THAT_FIT", {})
+    inputs = make_inputs(SHAPES[0], seed=2)
+    expected = run(inputs, torch.float32, "triton", normalizer="sa", causal=True)
+    fake = SmallSharedMemory(triton_kernels.fwd, fits=1)
+    monkeypatch.setattr(triton_kernels, "fwd", fake)
+    for _ in range(2):
+        got = run(inputs, torch.float32, "triton", normalizer="sa", causal=True)
+        for a, e in zip(got, expected):
+            torch.testing.assert_close(a, e, rtol=0, atol=0)
+    assert fake.tried == [3, 2, 1, 1]  # the second call starts from what fitted
+    assert list(triton_backend._STAGES_THAT_FIT.values()) == [1]
+    monkeypatch.setattr(triton_kernels, "fwd", SmallSharedMemory(fake.kernel, fits=3, resource="threads"))
+    monkeypatch.setattr(triton_backend, "_STAGES_THAT_FIT", {})
+    monkeypatch.setenv("SASOFTMAX_TRITON_TILES", "fwd:16x16x4x4")
+    with pytest.raises(Exception, match="out of resource: threads"):
+        run(inputs, torch.float32, "triton", normalizer="sa", causal=True)
+
+
 @pytest.mark.parametrize("spec", ["fwd:32x16x4", "fdw:32x16x4x1", "dq:32x0x4x1", "dq=32x16x4x1"])
 def test_tile_override_is_checked(spec, monkeypatch):
     monkeypatch.setenv("SASOFTMAX_TRITON_TILES", spec)

@@ -21,7 +21,7 @@ Importing this module raises ImportError when triton is not installed.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor, nn
@@ -29,6 +29,7 @@ from torch.autograd.function import once_differentiable
 
 try:
     import triton
+    from triton.runtime.errors import OutOfResources
 except ImportError as err:  # reported by sasoftmax.backends.unavailable("triton")
     raise ImportError("triton is not installed (pip install 'sasoftmax[triton]')") from err
 
@@ -193,6 +194,30 @@ def _configs(d: int, dv: int, dtype: torch.dtype) -> dict[str, _Config]:
     return configs
 
 
+_STAGES_THAT_FIT: dict[tuple[str, int, _Config], int] = {}
+"""Pipeline stages that fit the GPU's shared memory, per (kernel, device, configuration) that needed fewer."""
+
+
+def _launch(name: str, grid: tuple[int, ...], cfg: _Config, *args, **kwargs) -> None:
+    """``kernels.<name>[grid](*args, **kwargs)`` with ``cfg``'s tiles, warps and stages, or with fewer stages where
+    the GPU's shared memory cannot hold them: the tiles are tuned for Hopper (228 KiB per SM); Ampere has 164,
+    consumer cards ~100. The pipelining depth is all that is given up (tiles, and so the grid, stay); the number
+    that fits is remembered. Triton raises OutOfResources when it loads the compiled kernel, before running it."""
+    device = args[0].device.index if args[0].is_cuda else -1
+    key = (name, device, cfg)
+    stages = _STAGES_THAT_FIT.get(key, cfg.num_stages)
+    while True:
+        try:
+            getattr(kernels, name)[grid](*args, **kwargs, **replace(cfg, num_stages=stages).launch())
+            break
+        except OutOfResources as err:
+            if stages == 1 or err.name != "shared memory":
+                raise
+            stages -= 1
+    if stages != cfg.num_stages:
+        _STAGES_THAT_FIT[key] = stages
+
+
 def _pad(dim: int) -> int:
     return max(16, triton.next_power_of_2(dim))
 
@@ -267,15 +292,17 @@ def _forward(q, k, v, o, t, mask, bias, kind, r1, r2, opt: _Options) -> _Saved:
         mu, saved.low, saved.inv_delta = torch.empty_like(rows), torch.empty_like(rows), torch.empty_like(rows)
         saved.argmin, saved.argmax = (torch.empty_like(rows, dtype=torch.int32) for _ in range(2))
         cfg = configs["extrema"]
-        kernels.row_extrema[(triton.cdiv(lq, cfg.block_m), b * hq)](
+        _launch(
+            "row_extrema", (triton.cdiv(lq, cfg.block_m), b * hq), cfg,
             q, k, t_arg, mu, saved.low, saved.inv_delta, saved.argmin, saved.argmax, r1_arg, r2_arg,
-            *_strides(q), *_strides(k), *common, opt.eps, **flags, **cfg.launch(),
+            *_strides(q), *_strides(k), *common, opt.eps, **flags,
         )  # fmt: skip
     cfg = configs["fwd"]
-    kernels.fwd[(triton.cdiv(lq, cfg.block_m), b * hq)](
+    _launch(
+        "fwd", (triton.cdiv(lq, cfg.block_m), b * hq), cfg,
         q, k, v, o, saved.shift, saved.inv_l, t_arg, mu, saved.low, saved.inv_delta, r1_arg, r2_arg,
         *_strides(q), *_strides(k), *_strides(v), *_strides(o), *common,
-        NORM=opt.norm, EXACT=exact, DV=dv, DV_PAD=_pad(dv), **flags, **cfg.launch(),
+        NORM=opt.norm, EXACT=exact, DV=dv, DV_PAD=_pad(dv), **flags,
     )  # fmt: skip
     return saved
 
@@ -316,18 +343,20 @@ def _backward(
     flags.update(NORM=opt.norm, DX_FP32=opt.norm == 2 and k.dtype == torch.float16, DV=dv, DV_PAD=_pad(dv))
     flags.update(EXACT=_exact(q))
     cfg = configs["dq"]
-    kernels.bwd_dq[(triton.cdiv(lq, cfg.block_m), b * hq)](
+    _launch(
+        "bwd_dq", (triton.cdiv(lq, cfg.block_m), b * hq), cfg,
         q, k, v, o, do, dq, saved.shift, saved.inv_l, t_arg, saved.low, saved.inv_delta, saved.argmin, saved.argmax,
-        delta, g_low, dt, r1_arg, r2_arg, *shared, **flags, **cfg.launch(),
+        delta, g_low, dt, r1_arg, r2_arg, *shared, **flags,
     )  # fmt: skip
     cfg = configs["dkdv"]
     key_blocks = triton.cdiv(lk, cfg.block_n)
     dr = torch.empty(key_blocks, b, hq, 2, device=q.device, dtype=torch.float32) if bias_grad and kind > 1 else none
     # zeros: the kernel writes only the tiles causal masking leaves visible
     dbias = torch.zeros(b, hq, lq, lk, device=q.device, dtype=torch.float32) if bias_grad and kind == 1 else none
-    kernels.bwd_dkdv[(key_blocks, b * hkv)](
+    _launch(
+        "bwd_dkdv", (key_blocks, b * hkv), cfg,
         q, k, v, do, dk, dv_, saved.shift, saved.inv_l, t_arg, saved.low, saved.inv_delta, saved.argmin, saved.argmax,
-        delta, g_low, r1_arg, r2_arg, dr, dbias, *shared, BIAS_GRAD=bias_grad, **flags, **cfg.launch(),
+        delta, g_low, r1_arg, r2_arg, dr, dbias, *shared, BIAS_GRAD=bias_grad, **flags,
     )  # fmt: skip
     bias_grads = None
     if bias_grad:
