@@ -1,13 +1,14 @@
-"""Compile the Triton kernels for Hopper (sm_90) ahead of time, without a GPU: run by tests/test_triton_compile.py.
+"""Compile the Triton kernels for an NVIDIA GPU ahead of time, without one: run by tests/test_triton_compile.py.
 
 Triton's interpreter accepts code that its GPU compiler refuses (e.g. annotated module globals
 ``X: tl.constexpr = 1``), so the interpreter tests alone miss such errors. This script replaces each kernel of
 ``sasoftmax.backends.triton_kernels`` by a recorder, runs the backend's forward and backward on CPU tensors
 as if they were CUDA ones (the recorders launch nothing, so the tensors' contents do not matter), and compiles
 every recorded launch — its argument types, constexprs, warps and stages — with ``triton.compile`` for
-``GPUTarget("cuda", 90, 32)``, down to a cubin (ptxas included).
+``GPUTarget("cuda", ARCH, 32)``, down to a cubin (ptxas included). ARCH is the compute capability as a number,
+``$SASOFTMAX_COMPILE_ARCH`` (default 90: Hopper; 80: Ampere).
 
-Usage: ``python tests/triton_compile_sm90.py [VARIANT ...]`` (all variants without names; see ``variants()``),
+Usage: ``python tests/triton_compile_cuda.py [VARIANT ...]`` (all variants without names; see ``variants()``),
 with TRITON_INTERPRET unset (the kernels must be JIT functions, not interpreted ones). Prints one JSON object:
 ``{"skip": reason}`` where triton's NVIDIA backend or ptxas is missing, else ``{"variants": {variant: {kernel:
 {"shared": bytes} or {"error": message}}}}``.
@@ -25,7 +26,7 @@ import torch
 DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.int32: "i32",
                torch.uint8: "u8", torch.int64: "i64", torch.bool: "i1"}  # fmt: skip
 KERNELS = ("row_extrema", "fwd", "bwd_dq", "bwd_dkdv")
-HOPPER = (90, 32)  # compute capability 9.0, 32 threads per warp
+ARCH = int(os.environ.get("SASOFTMAX_COMPILE_ARCH", "90"))  # compute capability 9.0 (Hopper) unless set
 
 
 def unavailable() -> str | None:
@@ -81,7 +82,7 @@ class Recorder:
                 types, constants = signature(self.kernel, args, kwargs)
                 options = {"num_warps": kwargs["num_warps"], "num_stages": kwargs["num_stages"]}
                 source = ASTSource(self.kernel, types, constants)
-                compiled = triton.compile(source, target=GPUTarget("cuda", *HOPPER), options=options)
+                compiled = triton.compile(source, target=GPUTarget("cuda", ARCH, 32), options=options)
                 self.results[name] = {"shared": compiled.metadata.shared}
             except Exception as err:  # reported per kernel by the test
                 chain = [err]  # Triton wraps the error inside a kernel's callees: report the innermost one too
