@@ -159,6 +159,35 @@ def test_fire_formula_and_gradients():
     assert fire.c.grad != 0 and fire.threshold_multiplier.grad != 0
 
 
+@pytest.mark.parametrize("lq, lk", [(6, 6), (3, 9), (9, 5)])
+def test_fire_table_below_the_threshold_equals_the_per_pair_form(lq, lk):
+    """Queries at or below the threshold take the table over distances: same values and gradients (c, the
+    threshold multiplier, the MLP) as the MLP on every pair. Positions in any order, Lq != Lk."""
+    torch.manual_seed(1)
+    fire = FIRE(3, train_len=16, width=8)
+    q_pos = torch.randperm(lq) + 2
+    k_pos = torch.randperm(lk)
+    threshold = (fire.threshold_multiplier * fire.init_threshold).abs()
+    weights = torch.randn(1, 3, lq, lk)
+    results = []
+    for evaluate in (lambda: fire(q_pos, k_pos), lambda: fire._per_pair(q_pos, k_pos, threshold)):
+        fire.zero_grad()
+        bias = evaluate()
+        (bias * weights).sum().backward(retain_graph=True)
+        results.append((bias.detach(), {n: p.grad.clone() for n, p in fire.named_parameters()}))
+    (table, table_grads), (pairs, pair_grads) = results
+    torch.testing.assert_close(table, pairs, rtol=1e-6, atol=1e-6)
+    for name in pair_grads:
+        torch.testing.assert_close(table_grads[name], pair_grads[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_fire_rows_beyond_the_threshold_take_the_per_pair_form(monkeypatch):
+    fire = FIRE(2, train_len=4, width=8)
+    monkeypatch.setattr(fire, "_from_table", lambda *args: pytest.fail("the table serves rows <= threshold only"))
+    q_pos, k_pos = positions(6, 6)  # rows 5 > 4
+    assert fire(q_pos, k_pos).shape == (1, 2, 6, 6)
+
+
 def test_rope_depends_only_on_relative_position_and_aligns_lower_right():
     torch.manual_seed(0)
     rope = RoPE(8)
