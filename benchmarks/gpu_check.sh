@@ -7,7 +7,7 @@
 #
 #   benchmarks/gpu_check.sh OUT_DIR
 #
-# Writes at most 10 files, flat, into OUT_DIR:
+# Writes at most 12 files, flat, into OUT_DIR:
 #   run.log      nvidia-smi, versions, each step's command, exit status and duration, the benchmarks' progress
 #   tests.log    pytest tests/test_backend_triton.py on CUDA
 #   kernels.md   kernels.json   attention kernels: ms, TFLOP/s, ratios to SDPA FlashAttention-2 / cuDNN, memory
@@ -15,6 +15,10 @@
 #   train.md     train.json     GPT training tokens/s and peak memory against the SDPA-softmax model, and per
 #                               row the kernels taking the most device time per step (PROFILE_STEPS steps)
 #   tune.md      tune.json      (TUNE_S > 0 only) candidate tiles per kernel, timed (benchmarks/triton_tune.py)
+#   preset.log                  (PRESET_S > 0 only) `sasoftmax compare --preset gpu` on a fraction of its grid
+#                               (PRESET_ARGS, default one seed of three and 200 of 1000 steps), with the time
+#                               it took: the basis of an estimate of the full preset's time; and its
+#                               results.json as preset-results.json
 #
 # Budget (environment variables; seconds):
 #   GPU_CHECK_QUICK=1    fewer sizes: N 1024 4096, head dim 128, fwd+bwd only, train seq 1024, 5 timed steps
@@ -22,6 +26,7 @@
 #   step); on an H200 (2026-11-26) a cold test step took ~130 s, kernels 141 s, train 61 s; bias's FIRE rows
 #   are slow; the tuning (TUNE_S) needs ~300 s for its 96 candidates (each one compiles)
 #   PROFILE_STEPS=2      profiled training steps per row (0: none)
+#   PRESET_S=0           limit of the compare step (skipped by default)
 #   EAGER_MAX_LEN=1024   largest N of the eager (materialised) rows in the kernel table
 #   TEST_WORKERS=14      pytest-xdist workers (if pytest-xdist is installed; 0 runs the tests in one process)
 #   GPU_CHECK_SMOKE=1    tiny sizes on CPU: runs every step's code path anywhere (numbers meaningless)
@@ -52,6 +57,8 @@ EAGER_MAX_LEN=${EAGER_MAX_LEN:-1024}
 BIAS_S=${BIAS_S:-80}
 TRAIN_S=${TRAIN_S:-80}
 TUNE_S=${TUNE_S:-0}
+PRESET_S=${PRESET_S:-0}
+PRESET_ARGS=${PRESET_ARGS:---seeds 0 --steps 200}
 PROFILE_STEPS=${PROFILE_STEPS:-2}
 TEST_WORKERS=${TEST_WORKERS:-14}
 FAILED=0
@@ -113,16 +120,19 @@ if [ "${GPU_CHECK_SMOKE:-0}" = 1 ]; then
     BIAS_PROVIDERS=(sdpa-math cpu:sa_norm cpu:sa_norm+ssmax)
     TRAIN_SIZES=(--smoke --rows sdpa:softmax cpu:sa_norm)
     TUNE_SIZES=(--smoke --kernels fwd --causal yes)
+    PRESET=smoke
 elif [ "$QUICK" = 1 ]; then
     KERNEL_SIZES=(--lengths 1024 4096 --head-dims 128 --modes fwd+bwd)
     BIAS_SIZES=(--lengths 4096 --head-dims 128 --causal yes)
     TRAIN_SIZES=(--seqs 1024 --steps 5 --warmup 2)
     TUNE_SIZES=(--head-dims 128 --causal yes)
+    PRESET=gpu
 else
     KERNEL_SIZES=(--lengths 1024 4096 16384 --head-dims 64 128)
     BIAS_SIZES=(--lengths 4096 --head-dims 64 128 --causal yes)
     TRAIN_SIZES=(--seqs 1024 4096)
     TUNE_SIZES=()
+    PRESET=gpu
 fi
 DRY=()
 [ "${GPU_CHECK_DRY:-0}" = 1 ] && DRY=(--dry-run)
@@ -135,6 +145,18 @@ step train "$TRAIN_S" "$LOG" "$PY" benchmarks/gpu_train.py --out "$OUT" --prefix
     --profile "$PROFILE_STEPS" ${DRY[@]+"${DRY[@]}"}
 step tune "$TUNE_S" "$LOG" "$PY" benchmarks/triton_tune.py --out "$OUT" --prefix tune \
     ${TUNE_SIZES[@]+"${TUNE_SIZES[@]}"} ${DRY[@]+"${DRY[@]}"}
+
+# The comparison's own folder (checkpoints, plots) stays out of OUT: its log and results.json are what count.
+PRESET_DIR=$(mktemp -d "${TMPDIR:-/tmp}/gpu-check-preset.XXXXXX")
+if [ "${GPU_CHECK_DRY:-0}" = 1 ]; then
+    step preset "$PRESET_S" "$LOG" "$PY" -m sasoftmax compare --help
+else
+    # shellcheck disable=SC2086  # PRESET_ARGS is a list of words
+    step preset "$PRESET_S" "$OUT/preset.log" "$PY" -m sasoftmax compare --preset "$PRESET" --out "$PRESET_DIR/runs" \
+        $PRESET_ARGS
+    [ -f "$PRESET_DIR/runs/results.json" ] && cp "$PRESET_DIR/runs/results.json" "$OUT/preset-results.json"
+fi
+rm -rf "$PRESET_DIR"
 
 rm -f "$OUT"/*.tmp
 echo "== done after ${SECONDS}s; files: $(cd "$OUT" && ls | tr '\n' ' ')" | tee -a "$LOG"
