@@ -43,7 +43,7 @@ INTERPRET: bool = bool(triton.knobs.runtime.interpret)
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 HEAD_DIMS = (16, 256)
-BIAS_FUNCTION_BUDGET = 256 * 2**20
+BIAS_FUNCTION_BUDGET = 2**30
 """Bytes a block of query rows may take when a bias function is evaluated for it (see ``_chunk_rows``)."""
 
 
@@ -510,11 +510,13 @@ def _views(q: Tensor, k: Tensor, mask: Tensor | None, bias: Tensor | None) -> tu
 
 def _chunk_rows(call_shape: tuple[int, ...], lk: int) -> int:
     """Query rows per block for a bias function: its (B·Hq, rows, S) float32 values, the kernels' bias
-    gradient of that size and the function's own intermediates (FIRE's MLP holds ~32 values per pair) fit
-    ``BIAS_FUNCTION_BUDGET``; at least 16 rows."""
+    gradient of that size and the function's own intermediates (FIRE's per-pair MLP holds ~32 values per pair)
+    fit ``BIAS_FUNCTION_BUDGET``. Whole 128-row tiles where the budget allows (each block is a kernel call
+    over all S keys: a block of a few rows leaves the GPU's tiles and SMs mostly idle), else multiples of 16."""
     b, hq = call_shape
     per_row = lk * 4 * (2 * b * hq + 64)
-    return max(16, BIAS_FUNCTION_BUDGET // per_row // 16 * 16)
+    rows = BIAS_FUNCTION_BUDGET // per_row
+    return rows // 128 * 128 if rows >= 128 else max(16, rows // 16 * 16)
 
 
 class _BiasFunctionAttention(torch.autograd.Function):
