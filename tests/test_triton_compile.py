@@ -25,9 +25,9 @@ pytest.importorskip("triton", reason="triton is not installed (it has wheels for
 import sasoftmax  # noqa: E402
 
 SCRIPT = Path(__file__).with_name("triton_compile_cuda.py")
-VARIANTS = {  # variant -> the kernels its forward and backward launch (row_extrema for sa_norm only)
+VARIANTS = {  # variant -> the kernels its forward and backward launch (row_extrema: sa_norm and float32 only)
     "bf16 D=128 sa_norm causal kerple_log ssmax": {"row_extrema", "fwd", "bwd_dq", "bwd_dkdv"},
-    "fp32 D=64 sa mask": {"fwd", "bwd_dq", "bwd_dkdv"},
+    "fp32 D=64 sa mask": {"row_extrema", "fwd", "bwd_dq", "bwd_dkdv"},
     "bf16 D=64 softmax bias tensor (grad)": {"fwd", "bwd_dq", "bwd_dkdv"},
 }
 SHARED_BYTES = {90: 227 * 1024, 80: 163 * 1024}  # the most shared memory one block may use: Hopper, Ampere (A100)

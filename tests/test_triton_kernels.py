@@ -165,11 +165,12 @@ def run_kernels(p: naive.Problem, do: torch.Tensor, monkeypatch) -> KernelRun:
 def twin_outputs(p: naive.Problem, do: torch.Tensor) -> dict[str, torch.Tensor]:
     """Every output of the four twins, by name (the kernels' outputs go by the same names)."""
     logits = naive.logits(p)
-    out = {}
-    ext = None
+    ext = naive.row_extrema(p, logits)
+    out = {"mu": ext.mu}  # the kernels' row max: sa_norm's, and every float32 forward's first pass
     if p.norm == 2:
-        ext = naive.row_extrema(p, logits)
-        out.update(mu=ext.mu, low=ext.low, inv_delta=ext.inv_delta, argmax=ext.argmax, argmin=ext.argmin)
+        out.update(low=ext.low, inv_delta=ext.inv_delta, argmax=ext.argmax, argmin=ext.argmin)
+    else:
+        ext = None
     f = naive.fwd(p, logits, ext)
     out.update(o=f.o, lse=f.lse)
     back = naive.bwd_dq(p, logits, ext, f, do)
@@ -196,9 +197,9 @@ def kernel_outputs(run: KernelRun, p: naive.Problem) -> dict[str, torch.Tensor]:
     def row(x):
         return x.view(b, hq, lq)
 
-    out = {}
+    out = {"mu": row(run.extrema["MU"])}
     if p.norm == 2:
-        out.update(mu=row(run.extrema["MU"]), low=row(run.saved.low), inv_delta=row(run.saved.inv_delta))
+        out.update(low=row(run.saved.low), inv_delta=row(run.saved.inv_delta))
         out.update(argmax=row(run.saved.argmax).long(), argmin=row(run.saved.argmin).long())
     dq, dk, dv, dt, bias_grads = run.grads
     shift, inv_l = run.saved.shift, run.saved.inv_l
@@ -236,8 +237,8 @@ def test_kernels_match_their_naive_twins(case, monkeypatch):
     the float32 twin, FlashAttention's rule."""
     p, do = make_problem(case, seed=CASES.index(case))
     run = run_kernels(p, do, monkeypatch)
-    if case.norm != 2:
-        assert run.extrema == {}, "row_extrema runs for sa_norm only"
+    # row_extrema runs for sa_norm, and for float32 inputs of every normalizer (the row max before ℓ is summed)
+    assert run.extrema != {} and p.q.dtype == torch.float32
     actual = kernel_outputs(run, p)
     expected = twin_outputs(on_cpu(p, torch.float64), do.double().cpu())
     plain = twin_outputs(on_cpu(p, torch.float32), do.float().cpu())

@@ -287,20 +287,25 @@ def _forward(q, k, v, o, t, mask, bias, kind, r1, r2, opt: _Options) -> _Saved:
                    none.clone(), none.int(), none.int())  # fmt: skip
     configs = _configs(d, dv, q.dtype)
     (t_arg, r1_arg, r2_arg), common, flags = _common_args(q, k, t, mask, bias, kind, r1, r2, opt, none)
-    mu = none
-    if opt.norm == 2:
-        mu, saved.low, saved.inv_delta = torch.empty_like(rows), torch.empty_like(rows), torch.empty_like(rows)
-        saved.argmin, saved.argmax = (torch.empty_like(rows, dtype=torch.int32) for _ in range(2))
+    mu, low, inv_delta = none, saved.low, saved.inv_delta
+    if opt.norm == 2 or exact:
+        # sa_norm needs the row's max and min before its weights are known. float32 inputs of every normalizer
+        # take the max first too, so that ℓ is summed without rescaling, as torch.softmax sums it: the
+        # backward's p are divided by this ℓ, and its rounding moves all p of a row alike (~5 ulps online).
+        mu, low, inv_delta = torch.empty_like(rows), torch.empty_like(rows), torch.empty_like(rows)
+        argmin, argmax = (torch.empty_like(rows, dtype=torch.int32) for _ in range(2))
+        if opt.norm == 2:
+            saved.low, saved.inv_delta, saved.argmin, saved.argmax = low, inv_delta, argmin, argmax
         cfg = configs["extrema"]
         _launch(
             "row_extrema", (triton.cdiv(lq, cfg.block_m), b * hq), cfg,
-            q, k, t_arg, mu, saved.low, saved.inv_delta, saved.argmin, saved.argmax, r1_arg, r2_arg,
+            q, k, t_arg, mu, low, inv_delta, argmin, argmax, r1_arg, r2_arg,
             *_strides(q), *_strides(k), *common, opt.eps, **flags,
         )  # fmt: skip
     cfg = configs["fwd"]
     _launch(
         "fwd", (triton.cdiv(lq, cfg.block_m), b * hq), cfg,
-        q, k, v, o, saved.shift, saved.inv_l, t_arg, mu, saved.low, saved.inv_delta, r1_arg, r2_arg,
+        q, k, v, o, saved.shift, saved.inv_l, t_arg, mu, low, inv_delta, r1_arg, r2_arg,
         *_strides(q), *_strides(k), *_strides(v), *_strides(o), *common,
         NORM=opt.norm, EXACT=exact, DV=dv, DV_PAD=_pad(dv), **flags,
     )  # fmt: skip

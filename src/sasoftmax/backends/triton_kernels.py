@@ -85,14 +85,25 @@ def _relative_bias(dist, r1, r2, BIAS: tl.constexpr):
 
 
 @triton.jit
+def _exp_shifted(x, shift, EXACT: tl.constexpr):
+    """e^{x − shift}: exp2 of (x − shift)·log₂e on the special-function unit, or for float32 inputs (EXACT)
+    libdevice's exp, whose result does not carry the rounding of that product (up to |x − shift|·2⁻²⁴
+    relative). The forward and the backward take the same one, so the backward's p sum to 1 with the
+    forward's ℓ: a mismatch there shifts every p of a row alike, and such errors add up in dk."""
+    if EXACT:
+        return _exp(x - shift)
+    return tl.math.exp2((x - shift) * LOG2E)
+
+
+@triton.jit
 def _probs(x, shift, inv_l, EXACT: tl.constexpr):
     """p = e^{x − logsumexp} of a tile from the saved row statistics (broadcast). 16-bit inputs save the
     logsumexp itself as ``shift``; float32 inputs (EXACT) save the row max μ and 1/ℓ and get p = e^{x − μ}/ℓ,
     because a logsumexp rounded to float32 at its magnitude costs p several ulps (2–2.5× PyTorch's error in
     the float32 gradients), while x − μ is computed exactly near the max."""
     if EXACT:
-        return _exp(x - shift) * inv_l
-    return tl.math.exp2((x - shift) * LOG2E)
+        return _exp_shifted(x, shift, EXACT) * inv_l
+    return _exp_shifted(x, shift, EXACT)
 
 
 @triton.jit
@@ -200,7 +211,7 @@ def _fwd_tiles(
     rows, offs_n, offs_d, offs_dv, t, low, L, S, pos0, scale,
     mask_base, sml, sms, bias_base, sbl, sbs, r1, r2,
     NORM: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, BIAS: tl.constexpr,
-    HAS_SSMAX: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_SSMAX: tl.constexpr, PRECISION: tl.constexpr, EXACT: tl.constexpr,
     BLOCK_N: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, DV: tl.constexpr, DV_PAD: tl.constexpr,
 ):  # fmt: skip
     for start_n in range(lo, hi, BLOCK_N):
@@ -213,16 +224,20 @@ def _fwd_tiles(
             bias_base, sbl, sbs, r1, r2, MASKED, CAUSAL, HAS_MASK, BIAS, HAS_SSMAX,
         )  # fmt: skip
         x_hi = tl.where(ok, x, float("-inf")) if MASKED else x
-        if NORM == 2:  # μ is the row's final max: no rescaling
-            p = tl.math.exp2((x_hi - mu[:, None]) * LOG2E)
+        if NORM == 2 or EXACT:  # μ is the row's final max (from row_extrema): no rescaling
+            p = _exp_shifted(x_hi, mu[:, None], EXACT)
             total += tl.sum(p, 1)
-            acc += tl.dot((p * (x - low[:, None])).to(v.dtype), v, input_precision=PRECISION)
+            if NORM == 2:
+                p = p * (x - low[:, None])
+            elif NORM == 1:
+                p = p * x
+            acc += tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         else:
             new_mu = tl.maximum(mu, tl.max(x_hi, 1))
             # A row with no allowed key so far has μ = −inf; shift it by 0 so no inf − inf appears.
             shift = tl.where(new_mu == float("-inf"), 0.0, new_mu)
-            alpha = tl.math.exp2((mu - shift) * LOG2E)
-            p = tl.math.exp2((x_hi - shift[:, None]) * LOG2E)
+            alpha = _exp_shifted(mu, shift, EXACT)
+            p = _exp_shifted(x_hi, shift[:, None], EXACT)
             total = total * alpha + tl.sum(p, 1)
             if NORM == 1:  # x is finite where masked (z of a −inf bias is 0), so p·x is 0 there
                 p = p * x
@@ -335,7 +350,7 @@ def fwd(
     row_ok = rows < L
     q = _load(Q + b * sqb + h * sqh, rows, L, sqn, offs_d, sqd, D, D_PAD, True)
     t, r1, r2 = _row_factor_and_bias(T, stat, row_ok, R1, R2, h, BLOCK_M, HAS_SSMAX, BIAS_KIND)
-    if NORM == 2:
+    if NORM == 2 or EXACT:
         mu = tl.load(MU + stat, mask=row_ok, other=float("-inf"))
         low = tl.load(LOW + stat, mask=row_ok, other=0.0)
         # Rows with no key: exp(x − μ) must be 0, not exp(x + inf).
@@ -355,12 +370,12 @@ def fwd(
     acc, mu, total = _fwd_tiles(
         q, acc, mu, total, 0, full_end, k_base, v_base, skn, skd, svn, svd, rows, offs_n, offs_d, offs_dv, t, low,
         L, S, pos0, scale, mask_base, sml, sms, bias_base, sbl, sbs, r1, r2,
-        NORM, False, CAUSAL, HAS_MASK, BIAS_KIND, HAS_SSMAX, PRECISION, BLOCK_N, D, D_PAD, DV, DV_PAD,
+        NORM, False, CAUSAL, HAS_MASK, BIAS_KIND, HAS_SSMAX, PRECISION, EXACT, BLOCK_N, D, D_PAD, DV, DV_PAD,
     )  # fmt: skip
     acc, mu, total = _fwd_tiles(
         q, acc, mu, total, full_end, end, k_base, v_base, skn, skd, svn, svd, rows, offs_n, offs_d, offs_dv, t,
         low, L, S, pos0, scale, mask_base, sml, sms, bias_base, sbl, sbs, r1, r2,
-        NORM, True, CAUSAL, HAS_MASK, BIAS_KIND, HAS_SSMAX, PRECISION, BLOCK_N, D, D_PAD, DV, DV_PAD,
+        NORM, True, CAUSAL, HAS_MASK, BIAS_KIND, HAS_SSMAX, PRECISION, EXACT, BLOCK_N, D, D_PAD, DV, DV_PAD,
     )  # fmt: skip
     has_keys = total > 0
     safe_total = tl.where(has_keys, total, 1.0)
