@@ -12,14 +12,17 @@ Logits, per tile: z = scale·q·kᵀ + bias, x = t_i·z (SSMax; x = z without it
 2 ALiBi −r1_h·d, 3 Kerple log −r1_h·ln(1 + r2_h·d), 4 Kerple power −r1_h·d^r2_h, with d = |i + POS0 − j|,
 r1/r2 read per head.
 
-Kernels, in launch order (sa_norm walks the keys four times: extrema, forward, dq, dk/dv; the others three):
-- ``row_extrema`` (sa_norm): max and min of x per row and the first key attaining each; saves μ = max x,
-  m = min(0, min x), c = 1/(max(0, μ) − m + ε), and the argmax/argmin of the min/max gradient terms (−1 where
-  the term vanishes: max x <= 0, min x >= 0 or no key).
+Kernels, in launch order (sa_norm and float32 inputs walk the keys four times: extrema, forward, dq, dk/dv; the
+others three):
+- ``row_extrema`` (sa_norm; float32 inputs of every normalizer, for μ, see ``_exp_shifted``): max and min of
+  x per row and the first key attaining each; saves μ = max x, m = min(0, min x), c = 1/(max(0, μ) − m + ε),
+  and the argmax/argmin of the min/max gradient terms (−1 where the term vanishes: max x <= 0, min x >= 0 or
+  no key).
 - ``fwd``: one program per (query block, batch·head). softmax and sa keep the running max μ, ℓ = Σ e^{x−μ}
-  and one accumulator (Σ e^{x−μ}·v, or Σ e^{x−μ}·x·v), rescaled when μ grows; sa_norm knows μ and m from
-  ``row_extrema`` and accumulates Σ e^{x−μ}(x − m)·v with no rescaling. Writes o and what the backward
-  recomputes probabilities from (``_probs``): the logsumexp, or for float32 inputs (EXACT) μ and 1/ℓ.
+  and one accumulator (Σ e^{x−μ}·v, or Σ e^{x−μ}·x·v), rescaled when μ grows (16-bit inputs); sa_norm, and
+  float32 inputs, know μ (and m) from ``row_extrema`` and accumulate with no rescaling (sa_norm:
+  Σ e^{x−μ}(x − m)·v). Writes o and what the backward recomputes probabilities from (``_probs``): the
+  logsumexp, or for float32 inputs (EXACT) μ and 1/ℓ.
 - ``bwd_dq``: one program per (query block, batch·head): D_i = dO_i·o_i, dx per tile (DESIGN §2), dq,
   E_i = Σ_j p_ij dW_ij, and with SSMax dL/dt_i = Σ_j dx_ij z_ij. The max term −D_i c_i is added to dx at the
   argmax inside the tile (so it cancels against its neighbours in float32 before dx is rounded); the min
