@@ -6,8 +6,9 @@
 // the backward, OpenMP across rows; calls with a bias function or a bias that needs a gradient take this path.
 // Fused entries (sa_fused_forward_*, sa_fused_backward_*) run any other call whole in one parallel region: each
 // thread takes a work item (a block of query rows of the query heads of a kv head; in the backward a kv head's
-// blocks, or a chunk of them), calls the BLAS gemm that torch itself uses on its own cache-sized block, and runs
-// the same row loops in between. This is how SDPA's CPU kernel works, and it removes a Python round trip and a
+// blocks, or a chunk of them), calls the BLAS gemm that torch itself uses (or, in float32 on AVX-512 CPUs whose
+// BLAS runs slower code there, its own: see own::gemm) on its own cache-sized block, and runs the same row loops
+// in between. This is how SDPA's CPU kernel works, and it removes a Python round trip and a
 // parallel region per tile.
 // Every row is reduced in a fixed order and every item writes its own memory, so results are deterministic.
 // The fused entries also evaluate a relative positional bias (ALiBi, Kerple; relative_bias.py) from its per-head

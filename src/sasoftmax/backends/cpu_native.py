@@ -5,7 +5,8 @@ Built once per environment and CPU kind with ``torch.utils.cpp_extension`` (cach
 as a plain shared library with a C ABI, called through ctypes. Two kinds of entry: row kernels over one
 tile of logits (``forward``, ``backward``; the GEMMs stay in PyTorch), and whole calls without a bias function
 (a RelativeBias excepted, which they evaluate and differentiate themselves) or a bias that needs a gradient in
-one parallel region (``fused_forward``, ``fused_backward``), which call the BLAS gemm that torch itself uses.
+one parallel region (``fused_forward``, ``fused_backward``), which call the BLAS gemm that torch itself uses
+(float32 calls on CPUs with AVX-512 that are not Intel's: the kernels' own GEMM, see :func:`own_gemm`).
 ``kernels()`` returns None when there is no compiler or the build fails, and ``fused()`` also when torch's
 BLAS cannot be found; the cpu backend then falls back to its tiled or plain-PyTorch path. The environment
 variable ``SASOFTMAX_CPU_KERNELS`` chooses: ``1`` (default) all of them, ``tiles`` no whole calls, ``0``
@@ -239,11 +240,12 @@ def _cpu_vendor() -> str:
 @functools.cache
 def own_gemm() -> bool:
     """Whether whole float32 calls use the kernels' own AVX-512 GEMM rather than torch's BLAS: where the library
-    was built with AVX-512 and the CPU is not Intel's. MKL, torch's usual BLAS, runs its AVX-512 code on Intel
-    CPUs alone; on an AMD EPYC with AVX-512 its AVX2 sgemm ran the fused path's shapes at about half the speed
-    of the own GEMM (docs/cpu_backend.md). Float64 calls always use the BLAS."""
+    was built with AVX-512 and the CPU is known not to be Intel's. MKL, torch's usual BLAS, runs its AVX-512 code
+    on Intel CPUs alone; on an AMD EPYC with AVX-512 its AVX2 sgemm ran the fused path's shapes at about half the
+    speed of the own GEMM (docs/cpu_backend.md). Float64 calls, and calls with fewer than
+    :data:`OWN_GEMM_MIN_QUERIES` queries, always use the BLAS."""
     lib = _library()
-    return lib is not None and bool(lib.sa_own_gemm_f32()) and _cpu_vendor() != "GenuineIntel"
+    return lib is not None and bool(lib.sa_own_gemm_f32()) and _cpu_vendor() not in ("", "GenuineIntel")
 
 
 OWN_GEMM_MIN_QUERIES = 16
