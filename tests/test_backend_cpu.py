@@ -203,6 +203,28 @@ def test_float32_gemms_edges(gemm, normalizer, causal, mask, bias, ssmax, shape,
     assert_within_twice_eager(got, base, ref, torch.float32)
 
 
+@pytest.mark.parametrize("causal", [False, True])
+def test_float32_gemms_blocks_chunks_and_threads(gemm, monkeypatch, causal):
+    """Small blocks on two threads with each GEMM: the transposed k and v kept across a thread's blocks of a head,
+    backward chunks (one kv head, two threads) and their partial dk, dv; bit-identical from run to run."""
+    monkeypatch.setattr(cpu, "FUSED_ROWS", 8)
+    calls = []
+    monkeypatch.setattr(cpu_native, "fused_backward", _spy(cpu_native.fused_backward, calls))
+    args = for_path("fused", inputs(1, 2, 1, 45, 77, d=20, dv=24, dtype=torch.float32, mask="full", ssmax=True))
+    ref_args = [a.detach().double().requires_grad_(a.requires_grad) if torch.is_tensor(a) and a.is_floating_point()
+                else a for a in args]  # fmt: skip
+    kw = dict(normalizer="sa_norm", causal=causal)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        first, second = run("cpu", *args, **kw), run("cpu", *args, **kw)
+    finally:
+        torch.set_num_threads(threads)
+    assert len(calls) == 2
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+    assert_within_twice_eager(first, run("eager", *args, **kw), run("eager", *ref_args, **kw), torch.float32)
+
+
 @pytest.mark.parametrize("where", ["q", "k", "v"])
 def test_float32_gemms_propagate_nan(gemm, where):
     """A NaN in q, k or v makes the same rows NaN as in eager (for v: at least the rows that attend its key)."""
