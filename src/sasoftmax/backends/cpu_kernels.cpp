@@ -356,6 +356,8 @@ void mul(Blas<T> blas, bool own, bool ta, bool tb, int64_t m, int64_t n, int64_t
       return;
     }
   }
+#else
+  (void)own;  // built without AVX-512: sa_own_gemm_f32() says so, and cpu_native.py never asks for it
 #endif
   gemm<T>(blas, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
 }
