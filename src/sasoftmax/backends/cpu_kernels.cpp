@@ -362,19 +362,26 @@ void mul(Blas<T> blas, bool own, bool ta, bool tb, int64_t m, int64_t n, int64_t
   gemm<T>(blas, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
 }
 
-// x (rows × cols, row-major) -> y (cols × rows): k and v of a head for the own GEMM, whose B is row-major.
+// x (rows × cols, row-major) -> y (cols × rows, row stride ldy): k and v of a head for the own GEMM, whose B is
+// row-major.
 template <typename T>
-void transpose(const T* x, int64_t rows, int64_t cols, T* y) {
+void transpose(const T* x, int64_t rows, int64_t cols, T* y, int64_t ldy) {
   constexpr int64_t kBlock = 16;
   for (int64_t i0 = 0; i0 < rows; i0 += kBlock) {
     const int64_t i1 = std::min(rows, i0 + kBlock);
     for (int64_t j = 0; j < cols; ++j)
-      for (int64_t i = i0; i < i1; ++i) y[j * rows + i] = x[i * cols + j];
+      for (int64_t i = i0; i < i1; ++i) y[j * ldy + i] = x[i * cols + j];
   }
 }
 
-// A thread's transposed copy (cols × S) of a head's k or v (S × cols) for the own GEMM, kept while the thread's
-// work items stay on that head (its query blocks); empty (data() null) with the BLAS, which transposes itself.
+// Row stride of a transposed copy of S rows: S plus 16 floats, so that its rows are not a multiple of 4 KiB
+// apart. With S a multiple of 1024 they were, so the GEMM's run of B rows all fell into the same few L1 sets and
+// missed L1: z = q kᵀ at S = 2048 (8192) ran at 210 (199) GFLOP/s with rows S apart, 246 (240) with S + 16.
+inline int64_t transposed_stride(int64_t s) { return s + 16; }
+
+// A thread's transposed copy (cols × S, row stride transposed_stride(S)) of a head's k or v (S × cols) for the
+// own GEMM, kept while the thread's work items stay on that head (its query blocks); null with the BLAS, which
+// transposes itself.
 template <typename T>
 struct Transposed {
   std::vector<T> data_;
@@ -382,8 +389,8 @@ struct Transposed {
   const T* get(bool own, const T* x, int64_t rows, int64_t cols) {
     if (!own) return nullptr;
     if (of != x) {
-      data_.resize(rows * cols);
-      transpose(x, rows, cols, data_.data());
+      data_.resize(cols * transposed_stride(rows));
+      transpose(x, rows, cols, data_.data(), transposed_stride(rows));
       of = x;
     }
     return data_.data();
@@ -497,8 +504,8 @@ struct Relative {
 // The logits of queries [r0, r1) of `heads` query heads from h0 (which share a kv head), stacked head after head
 // (row g·n + i), against their first `keys` keys into `z`, masked entries set to the sentinel; per row the causal
 // limit and SSMax's t (t = s_h·ln n, n the allowed keys). The heads' rows are gathered into `qbuf` unless they
-// are one run in q already; returns where the stacked rows are. `kt`: the kv head's k transposed, (D, S), for the
-// own GEMM (null with the BLAS).
+// are one run in q already; returns where the stacked rows are. `kt`: the kv head's k transposed, (D, S) with row
+// stride transposed_stride(S), for the own GEMM (null with the BLAS).
 template <typename T>
 const T* block_logits(const Call<T>& c, int64_t bi, int64_t h0, int64_t heads, int64_t r0, int64_t r1, int64_t keys,
                       const T* kt, T* qbuf, T* z, int64_t* limit, T* t, T* log_n) {
@@ -509,7 +516,8 @@ const T* block_logits(const Call<T>& c, int64_t bi, int64_t h0, int64_t heads, i
     a = qbuf;
   }
   if (c.own())
-    mul<T>(c.blas, true, false, false, heads * n, keys, c.d, T(1), a, c.d, kt, c.s, T(0), z, keys);
+    mul<T>(c.blas, true, false, false, heads * n, keys, c.d, T(1), a, c.d, kt, transposed_stride(c.s), T(0), z,
+           keys);
   else
     mul<T>(c.blas, false, false, true, heads * n, keys, c.d, T(1), a, c.d, c.khead(bi, h0), c.d, T(0), z, keys);
   for (int64_t row = 0; row < heads * n; ++row) {
@@ -667,7 +675,8 @@ void fused_backward(const Call<T>& c, const T* dout, const T* delta, RowStats<T>
           for (int64_t j = 0; j < c.dv; ++j) dob[row * c.dv + j] = f * dout[at * c.dv + j];
         }
         if (c.own())
-          mul<T>(c.blas, true, false, false, g * n, keys, c.dv, T(1), dob.data(), c.dv, vt, c.s, T(0), dw.data(), keys);
+          mul<T>(c.blas, true, false, false, g * n, keys, c.dv, T(1), dob.data(), c.dv, vt, transposed_stride(c.s),
+                 T(0), dw.data(), keys);
         else
           mul<T>(c.blas, false, false, true, g * n, keys, c.dv, T(1), dob.data(), c.dv, c.vhead(bi, h0), c.dv, T(0),
                  dw.data(), keys);
