@@ -166,6 +166,83 @@ def test_fused_blocks_chunks_and_threads(monkeypatch, normalizer, causal):
     assert len(calls) == 5
 
 
+@pytest.fixture(params=["own", "blas"])
+def gemm(request, monkeypatch):
+    """Whole float32 calls with the kernels' own AVX-512 GEMM (skipped where the library was built without
+    AVX-512; forced on Intel CPUs, where it is not chosen by default) and with torch's BLAS."""
+    monkeypatch.setenv("SASOFTMAX_CPU_KERNELS", "1")
+    if request.param == "own":
+        lib = cpu_native.kernels()
+        if lib is None or not lib.sa_own_gemm_f32():
+            pytest.skip("the cpu kernels have no own GEMM here (no AVX-512)")
+    monkeypatch.setattr(cpu_native, "own_gemm", lambda: request.param == "own")
+    return request.param
+
+
+@pytest.mark.parametrize(
+    "normalizer,causal,mask,bias,ssmax,shape,dims",
+    [
+        ("sa_norm", False, "rows", "heads", False, (1, 4, 2, 301, 301), (20, 24)),
+        ("sa_norm", True, None, "full", False, (2, 2, 1, 131, 300), (64, 40)),
+        ("softmax", True, "rows", None, True, (1, 6, 3, 70, 258), (17, 1)),
+        ("sa", False, None, None, False, (1, 4, 1, 1, 333), (80, 64)),
+    ],
+)
+def test_float32_gemms_edges(gemm, normalizer, causal, mask, bias, ssmax, shape, dims):
+    """Float32 whole calls with each GEMM, by the low-precision rule (against float64 eager, at most twice float32
+    eager's error): sizes off every register tile of the own GEMM (rows of 6, 16-float vectors, 64-column panels,
+    256-step runs of k), head dimensions from 1 to 80, GQA, causal, masks, a bias with −inf entries, SSMax,
+    decoding."""
+    args = for_path("fused", inputs(*shape, d=dims[0], dv=dims[1], dtype=torch.float32, mask=mask, bias=bias,
+                                    ssmax=ssmax, seed=shape[4]))  # fmt: skip
+    ref_args = [a.detach().double().requires_grad_(a.requires_grad) if torch.is_tensor(a) and a.is_floating_point()
+                else a for a in args]  # fmt: skip
+    kw = dict(normalizer=normalizer, causal=causal)
+    got, base, ref = run("cpu", *args, **kw), run("eager", *args, **kw), run("eager", *ref_args, **kw)
+    assert all(g.dtype == torch.float32 for g in got)
+    assert_within_twice_eager(got, base, ref, torch.float32)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_float32_gemms_blocks_chunks_and_threads(gemm, monkeypatch, causal):
+    """Small blocks on two threads with each GEMM: the transposed k and v kept across a thread's blocks of a head,
+    backward chunks (one kv head, two threads) and their partial dk, dv; bit-identical from run to run."""
+    monkeypatch.setattr(cpu, "FUSED_ROWS", 8)
+    calls = []
+    monkeypatch.setattr(cpu_native, "fused_backward", _spy(cpu_native.fused_backward, calls))
+    args = for_path("fused", inputs(1, 2, 1, 45, 77, d=20, dv=24, dtype=torch.float32, mask="full", ssmax=True))
+    ref_args = [a.detach().double().requires_grad_(a.requires_grad) if torch.is_tensor(a) and a.is_floating_point()
+                else a for a in args]  # fmt: skip
+    kw = dict(normalizer="sa_norm", causal=causal)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        first, second = run("cpu", *args, **kw), run("cpu", *args, **kw)
+    finally:
+        torch.set_num_threads(threads)
+    assert len(calls) == 2
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+    assert_within_twice_eager(first, run("eager", *args, **kw), run("eager", *ref_args, **kw), torch.float32)
+
+
+@pytest.mark.parametrize("where", ["q", "k", "v"])
+def test_float32_gemms_propagate_nan(gemm, where):
+    """A NaN in q, k or v makes the same rows NaN as in eager (for v: at least the rows that attend its key)."""
+    q, k, v, *_, grad = inputs(1, 4, 2, 70, 70, d=20, dv=20, dtype=torch.float32, seed=1)
+    with torch.no_grad():
+        {"q": q, "k": k, "v": v}[where][0, 1, 30, 3] = float("nan")
+    got = attention(q, k, v, normalizer="sa_norm", causal=True, backend="cpu")
+    want = attention(q, k, v, normalizer="sa_norm", causal=True, backend="eager")
+    got_rows, want_rows = torch.isnan(got).any(-1), torch.isnan(want).any(-1)
+    assert want_rows.any()
+    if where == "v":
+        assert got_rows[want_rows & (torch.arange(70) >= 30)].all()
+    else:
+        assert torch.equal(got_rows, want_rows)
+    (dq,) = torch.autograd.grad(got, q, grad)
+    assert torch.isnan(dq).any()
+
+
 def test_fused_decoding_stacks_the_query_heads_of_a_kv_head(monkeypatch):
     """A decoding step (one query row) reads k and v once per kv head: forward and backward blocks stack the
     query heads of a kv head."""

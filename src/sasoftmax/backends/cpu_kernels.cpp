@@ -6,8 +6,9 @@
 // the backward, OpenMP across rows; calls with a bias function or a bias that needs a gradient take this path.
 // Fused entries (sa_fused_forward_*, sa_fused_backward_*) run any other call whole in one parallel region: each
 // thread takes a work item (a block of query rows of the query heads of a kv head; in the backward a kv head's
-// blocks, or a chunk of them), calls the BLAS gemm that torch itself uses on its own cache-sized block, and runs
-// the same row loops in between. This is how SDPA's CPU kernel works, and it removes a Python round trip and a
+// blocks, or a chunk of them), calls the BLAS gemm that torch itself uses (or, in float32 on AVX-512 CPUs whose
+// BLAS runs slower code there, its own: see own::gemm) on its own cache-sized block, and runs the same row loops
+// in between. This is how SDPA's CPU kernel works, and it removes a Python round trip and a
 // parallel region per tile.
 // Every row is reduced in a fixed order and every item writes its own memory, so results are deterministic.
 // The fused entries also evaluate a relative positional bias (ALiBi, Kerple; relative_bias.py) from its per-head
@@ -26,6 +27,9 @@
 #include <cstring>
 #include <type_traits>
 #include <vector>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 namespace {
 
@@ -259,6 +263,140 @@ void gemm(Blas<T> blas, bool ta, bool tb, int64_t m, int64_t n, int64_t k, T alp
   blas(&opb, &opa, &ni, &mi, &ki, &alpha, b, &lb, a, &la, &beta, c, &lc);
 }
 
+// Own float32 GEMM for AVX-512 CPUs whose BLAS does not use AVX-512: torch's MKL caps CPUs that are not Intel's
+// at AVX2 (on an AMD EPYC with AVX-512 its sgemm ran these shapes at ~105 GFLOP/s on one core, this code at
+// 195–245). cpu_native.py chooses it per call (Call::own_gemm), for float32 only.
+// A register tile of kRows rows × kVecs 16-float vectors of C accumulates over a run of kDepth steps of k, one
+// broadcast element of A and kVecs vectors of B per step; B is row-major (contiguous along n), A may have any
+// strides (a transposed A costs nothing), so a transposed B is transposed by the caller once per head (see
+// Transposed). Tiles at the edges have fewer rows (a template per count) and a masked last vector. Plain FMAs in
+// a fixed order: NaN and ±inf propagate as in any GEMM, and the result does not depend on the thread.
+#if defined(__AVX512F__)
+#define SA_OWN_GEMM 1
+namespace own {
+constexpr int kRows = 6, kVecs = 4, kCols = 16 * kVecs;
+constexpr int64_t kDepth = 256;  // B's run of kDepth × kCols floats (64 KiB) stays in L2/L1 across a row of tiles
+
+template <int R, int V>
+void tile(int64_t k, const float* a, int64_t ras, int64_t cas, const float* b, int64_t ldb, float* c, int64_t ldc,
+          float alpha, bool add, __mmask16 last) {
+  __m512 acc[R][V];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+    for (int v = 0; v < V; ++v) acc[r][v] = _mm512_setzero_ps();
+  for (int64_t kk = 0; kk < k; ++kk) {
+    const float* brow = b + kk * ldb;
+    __m512 bv[V];
+#pragma GCC unroll 4
+    for (int v = 0; v < V - 1; ++v) bv[v] = _mm512_loadu_ps(brow + 16 * v);
+    bv[V - 1] = _mm512_maskz_loadu_ps(last, brow + 16 * (V - 1));
+    const float* acol = a + kk * cas;
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const __m512 av = _mm512_set1_ps(acol[r * ras]);
+#pragma GCC unroll 4
+      for (int v = 0; v < V; ++v) acc[r][v] = _mm512_fmadd_ps(av, bv[v], acc[r][v]);
+    }
+  }
+  const __m512 al = _mm512_set1_ps(alpha);
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+    for (int v = 0; v < V; ++v) {
+      const __mmask16 m = v == V - 1 ? last : __mmask16(0xFFFF);
+      float* p = c + r * ldc + 16 * v;
+      const __m512 x =
+          add ? _mm512_fmadd_ps(al, acc[r][v], _mm512_maskz_loadu_ps(m, p)) : _mm512_mul_ps(al, acc[r][v]);
+      _mm512_mask_storeu_ps(p, m, x);
+    }
+}
+
+using Tile = void (*)(int64_t, const float*, int64_t, int64_t, const float*, int64_t, float*, int64_t, float, bool,
+                      __mmask16);
+template <int... R>
+constexpr Tile kTiles[kRows][kVecs] = {{&tile<R, 1>, &tile<R, 2>, &tile<R, 3>, &tile<R, 4>}...};
+
+// Row-major C (m×n, ldc) = alpha·A·B, plus C where `add`; A's (i, kk) at a[i·ras + kk·cas]; B row-major (k×n,
+// ldb).
+inline void gemm(int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t ras, int64_t cas,
+                 const float* b, int64_t ldb, bool add, float* c, int64_t ldc) {
+  if (m <= 0 || n <= 0) return;
+  if (k <= 0) {
+    if (!add)
+      for (int64_t i = 0; i < m; ++i) std::fill(c + i * ldc, c + i * ldc + n, 0.0f);
+    return;
+  }
+  for (int64_t k0 = 0; k0 < k; k0 += kDepth) {
+    const int64_t kc = std::min(kDepth, k - k0);
+    for (int64_t j0 = 0; j0 < n; j0 += kCols) {
+      const int64_t nc = std::min<int64_t>(kCols, n - j0);
+      const int vecs = int((nc + 15) / 16), rest = int(nc % 16);
+      const __mmask16 last = rest ? __mmask16((1u << rest) - 1) : __mmask16(0xFFFF);
+      for (int64_t i0 = 0; i0 < m; i0 += kRows) {
+        const int rows = int(std::min<int64_t>(kRows, m - i0));
+        kTiles<1, 2, 3, 4, 5, 6>[rows - 1][vecs - 1](kc, a + i0 * ras + k0 * cas, ras, cas, b + k0 * ldb + j0, ldb,
+                                                     c + i0 * ldc + j0, ldc, alpha, add || k0 > 0, last);
+      }
+    }
+  }
+}
+}  // namespace own
+#endif
+
+// Row-major C (m×n) = alpha·op(A)·op(B) + beta·C (beta 0 or 1) through the BLAS, or the own kernels where `own`
+// (float32 only): they take op(B) row-major, so a transposed B comes pre-transposed (tb false) there.
+template <typename T>
+void mul(Blas<T> blas, bool own, bool ta, bool tb, int64_t m, int64_t n, int64_t k, T alpha, const T* a,
+         int64_t lda, const T* b, int64_t ldb, T beta, T* c, int64_t ldc) {
+#ifdef SA_OWN_GEMM
+  if constexpr (std::is_same_v<T, float>) {
+    if (own) {
+      own::gemm(m, n, k, alpha, a, ta ? 1 : lda, ta ? lda : 1, b, ldb, beta != 0.0f, c, ldc);
+      return;
+    }
+  }
+#else
+  (void)own;  // built without AVX-512: sa_own_gemm_f32() says so, and cpu_native.py never asks for it
+#endif
+  gemm<T>(blas, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+}
+
+// x (rows × cols, row-major) -> y (cols × rows, row stride ldy): k and v of a head for the own GEMM, whose B is
+// row-major.
+template <typename T>
+void transpose(const T* x, int64_t rows, int64_t cols, T* y, int64_t ldy) {
+  constexpr int64_t kBlock = 16;
+  for (int64_t i0 = 0; i0 < rows; i0 += kBlock) {
+    const int64_t i1 = std::min(rows, i0 + kBlock);
+    for (int64_t j = 0; j < cols; ++j)
+      for (int64_t i = i0; i < i1; ++i) y[j * ldy + i] = x[i * cols + j];
+  }
+}
+
+// Row stride of a transposed copy of S rows: S plus 16 floats, so that its rows are not a multiple of 4 KiB
+// apart. With S a multiple of 1024 they were, so the GEMM's run of B rows all fell into the same few L1 sets and
+// missed L1: z = q kᵀ at S = 2048 (8192) ran at 210 (199) GFLOP/s with rows S apart, 246 (240) with S + 16.
+inline int64_t transposed_stride(int64_t s) { return s + 16; }
+
+// A thread's transposed copy (cols × S, row stride transposed_stride(S)) of a head's k or v (S × cols) for the
+// own GEMM, kept while the thread's work items stay on that head (its query blocks); null with the BLAS, which
+// transposes itself.
+template <typename T>
+struct Transposed {
+  std::vector<T> data_;
+  const T* of = nullptr;
+  const T* get(bool own, const T* x, int64_t rows, int64_t cols) {
+    if (!own) return nullptr;
+    if (of != x) {
+      data_.resize(cols * transposed_stride(rows));
+      transpose(x, rows, cols, data_.data(), transposed_stride(rows));
+      of = x;
+    }
+    return data_.data();
+  }
+};
+
 // Shapes and options of a call: q (B, Hq, L, D), k (B, Hkv, S, D), v (B, Hkv, S, Dv), all contiguous; a bool
 // mask and an additive bias (no gradient), each broadcastable to (B, Hq, L, S) and given by element strides
 // (strides[0:4] the mask's, strides[4:8] the bias's; 0 = broadcast), or null; ssmax (Hq) or null.
@@ -268,6 +406,7 @@ struct Call {
   int64_t rows;      // queries per head in a block
   int64_t chunks;    // backward: chunks of a work item's query blocks (see fused_backward)
   int64_t together;  // query heads of one kv head that a work item takes together (divides Hq/Hkv)
+  int64_t own_gemm;  // 1: the own float32 GEMM (see mul), 0: the BLAS
   const T *q, *k, *v;
   const uint8_t* mask;
   const T* bias;
@@ -295,6 +434,7 @@ struct Call {
   const T* qrow(int64_t bi, int64_t h, int64_t r) const { return q + slot(bi, h, r) * d; }
   const T* khead(int64_t bi, int64_t h) const { return k + (bi * hkv + h / (hq / hkv)) * s * d; }
   const T* vhead(int64_t bi, int64_t h) const { return v + (bi * hkv + h / (hq / hkv)) * s * dv; }
+  bool own() const { return own_gemm != 0; }
   // Where key 0 of query row i of head h is in a relative-bias table (key j at [j]).
   const T* rel_row(const T* table, int64_t h, int64_t i) const {
     return table + h * rel_width + (s - 1) - (i + offset());
@@ -364,17 +504,22 @@ struct Relative {
 // The logits of queries [r0, r1) of `heads` query heads from h0 (which share a kv head), stacked head after head
 // (row g·n + i), against their first `keys` keys into `z`, masked entries set to the sentinel; per row the causal
 // limit and SSMax's t (t = s_h·ln n, n the allowed keys). The heads' rows are gathered into `qbuf` unless they
-// are one run in q already; returns where the stacked rows are.
+// are one run in q already; returns where the stacked rows are. `kt`: the kv head's k transposed, (D, S) with row
+// stride transposed_stride(S), for the own GEMM (null with the BLAS).
 template <typename T>
 const T* block_logits(const Call<T>& c, int64_t bi, int64_t h0, int64_t heads, int64_t r0, int64_t r1, int64_t keys,
-                      T* qbuf, T* z, int64_t* limit, T* t, T* log_n) {
+                      const T* kt, T* qbuf, T* z, int64_t* limit, T* t, T* log_n) {
   const int64_t n = r1 - r0;
   const T* a = c.qrow(bi, h0, r0);
   if (heads > 1 && n != c.l) {
     for (int64_t g = 0; g < heads; ++g) std::memcpy(qbuf + g * n * c.d, c.qrow(bi, h0 + g, r0), n * c.d * sizeof(T));
     a = qbuf;
   }
-  gemm<T>(c.blas, false, true, heads * n, keys, c.d, T(1), a, c.d, c.khead(bi, h0), c.d, T(0), z, keys);
+  if (c.own())
+    mul<T>(c.blas, true, false, false, heads * n, keys, c.d, T(1), a, c.d, kt, transposed_stride(c.s), T(0), z,
+           keys);
+  else
+    mul<T>(c.blas, false, false, true, heads * n, keys, c.d, T(1), a, c.d, c.khead(bi, h0), c.d, T(0), z, keys);
   for (int64_t row = 0; row < heads * n; ++row) {
     const int64_t h = h0 + row / n, i = r0 + row % n;
     int64_t lim = keys;
@@ -425,20 +570,22 @@ void fused_forward(const Call<T>& c, T* out, RowStats<T> st) {
   {
     std::vector<T> z(stack * c.s), qbuf(stack * c.d), obuf(stack * c.dv), t(stack), log_n(stack);
     std::vector<int64_t> limit(stack);
+    Transposed<T> kt;  // kept across the blocks of a kv head that this thread takes one after the other
 #pragma omp for schedule(dynamic, 1)
     for (int64_t item = 0; item < items; ++item) {
       const int64_t blk = blocks - 1 - item % blocks, bi = item / blocks / groups, h0 = item / blocks % groups * g;
       const int64_t r0 = blk * c.rows, r1 = r0 + c.rows < c.l ? r0 + c.rows : c.l, n = r1 - r0;
       const int64_t keys = c.block_keys(r1);
       if (keys == 0) continue;  // every row empty: out and the statistics stay 0 (arg −1)
-      block_logits(c, bi, h0, g, r0, r1, keys, qbuf.data(), z.data(), limit.data(), t.data(), log_n.data());
+      block_logits(c, bi, h0, g, r0, r1, keys, kt.get(c.own(), c.khead(bi, h0), c.s, c.d), qbuf.data(), z.data(),
+                   limit.data(), t.data(), log_n.data());
       T* fac = log_n.data();  // reused: log n is not needed any more
       for (int64_t row = 0; row < g * n; ++row) {
         const int64_t at = c.slot(bi, h0 + row / n, r0 + row % n);
         fac[row] = forward_row<T, mode>(z.data() + row * keys, keys, limit[row], t[row] * c.scale, c.eps, st, at);
       }
-      gemm<T>(c.blas, false, false, g * n, c.dv, keys, T(1), z.data(), keys, c.vhead(bi, h0), c.dv, T(0),
-              obuf.data(), c.dv);
+      mul<T>(c.blas, c.own(), false, false, g * n, c.dv, keys, T(1), z.data(), keys, c.vhead(bi, h0), c.dv, T(0),
+             obuf.data(), c.dv);
       for (int64_t row = 0; row < g * n; ++row) {
         T* o = out + c.slot(bi, h0 + row / n, r0 + row % n) * c.dv;
         for (int64_t j = 0; j < c.dv; ++j) o[j] = obuf[row * c.dv + j] * fac[row];
@@ -504,9 +651,12 @@ void fused_backward(const Call<T>& c, const T* dout, const T* delta, RowStats<T>
     std::vector<T> dkt(c.d * c.s), dvt(c.dv * c.s), t(stack), log_n(stack), ds_head(g);
     std::vector<double> dr_head(2 * g);  // the relative bias's ∂L/∂r1, ∂L/∂r2 of each head, summed over rows
     std::vector<int64_t> limit(stack);
+    Transposed<T> kt_buf, vt_buf;
 #pragma omp for schedule(dynamic, 1)
     for (int64_t item = 0; item < items; ++item) {
       const int64_t chunk = item % c.chunks, bi = item / c.chunks / groups, h0 = item / c.chunks % groups * g;
+      const T* kt = kt_buf.get(c.own(), c.khead(bi, h0), c.s, c.d);
+      const T* vt = vt_buf.get(c.own(), c.vhead(bi, h0), c.s, c.dv);
       std::fill(dkt.begin(), dkt.end(), T(0));
       std::fill(dvt.begin(), dvt.end(), T(0));
       std::fill(ds_head.begin(), ds_head.end(), T(0));
@@ -515,7 +665,7 @@ void fused_backward(const Call<T>& c, const T* dout, const T* delta, RowStats<T>
         const int64_t r0 = blk * c.rows, r1 = r0 + c.rows < c.l ? r0 + c.rows : c.l, n = r1 - r0;
         const int64_t keys = c.block_keys(r1);
         if (keys == 0) continue;  // dq stays 0
-        const T* qs = block_logits(c, bi, h0, g, r0, r1, keys, qbuf.data(), z.data(), limit.data(), t.data(),
+        const T* qs = block_logits(c, bi, h0, g, r0, r1, keys, kt, qbuf.data(), z.data(), limit.data(), t.data(),
                                    log_n.data());
         auto slot = [&](int64_t row) { return c.slot(bi, h0 + row / n, r0 + row % n); };
         // dO' = c·dO for sa_norm: dW' = c·dW, and wᵀdO = ((x − m)p)ᵀ dO'
@@ -524,8 +674,12 @@ void fused_backward(const Call<T>& c, const T* dout, const T* delta, RowStats<T>
           const T f = mode == 2 ? st.inv[at] : T(1);
           for (int64_t j = 0; j < c.dv; ++j) dob[row * c.dv + j] = f * dout[at * c.dv + j];
         }
-        gemm<T>(c.blas, false, true, g * n, keys, c.dv, T(1), dob.data(), c.dv, c.vhead(bi, h0), c.dv, T(0),
-                dw.data(), keys);
+        if (c.own())
+          mul<T>(c.blas, true, false, false, g * n, keys, c.dv, T(1), dob.data(), c.dv, vt, transposed_stride(c.s),
+                 T(0), dw.data(), keys);
+        else
+          mul<T>(c.blas, false, false, true, g * n, keys, c.dv, T(1), dob.data(), c.dv, c.vhead(bi, h0), c.dv, T(0),
+                 dw.data(), keys);
         for (int64_t row = 0; row < g * n; ++row) {
           const T zsum = backward_row<T, mode>(z.data() + row * keys, dw.data() + row * keys, keys, limit[row],
                                                t[row], c.scale, delta[slot(row)], st, slot(row));
@@ -534,13 +688,14 @@ void fused_backward(const Call<T>& c, const T* dout, const T* delta, RowStats<T>
                                             &dr_head[2 * (row / n)]);
         }
         // dvᵀ += dO'ᵀ u;  dq = scale·dz k;  dkᵀ += scale·qᵀ dz (sums over the stacked heads' rows)
-        gemm<T>(c.blas, true, false, c.dv, keys, g * n, T(1), dob.data(), c.dv, z.data(), keys, T(1), dvt.data(),
-                c.s);
-        gemm<T>(c.blas, false, false, g * n, c.d, keys, c.scale, dw.data(), keys, c.khead(bi, h0), c.d, T(0),
-                dqbuf.data(), c.d);
+        mul<T>(c.blas, c.own(), true, false, c.dv, keys, g * n, T(1), dob.data(), c.dv, z.data(), keys, T(1),
+               dvt.data(), c.s);
+        mul<T>(c.blas, c.own(), false, false, g * n, c.d, keys, c.scale, dw.data(), keys, c.khead(bi, h0), c.d,
+               T(0), dqbuf.data(), c.d);
         for (int64_t row = 0; row < g * n; ++row)
           std::memcpy(dq + slot(row) * c.d, dqbuf.data() + row * c.d, c.d * sizeof(T));
-        gemm<T>(c.blas, true, false, c.d, keys, g * n, c.scale, qs, c.d, dw.data(), keys, T(1), dkt.data(), c.s);
+        mul<T>(c.blas, c.own(), true, false, c.d, keys, g * n, c.scale, qs, c.d, dw.data(), keys, T(1), dkt.data(),
+               c.s);
       }
       T* dkp = dk + item * c.s * c.d;
       T* dvp = dv + item * c.s * c.dv;
@@ -573,8 +728,9 @@ void by_mode(int mode, F&& f) {
 template <typename T>
 Call<T> make_call(const int64_t* dims, const T* q, const T* k, const T* v, const uint8_t* mask, const T* bias,
                   const int64_t* strides, const T* ssmax, T scale, T eps, void* blas, int threads) {
-  return Call<T>{dims[0], dims[1], dims[2], dims[3], dims[4], dims[5], dims[6], dims[7], dims[8], dims[9], dims[10],
-                 q, k, v, mask, bias, strides, ssmax, scale, eps, reinterpret_cast<Blas<T>>(blas), threads};
+  return Call<T>{dims[0], dims[1], dims[2], dims[3], dims[4], dims[5], dims[6], dims[7],
+                 dims[8], dims[9], dims[10], dims[11], q, k, v, mask, bias, strides, ssmax, scale, eps,
+                 reinterpret_cast<Blas<T>>(blas), threads};
 }
 
 }  // namespace
@@ -626,4 +782,13 @@ Call<T> make_call(const int64_t* dims, const T* q, const T* k, const T* v, const
 extern "C" {
 SA_ENTRIES(float, f32)
 SA_ENTRIES(double, f64)
+
+// Whether the fused float32 entries can take a null BLAS pointer and run their own GEMM (built with AVX-512).
+int sa_own_gemm_f32() {
+#ifdef SA_OWN_GEMM
+  return 1;
+#else
+  return 0;
+#endif
+}
 }  // extern "C"

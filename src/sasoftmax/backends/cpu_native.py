@@ -5,7 +5,8 @@ Built once per environment and CPU kind with ``torch.utils.cpp_extension`` (cach
 as a plain shared library with a C ABI, called through ctypes. Two kinds of entry: row kernels over one
 tile of logits (``forward``, ``backward``; the GEMMs stay in PyTorch), and whole calls without a bias function
 (a RelativeBias excepted, which they evaluate and differentiate themselves) or a bias that needs a gradient in
-one parallel region (``fused_forward``, ``fused_backward``), which call the BLAS gemm that torch itself uses.
+one parallel region (``fused_forward``, ``fused_backward``), which call the BLAS gemm that torch itself uses
+(float32 calls on CPUs with AVX-512 that are not Intel's: the kernels' own GEMM, see :func:`own_gemm`).
 ``kernels()`` returns None when there is no compiler or the build fails, and ``fused()`` also when torch's
 BLAS cannot be found; the cpu backend then falls back to its tiled or plain-PyTorch path. The environment
 variable ``SASOFTMAX_CPU_KERNELS`` chooses: ``1`` (default) all of them, ``tiles`` no whole calls, ``0``
@@ -223,6 +224,39 @@ def _blas() -> dict[torch.dtype, int]:
     return {}
 
 
+def _cpu_vendor() -> str:
+    """The CPU's ``vendor_id`` (``GenuineIntel``, ``AuthenticAMD``; Linux), else an empty string."""
+    try:
+        text = Path("/proc/cpuinfo").read_text(errors="replace")
+    except OSError:
+        return ""
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "vendor_id":
+            return value.strip()
+    return ""
+
+
+@functools.cache
+def own_gemm() -> bool:
+    """Whether whole float32 calls use the kernels' own AVX-512 GEMM rather than torch's BLAS: where the library
+    was built with AVX-512 and the CPU is known not to be Intel's. MKL, torch's usual BLAS, runs its AVX-512 code
+    on Intel CPUs alone; on an AMD EPYC with AVX-512 its AVX2 sgemm ran the fused path's shapes at about half the
+    speed of the own GEMM (docs/cpu_backend.md). Float64 calls, and calls with fewer than
+    :data:`OWN_GEMM_MIN_QUERIES` queries, always use the BLAS."""
+    lib = _library()
+    return lib is not None and bool(lib.sa_own_gemm_f32()) and _cpu_vendor() not in ("", "GenuineIntel")
+
+
+OWN_GEMM_MIN_QUERIES = 16
+"""Queries per head a float32 call needs for the own GEMM (:func:`own_gemm`): it transposes each head's k and v
+once per call, which a call with few queries (decoding) would not amortise; those take the BLAS."""
+
+
+def _use_own_gemm(q: Tensor) -> bool:
+    return q.dtype == torch.float32 and q.shape[2] >= OWN_GEMM_MIN_QUERIES and own_gemm()
+
+
 def fused(dtype: torch.dtype) -> tuple[ctypes.CDLL, int] | None:
     """The kernels and the BLAS gemm for whole calls in ``dtype`` (see :func:`fused_forward`), or None
     when the kernels are disabled or unavailable or torch's BLAS cannot be found."""
@@ -300,7 +334,8 @@ def _call_args(
     """The leading arguments of the fused entries: shapes, inputs, mask, bias and their strides, options."""
     b, hq, lq, d = q.shape
     _, hkv, lk, dv = v.shape
-    dims = torch.tensor([b, hq, hkv, lq, lk, d, dv, int(causal), rows, chunks, together], dtype=torch.long)
+    own = int(_use_own_gemm(q))
+    dims = torch.tensor([b, hq, hkv, lq, lk, d, dv, int(causal), rows, chunks, together, own], dtype=torch.long)
     strides = torch.tensor([s for t in (mask, bias) for s in (t.stride() if t is not None else (0,) * 4)])
     ctype = _TYPES[q.dtype][1]
     keep = (dims, strides)  # referenced by the caller until the call returns
