@@ -57,6 +57,28 @@ def test_folder_lock_refuses_a_second_writer_and_ignores_dead_ones(tmp_path):
     assert not (tmp_path / "new").exists()
 
 
+@pytest.mark.skipif(sys.platform == "win32", reason="flock locks (POSIX)")
+def test_a_writer_refused_before_the_holder_wrote_its_pid_still_names_it(tmp_path):
+    """The holder writes its pid just after taking the lock: a process refused in between waits for it (up to a
+    second) instead of naming "another process" (two writers started together hit this window)."""
+    import fcntl
+    import threading
+
+    folder = tmp_path / "run"
+    folder.mkdir()
+    lock = folder / LOCK_NAME
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held, still empty
+    writer = threading.Timer(0.2, lambda: os.write(fd, b"4242 somehost\n"))
+    writer.start()
+    try:
+        with pytest.raises(FolderInUse, match="in use by process 4242 on somehost"), folder_lock(folder):
+            pass
+    finally:
+        writer.join()
+        os.close(fd)
+
+
 def test_sigint_saves_a_checkpoint_and_resume_is_bit_exact(corpus_file, tmp_path):
     config = smoke(corpus_file, pos="kerple", normalizer="sa_norm", steps=12, checkpoint_every=100)
     train(config, tmp_path / "full", progress=False)

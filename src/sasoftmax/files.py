@@ -14,6 +14,7 @@ import json
 import os
 import socket
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -145,12 +146,21 @@ def _acquire_exclusive(path: Path) -> int:
     raise FolderInUse(f"{path.parent} is in use (lock {path})")
 
 
+HOLDER_WAIT_S = 1.0
+"""How long a refused process waits for the holder to write its pid into the lock file: the holder writes it
+just after taking the lock, so a process refused in between finds the file still empty."""
+
+
 def _holder(path: Path) -> str:
-    try:
-        pid, host = path.read_text().split()[:2]
-        return f"process {pid} on {host}"
-    except (OSError, ValueError):
-        return "another process"
+    deadline = time.monotonic() + HOLDER_WAIT_S
+    while True:
+        try:
+            pid, host = path.read_text().split()[:2]
+            return f"process {pid} on {host}"
+        except (OSError, ValueError):
+            if time.monotonic() >= deadline:
+                return "another process"
+            time.sleep(0.02)
 
 
 def _stale(path: Path) -> bool:
