@@ -51,8 +51,8 @@ KERPLE_POWER = tl.constexpr(4)
 # - log2 for the Kerple biases: tl.log/tl.log2 compile to libdevice's accurate logf, ~40 instructions per element
 #   (that made Kerple 2.5× the bias-free time on an H200); fast_log2f is one lg2.approx on the special-function
 #   unit, like the exp2 of the probabilities (absolute error ~2^-22, far below the logits' own rounding).
-# - exp for float32 probabilities in the backward (``_probs``): libdevice's correctly rounded-ish expf, so that
-#   float32 gradients are as accurate as PyTorch's (tl.exp is ex2.approx of x·log2 e).
+# - exp for float32 inputs (``_exp_shifted``, forward and backward): libdevice's expf, within ~1 ulp, rather than
+#   tl.exp, which is ex2.approx of x·log₂e and carries that product's rounding.
 if triton.knobs.runtime.interpret:
 
     @triton.jit
@@ -102,8 +102,8 @@ def _exp_shifted(x, shift, EXACT: tl.constexpr):
 def _probs(x, shift, inv_l, EXACT: tl.constexpr):
     """p = e^{x − logsumexp} of a tile from the saved row statistics (broadcast). 16-bit inputs save the
     logsumexp itself as ``shift``; float32 inputs (EXACT) save the row max μ and 1/ℓ and get p = e^{x − μ}/ℓ,
-    because a logsumexp rounded to float32 at its magnitude costs p several ulps (2–2.5× PyTorch's error in
-    the float32 gradients), while x − μ is computed exactly near the max."""
+    because a logsumexp rounded to float32 at its magnitude (~5–20 for sa with SSMax) moves every p of the row
+    alike by up to several ulps, while x − μ is computed exactly near the max."""
     if EXACT:
         return _exp_shifted(x, shift, EXACT) * inv_l
     return _exp_shifted(x, shift, EXACT)
