@@ -69,12 +69,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def time_candidate(args, kernel: str, spec: str | None, q, k, v, do, normalizer: str, causal: bool) -> float:
-    """Median ms of the forward (fwd, extrema) or the backward (dq, dkdv) with ``kernel``'s tiles set to ``spec``
-    (None: the defaults)."""
+def time_candidate(args, kernel: str, spec: str, q, k, v, do, normalizer: str, causal: bool) -> float:
+    """Median ms of the forward (fwd, extrema) or the backward (dq, dkdv) with ``kernel``'s tiles set to ``spec``,
+    the other kernels' at their defaults."""
     from sasoftmax import attention
 
-    os.environ["SASOFTMAX_TRITON_TILES"] = "" if spec is None else f"{kernel}:{spec}"
+    before = os.environ.get("SASOFTMAX_TRITON_TILES")
+    os.environ["SASOFTMAX_TRITON_TILES"] = f"{kernel}:{spec}"
     try:
 
         def forward():
@@ -87,8 +88,11 @@ def time_candidate(args, kernel: str, spec: str | None, q, k, v, do, normalizer:
         return common.median_ms(
             lambda: torch.autograd.grad(out, (q, k, v), do, retain_graph=True), args.device, args.warmup_ms, args.rep_ms
         )
-    finally:
-        os.environ.pop("SASOFTMAX_TRITON_TILES", None)
+    finally:  # whatever the environment had before
+        if before is None:
+            os.environ.pop("SASOFTMAX_TRITON_TILES", None)
+        else:
+            os.environ["SASOFTMAX_TRITON_TILES"] = before
 
 
 def default_spec(kernel: str, d: int, dtype: torch.dtype) -> str:
@@ -162,8 +166,8 @@ def run(args: argparse.Namespace) -> list[dict]:
 
 
 def plan(args: argparse.Namespace) -> list[tuple]:
-    """(D, causal, normalizer, kernel, candidates) in the order they are timed, the default first among the
-    candidates (None: not known before sasoftmax is imported, i.e. in a dry run)."""
+    """(D, causal, normalizer, kernel, candidates) in the order they are timed; ``run`` puts the kernel's default
+    tiles before the candidates (the dry run imports no sasoftmax, so it counts one more per group)."""
     candidates = SMOKE_CANDIDATES if args.smoke else CANDIDATES
     causal_values = {"both": (True, False), "yes": (True,), "no": (False,)}[args.causal]
     return [  # causal first: what training runs, in case a time limit cuts the run short

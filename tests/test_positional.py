@@ -170,7 +170,8 @@ def test_fire_table_below_the_threshold_equals_the_per_pair_form(lq, lk):
     threshold = (fire.threshold_multiplier * fire.init_threshold).abs()
     weights = torch.randn(1, 3, lq, lk)
     results = []
-    for evaluate in (lambda: fire(q_pos, k_pos), lambda: fire._per_pair(q_pos, k_pos, threshold)):
+    distance = (q_pos[:, None] - k_pos[None, :]).abs()
+    for evaluate in (lambda: fire(q_pos, k_pos), lambda: fire._per_pair(q_pos, distance, threshold)):
         fire.zero_grad()
         bias = evaluate()
         (bias * weights).sum().backward(retain_graph=True)

@@ -189,7 +189,7 @@ class FIRE(nn.Module):
             below, longest = torch.stack([(q_pos <= threshold).all().to(distance.dtype), distance.max()]).tolist()
             if below:
                 return self._from_table(distance, int(longest), threshold)
-        return self._per_pair(q_pos, k_pos, threshold)
+        return self._per_pair(q_pos, distance, threshold)
 
     def _normalised(self, distance: Tensor, normaliser: Tensor) -> Tensor:
         """ψ(d)/ψ(normaliser) for float32 |i − j| (broadcasting)."""
@@ -201,10 +201,11 @@ class FIRE(nn.Module):
         table = self.mlp(self._normalised(grid, threshold).unsqueeze(-1)).T  # (H, longest + 1)
         return table[:, distance].unsqueeze(0)
 
-    def _per_pair(self, q_pos: Tensor, k_pos: Tensor, threshold: Tensor) -> Tensor:
-        """Any queries: the MLP on every (i, j) pair, each row normalised by ψ(max(L, i))."""
+    def _per_pair(self, q_pos: Tensor, distance: Tensor, threshold: Tensor) -> Tensor:
+        """Any queries: the MLP on every (i, j) pair of |i − j| ``distance`` (Lt, St), each row normalised by
+        ψ(max(L, i))."""
         normaliser = torch.maximum(q_pos.to(torch.float32), threshold)[:, None]
-        normalised = self._normalised(relative_distance(q_pos, k_pos), normaliser)
+        normalised = self._normalised(distance.to(torch.float32), normaliser)
         return self.mlp(normalised.unsqueeze(-1)).permute(2, 0, 1).unsqueeze(0)
 
 
