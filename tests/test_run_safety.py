@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from sasoftmax import cli
-from sasoftmax.files import LOCK_NAME, FolderInUse, folder_lock
+from sasoftmax.files import LOCK_NAME, FolderInUse, folder_lock, temporary
 from sasoftmax.models import GPT
 from sasoftmax.signals import Interrupted
 from sasoftmax.train import RunError, make_config, read_checkpoint, train
@@ -55,6 +55,24 @@ def test_folder_lock_refuses_a_second_writer_and_ignores_dead_ones(tmp_path):
     with pytest.raises(RuntimeError), folder_lock(tmp_path / "new" / "deeper"):  # a failure removes what it made
         raise RuntimeError
     assert not (tmp_path / "new").exists()
+
+
+def test_a_temporary_left_by_a_killed_write_is_no_obstacle(corpus_file, tmp_path):
+    """``kill -9`` between a temporary's creation and its rename (CI caught a compare killed inside the first
+    write_json of a run) leaves ``.config.json.<random>.tmp``: the run still starts (or resumes) there, and the
+    next holder of the folder removes it. A file of the user's that merely looks alike is still refused."""
+    out = tmp_path / "run"
+    out.mkdir()
+    left = temporary(out, "config.json")
+    config = smoke(corpus_file, steps=2)
+    train(config, out, resume=True, progress=False)
+    assert not left.exists() and (out / "config.json").exists()
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / ".notes.tmp").write_text("mine")
+    with pytest.raises(RunError, match="not a run directory"):
+        train(config, other, resume=True, progress=False)
+    assert (other / ".notes.tmp").read_text() == "mine"
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="flock locks (POSIX)")

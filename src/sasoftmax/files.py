@@ -3,7 +3,8 @@
 A reader, or a run killed mid-write, sees the old file or the new one, never half; a symlink planted where a
 temporary would go is never followed (temporaries are created fresh with O_EXCL under a random name). A folder
 that a command writes is held with :func:`folder_lock`: a second writer is refused at once with a message
-naming the holder, and a lock left by a dead process (even one killed with ``kill -9``) is no obstacle.
+naming the holder, and a lock left by a dead process (even one killed with ``kill -9``) is no obstacle; nor are
+the temporaries such a process left half-written: they are removed when the folder is next held.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import contextlib
 import errno
 import json
 import os
+import re
 import socket
 import tempfile
 import time
@@ -24,6 +26,10 @@ LOCK_NAME = ".sasoftmax.lock"
 
 class FolderInUse(ValueError):
     """Another live process holds the folder's lock."""
+
+
+_TEMPORARY = re.compile(r"\..+\.[A-Za-z0-9_]{8}\.tmp")
+"""The names :func:`temporary` gives (``tempfile.mkstemp`` adds 8 random characters)."""
 
 
 def temporary(folder: Path, name: str) -> Path:
@@ -64,9 +70,14 @@ def read_json(path: Path, expected: type = dict) -> object:
     return data
 
 
+def is_leftover(path: Path) -> bool:
+    """Whether ``path`` is a lock file or a :func:`temporary`: what a writer killed with ``kill -9`` may leave."""
+    return path.name == LOCK_NAME or (_TEMPORARY.fullmatch(path.name) is not None and path.is_file())
+
+
 def has_entries(folder: Path) -> bool:
-    """Whether ``folder`` holds anything besides a lock file."""
-    return any(p.name != LOCK_NAME for p in Path(folder).iterdir())
+    """Whether ``folder`` holds anything besides a lock file and temporaries (see :func:`is_leftover`)."""
+    return any(not is_leftover(p) for p in Path(folder).iterdir())
 
 
 @contextlib.contextmanager
@@ -77,7 +88,9 @@ def folder_lock(folder: str | Path, create: bool = True) -> Iterator[Path]:
     kernel releases it when the process ends however it ends, so a lock file left behind never blocks. A held
     lock raises :class:`FolderInUse` at once (no waiting). With ``create`` the folder (and missing parents) is
     created, and removed again on an error if it is still empty. Where ``flock`` is missing (Windows) the lock
-    is the file itself, created exclusively, and one naming a dead process on this host is broken.
+    is the file itself, created exclusively, and one naming a dead process on this host is broken. Once held,
+    the folder's temporaries are removed: only a writer holding the folder writes them, so any found then were
+    left by a killed one.
     """
     folder = Path(folder)
     missing = [p for p in (folder, *folder.parents) if not p.exists()] if create else []
@@ -90,6 +103,9 @@ def folder_lock(folder: str | Path, create: bool = True) -> Iterator[Path]:
     try:
         fd = _acquire(path)
         try:
+            for leftover in folder.iterdir():
+                if leftover.name != LOCK_NAME and is_leftover(leftover):
+                    leftover.unlink(missing_ok=True)
             yield folder
             ok = True
         finally:

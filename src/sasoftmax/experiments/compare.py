@@ -57,7 +57,7 @@ from ..analysis.retrieval import NeedleTask, run_needle
 from ..checks import check_choice
 from ..data import load_corpus
 from ..evaluate import evaluate
-from ..files import LOCK_NAME, folder_lock, has_entries, read_json, write_json
+from ..files import folder_lock, has_entries, is_leftover, read_json, write_json
 from ..machine import cpu_name, git_commit
 from ..models import GPT, GPTConfig
 from ..nn import SSMAX_PAPER_INIT
@@ -275,7 +275,7 @@ def compare(
 
 
 def _has_entries_besides(folder: Path, *names: str) -> bool:
-    return any(p.name not in (LOCK_NAME, *names) for p in folder.iterdir())
+    return any(p.name not in names and not is_leftover(p) for p in folder.iterdir())
 
 
 def _compare(settings: dict, out: Path, progress: bool, jobs: int, threads: int | None) -> dict:
