@@ -139,7 +139,7 @@ DRY=()
 step kernels "$KERNELS_S" "$LOG" "$PY" benchmarks/triton_attention.py --out "$OUT" --prefix kernels \
     --eager-max-len "$EAGER_MAX_LEN" "${KERNEL_SIZES[@]}" ${DRY[@]+"${DRY[@]}"}
 step bias "$BIAS_S" "$LOG" "$PY" benchmarks/triton_attention.py --out "$OUT" --prefix bias --modes fwd+bwd \
-    --bias none alibi kerple fire --providers "${BIAS_PROVIDERS[@]}" "${BIAS_SIZES[@]}" \
+    --bias none alibi kerple kerple-table fire --providers "${BIAS_PROVIDERS[@]}" "${BIAS_SIZES[@]}" \
     ${DRY[@]+"${DRY[@]}"}
 step train "$TRAIN_S" "$LOG" "$PY" benchmarks/gpu_train.py --out "$OUT" --prefix train "${TRAIN_SIZES[@]}" \
     --profile "$PROFILE_STEPS" ${DRY[@]+"${DRY[@]}"}

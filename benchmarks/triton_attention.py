@@ -23,9 +23,9 @@ Providers (``--providers``):
   (requires grad, so forward+backward computes ds).
 
 ``--bias`` adds rows with a positional bias per provider (``none`` is the plain row): ``alibi``
-(``RelativeBias.alibi``, fixed slopes), ``kerple`` (``RelativeBias.kerple_log``, r1 and r2 require grad)
-and ``fire`` (``sasoftmax.positional.FIRE``, a module used as a bias function; its parameters require
-grad). SDPA gets the same bias as a materialised float ``attn_mask`` (1, H, N, N) in the input dtype, built
+(``RelativeBias.alibi``, fixed slopes), ``kerple`` (``RelativeBias.kerple_log``, r1 and r2 require grad),
+``kerple-table`` (the same Kerple handed over as a table per distance, see ``KerpleTable``) and ``fire`` (``sasoftmax.positional.FIRE`` with its threshold at N, so that every query lies below it, as in
+training: it hands the kernels a ``RelativeBias.table`` of its MLP per distance; its parameters require grad). SDPA gets the same bias as a materialised float ``attn_mask`` (1, H, N, N) in the input dtype, built
 before the timing and without gradient, causal folded in as −inf, where it takes at most a quarter of the
 free memory; flash-attn takes ALiBi only. The eager backend materialises several (B, H, N, N) float32
 tensors: it runs only where an estimate of its memory fits (else the row says why).
@@ -56,7 +56,7 @@ GPU_PROVIDERS = [
     "triton:softmax", "triton:sa", "triton:sa_norm", "triton:sa_norm+ssmax", "eager:sa_norm",
 ]  # fmt: skip
 CPU_PROVIDERS = ["sdpa-math", "sdpa-flash2", "eager:softmax", "eager:sa_norm", "cpu:sa_norm+ssmax", "triton:sa_norm"]
-BIASES = ("none", "alibi", "kerple", "fire")
+BIASES = ("none", "alibi", "kerple", "kerple-table", "fire")
 MODES = ("fwd", "fwd+bwd")
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 EAGER_BYTES_PER_SCORE = {"fwd": 16, "fwd+bwd": 44}
@@ -157,6 +157,27 @@ class Skip(Exception):
     """A provider that is not run at this size, with the reason (recorded as "skipped")."""
 
 
+class KerpleTable:
+    """Kerple log handed to the kernels as a ``RelativeBias.table`` of its values per distance, computed per call
+    from r1 and r2 (whose gradients flow back through the table in torch): a cached load per score element
+    instead of the in-kernel logarithm, which shares the special-function unit with the exponentials."""
+
+    def __init__(self, r1: torch.Tensor, r2: torch.Tensor) -> None:
+        from sasoftmax import RelativeBias
+
+        self.formula = RelativeBias.kerple_log(r1, r2)
+
+    def relative_bias(self, q_len: int, k_len: int):
+        from sasoftmax import RelativeBias
+
+        r1, r2 = self.formula.r1, self.formula.r2
+        distance = torch.arange(max(q_len, k_len), device=r1.device, dtype=torch.float32)
+        return RelativeBias.table(-r1[:, None] * torch.log1p(r2[:, None] * distance))
+
+    def __call__(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
+        return self.formula(q_pos, k_pos)
+
+
 class Biases:
     """The positional biases of one (N, heads) shape: sasoftmax's form, its trainable parameters, and
     SDPA's materialised mask (built on first use, causal folded in)."""
@@ -175,9 +196,11 @@ class Biases:
         self.forms: dict[str, object] = {
             "alibi": RelativeBias.alibi(self.slopes),
             "kerple": RelativeBias.kerple_log(r1, r2),
+            "kerple-table": KerpleTable(r1, r2),
             "fire": self.fire,
         }
-        self.parameters = {"alibi": [], "kerple": [r1, r2], "fire": list(self.fire.parameters())}
+        self.parameters = {"alibi": [], "kerple": [r1, r2], "kerple-table": [r1, r2],
+                           "fire": list(self.fire.parameters())}  # fmt: skip
         self.masks: dict[str, torch.Tensor] = {}
 
     def sdpa_mask(self, name: str) -> torch.Tensor:

@@ -429,10 +429,11 @@ def test_without_triton_the_backend_is_unavailable(monkeypatch):
         choose_backend(call, "triton")
 
 
-# Biases: RelativeBias forms evaluated in the kernels, bias tensors that need a gradient, and bias functions
-# evaluated one block of query rows at a time. Gradients are checked for q, k, v, SSMax's s and every bias
-# parameter against the eager backend given the same bias as a function.
-BIAS_KINDS = ["alibi", "kerple_log", "kerple_power", "tensor", "function"]
+# Biases: RelativeBias forms evaluated in the kernels (a table too, and FIRE up to its threshold, which is one),
+# bias tensors that need a gradient, and bias functions (FIRE beyond its threshold) evaluated one block of query
+# rows at a time. Gradients are checked for q, k, v, SSMax's s and every bias parameter against the eager backend
+# given the same bias as a function.
+BIAS_KINDS = ["alibi", "kerple_log", "kerple_power", "table", "tensor", "fire", "function"]
 BIAS_CASES = {
     "gqa": ((2, 4, 2, 20, 33, 16, 16), {}),
     "ssmax-mask": ((2, 4, 2, 20, 33, 16, 24), {"ssmax": True, "mask": "padding"}),
@@ -453,13 +454,19 @@ def make_bias_spec(kind, shape, seed=0):
             return RelativeBias.alibi(r1), [r1]
         r2 = (torch.rand(hq, generator=gen) + 0.1).to(DEVICE).requires_grad_()
         return RelativeBias(kind, r1, r2), [r1, r2]
+    if kind == "table":  # shorter than the longest distance: the last entry serves the rest; one masks
+        table = torch.randn(hq, max(lq, lk) // 2, generator=gen)
+        table[0, 2] = float("-inf")
+        table = table.to(DEVICE).requires_grad_()
+        return RelativeBias.table(table), [table]
     if kind == "tensor":
         bias = torch.randn(1, hq, lq, lk, generator=gen)
         bias[..., ::7, ::3] = float("-inf")
         bias = bias.to(DEVICE).requires_grad_()
         return bias, [bias]
     torch.manual_seed(seed)
-    fire = FIRE(hq, train_len=lk).to(DEVICE)
+    # "fire": every query at or below the threshold (a table); "function": the last ones beyond it
+    fire = FIRE(hq, train_len=lk if kind == "fire" else lk // 2).to(DEVICE)
     return fire, list(fire.parameters())
 
 
@@ -481,6 +488,8 @@ def test_biases_and_their_gradients(kind, causal, case, monkeypatch):
     shape, options = BIAS_CASES[case]
     inputs = make_inputs(shape, seed=11)
     bias, leaves = make_bias_spec(kind, shape, seed=12)
+    if kind in ("fire", "function"):  # the table, or the module called per block of rows
+        assert (bias.relative_bias(shape[3], shape[4]) is None) == (kind == "function")
     ssmax = None
     if "ssmax" in options:
         ssmax = torch.tensor([0.3, 0.5, 0.8, 1.2][: shape[1]], device=DEVICE).requires_grad_()

@@ -73,6 +73,7 @@ RELATIVE_MODULES = {
     "alibi_learnable": lambda: ALiBi(4, learnable=True),
     "kerple_log": lambda: Kerple(4),
     "kerple_power": lambda: Kerple(4, kind="power"),
+    "fire": lambda: FIRE(4, train_len=16, width=8),
 }
 
 
@@ -85,9 +86,9 @@ def test_relative_bias_spec_equals_the_module(name):
     if isinstance(module, Kerple):
         with torch.no_grad():
             module.r1[1] = 1e-4
-    spec = module.relative_bias()
+    spec = module.relative_bias(7, 11)
     assert isinstance(spec, RelativeBias) and spec.heads == 4
-    q_pos, k_pos = torch.arange(2, 9), torch.arange(11)
+    q_pos, k_pos = torch.arange(4, 11), torch.arange(11)  # 7 queries aligned lower-right to 11 keys
     want = module(q_pos, k_pos)
     got = spec(q_pos, k_pos)
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
@@ -95,7 +96,7 @@ def test_relative_bias_spec_equals_the_module(name):
     params = list(module.parameters())
     if params:
         grads_want = torch.autograd.grad((want * weights).sum(), params)
-        grads_got = torch.autograd.grad((module.relative_bias()(q_pos, k_pos) * weights).sum(), params)
+        grads_got = torch.autograd.grad((module.relative_bias(7, 11)(q_pos, k_pos) * weights).sum(), params)
         for a, b in zip(grads_got, grads_want):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
         if isinstance(module, Kerple):
@@ -104,17 +105,18 @@ def test_relative_bias_spec_equals_the_module(name):
 
 def test_attention_takes_modules_with_a_relative_bias():
     """bias=module passes the module's RelativeBias (what fused kernels evaluate), with gradients reaching the
-    module's parameters; a relative_bias() that returns something else is a TypeError."""
+    module's parameters; a relative_bias(q_len, k_len) that returns something else is a TypeError."""
     torch.manual_seed(0)
     kerple = Kerple(2)
     q, k, v = (torch.randn(1, 2, 5, 8) for _ in range(3))
     out = attention(q, k, v, bias=kerple, causal=True, backend="cpu")
-    torch.testing.assert_close(out, attention(q, k, v, bias=kerple.relative_bias(), causal=True, backend="eager"))
+    want = attention(q, k, v, bias=kerple.relative_bias(5, 5), causal=True, backend="eager")
+    torch.testing.assert_close(out, want)
     out.sum().backward()
     assert kerple.r1.grad is not None and kerple.r1.grad.abs().sum() > 0
 
     class Bad(torch.nn.Module):
-        def relative_bias(self):
+        def relative_bias(self, q_len, k_len):
             return torch.zeros(2)
 
     with pytest.raises(TypeError, match="relative_bias"):
@@ -161,7 +163,7 @@ def test_fire_formula_and_gradients():
 
 @pytest.mark.parametrize("lq, lk", [(6, 6), (3, 9), (9, 5)])
 def test_fire_table_below_the_threshold_equals_the_per_pair_form(lq, lk):
-    """Queries at or below the threshold take the table over distances: same values and gradients (c, the
+    """Queries below the threshold take the table over distances: same values and gradients (c, the
     threshold multiplier, the MLP) as the MLP on every pair. Positions in any order, Lq != Lk."""
     torch.manual_seed(1)
     fire = FIRE(3, train_len=16, width=8)
@@ -184,9 +186,28 @@ def test_fire_table_below_the_threshold_equals_the_per_pair_form(lq, lk):
 
 def test_fire_rows_beyond_the_threshold_take_the_per_pair_form(monkeypatch):
     fire = FIRE(2, train_len=4, width=8)
-    monkeypatch.setattr(fire, "_from_table", lambda *args: pytest.fail("the table serves rows <= threshold only"))
+    monkeypatch.setattr(fire, "_table", lambda *args: pytest.fail("the table serves rows < threshold only"))
     q_pos, k_pos = positions(6, 6)  # rows 5 > 4
     assert fire(q_pos, k_pos).shape == (1, 2, 6, 6)
+    assert fire(q_pos[:5], k_pos).shape == (1, 2, 5, 6)  # a row at the threshold: max(L, i) halves L's gradient
+    assert fire.relative_bias(6, 6) is None and fire.relative_bias(2, 5) is None  # the last query sits at 5, 4
+    monkeypatch.undo()
+    assert fire.relative_bias(2, 4) is not None
+
+
+def test_attention_passes_fire_as_a_table_up_to_its_threshold_and_as_a_function_beyond(monkeypatch):
+    """bias=FIRE: calls whose queries all sit below the threshold get its RelativeBias table (no call of
+    the module as a bias function), longer ones the module itself; both equal the module's own bias."""
+    torch.manual_seed(0)
+    fire = FIRE(2, train_len=8, width=8)
+    for lq, lk, table in ((5, 8, True), (8, 8, True), (4, 9, False)):
+        q, k, v = torch.randn(1, 2, lq, 8), torch.randn(1, 2, lk, 8), torch.randn(1, 2, lk, 8)
+        want = attention(q, k, v, bias=lambda qp, kp: fire(qp, kp), causal=True, backend="eager")
+        with monkeypatch.context() as patch:
+            if table:
+                patch.setattr(FIRE, "forward", lambda *args: pytest.fail("a table call evaluated FIRE per pair"))
+            got = attention(q, k, v, bias=fire, causal=True, backend="eager")
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
 def test_rope_depends_only_on_relative_position_and_aligns_lower_right():

@@ -28,6 +28,7 @@ SCRIPT = Path(__file__).with_name("triton_compile_cuda.py")
 VARIANTS = {  # variant -> the kernels its forward and backward launch (row_extrema: sa_norm and float32 only)
     "bf16 D=128 sa_norm causal kerple_log ssmax": {"row_extrema", "fwd", "bwd_dq", "bwd_dkdv"},
     "fp32 D=64 sa mask": {"row_extrema", "fwd", "bwd_dq", "bwd_dkdv"},
+    "bf16 D=64 sa_norm causal table (grad) ssmax": {"row_extrema", "fwd", "bwd_dq", "bwd_dkdv"},
     "bf16 D=64 softmax bias tensor (grad)": {"fwd", "bwd_dq", "bwd_dkdv"},
 }
 SHARED_BYTES = {90: 227 * 1024, 80: 163 * 1024}  # the most shared memory one block may use: Hopper, Ampere (A100)

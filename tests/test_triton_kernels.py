@@ -76,6 +76,9 @@ CASES = [
     Case(2, "tensor", True, True, True, True),
     Case(2, "kerple_log", True, True, True, True),
     Case(2, "none", True, True, False, True),
+    Case(0, "table", False, True, True, False),
+    Case(1, "table", True, False, False, True),
+    Case(2, "table", True, True, True, True),
 ]
 
 
@@ -108,6 +111,10 @@ def make_problem(case: Case, seed: int) -> tuple[naive.Problem, torch.Tensor]:
         bias = rand(b, hq, lq, lk).cpu()
         bias[rand(b, hq, lq, lk, lo=0, hi=1).cpu() < 0.15] = -math.inf
         bias = bias.to(DEVICE)
+    elif kind == naive.TABLE:  # shorter than the longest distance (clamped) or not; a distance masked by −inf
+        r1 = rand(hq, lk // 2 if case.norm != 1 else lq + lk).cpu()
+        r1[-1, 3] = -math.inf
+        r1 = r1.to(DEVICE)
     elif kind != naive.NONE:
         r1, r2 = rand(hq, lo=0.1, hi=1.0), rand(hq, lo=0.2, hi=1.5)
         r2 = None if kind == naive.ALIBI else r2
@@ -185,7 +192,7 @@ def twin_outputs(p: naive.Problem, do: torch.Tensor) -> dict[str, torch.Tensor]:
         out["dL/dbias"] = kv.dbias
     elif p.kind != naive.NONE:
         out["dL/dr1"] = kv.dr[0]
-        if p.kind != naive.ALIBI:
+        if p.kind not in (naive.ALIBI, naive.TABLE):
             out["dL/dr2"] = kv.dr[1]
     return out
 
@@ -214,7 +221,7 @@ def kernel_outputs(run: KernelRun, p: naive.Problem) -> dict[str, torch.Tensor]:
         out["dL/dbias"] = bias_grads
     elif p.kind != naive.NONE:
         out["dL/dr1"] = bias_grads[0]
-        if p.kind != naive.ALIBI:
+        if p.kind not in (naive.ALIBI, naive.TABLE):
             out["dL/dr2"] = bias_grads[1]
     return {name: x.cpu() for name, x in out.items()}
 
@@ -296,7 +303,7 @@ def test_naive_twins_match_the_eager_reference(case):
     if p.kind == naive.TENSOR:
         names.append("dL/dbias")
     elif p.kind != naive.NONE:
-        names += ["dL/dr1"] + (["dL/dr2"] if p.kind != naive.ALIBI else [])
+        names += ["dL/dr1"] + (["dL/dr2"] if p.kind not in (naive.ALIBI, naive.TABLE) else [])
     expected = [twin[name] for name in names]
     if s is not None:
         names.append("ds")

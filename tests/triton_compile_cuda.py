@@ -108,6 +108,10 @@ def variants() -> dict[str, dict]:
         "fp32 D=64 sa mask": dict(
             dtype=torch.float32, d=64, normalizer="sa", causal=False, mask=torch.rand(1, 1, 300, 300) < 0.5
         ),
+        "bf16 D=64 sa_norm causal table (grad) ssmax": dict(
+            dtype=torch.bfloat16, d=64, normalizer="sa_norm", causal=True,
+            bias=RelativeBias.table(torch.randn(heads, 300, requires_grad=True)), ssmax=torch.full((heads,), 0.5),
+        ),
         "bf16 D=64 softmax bias tensor (grad)": dict(
             dtype=torch.bfloat16, d=64, normalizer="softmax", causal=True,
             bias=torch.randn(1, heads, 300, 300, requires_grad=True),

@@ -6,8 +6,9 @@ Conventions (the kernels' module docstring): q (B, Hq, L, D), k (B, Hkv, S, D), 
 reads kv head h // (Hq / Hkv). Query row i sits at key position i + pos0 (pos0 = S − L for a whole call) and may
 attend key j when j <= i + pos0 (causal), the mask allows it and the bias is not −inf. Logits z = scale·q·kᵀ +
 bias, x = t_i·z with SSMax (x = z without). Bias kinds: 0 none, 1 a tensor, 2 ALiBi −r1_h·d, 3 Kerple log
-−r1_h·ln(1 + r2_h·d), 4 Kerple power −r1_h·d^r2_h (0 at d = 0), with d = |i + pos0 − j|. NORM: 0 softmax,
-1 sa, 2 sa_norm. Per-row results are (B, Hq, L) here (the kernels store them as (B·Hq, L)).
+−r1_h·ln(1 + r2_h·d), 4 Kerple power −r1_h·d^r2_h (0 at d = 0), 5 a table r1[h, min(d, n − 1)] of an (Hq, n)
+r1, with d = |i + pos0 − j|; a −inf entry of a bias tensor or a table masks its pairs. NORM: 0 softmax, 1 sa,
+2 sa_norm. Per-row results are (B, Hq, L) here (the kernels store them as (B·Hq, L)).
 
 The twins compute in the dtype of their inputs: pass float64 tensors for a reference.
 """
@@ -20,14 +21,15 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-NONE, TENSOR, ALIBI, KERPLE_LOG, KERPLE_POWER = range(5)
-BIAS_KINDS = {"none": NONE, "tensor": TENSOR, "alibi": ALIBI, "kerple_log": KERPLE_LOG, "kerple_power": KERPLE_POWER}
+NONE, TENSOR, ALIBI, KERPLE_LOG, KERPLE_POWER, TABLE = range(6)
+BIAS_KINDS = {"none": NONE, "tensor": TENSOR, "alibi": ALIBI, "kerple_log": KERPLE_LOG, "kerple_power": KERPLE_POWER,
+              "table": TABLE}  # fmt: skip
 
 
 @dataclass(frozen=True)
 class Problem:
     """One kernel call's inputs. ``mask``: bool (B, Hq, L, S) or None; ``bias``: (B, Hq, L, S) for kind 1;
-    ``r1``/``r2``: (Hq,) for kinds 2–4; ``t``: SSMax's factor (B, Hq, L) or None."""
+    ``r1``/``r2``: (Hq,) for kinds 2–4, ``r1`` (Hq, n) for kind 5; ``t``: SSMax's factor (B, Hq, L) or None."""
 
     q: Tensor
     k: Tensor
@@ -71,6 +73,12 @@ def distances(lq: int, lk: int, pos0: int, like: Tensor) -> Tensor:
     return (rows - torch.arange(lk, device=like.device)[None, :]).abs().to(like.dtype)
 
 
+def table_index(p: Problem) -> Tensor:
+    """min(d_ij, n − 1), the table entry of each pair, (L, S) int64."""
+    d = distances(p.q.shape[2], p.k.shape[2], p.pos0, p.q)
+    return d.long().clamp_max(p.r1.shape[1] - 1)
+
+
 def relative_bias_and_partials(p: Problem) -> tuple[Tensor, Tensor, Tensor]:
     """A relative bias (1, Hq, L, S) and its partial derivatives ∂bias/∂r1, ∂bias/∂r2 (same shape)."""
     lq, lk = p.q.shape[2], p.k.shape[2]
@@ -99,9 +107,10 @@ def logits(p: Problem) -> Logits:
         allowed &= torch.arange(lk, device=z.device)[None, :] <= torch.arange(lq, device=z.device)[:, None] + p.pos0
     if p.mask is not None:
         allowed &= p.mask
-    if p.kind == TENSOR:
-        allowed &= ~torch.isneginf(p.bias)
-        z = z + torch.where(torch.isneginf(p.bias), 0.0, p.bias.to(z.dtype))
+    if p.kind in (TENSOR, TABLE):
+        bias = p.bias if p.kind == TENSOR else p.r1[:, table_index(p)].unsqueeze(0)
+        allowed &= ~torch.isneginf(bias)
+        z = z + torch.where(torch.isneginf(bias), 0.0, bias.to(z.dtype))
     elif p.kind != NONE:
         z = z + relative_bias_and_partials(p)[0]
     z = torch.where(allowed, z, 0.0)
@@ -205,7 +214,8 @@ def bwd_dq(p: Problem, s: Logits, ext: Extrema | None, f: Forward, do: Tensor) -
 class BackwardDkdv:
     """``bwd_dkdv``'s outputs: dk (B, Hkv, S, D), dv (B, Hkv, S, Dv) summed over each kv head's query heads,
     and the bias gradient: dL/dbias = t·dx (B, Hq, L, S; 0 where not allowed) for a bias tensor, or
-    (dL/dr1, dL/dr2), (Hq,) each, for a relative bias (dL/dr2 = 0 for ALiBi); None without a bias."""
+    (dL/dr1, dL/dr2), (Hq,) each, for a relative bias (dL/dr2 = 0 for ALiBi), or (dL/dtable, None) for a table
+    (dL/dbias summed per head over the pairs reading each entry); None without a bias."""
 
     dk: Tensor
     dv: Tensor
@@ -223,6 +233,10 @@ def bwd_dkdv(p: Problem, s: Logits, f: Forward, back: BackwardDq, do: Tensor) ->
     dbias = dr = None
     if p.kind == TENSOR:
         dbias = dz
+    elif p.kind == TABLE:
+        hq, n = p.r1.shape
+        index = table_index(p).flatten().expand(hq, -1)
+        dr = (torch.zeros(hq, n, dtype=dz.dtype).scatter_add(1, index, dz.sum(0).flatten(1)), None)
     elif p.kind != NONE:
         _, d_r1, d_r2 = relative_bias_and_partials(p)
         dr = ((dz * d_r1).sum((0, 2, 3)), (dz * d_r2).sum((0, 2, 3)))

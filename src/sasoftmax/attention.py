@@ -46,9 +46,10 @@ def attention(
         mask: bool, broadcastable to (B, Hq, L, S), True = attend.
         bias: additive float tensor broadcastable to (B, Hq, L, S) (−inf = masked), a
             :class:`sasoftmax.RelativeBias` (ALiBi, Kerple: evaluated and differentiated inside fused
-            kernels), an object with a ``relative_bias()`` method returning one (``positional.ALiBi``,
-            ``positional.Kerple``: called once per call, so gradients reach the module's parameters), or a
-            bias function ``bias(q_pos, k_pos)`` evaluated per tile (see :data:`sasoftmax.backends.BiasFunction`).
+            kernels; a ``table`` of the bias per distance), an object with a ``relative_bias(q_len, k_len)``
+            method returning one (``positional.ALiBi``, ``Kerple``, ``FIRE``: called once per call, so gradients
+            reach the module's parameters; None makes the object a bias function for that call), or a bias
+            function ``bias(q_pos, k_pos)`` evaluated per tile (see :data:`sasoftmax.backends.BiasFunction`).
         scale: logit scale, default 1/√D.
         ssmax: Scalable-Softmax s: None (off), a float > 0 for every head, or a (Hq,) tensor (learnable).
             Logits become x = s_h · ln(n_i) · z with n_i the number of keys row i may attend.
@@ -114,11 +115,13 @@ def make_call(q, k, v, normalizer, causal, mask, bias, scale, ssmax, eps, dropou
             raise TypeError(f"mask must be a bool tensor (True = attend); got {got}. Pass additive masks as bias=")
         check_broadcast("mask", mask, full, q.device)
     if bias is not None and not isinstance(bias, (Tensor, RelativeBias)) and hasattr(bias, "relative_bias"):
-        # A module that knows its RelativeBias (positional.ALiBi, Kerple): the form fused kernels evaluate.
-        spec = bias.relative_bias()
-        if not isinstance(spec, RelativeBias):
-            raise TypeError(f"bias.relative_bias() must return a sasoftmax.RelativeBias; got {type(spec).__name__}")
-        bias = spec
+        # A module that knows its RelativeBias (positional.ALiBi, Kerple, FIRE): the form fused kernels evaluate.
+        spec = bias.relative_bias(lq, lk)
+        if spec is not None and not isinstance(spec, RelativeBias):
+            raise TypeError(
+                f"bias.relative_bias(q_len, k_len) must return a sasoftmax.RelativeBias or None; got {type(spec).__name__}"
+            )
+        bias = bias if spec is None else spec
     if bias is not None:
         if isinstance(bias, Tensor):
             if not bias.is_floating_point():

@@ -103,8 +103,8 @@ class ALiBi(nn.Module):
         else:
             self.register_buffer("slopes", slopes, persistent=False)
 
-    def relative_bias(self) -> RelativeBias:
-        """This bias as a RelativeBias ("alibi", the slopes as r1)."""
+    def relative_bias(self, q_len: int | None = None, k_len: int | None = None) -> RelativeBias:
+        """This bias as a RelativeBias ("alibi", the slopes as r1), the same for calls of any lengths."""
         return RelativeBias.alibi(self.slopes)
 
     def forward(self, q_pos: Tensor, k_pos: Tensor) -> Tensor:
@@ -143,8 +143,9 @@ class Kerple(nn.Module):
         r2_max = 2.0 if self.kind == "power" else None
         return self.r1.clamp(min=self.eps), self.r2.clamp(min=self.eps, max=r2_max)
 
-    def relative_bias(self) -> RelativeBias:
-        """This bias as a RelativeBias ("kerple_log" or "kerple_power") of the clamped parameters."""
+    def relative_bias(self, q_len: int | None = None, k_len: int | None = None) -> RelativeBias:
+        """This bias as a RelativeBias ("kerple_log" or "kerple_power") of the clamped parameters, the same for
+        calls of any lengths."""
         return RelativeBias(f"kerple_{self.kind}", *self.constrained())
 
     def forward(self, q_pos: Tensor, k_pos: Tensor) -> Tensor:
@@ -164,6 +165,13 @@ class FIRE(nn.Module):
 
     f_θ is an MLP 1 → ``width`` → H (ReLU); c (init 0.1) and the threshold L (init ``train_len``,
     learnt through a multiplier as in the reference code) are learnable.
+
+    Where every query sits below the threshold (training at or under ``train_len``: positions up to
+    ``train_len`` − 1) the normaliser is ψ(L) for all of them and the bias depends on |i − j| alone: :meth:`relative_bias` then gives it as a
+    :class:`~sasoftmax.RelativeBias` table (the MLP run once per distance), which fused kernels read and
+    differentiate per tile; passing the module as ``bias=`` uses it. From the threshold on (extrapolation) the
+    module is a bias function of (q_pos, k_pos). (A query exactly at L takes the per-pair form, whose max(L, i)
+    passes half of its gradient to L, as the reference code's ``torch.max`` does.)
     """
 
     def __init__(self, num_heads: int, train_len: int, width: int = 32, c: float = 0.1, eps: float = 1e-6) -> None:
@@ -174,32 +182,40 @@ class FIRE(nn.Module):
         self.threshold_multiplier = nn.Parameter(torch.tensor(1.0))
         self.eps = eps
 
-    def forward(self, q_pos: Tensor, k_pos: Tensor) -> Tensor:
-        """(1, H, Lt, St).
+    def threshold(self) -> Tensor:
+        """L, the learnt threshold (a 0-d tensor)."""
+        return (self.threshold_multiplier * self.init_threshold).abs()
 
-        Where every query sits at or below the threshold (training at or under ``train_len``), the
-        normaliser is ψ(L) for all of them and the bias depends on |i − j| alone: the MLP then runs once per
-        distance and the bias is gathered from that (H, distances) table, instead of running the MLP on
-        every (i, j) pair (~``width`` hidden values each, forward and backward; 55× the attention's own time
-        on an H200 at N = 4k). Costs one read of two numbers to the host per call.
-        """
-        threshold = (self.threshold_multiplier * self.init_threshold).abs()
+    def relative_bias(self, q_len: int, k_len: int) -> RelativeBias | None:
+        """The bias of a call of ``q_len`` queries aligned lower-right to ``k_len`` keys (query positions
+        k_len − q_len … k_len − 1) as a RelativeBias table over the distances 0 … max(q_len, k_len) − 1, or None
+        where the last query does not lie below the threshold. Reads the threshold to the host (one number)."""
+        threshold = self.threshold()
+        if q_len < 1 or k_len < 1 or k_len - 1 >= threshold.item():
+            return None
+        return RelativeBias.table(self._table(max(q_len, k_len), threshold))
+
+    def forward(self, q_pos: Tensor, k_pos: Tensor) -> Tensor:
+        """(1, H, Lt, St). Where every query sits below the threshold the MLP runs once per distance and the
+        bias is gathered from that table (:meth:`relative_bias`'s), instead of running on every (i, j) pair
+        (~``width`` hidden values each, forward and backward; 55× the attention's own time on an H200 at
+        N = 4k). Costs one read of two numbers to the host per call."""
+        threshold = self.threshold()
         distance = (q_pos[:, None] - k_pos[None, :]).abs()
         if len(q_pos) and len(k_pos) and not distance.is_floating_point():  # integer positions index a table
-            below, longest = torch.stack([(q_pos <= threshold).all().to(distance.dtype), distance.max()]).tolist()
+            below, longest = torch.stack([(q_pos < threshold).all().to(distance.dtype), distance.max()]).tolist()
             if below:
-                return self._from_table(distance, int(longest), threshold)
+                return RelativeBias.table(self._table(int(longest) + 1, threshold))(q_pos, k_pos)
         return self._per_pair(q_pos, distance, threshold)
 
     def _normalised(self, distance: Tensor, normaliser: Tensor) -> Tensor:
         """ψ(d)/ψ(normaliser) for float32 |i − j| (broadcasting)."""
         return torch.log((self.c * distance).abs() + 1) / (torch.log((self.c * normaliser).abs() + 1) + self.eps)
 
-    def _from_table(self, distance: Tensor, longest: int, threshold: Tensor) -> Tensor:
-        """Queries at or below the threshold: the MLP over distances 0..longest, gathered at ``distance``."""
-        grid = torch.arange(longest + 1, device=distance.device, dtype=torch.float32)
-        table = self.mlp(self._normalised(grid, threshold).unsqueeze(-1)).T  # (H, longest + 1)
-        return table[:, distance].unsqueeze(0)
+    def _table(self, distances: int, threshold: Tensor) -> Tensor:
+        """Queries below the threshold: the bias at distances 0 … ``distances`` − 1, (H, distances)."""
+        grid = torch.arange(distances, device=threshold.device, dtype=torch.float32)
+        return self.mlp(self._normalised(grid, threshold).unsqueeze(-1)).T
 
     def _per_pair(self, q_pos: Tensor, distance: Tensor, threshold: Tensor) -> Tensor:
         """Any queries: the MLP on every (i, j) pair of |i − j| ``distance`` (Lt, St), each row normalised by

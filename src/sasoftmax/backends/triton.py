@@ -20,6 +20,7 @@ Importing this module raises ImportError when triton is not installed.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, replace
 
@@ -37,6 +38,9 @@ from ..normalizers import NORMALIZERS
 from . import triton_kernels as kernels
 from .call import AttentionCall, evaluate_bias_function, query_positions
 from .relative_bias import RELATIVE_BIAS_KINDS, RelativeBias
+
+TABLE = 2 + RELATIVE_BIAS_KINDS.index("table")
+"""The kernels' bias kind of a RelativeBias table (``triton_kernels.TABLE``)."""
 
 # The kernels above were decorated with the interpreter iff TRITON_INTERPRET was on at import time.
 INTERPRET: bool = bool(triton.knobs.runtime.interpret)
@@ -100,11 +104,12 @@ def ssmax_factor(call: AttentionCall) -> Tensor:
 
 
 def allowed_counts(call: AttentionCall) -> Tensor:
-    """n_i, the number of keys each row may attend (mask ∧ causal ∧ bias tensor != −inf), broadcastable to
-    (B, Hq, L).
+    """n_i, the number of keys each row may attend (mask ∧ causal ∧ bias tensor or table != −inf), broadcastable
+    to (B, Hq, L).
 
     Without a bias tensor it needs no memory beyond the mask's own: a mask without a query axis is counted by a
-    prefix sum.
+    prefix sum, and so are a table's −inf entries when there is no mask (with one, the table's (Hq, L, S) entries
+    are looked up).
     """
     _, _, _, lq, lk, _ = call.shape
     device = call.q.device
@@ -115,6 +120,19 @@ def allowed_counts(call: AttentionCall) -> Tensor:
     if isinstance(call.bias, Tensor):
         bias = call.bias.reshape((1,) * (4 - call.bias.dim()) + tuple(call.bias.shape))
         return _count_allowed(bias, mask, last if call.causal else None)
+    if isinstance(call.bias, RelativeBias) and call.bias.kind == "table":
+        dropped = torch.isneginf(call.bias.r1)  # (Hq, n): distances that mask
+        if mask is not None:
+            index = (last[:, None] - torch.arange(lk, device=device)[None, :]).abs().clamp_max(dropped.shape[1] - 1)
+            return _count_allowed(torch.where(dropped[:, index], -math.inf, 0.0), mask, last if call.causal else None)
+        # Keys 0..end_i − 1 of row i have the offsets last_i − end_i + 1 .. last_i (offset = last_i − j), a run of
+        # the offsets 1 − L .. S − 1 that a call has: its −inf entries are a difference of prefix sums.
+        end = (last + 1).clamp(0, lk) if call.causal else torch.full_like(last, lk)
+        offsets = torch.arange(1 - lq, lk, device=device)  # offset u sits at u + L − 1
+        flags = dropped[:, offsets.abs().clamp_max(dropped.shape[1] - 1)]
+        prefix = torch.nn.functional.pad(flags.cumsum(-1), (1, 0))  # prefix[:, m] = −inf among the first m
+        masked = prefix[:, last + lq] - prefix[:, last - end + lq]
+        return (end - masked).unsqueeze(0)
     if mask is None:
         return (last + 1).clamp(0, lk) if call.causal else torch.full(last.shape, lk, device=device)
     if not call.causal:
@@ -246,14 +264,22 @@ def _precision(k: Tensor) -> str | None:
 
 def _common_args(q, k, t, mask, bias, kind, r1, r2, opt: _Options, none: Tensor) -> tuple[tuple, tuple, dict]:
     """What every kernel takes: (t, r1, r2) as contiguous float32 tensors (``none`` where absent); the mask's and
-    bias's pointers and strides, then H, GROUPS, L, S, POS0 and the scale; and the constexpr flags."""
+    bias's pointers and strides (a table's in the bias slots: see ``triton_kernels``), then H, GROUPS, L, S, POS0
+    and the scale; and the constexpr flags."""
     t_arg = none if t is None else t.contiguous()
+    b, hq, lq, d = q.shape
+    if kind == TABLE:
+        table = r1.float().contiguous()
+        bias_args = (table, 0, table.shape[1], table.shape[1] - 1, 1)
+        r1 = None
+    else:
+        bias_args = _broadcast_args(bias, q)
     r1_arg = none if r1 is None else r1.float().contiguous()
     r2_arg = none if r2 is None else r2.float().contiguous()
-    b, hq, lq, d = q.shape
-    views = (*_broadcast_args(mask, q), *_broadcast_args(bias, q), hq, hq // k.shape[1], lq, k.shape[2])
+    views = (*_broadcast_args(mask, q), *bias_args, hq, hq // k.shape[1], lq, k.shape[2])
     flags = {"CAUSAL": opt.causal, "HAS_MASK": mask is not None, "BIAS_KIND": kind, "HAS_SSMAX": t is not None}
-    flags.update(ALL_MASKED=mask is not None or kind == 1, PRECISION=_precision(k), D=d, D_PAD=_pad(d))
+    all_masked = mask is not None or kind in (1, TABLE)  # a bias tensor's or a table's −inf entries mask
+    flags.update(ALL_MASKED=all_masked, PRECISION=_precision(k), D=d, D_PAD=_pad(d))
     return (t_arg, r1_arg, r2_arg), (*views, opt.pos0, opt.scale), flags
 
 
@@ -275,7 +301,7 @@ def _forward(q, k, v, o, t, mask, bias, kind, r1, r2, opt: _Options) -> _Saved:
     """Run the forward kernels, writing o (B, Hq, L, Dv) in place; returns the saved row statistics.
 
     ``t``: (B, Hq, L) float32 or None; ``mask``: uint8 (B, Hq, L, S) view or None; ``bias``: (B, Hq, L, S)
-    view (kind 1) or None; ``r1``/``r2``: (Hq,) float32 (kinds 2–4) or None.
+    view (kind 1) or None; ``r1``/``r2``: (Hq,) float32 (kinds 2–4) or None; ``r1`` an (Hq, n) table (kind 5).
     """
     b, hq, lq, d = q.shape
     dv = v.shape[3]
@@ -331,7 +357,8 @@ def _backward(
 ):
     """dq, dk, dv (in the inputs' dtypes, or dk/dv in ``kv_grad_dtype``), dL/dt ((B, Hq, L) float32 or
     None) and the bias gradient: dL/dbias (B, Hq, L, S) float32 for kind 1, (dL/dr1, dL/dr2) per head for
-    kinds 2–4, None without ``bias_grad``. o and do are contiguous (B, Hq, L, Dv)."""
+    kinds 2–4, (dL/dtable,) (Hq, n) for a table, None without ``bias_grad``. o and do are contiguous
+    (B, Hq, L, Dv)."""
     b, hq, lq, d = q.shape
     hkv, lk, dv = k.shape[1], k.shape[2], v.shape[3]
     configs = _configs(d, dv, q.dtype)
@@ -354,10 +381,17 @@ def _backward(
         delta, g_low, dt, r1_arg, r2_arg, *shared, **flags,
     )  # fmt: skip
     cfg = configs["dkdv"]
+    if kind == TABLE and cfg.block_m > cfg.block_n:
+        raise ValueError(f"SASOFTMAX_TRITON_TILES: a table bias needs dkdv tiles with BLOCK_M <= BLOCK_N; got {cfg}")
     key_blocks = triton.cdiv(lk, cfg.block_n)
-    dr = torch.empty(key_blocks, b, hq, 2, device=q.device, dtype=torch.float32) if bias_grad and kind > 1 else none
-    # zeros: the kernel writes only the tiles causal masking leaves visible
-    dbias = torch.zeros(b, hq, lq, lk, device=q.device, dtype=torch.float32) if bias_grad and kind == 1 else none
+    parametric = bias_grad and kind in (2, 3, 4)
+    dr = torch.empty(key_blocks, b, hq, 2, device=q.device, dtype=torch.float32) if parametric else none
+    # zeros: the kernel writes only the tiles causal masking leaves visible; a table's gradient is added to
+    dbias = none
+    if bias_grad and kind == 1:
+        dbias = torch.zeros(b, hq, lq, lk, device=q.device, dtype=torch.float32)
+    elif bias_grad and kind == TABLE:
+        dbias = torch.zeros(b, hq, r1.shape[1], device=q.device, dtype=torch.float32)
     _launch(
         "bwd_dkdv", (key_blocks, b * hkv), cfg,
         q, k, v, do, dk, dv_, saved.shift, saved.inv_l, t_arg, saved.low, saved.inv_delta, saved.argmin, saved.argmax,
@@ -365,7 +399,12 @@ def _backward(
     )  # fmt: skip
     bias_grads = None
     if bias_grad:
-        bias_grads = dbias if kind == 1 else tuple(g.clone() for g in dr.sum((0, 1)).unbind(-1))
+        if kind == 1:
+            bias_grads = dbias
+        elif kind == TABLE:
+            bias_grads = (dbias.sum(0),)
+        else:
+            bias_grads = tuple(g.clone() for g in dr.sum((0, 1)).unbind(-1))
     return dq, dk, dv_, (dt.view(b, hq, lq) if t is not None else None), bias_grads
 
 
@@ -463,7 +502,7 @@ def triton_backward(
         dbias = _reduce_to(bias_grads, bias)
     elif bias_grad:
         dr1 = bias_grads[0].to(r1.dtype)
-        if kind > 2:
+        if kind in (3, 4):
             dr2 = bias_grads[1].to(r2.dtype)
     return dq, dk, dv, (dt if t is not None else empty()), dbias, dr1, dr2
 
@@ -477,7 +516,7 @@ def _(q, k, v, t, mask, bias, kind, r1, r2, norm, causal, scale, eps, pos0, o, g
     dt = q.new_empty(t.shape, dtype=torch.float32) if t is not None else empty()
     dbias = torch.empty_like(bias) if bias_grad and kind == 1 else empty()
     dr1 = torch.empty_like(r1) if bias_grad and kind > 1 else empty()
-    dr2 = torch.empty_like(r2) if bias_grad and kind > 2 else empty()
+    dr2 = torch.empty_like(r2) if bias_grad and kind in (3, 4) else empty()
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dt, dbias, dr1, dr2
 
 
@@ -497,7 +536,7 @@ def _backward_formula(ctx, grad_out: Tensor, *_unused_stat_grads) -> tuple:
         q, k, v, t, mask, bias, kind, r1, r2, *ctx.options, o, grad_out, *stats, bias_grad
     )
     return (dq, dk, dv, dt if t is not None else None, None, dbias if kind == 1 and bias_grad else None, None,
-            dr1 if kind > 1 and bias_grad else None, dr2 if kind > 2 and bias_grad else None,
+            dr1 if kind > 1 and bias_grad else None, dr2 if kind in (3, 4) and bias_grad else None,
             None, None, None, None, None)  # fmt: skip
 
 

@@ -10,7 +10,9 @@ stride 0. Every dot accumulates in float32.
 
 Logits, per tile: z = scale·q·kᵀ + bias, x = t_i·z (SSMax; x = z without it). BIAS: 0 none, 1 a tensor,
 2 ALiBi −r1_h·d, 3 Kerple log −r1_h·ln(1 + r2_h·d), 4 Kerple power −r1_h·d^r2_h, with d = |i + POS0 − j|,
-r1/r2 read per head.
+r1/r2 read per head; 5 a table, table_h[min(d, n − 1)], passed in the bias tensor's slots (pointer and head
+stride of a contiguous (Hq, n) float32 table, its last index n − 1 in the row-stride slot, 1 in the key-stride
+slot; a −inf entry masks, so every tile is checked, as with a bias tensor).
 
 Kernels, in launch order (sa_norm and float32 inputs walk the keys four times: extrema, forward, dq, dk/dv; the
 others three):
@@ -29,7 +31,8 @@ others three):
   term (D_i − E_i) c_i needs E, known at the end, and is added there through the key row at the argmin.
 - ``bwd_dkdv``: one program per (key block, batch·kv head), looping over its group's query heads and
   query blocks: dv = Σ wᵀdO, dk = scale·Σ (t·dx)ᵀq, both min/max terms inside the tile, and the gradients of
-  ALiBi/Kerple's r1, r2 (Σ t·dx·∂bias/∂r per head, one partial sum per program) or of a bias tensor.
+  ALiBi/Kerple's r1, r2 (Σ t·dx·∂bias/∂r per head, one partial sum per program), of a bias tensor, or of a
+  table (each tile's diagonals summed in registers, then added to dL/dtable of its (batch, head) atomically).
 Loops over key (or query) blocks run in two parts: blocks needing no bounds or causal checks, then the rest.
 """
 
@@ -45,6 +48,7 @@ BIAS_TENSOR = tl.constexpr(1)
 ALIBI = tl.constexpr(2)
 KERPLE_LOG = tl.constexpr(3)
 KERPLE_POWER = tl.constexpr(4)
+TABLE = tl.constexpr(5)
 
 
 # Two element-wise functions differ between the GPU and Triton's interpreter (which has no libdevice):
@@ -129,9 +133,9 @@ def _row_factor_and_bias(
         t = tl.full([BLOCK_M], 1.0, tl.float32)
     r1 = 0.0
     r2 = 0.0
-    if BIAS > BIAS_TENSOR:
+    if BIAS >= ALIBI and BIAS <= KERPLE_POWER:
         r1 = tl.load(R1 + h)
-    if BIAS > ALIBI:
+    if BIAS >= KERPLE_LOG and BIAS <= KERPLE_POWER:
         r2 = tl.load(R2 + h)
     return t, r1, r2
 
@@ -156,8 +160,11 @@ def _logits(
             ok = ok & (c <= r + pos0)
         if HAS_MASK:
             ok = ok & (tl.load(mask_ptr + r * sml + c * sms, mask=ok, other=0) != 0)
-    if BIAS == BIAS_TENSOR:  # bias tensors and masks make every tile MASKED (ALL_MASKED)
-        bias = tl.load(bias_ptr + r * sbl + c * sbs, mask=ok, other=0.0).to(tl.float32)
+    if BIAS == BIAS_TENSOR or BIAS == TABLE:  # these and masks make every tile MASKED (ALL_MASKED)
+        if BIAS == BIAS_TENSOR:
+            bias = tl.load(bias_ptr + r * sbl + c * sbs, mask=ok, other=0.0).to(tl.float32)
+        else:  # the table's last index is in sbl: every pair, in bounds or not, reads an entry
+            bias = tl.load(bias_ptr + tl.minimum(tl.abs(r + pos0 - c), sbl) * sbs)
         dropped = bias == float("-inf")
         ok = ok & ~dropped
         z = z + tl.where(dropped, 0.0, bias)
@@ -531,14 +538,35 @@ def bwd_dq(
 
 
 @triton.jit
+def _table_grad(dz, start_m, start_n, pos0, last, dtable, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Add a (keys, rows) tile of dL/dz to dL/dtable, ``dtable`` one (batch, head)'s row: each diagonal of the
+    tile (one signed offset i + pos0 − j) is summed in registers, then 2·BLOCK_N atomic adds, not one per pair.
+
+    rolled[k, r] = dz[(r − k) mod BLOCK_N, r] puts in row k the diagonal r − c = k (where r >= k) and the
+    diagonal r − c = k − BLOCK_N (where r < k); that needs BLOCK_M <= BLOCK_N.
+    """
+    tl.static_assert(BLOCK_M <= BLOCK_N, "a table bias's dk/dv tiles need BLOCK_M <= BLOCK_N")
+    k = tl.arange(0, BLOCK_N)
+    r = tl.arange(0, BLOCK_M)[None, :]
+    rolled = tl.gather(dz, (r - k[:, None] + BLOCK_N) % BLOCK_N, 0)
+    on = tl.sum(tl.where(r >= k[:, None], rolled, 0.0), 1)
+    below = tl.sum(tl.where(r < k[:, None], rolled, 0.0), 1)
+    corner = start_m + pos0 - start_n  # the signed offset of the tile's first row and key
+    d_on = tl.minimum(tl.abs(corner + k), last)
+    d_below = tl.minimum(tl.abs(corner + k - BLOCK_N), last)
+    tl.atomic_add(dtable + d_on, on, mask=k < BLOCK_M, sem="relaxed")
+    tl.atomic_add(dtable + d_below, below, mask=k > 0, sem="relaxed")
+
+
+@triton.jit
 def _dkdv_tiles(
-    k, v, dk, dv, dr1, dr2, lo, hi, q_base, do_base, stat_base, sqn, sqd, cols, offs_m, offs_d, offs_dv,
+    k, v, dk, dv, dr1, dr2, lo, hi, q_base, do_base, stat_base, sqn, sqd, start_n, cols, offs_m, offs_d, offs_dv,
     SHIFT, INV_L, T, LOW, INV_DELTA, ARGMIN, ARGMAX, DELTA, G_LOW, L, S, pos0, scale,
     mask_base, sml, sms, bias_base, sbl, sbs, dbias_base, r1, r2,
     NORM: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, BIAS: tl.constexpr,
     BIAS_GRAD: tl.constexpr, HAS_SSMAX: tl.constexpr, DX_FP32: tl.constexpr, PRECISION: tl.constexpr,
-    EXACT: tl.constexpr,
-    BLOCK_M: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, DV: tl.constexpr, DV_PAD: tl.constexpr,
+    EXACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    D: tl.constexpr, D_PAD: tl.constexpr, DV: tl.constexpr, DV_PAD: tl.constexpr,
 ):  # fmt: skip
     """One query head's contribution to a key block, in transposed (keys, rows) tiles."""
     for start_m in range(lo, hi, BLOCK_M):
@@ -582,6 +610,8 @@ def _dkdv_tiles(
             if BIAS == BIAS_TENSOR:
                 db_ptr = dbias_base + rows[None, :] * S + cols[:, None]
                 tl.store(db_ptr, dx, mask=(rows[None, :] < L) & (cols[:, None] < S))
+            elif BIAS == TABLE:
+                _table_grad(dx, start_m, start_n, pos0, sbl, dbias_base, BLOCK_M, BLOCK_N)
             else:
                 dist = tl.abs(rows[None, :] + pos0 - cols[:, None]).to(tl.float32)
                 if BIAS == ALIBI:
@@ -611,7 +641,8 @@ def bwd_dkdv(
     """dk, dv (contiguous (B, Hkv, S, D/Dv), k's dtype); dO contiguous (B, Hq, L, Dv).
 
     Relative biases: DR[(key block · B·Hq + b·Hq + h) · 2 + i] = this program's part of dL/dr_i of head h.
-    A bias tensor: DBIAS, contiguous (B, Hq, L, S) float32, gets dL/dbias = t·dx.
+    A bias tensor: DBIAS, contiguous (B, Hq, L, S) float32, gets dL/dbias = t·dx; a table: DBIAS, zeroed (B, Hq, n)
+    float32, gets dL/dtable (atomic adds).
     """
     start_n = tl.program_id(0) * BLOCK_N
     bhk = tl.program_id(1).to(tl.int64)
@@ -650,22 +681,24 @@ def bwd_dkdv(
         dr2 = tl.zeros([BLOCK_M], tl.float32)
         mask_base = MASK + b * smb + h * smh
         bias_base = BIAS + b * sbb + h * sbh
-        dbias_base = DBIAS + bh * L * S
+        dbias_base = DBIAS + bh * (sbh if BIAS_KIND == TABLE else L * S)
         dk, dv, dr1, dr2 = _dkdv_tiles(
-            k, v, dk, dv, dr1, dr2, lo, full, q_base, do_base, bh * L, sqn, sqd, cols, offs_m, offs_d, offs_dv,
+            k, v, dk, dv, dr1, dr2, lo, full, q_base, do_base, bh * L, sqn, sqd, start_n, cols, offs_m, offs_d,
+            offs_dv,
             SHIFT, INV_L, T, LOW, INV_DELTA, ARGMIN, ARGMAX, DELTA, G_LOW, L, S, pos0, scale,
             mask_base, sml, sms, bias_base, sbl, sbs, dbias_base, r1, r2,
             NORM, True, CAUSAL, HAS_MASK, BIAS_KIND, BIAS_GRAD, HAS_SSMAX, DX_FP32, PRECISION, EXACT,
-            BLOCK_M, D, D_PAD, DV, DV_PAD,
+            BLOCK_M, BLOCK_N, D, D_PAD, DV, DV_PAD,
         )  # fmt: skip
         dk, dv, dr1, dr2 = _dkdv_tiles(
-            k, v, dk, dv, dr1, dr2, full, L, q_base, do_base, bh * L, sqn, sqd, cols, offs_m, offs_d, offs_dv,
+            k, v, dk, dv, dr1, dr2, full, L, q_base, do_base, bh * L, sqn, sqd, start_n, cols, offs_m, offs_d,
+            offs_dv,
             SHIFT, INV_L, T, LOW, INV_DELTA, ARGMIN, ARGMAX, DELTA, G_LOW, L, S, pos0, scale,
             mask_base, sml, sms, bias_base, sbl, sbs, dbias_base, r1, r2,
             NORM, False, CAUSAL, HAS_MASK, BIAS_KIND, BIAS_GRAD, HAS_SSMAX, DX_FP32, PRECISION, EXACT,
-            BLOCK_M, D, D_PAD, DV, DV_PAD,
+            BLOCK_M, BLOCK_N, D, D_PAD, DV, DV_PAD,
         )  # fmt: skip
-        if BIAS_GRAD and BIAS_KIND > BIAS_TENSOR:
+        if BIAS_GRAD and BIAS_KIND >= ALIBI and BIAS_KIND <= KERPLE_POWER:
             slot = (tl.program_id(0).to(tl.int64) * tl.num_programs(1) * GROUPS + bhk * GROUPS + g) * 2
             tl.store(DR + slot, tl.sum(dr1, 0))
             tl.store(DR + slot + 1, tl.sum(dr2, 0))

@@ -60,9 +60,9 @@ class CausalSelfAttention(MultiheadAttention):
     """Causal self-attention with a positional encoding, on :class:`sasoftmax.nn.MultiheadAttention`.
 
     ``backend`` is read at every forward (``set_backend`` changes it). The positional module ``pos``
-    is either a rotary (RoPE), a relative bias (ALiBi, Kerple: its :class:`~sasoftmax.RelativeBias`, which
-    fused kernels evaluate and differentiate themselves), a bias function of positions (FIRE: handed to the
-    backend, evaluated per tile), or a :class:`~sasoftmax.positional.ScoreBias` (DAPE): then this module
+    is either a rotary (RoPE), a relative bias (ALiBi, Kerple, FIRE: its :class:`~sasoftmax.RelativeBias`,
+    which fused kernels evaluate and differentiate themselves; FIRE beyond its threshold is a bias function of
+    positions, evaluated per block), or a :class:`~sasoftmax.positional.ScoreBias` (DAPE): then this module
     computes the scaled scores A = q·kᵀ/√D itself and passes the full (B, H, L, S) bias tensor, so the logits are
     A + bias(A) — exactly the DAPE papers' A + B + f([A; B]).
     """
@@ -85,9 +85,9 @@ class CausalSelfAttention(MultiheadAttention):
             # DAPE/DAPEV2 read the score map by design: materialised (O(L·S)), never inside the fused kernels.
             bias = self.pos(self.scaled_scores(q, k))
         elif self.pos is not None:
-            # ALiBi and Kerple hand over their RelativeBias, which fused kernels evaluate per block themselves;
-            # FIRE is a bias function, evaluated per tile.
-            bias = self.pos.relative_bias() if hasattr(self.pos, "relative_bias") else self.pos
+            # ALiBi, Kerple and FIRE (up to its threshold: a table per distance) hand attention() their
+            # RelativeBias, which fused kernels evaluate per tile themselves; FIRE beyond it is a bias function.
+            bias = self.pos
         return self.attend(q, k, v, causal=True, bias=bias)
 
     def scaled_scores(self, q: Tensor, k: Tensor) -> Tensor:
