@@ -391,11 +391,11 @@ def test_empty_inputs():
     assert out.shape == (1, 2, 4, 8) and (out == 0).all()
     out.sum().backward()
     assert (q.grad == 0).all()
-    rb = relative_bias("kerple_log", 2)
-    for lq, lk in [(0, 5), (4, 0)]:
-        q, k, v, *_ = inputs(1, 2, 2, lq, lk)
-        grads = torch.autograd.grad(attention(q, k, v, bias=rb, backend="cpu").sum(), rb.parameters)
-        assert all((g == 0).all() for g in grads)
+    for rb in (relative_bias("kerple_log", 2), relative_bias("table", 2)):
+        for lq, lk in [(0, 5), (4, 0)]:
+            q, k, v, *_ = inputs(1, 2, 2, lq, lk)
+            grads = torch.autograd.grad(attention(q, k, v, bias=rb, backend="cpu").sum(), rb.parameters)
+            assert all((g == 0).all() and g.shape == p.shape for g, p in zip(grads, rb.parameters))
 
 
 def test_dropout_is_refused_and_auto_falls_back():
@@ -478,15 +478,19 @@ def test_double_backward_raises():
         gq.sum().backward()
 
 
-# ---- Relative positional biases (RelativeBias: ALiBi, Kerple log and power), evaluated inside the fused path ----
+# ---- Relative positional biases (RelativeBias: ALiBi, Kerple log and power, a table per distance), evaluated
+# inside the fused path ----
 
-RELATIVE_KINDS = ("alibi", "kerple_log", "kerple_power")
+RELATIVE_KINDS = ("alibi", "kerple_log", "kerple_power", "table")
 
 
-def relative_bias(kind, heads, *, seed=0, dtype=torch.float64, grad=(True, True)):
+def relative_bias(kind, heads, *, seed=0, dtype=torch.float64, grad=(True, True), width=4):
     """A RelativeBias of ``kind`` with random parameters in the range the harness keeps them in; r1 and r2 leaves
-    that require grad as ``grad`` says."""
+    that require grad as ``grad`` says. A ``table`` is (heads, width) of values around 0, FIRE's range."""
     g = torch.Generator().manual_seed(seed)
+    if kind == "table":
+        return RelativeBias.table(torch.randn(heads, width, generator=g, dtype=torch.float64).to(dtype)
+                                  .requires_grad_(grad[0]))  # fmt: skip
     r1 = (torch.rand(heads, generator=g, dtype=torch.float64) * 1.5 + 0.05).to(dtype).requires_grad_(grad[0])
     if kind == "alibi":
         return RelativeBias(kind, r1)
@@ -500,32 +504,36 @@ def run_relative(backend, q, k, v, m, rb, s, grad, **kw):
 
 
 RELATIVE_CASES = [
-    (kind, n, c, m, s, shape)
-    for (kind, n, c, m), (s, shape) in zip(
+    # (kind, normalizer, causal, mask, ssmax, shape, width): a table's width alternates between 3 (shorter than
+    # every case's longest distance: clamped) and L + S (longer); the other kinds have none.
+    (kind, n, c, m, s, shape, (3 if i % 2 else shape[3] + shape[4]) if kind == "table" else None)
+    for i, ((kind, n, c, m), (s, shape)) in enumerate(zip(
         itertools.product(RELATIVE_KINDS, NORMALIZERS, (False, True), (None, "rows")),
         itertools.cycle(
             [(True, (2, 4, 2, 17, 17)), (False, (1, 3, 1, 37, 37)), (True, (2, 2, 2, 1, 37)),
              (False, (1, 4, 2, 37, 17)), (True, (1, 2, 1, 17, 129))]
         ),
-    )
+    ))
 ]  # fmt: skip
 
 
-@pytest.mark.parametrize("kind,normalizer,causal,mask,ssmax,shape", RELATIVE_CASES)
-def test_relative_bias_matches_eager(path, kind, normalizer, causal, mask, ssmax, shape):
-    """Forward and the gradients of q, k, v, s, r1 and r2 against the eager backend, which evaluates the same
-    RelativeBias as a bias function: causal or not, GQA, masks with fully masked rows, SSMax, odd lengths and
-    Lq != Lk (queries aligned lower-right; with L > S some queries sit before the first key)."""
+@pytest.mark.parametrize("kind,normalizer,causal,mask,ssmax,shape,width", RELATIVE_CASES)
+def test_relative_bias_matches_eager(path, kind, normalizer, causal, mask, ssmax, shape, width):
+    """Forward and the gradients of q, k, v, s, r1 and r2 (a table) against the eager backend, which evaluates the
+    same RelativeBias as a bias function: causal or not, GQA, masks with fully masked rows, SSMax, odd lengths and
+    Lq != Lk (queries aligned lower-right; with L > S some queries sit before the first key), tables shorter and
+    longer than the longest distance."""
     q, k, v, m, _, s, grad = inputs(*shape, mask=mask, ssmax=ssmax, seed=len(str(shape)))
-    rb = relative_bias(kind, shape[1], seed=shape[3])
+    rb = relative_bias(kind, shape[1], seed=shape[3], width=width)
     kw = dict(normalizer=normalizer, causal=causal)
     want = run_relative("eager", q, k, v, m, rb, s, grad, **kw)
     assert_close(run_relative("cpu", q, k, v, m, rb, s, grad, **kw), want, atol=1e-10)
 
 
-def test_relative_bias_runs_fused_without_a_bias_tensor(monkeypatch):
+@pytest.mark.parametrize("kind", ["kerple_log", "table"])
+def test_relative_bias_runs_fused_without_a_bias_tensor(monkeypatch, kind):
     """The fused path takes a RelativeBias whole: it never evaluates the bias as a function (no (H, L, S) or tile
-    tensor of it), and its backward is asked for r1/r2 gradients only when they are needed."""
+    tensor of it), and its backward is asked for r1/r2 (the table's) gradients only when they are needed."""
 
     def refuse(self, q_pos, k_pos):
         raise AssertionError("the fused path evaluated the RelativeBias as a bias function")
@@ -534,13 +542,14 @@ def test_relative_bias_runs_fused_without_a_bias_tensor(monkeypatch):
     calls = []
     monkeypatch.setattr(cpu_native, "fused_backward", _spy_kw(cpu_native.fused_backward, calls))
     q, k, v, *_ = inputs(1, 4, 2, 33, 33)
-    for grads, want in [((True, True), True), ((False, True), True), ((False, False), False)]:
-        rb = relative_bias("kerple_log", 4, grad=grads)
+    for grads, want in [((True, True), True), ((False, True), kind != "table"), ((False, False), False)]:
+        rb = relative_bias(kind, 4, grad=grads, width=9)
         out = attention(q, k, v, bias=rb, causal=True, backend="cpu")
         leaves = [q] + [p for p in rb.parameters if p.requires_grad]
         got = torch.autograd.grad(out.sum(), leaves)
-        assert calls[-1]["want_dr"] is want and calls[-1]["relative"][0] == "kerple_log"
+        assert calls[-1]["want_dr"] is want and calls[-1]["relative"][0] == kind
         assert all(torch.isfinite(g).all() and g.abs().sum() > 0 for g in got)
+        assert all(g.shape == p.shape and g.dtype == p.dtype for g, p in zip(got, leaves))
 
 
 def _spy_kw(fn, calls):
@@ -553,16 +562,18 @@ def _spy_kw(fn, calls):
 
 @pytest.mark.parametrize("kind", RELATIVE_KINDS)
 def test_relative_bias_fused_blocks_chunks_and_threads(monkeypatch, kind):
-    """Many small blocks on two threads: the r1/r2 gradients are summed per work item and head, then over items in
-    a fixed order (chunks of a head's blocks, stacked query heads of a kv head), and come out bit-identical from two
-    runs; with a mask and SSMax, and batch > 1."""
+    """Many small blocks on two threads: the r1/r2 gradients (a table's per offset) are summed per work item and
+    head, then over items in a fixed order (chunks of a head's blocks, stacked query heads of a kv head), and come
+    out bit-identical from two runs; with a mask and SSMax, and batch > 1; tables shorter and longer than the
+    longest distance."""
     monkeypatch.setattr(cpu, "FUSED_ROWS", 4)
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        for shape in [(1, 1, 1, 37, 37), (2, 4, 2, 29, 33), (1, 8, 1, 37, 37), (1, 2, 1, 1, 29)]:
+        for shape, width in [((1, 1, 1, 37, 37), 5), ((2, 4, 2, 29, 33), 40), ((1, 8, 1, 37, 37), 2),
+                             ((1, 2, 1, 1, 29), 1)]:  # fmt: skip
             q, k, v, m, _, s, grad = inputs(*shape, mask="full", ssmax=True, seed=shape[3])
-            rb = relative_bias(kind, shape[1], seed=shape[1])
+            rb = relative_bias(kind, shape[1], seed=shape[1], width=width)
             kw = dict(normalizer="sa_norm", causal=True)
             got = run_relative("cpu", q, k, v, m, rb, s, grad, **kw)
             assert_close(got, run_relative("eager", q, k, v, m, rb, s, grad, **kw), atol=1e-10)
@@ -572,11 +583,26 @@ def test_relative_bias_fused_blocks_chunks_and_threads(monkeypatch, kind):
         torch.set_num_threads(threads)
 
 
+@pytest.mark.parametrize("normalizer", NORMALIZERS)
+def test_relative_bias_table_with_minus_inf_entries(path, normalizer):
+    """A table whose last entries are −inf (a window: keys further than 4 back are masked) gives eager's output and
+    gradients; the −inf entries get zero gradients, with a mask that leaves rows fully masked, SSMax, L != S."""
+    q, k, v, m, _, s, grad = inputs(1, 4, 2, 19, 23, mask="rows", ssmax=True, seed=5)
+    table = torch.randn(4, 7, dtype=torch.float64)
+    table[:, 5:] = float("-inf")
+    rb = RelativeBias.table(table.requires_grad_())
+    kw = dict(normalizer=normalizer, causal=True)
+    want = run_relative("eager", q, k, v, m, rb, s, grad, **kw)
+    got = run_relative("cpu", q, k, v, m, rb, s, grad, **kw)
+    assert (got[-1][:, 5:] == 0).all()
+    assert_close(got, want, atol=1e-10)
+
+
 @pytest.mark.parametrize("kind", RELATIVE_KINDS)
 @pytest.mark.parametrize("normalizer,causal", [("sa_norm", True), ("sa", False), ("softmax", True)])
 def test_relative_bias_parameters_gradcheck(path, kind, normalizer, causal):
-    """float64 gradcheck of r1 and r2 through the cpu backend (finite differences against its closed-form
-    backward), with GQA, a mask, SSMax and Lq != Lk."""
+    """float64 gradcheck of r1 and r2 (a table of 4 distances, the longest 8) through the cpu backend (finite
+    differences against its closed-form backward), with GQA, a mask, SSMax and Lq != Lk."""
     q, k, v, m, _, _, _ = inputs(1, 4, 2, 7, 9, mask="rows", seed=2)
     q, k, v = q.detach(), k.detach(), v.detach()
     rb = relative_bias(kind, 4, seed=1)
@@ -590,12 +616,14 @@ def test_relative_bias_parameters_gradcheck(path, kind, normalizer, causal):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_relative_bias_low_precision_within_twice_eager_error(path, dtype):
-    """FlashAttention's rule with a Kerple bias (float32 parameters): errors of the output and of the q, k, v, r1,
-    r2 gradients against a float64 reference at most 2x the eager backend's, plus a rounding allowance."""
+@pytest.mark.parametrize("kind", ["kerple_log", "table"])
+def test_relative_bias_low_precision_within_twice_eager_error(path, dtype, kind):
+    """FlashAttention's rule with a Kerple bias or a table of 64 distances (float32 parameters): errors of the
+    output and of the q, k, v, r1, r2 (table) gradients against a float64 reference at most 2x the eager backend's,
+    plus a rounding allowance."""
     args = inputs(1, 4, 2, 129, 129, d=32, dv=32, dtype=dtype, mask="rows", ssmax=True, seed=3)
-    rb = relative_bias("kerple_log", 4, dtype=torch.float32)
-    ref_rb = RelativeBias("kerple_log", *(p.detach().double().requires_grad_() for p in rb.parameters))
+    rb = relative_bias(kind, 4, dtype=torch.float32, width=64)
+    ref_rb = RelativeBias(kind, *(p.detach().double().requires_grad_() for p in rb.parameters))
     ref_args = [a.detach().double().requires_grad_(a.requires_grad) if torch.is_tensor(a) and a.is_floating_point()
                 else a for a in args]  # fmt: skip
     kw = dict(normalizer="sa_norm", causal=True)

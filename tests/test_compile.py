@@ -129,9 +129,12 @@ def test_export_holds_the_custom_operator():
 @needs_fused
 @pytest.mark.parametrize("with_options", [False, True])
 def test_custom_operators_pass_opcheck(with_options):
+    """Without and with mask, bias, SSMax and a RelativeBias table (whose gradient has the table's shape)."""
     (q, k, v, s), mask, bias = leaves(lq=5, lk=7)
     args = (q, k, v, mask if with_options else None, bias if with_options else None, s if with_options else None)
-    options = (0.3, 1e-6, with_options, "sa_norm", 4, "", None, None)  # scale, eps, causal, normalizer, rows, no bias
+    table = torch.randn(4, 3, dtype=q.dtype, requires_grad=True)
+    relative = ("table", table, None) if with_options else ("", None, None)
+    options = (0.3, 1e-6, with_options, "sa_norm", 4, *relative)  # scale, eps, causal, normalizer, rows, relative
     torch.library.opcheck(torch.ops.sasoftmax.cpu_fused_forward.default, (*args, *options))
 
 

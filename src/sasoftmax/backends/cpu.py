@@ -17,8 +17,9 @@ Calls without a bias function or a bias that needs a gradient run whole in C++ (
 "fused" path): one parallel region in which each thread computes blocks of :data:`FUSED_ROWS` query rows (of
 the query heads of one kv head) with the BLAS gemm torch uses and the row loops in between, called as the custom
 operators of ``cpu_ops`` (so torch.compile and torch.export keep it as one op). A
-:class:`~sasoftmax.RelativeBias` (ALiBi, Kerple) runs there too: the kernels evaluate it from its per-head
-parameters and return their gradients, reduced per head. Calls with another bias function or a bias that needs
+:class:`~sasoftmax.RelativeBias` (ALiBi, Kerple, a table per distance) runs there too: the kernels evaluate it
+from its per-head parameters and return their gradients, reduced per head (a table's per offset, folded into its
+entries by ``cpu_native.fold_offsets``). Calls with another bias function or a bias that needs
 a gradient run the tiles of ``_Plan`` from Python ("tiled" path): the GEMMs in PyTorch, the elementwise work in
 the C++ row loops (two passes forward, one backward) when they can be built here, else in plain PyTorch (several
 passes; the same math). See docs/cpu_backend.md.

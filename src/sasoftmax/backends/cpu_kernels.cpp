@@ -11,8 +11,9 @@
 // in between. This is how SDPA's CPU kernel works, and it removes a Python round trip and a
 // parallel region per tile.
 // Every row is reduced in a fixed order and every item writes its own memory, so results are deterministic.
-// The fused entries also evaluate a relative positional bias (ALiBi, Kerple; relative_bias.py) from its per-head
-// parameters, through per-head tables over the distance, and reduce its parameters' gradients per head.
+// The fused entries also evaluate a relative positional bias (ALiBi, Kerple, a table per distance; relative_bias.py)
+// from its per-head parameters, through per-head tables over the distance, and reduce its parameters' gradients per
+// head (a table's per head and offset j − i).
 //
 // Conventions shared with cpu.py:
 //   raw[i, j] <= masked_threshold marks a masked entry (mask, bias −inf); keys j >= limit[i] are masked (causal).
@@ -417,10 +418,11 @@ struct Call {
   int threads;
   // A relative bias f_h(|i − j|) (see Relative below), or null tables: rel_bias[h·rel_width + j − pos_i + S − 1]
   // is f_h/scale for query position pos_i (= i + S − L) and key j; rel_d1, rel_d2 the same layout of ∂f/∂r1,
-  // ∂f/∂r2 (backward). rel_masks: some entry is −inf (an overflow), so logits must be checked for masking.
+  // ∂f/∂r2 (backward). rel_masks: some entry is −inf (an overflow, a table's entry), so logits must be checked for
+  // masking. rel_table: the bias is a table per distance, whose backward sums dL/dz per offset instead.
   const T *rel_bias = nullptr, *rel_d1 = nullptr, *rel_d2 = nullptr;
   int64_t rel_width = 0;
-  bool rel_masks = false;
+  bool rel_masks = false, rel_table = false;
 
   int64_t offset() const { return s - l; }  // causal: query i sees keys j <= i + S − L
   // Keys that a block of queries [r0, r1) may see: a prefix of this length.
@@ -442,30 +444,38 @@ struct Call {
 };
 
 // A relative positional bias f_h(d) of the distance d = |pos_i − j| (relative_bias.py), by kind: 1 ALiBi
-// −r1·d; 2 Kerple log −r1·ln(1 + r2·d); 3 Kerple power −r1·d^r2 (0 at d = 0). f depends on j − pos_i alone, so
-// it is tabulated once per call and head over the L + S − 1 offsets a call has (evaluated in double): a row's
-// entries are then one contiguous run of its head's table, added by a vectorised pass. `bias` holds f/scale (it
-// is added to the raw logits q·k, which the row loops multiply by scale); with `grads`, `d1` and `d2` hold
-// ∂f/∂r1 and ∂f/∂r2 (d2 stays empty for ALiBi), which the backward reduces against dL/dz per row.
+// −r1·d; 2 Kerple log −r1·ln(1 + r2·d); 3 Kerple power −r1·d^r2 (0 at d = 0); 4 a table, r1 (Hq, n) row-major,
+// f_h(d) = r1[h, min(d, n − 1)]. f depends on j − pos_i alone, so it is tabulated once per call and head over the
+// L + S − 1 offsets a call has (evaluated in double): a row's entries are then one contiguous run of its head's
+// table, added by a vectorised pass. `bias` holds f/scale (it is added to the raw logits q·k, which the row loops
+// multiply by scale); with `grads`, `d1` and `d2` hold ∂f/∂r1 and ∂f/∂r2 (d2 stays empty for ALiBi), which the
+// backward reduces against dL/dz per row. A table needs neither: ∂f(d)/∂r1[h, e] is 1 where min(d, n − 1) = e,
+// so its backward sums dL/dz per offset (fused_backward) and cpu_native.py folds offsets into table entries.
 template <typename T>
 struct Relative {
+  static constexpr int kTable = 4;
   std::vector<T> bias, d1, d2;
   int64_t width = 0;
-  bool masks = false;  // some entry is −inf (d^r2 overflowed): logits must be checked for masked entries
+  bool masks = false;  // some entry is −inf (d^r2 overflowed, a table's): logits must be checked for masked entries
+  bool table = false;
 
-  Relative(int kind, const T* r1, const T* r2, int64_t hq, int64_t l, int64_t s, T scale, bool grads) {
+  // n: the table's width (kind 4; ignored otherwise).
+  Relative(int kind, const T* r1, const T* r2, int64_t n, int64_t hq, int64_t l, int64_t s, T scale, bool grads) {
     if (kind == 0) return;
     width = l + s - 1;
+    table = kind == kTable;
     bias.resize(hq * width);
-    if (grads) d1.resize(hq * width);
-    if (grads && kind != 1) d2.resize(hq * width);
+    if (grads && !table) d1.resize(hq * width);
+    if (grads && kind != 1 && !table) d2.resize(hq * width);
     const int64_t far = l > s ? l : s;  // distances 0 .. far − 1 occur
     std::vector<double> f(far), g1(far), g2(far);
     for (int64_t h = 0; h < hq; ++h) {
-      const double a = r1[h], b = kind != 1 ? double(r2[h]) : 0.0;
+      const double a = table ? 0.0 : double(r1[h]), b = kind != 1 && !table ? double(r2[h]) : 0.0;
       for (int64_t d = 0; d < far; ++d) {
         const double x = double(d);
-        if (kind == 1) {
+        if (table) {
+          f[d] = double(r1[h * n + (d < n - 1 ? d : n - 1)]);
+        } else if (kind == 1) {
           f[d] = -a * x;
           g1[d] = -x;
         } else if (kind == 2) {
@@ -485,8 +495,8 @@ struct Relative {
         const T entry = T(f[d] / double(scale));
         bias[h * width + e] = entry;
         masks = masks || entry <= masked_threshold<T>();
-        if (grads) d1[h * width + e] = T(g1[d]);
-        if (grads && kind != 1) d2[h * width + e] = T(g2[d]);
+        if (!d1.empty()) d1[h * width + e] = T(g1[d]);
+        if (!d2.empty()) d2[h * width + e] = T(g2[d]);
       }
     }
   }
@@ -498,6 +508,7 @@ struct Relative {
     c.rel_d2 = d2.empty() ? nullptr : d2.data();
     c.rel_width = width;
     c.rel_masks = masks;
+    c.rel_table = table;
   }
 };
 
@@ -614,7 +625,8 @@ std::vector<int64_t> chunk_bounds(const Call<T>& c, int64_t blocks) {
 // Backward: dq (B, Hq, L, D); partial dk (B, Hq/together, chunks, S, D) and dv (B, Hq/together, chunks, S, Dv),
 // one per group of `together` query heads of a kv head and chunk of their query blocks; and ds (B, Hq, chunks) =
 // Σ_rows ln n · Σ_j dL/dx·z (null: not wanted); with a relative bias, dr (2, B, Hq, chunks) its parameters'
-// gradients (null: not wanted). cpu.py sums the partials of a kv head in a fixed order. Work items
+// gradients, or for a table dr (B, Hq, chunks, L + S − 1) the sums of dL/dz per offset j − pos_i + S − 1
+// (null: not wanted). cpu.py sums the partials of a kv head in a fixed order. Work items
 // are (group, chunk): the group's heads share each block (stacked rows, one pass over k and v, and dk, dv summed
 // over the heads by the GEMMs themselves), and each item accumulates its dk, dv privately (transposed, (D, S):
 // that GEMM runs faster), so no two threads write the same memory and the result does not depend on the schedule.
@@ -639,6 +651,15 @@ void relative_grads(const Call<T>& c, const T* dz, int64_t h, int64_t i, int64_t
   acc[1] += s2;
 }
 
+// A table's share of one row: dL/dz_j (0 at masked keys) added to the entry of its offset, acc[j − pos_i + S − 1]
+// (acc: the head's rel_width sums). A row's offsets are one contiguous run, so this is a vectorised add.
+template <typename T>
+void table_grads(const Call<T>& c, const T* dz, int64_t i, int64_t lim, double* acc) {
+  double* a = acc + (c.s - 1) - (i + c.offset());
+#pragma omp simd
+  for (int64_t j = 0; j < lim; ++j) a[j] += double(dz[j]);
+}
+
 template <typename T, int mode>
 void fused_backward(const Call<T>& c, const T* dout, const T* delta, RowStats<T> st, T* dq, T* dk, T* dv, T* ds,
                     T* dr) {
@@ -649,7 +670,9 @@ void fused_backward(const Call<T>& c, const T* dout, const T* delta, RowStats<T>
   {
     std::vector<T> z(stack * c.s), dw(stack * c.s), dob(stack * c.dv), qbuf(stack * c.d), dqbuf(stack * c.d);
     std::vector<T> dkt(c.d * c.s), dvt(c.dv * c.s), t(stack), log_n(stack), ds_head(g);
-    std::vector<double> dr_head(2 * g);  // the relative bias's ∂L/∂r1, ∂L/∂r2 of each head, summed over rows
+    // The relative bias's ∂L/∂r1, ∂L/∂r2 of each head, summed over rows; for a table, ∂L/∂z summed per offset.
+    const int64_t per_head = dr == nullptr ? 0 : (c.rel_table ? c.rel_width : 2);
+    std::vector<double> dr_head(per_head * g);
     std::vector<int64_t> limit(stack);
     Transposed<T> kt_buf, vt_buf;
 #pragma omp for schedule(dynamic, 1)
@@ -684,8 +707,10 @@ void fused_backward(const Call<T>& c, const T* dout, const T* delta, RowStats<T>
           const T zsum = backward_row<T, mode>(z.data() + row * keys, dw.data() + row * keys, keys, limit[row],
                                                t[row], c.scale, delta[slot(row)], st, slot(row));
           ds_head[row / n] += zsum * log_n[row];
-          if (dr != nullptr) relative_grads(c, dw.data() + row * keys, h0 + row / n, r0 + row % n, limit[row],
-                                            &dr_head[2 * (row / n)]);
+          if (dr != nullptr && c.rel_table)
+            table_grads(c, dw.data() + row * keys, r0 + row % n, limit[row], &dr_head[per_head * (row / n)]);
+          else if (dr != nullptr)
+            relative_grads(c, dw.data() + row * keys, h0 + row / n, r0 + row % n, limit[row], &dr_head[2 * (row / n)]);
         }
         // dvᵀ += dO'ᵀ u;  dq = scale·dz k;  dkᵀ += scale·qᵀ dz (sums over the stacked heads' rows)
         mul<T>(c.blas, c.own(), true, false, c.dv, keys, g * n, T(1), dob.data(), c.dv, z.data(), keys, T(1),
@@ -705,7 +730,12 @@ void fused_backward(const Call<T>& c, const T* dout, const T* delta, RowStats<T>
       }
       if (ds != nullptr)
         for (int64_t hi = 0; hi < g; ++hi) ds[((bi * c.hq + h0 + hi) * c.chunks) + chunk] = ds_head[hi];
-      if (dr != nullptr) {  // dr (2, B, Hq, chunks)
+      if (dr != nullptr && c.rel_table) {  // dr (B, Hq, chunks, rel_width)
+        for (int64_t hi = 0; hi < g; ++hi) {
+          T* to = dr + ((bi * c.hq + h0 + hi) * c.chunks + chunk) * c.rel_width;
+          for (int64_t e = 0; e < c.rel_width; ++e) to[e] = T(dr_head[per_head * hi + e]);
+        }
+      } else if (dr != nullptr) {  // dr (2, B, Hq, chunks)
         for (int64_t hi = 0; hi < g; ++hi) {
           const int64_t at = (bi * c.hq + h0 + hi) * c.chunks + chunk;
           dr[at] = T(dr_head[2 * hi]);
@@ -736,7 +766,9 @@ Call<T> make_call(const int64_t* dims, const T* q, const T* k, const T* v, const
 }  // namespace
 
 // C ABI, one set per dtype (f32, f64). The tile entries serve cpu.py's tiled path (bias tensors and functions);
-// the fused entries run a whole call. Per-row arrays are contiguous, one slot per row.
+// the fused entries run a whole call. Per-row arrays are contiguous, one slot per row. The relative bias: rel_kind
+// (0 none, else as in Relative), its parameters r1, r2 (null unless Kerple) and rel_n, the width of a table r1
+// (kind 4, r1 (Hq, rel_n) row-major; 1 for the other kinds).
 #define SA_ENTRIES(T, S)                                                                                       \
   void sa_forward_##S(T* raw, int64_t rows, int64_t keys, const int64_t* limit, const T* t, T zmul, int mode,    \
                       T eps, T* lse, T* low, T* inv, T* fac, int64_t* amin, int64_t* amax, int threads) {       \
@@ -757,9 +789,9 @@ Call<T> make_call(const int64_t* dims, const T* q, const T* k, const T* v, const
                             const T* bias, const int64_t* strides, const T* ssmax, T scale, T eps, int mode,  \
                             void* blas,                                                                        \
                             int threads, T* out, T* lse, T* low, T* inv, int64_t* amin, int64_t* amax,        \
-                            int rel_kind, const T* r1, const T* r2) {                                          \
+                            int rel_kind, const T* r1, const T* r2, int64_t rel_n) {                           \
     Call<T> c = make_call<T>(dims, q, k, v, mask, bias, strides, ssmax, scale, eps, blas, threads);           \
-    const Relative<T> rel(rel_kind, r1, r2, c.hq, c.l, c.s, scale, false);                                    \
+    const Relative<T> rel(rel_kind, r1, r2, rel_n, c.hq, c.l, c.s, scale, false);                             \
     rel.attach(c);                                                                                             \
     const RowStats<T> st{lse, low, inv, amin, amax};                                                           \
     by_mode(mode, [&](auto m) { fused_forward<T, decltype(m)::value>(c, out, st); });                          \
@@ -769,9 +801,9 @@ Call<T> make_call(const int64_t* dims, const T* q, const T* k, const T* v, const
                              void* blas,                                                                       \
                              int threads, const T* dout, const T* delta, T* lse, T* low, T* inv,              \
                              int64_t* amin, int64_t* amax, T* dq, T* dk, T* dv, T* ds, int rel_kind,           \
-                             const T* r1, const T* r2, T* dr) {                                                \
+                             const T* r1, const T* r2, int64_t rel_n, T* dr) {                                 \
     Call<T> c = make_call<T>(dims, q, k, v, mask, bias, strides, ssmax, scale, eps, blas, threads);           \
-    const Relative<T> rel(rel_kind, r1, r2, c.hq, c.l, c.s, scale, dr != nullptr);                            \
+    const Relative<T> rel(rel_kind, r1, r2, rel_n, c.hq, c.l, c.s, scale, dr != nullptr);                     \
     rel.attach(c);                                                                                             \
     const RowStats<T> st{lse, low, inv, amin, amax};                                                           \
     by_mode(mode, [&](auto m) {                                                                                \

@@ -45,7 +45,7 @@ if platform.machine().lower() in ("x86_64", "amd64"):
     # faster here. Without AVX-512 the flag changes nothing.
     _FLAGS.append("-mprefer-vector-width=512")
 _MODES = {"softmax": 0, "sa": 1, "sa_norm": 2}
-_RELATIVE_KINDS = {"alibi": 1, "kerple_log": 2, "kerple_power": 3}  # relative_bias.RELATIVE_BIAS_KINDS
+_RELATIVE_KINDS = {"alibi": 1, "kerple_log": 2, "kerple_power": 3, "table": 4}  # relative_bias.RELATIVE_BIAS_KINDS
 _TYPES = {torch.float32: ("f32", ctypes.c_float), torch.float64: ("f64", ctypes.c_double)}
 
 
@@ -347,15 +347,26 @@ def _call_args(
 
 Relative = tuple[str, Tensor, "Tensor | None"]
 """A relative positional bias for the fused entries: (kind of ``relative_bias.RELATIVE_BIAS_KINDS``, r1, r2 or
-None), r1 and r2 contiguous (Hq,) tensors in q's dtype."""
+None), r1 and r2 contiguous (Hq,) tensors in q's dtype; for kind ``table`` r1 a contiguous (Hq, n) table."""
 
 
 def _relative_args(relative: Relative | None) -> tuple:
-    """The trailing (kind, r1, r2) arguments of the fused entries; kind 0 = no relative bias."""
+    """The trailing (kind, r1, r2, n) arguments of the fused entries: kind 0 = no relative bias; n the width of a
+    table r1 (1 for the other kinds)."""
     if relative is None:
-        return ctypes.c_int(0), _ptr(None), _ptr(None)
+        return ctypes.c_int(0), _ptr(None), _ptr(None), ctypes.c_int64(1)
     kind, r1, r2 = relative
-    return ctypes.c_int(_RELATIVE_KINDS[kind]), _ptr(r1), _ptr(r2)
+    n = r1.shape[1] if kind == "table" else 1
+    return ctypes.c_int(_RELATIVE_KINDS[kind]), _ptr(r1), _ptr(r2), ctypes.c_int64(n)
+
+
+def fold_offsets(per_offset: Tensor, lk: int, n: int) -> Tensor:
+    """A table's gradient (Hq, n) from the sums of dL/dz per offset, ``per_offset`` (Hq, L + S − 1) with entry
+    j − pos_i + S − 1 for query position pos_i and key j: offset o has distance |o − (S − 1)|, which adds to entry
+    min(distance, n − 1). Summed in float64, then in ``per_offset``'s dtype."""
+    distance = (torch.arange(per_offset.shape[1]) - (lk - 1)).abs().clamp_max(n - 1)
+    folded = torch.zeros(per_offset.shape[0], n, dtype=torch.float64)
+    return folded.index_add_(1, distance, per_offset.double()).to(per_offset.dtype)
 
 
 def _divisors(n: int, at_most: int) -> list[int]:
@@ -412,7 +423,9 @@ def fused_backward(
     the forward; ``rows`` rows per block over the query heads of a kv head. Returns dq (B, Hq, L, D), dk
     (B, Hkv, S, D), dv (B, Hkv, S, Dv), ds (Hq,) or None, and with ``want_dr`` the gradients of the relative
     bias's r1 and r2 as dr (2, Hq) (row 1 zeros for ALiBi), else None: per work item and head, reduced inside the
-    kernels, then summed here in a fixed order.
+    kernels, then summed here in a fixed order. For a ``table`` dr is (1, Hq, n), the table's gradient: the kernels
+    sum dL/dz per work item, head and offset j − pos_i, and :func:`fold_offsets` adds offsets into the entries of
+    their distances.
     """
     lib, gemm = fused_lib
     b, hq, lq, _ = q.shape
@@ -428,7 +441,9 @@ def fused_backward(
     dv = torch.empty(b, groups, chunks, lk, v.shape[-1], dtype=q.dtype)
     ds = torch.empty(b, hq, chunks, dtype=q.dtype) if want_ds else None
     want_dr = want_dr and relative is not None
-    dr = torch.empty(2, b, hq, chunks, dtype=q.dtype) if want_dr else None
+    table = want_dr and relative[0] == "table"
+    dr_shape = (b, hq, chunks, lq + lk - 1) if table else (2, b, hq, chunks)
+    dr = torch.empty(dr_shape, dtype=q.dtype) if want_dr else None
     _keep, args = _call_args(
         q, k, v, mask, bias, ssmax, scale, eps, causal, normalizer, per_head, gemm, chunks, together
     )
@@ -440,4 +455,8 @@ def fused_backward(
         dk, dv = (t.view(b, hkv, -1, lk, t.shape[-1]).sum(2) for t in (dk, dv))
     else:
         dk, dv = dk.squeeze(2), dv.squeeze(2)
-    return dq, dk, dv, None if ds is None else ds.sum((0, 2)), None if dr is None else dr.sum((1, 3))
+    if table:
+        dr = fold_offsets(dr.sum((0, 2)), lk, relative[1].shape[1]).unsqueeze(0)
+    elif dr is not None:
+        dr = dr.sum((1, 3))
+    return dq, dk, dv, None if ds is None else ds.sum((0, 2)), dr

@@ -60,9 +60,9 @@ def fused_forward(
     q (B, Hq, L, D), k (B, Hkv, S, D), v (B, Hkv, S, Dv) of one float dtype; ``mask`` (bool) and ``bias``
     (additive, no gradient) broadcastable to (B, Hq, L, S) with at most 4 dims, or None; ``ssmax`` (Hq,) or None;
     ``rows`` query rows per block; ``rel_kind`` a kind of ``RELATIVE_BIAS_KINDS`` (or "" for none) with its (Hq,)
-    parameters ``r1``, ``r2``, evaluated by the kernels. Returns out (B, Hq, L, Dv), stats (3, B, Hq, L) =
-    (lse, m, c), both in the compute dtype, and arg (2, B, Hq, L) int64 = (argmin, argmax) of sa_norm's min/max
-    terms (−1: none).
+    parameters ``r1``, ``r2`` (for ``table`` r1 (Hq, n) and r2 None), evaluated by the kernels. Returns out
+    (B, Hq, L, Dv), stats (3, B, Hq, L) = (lse, m, c), both in the compute dtype, and arg (2, B, Hq, L) int64 =
+    (argmin, argmax) of sa_norm's min/max terms (−1: none).
     """
     lib, qc, kc, vc, mask, bias, ssmax = _native_arguments(q, k, v, mask, bias, ssmax)
     relative = _relative(rel_kind, r1, r2, qc.dtype)
@@ -112,7 +112,8 @@ def fused_backward(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The backward of :func:`fused_forward` (DESIGN §2) from its outputs ``out``, ``stats``, ``arg`` and dL/d
     ``out``. Returns dq, dk, dv in the dtypes of q, k, v, ds (Hq,) in ssmax's dtype (empty unless ``want_ds``)
-    and dr (2, Hq) = the gradients of the relative bias's r1 and r2 in r1's dtype (empty unless ``want_dr``)."""
+    and dr (2, Hq) = the gradients of the relative bias's r1 and r2 in r1's dtype, for a ``table`` dr (1, Hq, n) =
+    the table's gradient (empty unless ``want_dr``)."""
     lib, qc, kc, vc, mask, bias, ssmax_c = _native_arguments(q, k, v, mask, bias, ssmax)
     do = grad_out.to(out.dtype).contiguous()
     delta = (do * out).sum(-1)  # D_i = dO_i · o_i, (B, Hq, L)
@@ -130,7 +131,7 @@ def fused_backward(
 def _fused_backward_fake(q, k, v, mask, bias, ssmax, scale, eps, causal, normalizer, rows, grad_out, out, stats,
                          arg, want_ds, rel_kind, r1, r2, want_dr):  # fmt: skip
     ds = ssmax.new_empty(ssmax.shape) if want_ds else q.new_empty((0,))
-    dr = r1.new_empty((2, r1.shape[0])) if want_dr else q.new_empty((0,))
+    dr = r1.new_empty((1, *r1.shape) if rel_kind == "table" else (2, r1.shape[0])) if want_dr else q.new_empty((0,))
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), ds, dr
 
 
