@@ -24,11 +24,13 @@ Providers (``--providers``):
 
 ``--bias`` adds rows with a positional bias per provider (``none`` is the plain row): ``alibi``
 (``RelativeBias.alibi``, fixed slopes), ``kerple`` (``RelativeBias.kerple_log``, r1 and r2 require grad),
-``kerple-table`` (the same Kerple handed over as a table per distance, see ``KerpleTable``) and ``fire`` (``sasoftmax.positional.FIRE`` with its threshold at N, so that every query lies below it, as in
-training: it hands the kernels a ``RelativeBias.table`` of its MLP per distance; its parameters require grad). SDPA gets the same bias as a materialised float ``attn_mask`` (1, H, N, N) in the input dtype, built
-before the timing and without gradient, causal folded in as −inf, where it takes at most a quarter of the
-free memory; flash-attn takes ALiBi only. The eager backend materialises several (B, H, N, N) float32
-tensors: it runs only where an estimate of its memory fits (else the row says why).
+``kerple-table`` (the same Kerple handed over as a table per distance, see ``KerpleTable``) and ``fire``
+(``sasoftmax.positional.FIRE`` with its threshold at N, so that every query lies below it, as in training: it hands
+the kernels a ``RelativeBias.table`` of its MLP per distance; its parameters require grad). SDPA gets the same bias
+as a materialised float ``attn_mask`` (1, H, N, N) in the input dtype, built before the timing and without gradient,
+causal folded in as −inf, where it takes at most a quarter of the free memory; flash-attn takes ALiBi only. The
+eager backend materialises several (B, H, N, N) float32 tensors: it runs only where an estimate of its memory fits
+(else the row says why).
 
 A provider that fails (out of memory, a shape it refuses, an unsupported call) is recorded with the error
 and the run goes on. Results are rewritten after every row into --out/<prefix>.md (Markdown tables with a

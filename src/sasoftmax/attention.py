@@ -118,9 +118,8 @@ def make_call(q, k, v, normalizer, causal, mask, bias, scale, ssmax, eps, dropou
         # A module that knows its RelativeBias (positional.ALiBi, Kerple, FIRE): the form fused kernels evaluate.
         spec = bias.relative_bias(lq, lk)
         if spec is not None and not isinstance(spec, RelativeBias):
-            raise TypeError(
-                f"bias.relative_bias(q_len, k_len) must return a sasoftmax.RelativeBias or None; got {type(spec).__name__}"
-            )
+            got = type(spec).__name__
+            raise TypeError(f"bias.relative_bias(q_len, k_len) must return a sasoftmax.RelativeBias or None; got {got}")
         bias = bias if spec is None else spec
     if bias is not None:
         if isinstance(bias, Tensor):

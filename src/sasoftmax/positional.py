@@ -166,10 +166,10 @@ class FIRE(nn.Module):
     f_θ is an MLP 1 → ``width`` → H (ReLU); c (init 0.1) and the threshold L (init ``train_len``,
     learnt through a multiplier as in the reference code) are learnable.
 
-    Where every query sits below the threshold (training at or under ``train_len``: positions up to
-    ``train_len`` − 1) the normaliser is ψ(L) for all of them and the bias depends on |i − j| alone: :meth:`relative_bias` then gives it as a
-    :class:`~sasoftmax.RelativeBias` table (the MLP run once per distance), which fused kernels read and
-    differentiate per tile; passing the module as ``bias=`` uses it. From the threshold on (extrapolation) the
+    Where every query sits below the threshold (training at or under ``train_len``: positions up to ``train_len`` −
+    1) the normaliser is ψ(L) for all of them and the bias depends on |i − j| alone: :meth:`relative_bias` then
+    gives it as a :class:`~sasoftmax.RelativeBias` table (the MLP run once per distance), which fused kernels read
+    and differentiate per tile; passing the module as ``bias=`` uses it. From the threshold on (extrapolation) the
     module is a bias function of (q_pos, k_pos). (A query exactly at L takes the per-pair form, whose max(L, i)
     passes half of its gradient to L, as the reference code's ``torch.max`` does.)
     """
