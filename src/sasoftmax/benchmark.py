@@ -13,9 +13,9 @@ For each length N, causal or not, and each implementation (SDPA softmax; every n
   once (MALLOC_MMAP_THRESHOLD_), so the resident set follows the live memory.
 
 With ``--bias alibi|kerple|fire`` every implementation gets that positional bias (the harness's ``ALiBi``,
-``Kerple`` (log) or ``FIRE`` module, seeded): the sasoftmax backends as the harness passes it (ALiBi and Kerple
-as a :class:`~sasoftmax.RelativeBias`, which the cpu backend's fused kernels evaluate themselves; FIRE as a
-bias function, evaluated per tile), SDPA as a materialised float ``attn_mask``.
+``Kerple`` (log) or ``FIRE`` module, seeded): the sasoftmax backends as the harness passes it (a
+:class:`~sasoftmax.RelativeBias`, which the cpu backend's fused kernels evaluate themselves; FIRE's is a table
+of its MLP per distance, its threshold being N), SDPA as a materialised float ``attn_mask``.
 
 Ratios are against SDPA in the same run. Results print as a Markdown table and can be written as
 Markdown or JSON. ``sasoftmax bench`` and ``benchmarks/attention.py`` run it.
@@ -104,8 +104,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=BIASES,
         default="none",
         help="a positional bias: alibi (-slope_h·|i - j|), kerple (-r1_h·ln(1 + r2_h·|i - j|)) or fire (an MLP "
-        "of the distance); the sasoftmax backends get alibi and kerple as a RelativeBias (evaluated inside the "
-        "cpu backend's fused kernels) and fire as a bias function (evaluated per tile), with gradients for the "
+        "of the distance); the sasoftmax backends get each as a RelativeBias (fire's a table per distance), "
+        "evaluated inside the cpu backend's fused kernels, with gradients for the "
         "bias's parameters; SDPA a float attn_mask (H, N, N) built before the timing (an input, so not in its "
         "extra memory)",
     )
@@ -278,12 +278,12 @@ def make_inputs(case: Case, requires_grad: bool) -> tuple[torch.Tensor, ...]:
 def positional_bias(case: Case) -> nn.Module | None:
     """The positional module ``case.bias`` names, seeded, with the harness's initialisation (None for "none").
     Kerple's and FIRE's parameters require grad, as in training; ALiBi's slopes are fixed. Parameters are float32
-    (ALiBi's and Kerple's float64 for float64 inputs; FIRE computes in float32)."""
+    (float64 for float64 inputs)."""
     if case.bias == "none":
         return None
     torch.manual_seed(0)
     module = make_positional(case.bias, case.heads, case.head_dim, train_len=case.n)
-    return module.double() if case.dtype == "float64" and hasattr(module, "relative_bias") else module
+    return module.double() if case.dtype == "float64" else module
 
 
 def operation(case: Case) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:

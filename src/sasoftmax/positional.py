@@ -209,19 +209,20 @@ class FIRE(nn.Module):
         return self._per_pair(q_pos, distance, threshold)
 
     def _normalised(self, distance: Tensor, normaliser: Tensor) -> Tensor:
-        """ψ(d)/ψ(normaliser) for float32 |i − j| (broadcasting)."""
+        """ψ(d)/ψ(normaliser) for |i − j| in the MLP's dtype (broadcasting)."""
         return torch.log((self.c * distance).abs() + 1) / (torch.log((self.c * normaliser).abs() + 1) + self.eps)
 
     def _table(self, distances: int, threshold: Tensor) -> Tensor:
         """Queries below the threshold: the bias at distances 0 … ``distances`` − 1, (H, distances)."""
-        grid = torch.arange(distances, device=threshold.device, dtype=torch.float32)
+        grid = torch.arange(distances, device=threshold.device, dtype=self.mlp[0].weight.dtype)
         return self.mlp(self._normalised(grid, threshold).unsqueeze(-1)).T
 
     def _per_pair(self, q_pos: Tensor, distance: Tensor, threshold: Tensor) -> Tensor:
         """Any queries: the MLP on every (i, j) pair of |i − j| ``distance`` (Lt, St), each row normalised by
         ψ(max(L, i))."""
-        normaliser = torch.maximum(q_pos.to(torch.float32), threshold)[:, None]
-        normalised = self._normalised(distance.to(torch.float32), normaliser)
+        dtype = self.mlp[0].weight.dtype  # float32 unless the module was converted (e.g. .double() for gradcheck)
+        normaliser = torch.maximum(q_pos.to(dtype), threshold)[:, None]
+        normalised = self._normalised(distance.to(dtype), normaliser)
         return self.mlp(normalised.unsqueeze(-1)).permute(2, 0, 1).unsqueeze(0)
 
 
