@@ -182,8 +182,9 @@ def gemm(request, monkeypatch):
 @pytest.mark.parametrize(
     "normalizer,causal,mask,bias,ssmax,shape,dims",
     [
-        ("sa_norm", False, "rows", "heads", False, (1, 4, 2, 301, 301), (20, 24)),
-        ("sa_norm", True, None, "full", False, (2, 2, 1, 131, 300), (64, 40)),
+        ("sa_norm", False, "rows", "heads", True, (1, 4, 2, 301, 301), (20, 24)),
+        ("sa_norm", True, None, "full", True, (2, 2, 1, 131, 300), (64, 40)),
+        ("sa", False, "rows", "heads", True, (1, 4, 2, 301, 301), (20, 24)),
         ("softmax", True, "rows", None, True, (1, 6, 3, 70, 258), (17, 1)),
         ("sa", False, None, None, False, (1, 4, 1, 1, 333), (80, 64)),
     ],

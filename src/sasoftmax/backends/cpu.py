@@ -291,8 +291,9 @@ class _TiledAttention(torch.autograd.Function):
         dtype = compute_dtype(q.dtype)
         plans = _plans(call, bias_fn, bias, ssmax)
         out = torch.zeros(*q.shape[:3], v.shape[-1], dtype=dtype)
-        # Per row: lse (0 for an empty row), m, c; argmin, argmax (−1 where sa_norm has no such term).
-        stats = torch.zeros(3, *q.shape[:3], dtype=dtype)
+        # Per row: lse (0 for an empty row), m, c, lse_lo (lse's rounding, see cpu_kernels.cpp's RowStats); argmin,
+        # argmax (−1 where sa_norm has no such term).
+        stats = torch.zeros(4, *q.shape[:3], dtype=dtype)
         arg = torch.full((2, *q.shape[:3]), -1, dtype=torch.long)
         kc, vc = k.to(dtype), v.to(dtype)
         work: dict[str, Tensor] = {}
@@ -322,7 +323,6 @@ class _TiledAttention(torch.autograd.Function):
         dtype = plans[0].dtype
         kc, vc = k.to(dtype), v.to(dtype)
         do = grad_out.to(dtype)
-        delta = (do * out).sum(-1)  # D_i = dO_i · o_i, (B, Hq, L)
         dq = torch.zeros(q.shape, dtype=dtype)
         # dk, dv are accumulated transposed, (B, Hkv, D, S): the GEMM qᵀ·dz into that layout runs 10–20% faster
         # here than dzᵀ·q into (S, D).
@@ -340,7 +340,7 @@ class _TiledAttention(torch.autograd.Function):
             own = not dk[:, kv].is_contiguous()  # dk and dv alike
             dk_c, dv_c = (torch.zeros(t[:, kv].shape, dtype=dtype) if own else t[:, kv] for t in (dk, dv))
             grads = _Grads(dq[:, qh], dk_c, dv_c, _heads(dbias, qh), None if ds is None else ds[qh], own)
-            views = (q[:, qh], kc[:, kv], vc[:, kv], do[:, qh], stats[:, :, qh], arg[:, :, qh], delta[:, qh])
+            views = (q[:, qh], kc[:, kv], vc[:, kv], do[:, qh], stats[:, :, qh], arg[:, :, qh])
             chunks.append((plan, *views, grads, need))
         for rows, keys in plans[0].blocks():
             bias_fn_tile = dtile = None
@@ -416,18 +416,18 @@ def _kv_chunks(call: AttentionCall) -> list[slice]:
 
 def _forward_block(plan: _Plan, q, kc, vc, out, stats, arg, rows: slice, keys: int, bias_fn_tile) -> None:
     """Forward of one query block of one chunk of heads: fills its rows of ``out`` (B, hq, L, Dv), ``stats``
-    (3, B, hq, L) and ``arg``."""
+    (4, B, hq, L) and ``arg``."""
     tile = plan.tile(plan.q_block(q, rows), kc, rows, keys, bias_fn_tile)
     step = _forward_native if plan.lib is not None else _forward_plain
     u, fac, row_stats, row_arg = step(plan, tile)
     o = plan.heads(torch.matmul(u, vc[:, :, :keys]))
     out[:, :, rows] = o.mul_(fac.view(plan.b, plan.hq, -1, 1))
-    stats[:, :, :, rows] = row_stats.view(3, plan.b, plan.hq, -1)
+    stats[:, :, :, rows] = row_stats.view(4, plan.b, plan.hq, -1)
     arg[:, :, :, rows] = row_arg.view(2, plan.b, plan.hq, -1)
 
 
 def _backward_block(
-    plan: _Plan, q, kc, vc, do, stats, arg, delta, grads: _Grads, need, rows: slice, keys: int, bias_fn_tile, dtile
+    plan: _Plan, q, kc, vc, do, stats, arg, grads: _Grads, need, rows: slice, keys: int, bias_fn_tile, dtile
 ) -> None:
     """Backward of one query block of one chunk of heads (DESIGN §2), accumulating into ``grads``, and into
     ``dtile`` (the gradient of the bias function's tile, every head) when given."""
@@ -439,11 +439,10 @@ def _backward_block(
     dob = plan.groups(dob)
     dw = plan.buffer("dw", (*dob.shape[:-1], keys))
     torch.bmm(dob.flatten(0, 1), vc[:, :, :keys].flatten(0, 1).transpose(1, 2), out=dw.flatten(0, 1))
-    row_stats = stats[:, :, :, rows].reshape(3, -1)
+    row_stats = stats[:, :, :, rows].reshape(4, -1)
     row_arg = arg[:, :, :, rows].reshape(2, -1)
-    row_delta = delta[:, :, rows].reshape(-1)
     step = _backward_native if plan.lib is not None else _backward_plain
-    u, dz, dsz = step(plan, tile, dw, row_stats, row_arg, row_delta, need["s"])
+    u, dz, dsz = step(plan, tile, dw, row_stats, row_arg, need["s"])
     if need["v"]:  # accumulate in place, transposed: dvᵀ += dOᵀ u
         dvt = grads.dv
         dvt.view(-1, *dvt.shape[2:])[:, :, :keys].baddbmm_(dob.flatten(0, 1).transpose(1, 2), u.flatten(0, 1))
@@ -465,13 +464,14 @@ def _backward_block(
 
 
 def _forward_native(plan: _Plan, tile: _Tile) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Fused forward of one tile: (u in GEMM layout, per-row output factor, (lse, m, c), (argmin, argmax))."""
+    """Fused forward of one tile: (u in GEMM layout, per-row output factor, (lse, m, c, lse_lo), (argmin,
+    argmax))."""
     raw = tile.raw.view(-1, tile.keys)
     t = plan.rows_of(plan.ssmax_t(tile), tile.rows)
-    lse, low, inv, fac, amin, amax = cpu_native.forward(
+    lse, lse_lo, low, inv, fac, amin, amax = cpu_native.forward(
         plan.lib, raw, plan.limits(tile), t, plan.scale, plan.normalizer, plan.eps
     )
-    return tile.raw, fac, torch.stack((lse, low, inv)), torch.stack((amin, amax))
+    return tile.raw, fac, torch.stack((lse, low, inv, lse_lo)), torch.stack((amin, amax))
 
 
 def _forward_plain(plan: _Plan, tile: _Tile) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -503,28 +503,27 @@ def _forward_plain(plan: _Plan, tile: _Tile) -> tuple[Tensor, Tensor, Tensor, Te
     total = torch.where(nonempty, total, torch.ones_like(total))
     fac = torch.where(nonempty, (inv if plan.normalizer == "sa_norm" else 1) / total, 0)
     lse = torch.where(nonempty, mu + torch.log(total), 0)
-    row_stats = torch.stack([s.expand_as(lse).reshape(-1) for s in (lse, low, inv)])
+    # lse_lo = 0: these ops round the logsumexp as torch does
+    row_stats = torch.stack([s.expand_as(lse).reshape(-1) for s in (lse, low, inv, torch.zeros_like(lse))])
     row_arg = torch.stack([a.expand_as(lse).reshape(-1) for a in (amin, amax)])
     return plan.groups(e), fac, row_stats, row_arg
 
 
-def _backward_native(plan, tile, dw, row_stats, row_arg, row_delta, need_s):
+def _backward_native(plan, tile, dw, row_stats, row_arg, need_s):
     """Fused backward of one tile: (u, dL/dz, Σ_j dL/dx·z per row or None), u and dL/dz in GEMM layout."""
-    lse, low, inv = (s.contiguous() for s in row_stats)
+    lse, low, inv, lse_lo = (s.contiguous() for s in row_stats)
     t = plan.rows_of(plan.ssmax_t(tile), tile.rows)
     dsz = cpu_native.backward(
         plan.lib, tile.raw.view(-1, tile.keys), dw.view(-1, tile.keys), plan.limits(tile), t, plan.scale,
-        plan.normalizer, lse, low, inv, row_delta.contiguous(), row_arg[0].contiguous(), row_arg[1].contiguous(),
-        need_s,
+        plan.normalizer, lse, lse_lo, low, inv, row_arg[0].contiguous(), row_arg[1].contiguous(), need_s,
     )  # fmt: skip
     return tile.raw, dw, dsz
 
 
-def _backward_plain(plan, tile, dw, row_stats, row_arg, row_delta, need_s):
+def _backward_plain(plan, tile, dw, row_stats, row_arg, need_s):
     """The same as :func:`_backward_native` in PyTorch ops."""
     shape = (plan.b, plan.hq, -1, 1)
-    lse, low, inv = (s.view(shape) for s in row_stats)
-    d_i = row_delta.view(shape)
+    lse, low, inv, _ = (s.view(shape) for s in row_stats)
     z = None
     if need_s:  # SSMax's gradient needs z (masked entries 0: their dL/dx is 0, z may be anything there)
         z = plan.heads(tile.raw) * plan.scale
@@ -534,9 +533,11 @@ def _backward_plain(plan, tile, dw, row_stats, row_arg, row_delta, need_s):
     dw = plan.heads(dw)
     if plan.normalizer == "softmax":
         u = p
+        d_i = torch.linalg.vecdot(u, dw).unsqueeze(-1)  # D_i = Σ_j w_ij dW_ij, as the native row loops take it
         dx = dw.sub_(d_i).mul_(p)
     else:
         u = xh.sub_(low).mul_(p) if plan.normalizer == "sa_norm" else xh.mul_(p)
+        d_i = torch.linalg.vecdot(u, dw).unsqueeze(-1)  # D_i (sa_norm: u = (x − m)p and dw is c-scaled)
         e_i = torch.linalg.vecdot(p, dw).unsqueeze(-1)  # c·E_i for sa_norm (dw is c-scaled)
         u_out = u.clone()
         dx = dw.mul_(u.add_(p)).addcmul_(p, d_i, value=-1)  # dW(p + u) − D p

@@ -20,7 +20,9 @@
 //   NaN is never masked: a NaN logit (from q, k, a bias or SSMax's s) makes its row's output and gradients NaN,
 //   as in eager PyTorch. Every test of a logit is written so that NaN takes the allowed branch, and the library
 //   is built without -ffinite-math-only (cpu_native.py), which would let the compiler drop such tests.
-//   z = zmul · raw are the logits before SSMax, x = t[i] · z the final logits.
+//   z = zmul · raw are the logits before SSMax, x = t[i] · z the final logits, each product rounded on its own as
+//   eager rounds them: (t·zmul)·raw would round t·zmul once per row, an error shared by the row's logits, and such
+//   errors do not average out in o or in the gradients (with SSMax, float32: up to 2.4× eager's error in o).
 //   mode: 0 softmax, 1 sa, 2 sa_norm.
 #include <algorithm>
 #include <cmath>
@@ -123,7 +125,10 @@ int64_t find(const T* x, int64_t n, T value) {
 // Per-row statistics of the forward, saved for the backward; one slot per row of the call.
 template <typename T>
 struct RowStats {
-  T* lse;        // logsumexp of the row (0 for an empty row)
+  T* lse;        // logsumexp of the row (0 for an empty row), rounded to T
+  T* lse_lo;     // what that rounding lost (computed in double): the backward's p = e^{(x − lse) − lse_lo}. A rounded
+                 // logsumexp alone (at its magnitude, ~5–20 with SSMax) moves every p of the row alike, and such
+                 // errors add up in dv, dk and ds instead of averaging out (float32: up to 3× eager's error in dv)
   T* low;        // m = min(0, min x)
   T* inv;        // c = 1/(M − m + eps)
   int64_t* amin; // where sa_norm's min term goes (−1: none)
@@ -133,14 +138,14 @@ struct RowStats {
 // Forward of one row of `keys` logits, in place: raw -> unnormalised weights u (e = exp(x − μ); u = e,
 // x·e or (x − m)·e); stores the row's statistics at slot i and returns fac (o = fac · u v).
 template <typename T, int mode>
-T forward_row(T* x, int64_t keys, int64_t lim, T mul, T eps, const RowStats<T>& st, int64_t i) {
+T forward_row(T* x, int64_t keys, int64_t lim, T ti, T zmul, T eps, const RowStats<T>& st, int64_t i) {
   // A NaN logit never wins these comparisons; it reaches the row sum below, which makes the row NaN.
   T mu = sentinel<T>(), m = T(0);
   if (mode != 2) {
 #pragma omp simd reduction(max : mu)
     for (int64_t j = 0; j < keys; ++j) {
       const T r = x[j];
-      const T v = (j < lim && unmasked(r)) ? mul * r : sentinel<T>();
+      const T v = (j < lim && unmasked(r)) ? ti * (zmul * r) : sentinel<T>();
       x[j] = v;
       mu = v > mu ? v : mu;
     }
@@ -149,7 +154,7 @@ T forward_row(T* x, int64_t keys, int64_t lim, T mul, T eps, const RowStats<T>& 
     for (int64_t j = 0; j < keys; ++j) {
       const T r = x[j];
       const bool ok = j < lim && unmasked(r);
-      const T v = ok ? mul * r : sentinel<T>();
+      const T v = ok ? ti * (zmul * r) : sentinel<T>();
       x[j] = v;
       mu = v > mu ? v : mu;
       // Masked entries as 0 (sentinel · 0 = −0) leave m = min(0, min x) unchanged. A product, not ok ? v : 0:
@@ -174,7 +179,9 @@ T forward_row(T* x, int64_t keys, int64_t lim, T mul, T eps, const RowStats<T>& 
     x[j] = mode == 0 ? e : (mode == 1 ? v * e : (v - m) * e);  // masked: finite · 0 = 0
   }
   const bool any = total != T(0);  // NaN (a NaN logit in the row) makes the row NaN
-  st.lse[i] = any ? shift + std::log(total) : T(0);
+  const double lse = any ? double(shift) + std::log(double(total)) : 0.0;
+  st.lse[i] = T(lse);
+  st.lse_lo[i] = T(lse - double(T(lse)));
   st.low[i] = m;
   st.inv[i] = c;
   st.amax[i] = mu_at;
@@ -184,25 +191,41 @@ T forward_row(T* x, int64_t keys, int64_t lim, T mul, T eps, const RowStats<T>& 
 
 // Backward of one row (DESIGN §2): x (raw logits) -> u (the weights that multiply dO in dv; (x − m)p for
 // sa_norm, whose dO was scaled by c), g (dO·vᵀ, c-scaled for sa_norm) -> dL/dz = t · dL/dx in place, with
-// the min/max terms of sa_norm added at argmin/argmax. Returns Σ_j dL/dx_j · z_j (for SSMax's s).
+// the min/max terms of sa_norm added at argmin/argmax. Returns Σ_j dL/dx_j · z_j (for SSMax's s). `p` is scratch
+// for the row's probabilities (keys entries).
+//
+// D = Σ_j w_j dW_j is taken from this row's own weights (a first pass), as autograd through eager's ops takes
+// it, not as dO·o from the forward's output: o carries the rounding of the forward's 1/ℓ, which scales the whole
+// row alike, and D's error then enters every dL/dx_j as −ΔD·p_j, which Σ_j dL/dx_j·z_j (SSMax's ds) sums
+// coherently (float32: 2–3× eager's error in ds before).
 template <typename T, int mode>
-T backward_row(T* x, T* g, int64_t keys, int64_t lim, T ti, T zmul, T d, const RowStats<T>& st, int64_t i) {
-  const T mul = ti * zmul, l = st.lse[i], m = st.low[i];
+T backward_row(T* x, T* g, T* p, int64_t keys, int64_t lim, T ti, T zmul, const RowStats<T>& st, int64_t i) {
+  const T l = st.lse[i], l_lo = st.lse_lo[i], m = st.low[i];
   const int64_t at_max = st.amax[i], at_min = st.amin[i];
   const T z_max = at_max >= 0 ? zmul * x[at_max] : T(0);
   const T z_min = at_min >= 0 ? zmul * x[at_min] : T(0);
-  T e_sum = 0, zsum = 0;
-#pragma omp simd reduction(+ : e_sum, zsum)
+  T e_sum = 0, d = 0, zsum = 0;
+#pragma omp simd reduction(+ : e_sum, d)
+  for (int64_t j = 0; j < keys; ++j) {
+    const T r = x[j];
+    const bool ok = j < lim && unmasked(r);
+    const T v = ok ? ti * (zmul * r) : sentinel<T>();
+    const T pj = safe_exp((v - l) - l_lo, v);
+    const T u = mode == 0 ? pj : (mode == 1 ? v * pj : (v - m) * pj);
+    e_sum += pj * g[j];
+    d += u * g[j];
+    p[j] = pj;
+  }
+#pragma omp simd reduction(+ : zsum)
   for (int64_t j = 0; j < keys; ++j) {
     const T r = x[j];
     const bool ok = j < lim && unmasked(r);
     const T z = ok ? zmul * r : T(0);
-    const T v = ok ? mul * r : sentinel<T>();
-    const T p = safe_exp(v - l, v);
-    const T u = mode == 0 ? p : (mode == 1 ? v * p : (v - m) * p);
+    const T v = ok ? ti * z : T(0);
+    const T pj = p[j];
+    const T u = mode == 0 ? pj : (mode == 1 ? v * pj : (v - m) * pj);
     const T gw = g[j];
-    e_sum += p * gw;
-    const T dx = mode == 0 ? p * (gw - d) : gw * (p + u) - d * p;
+    const T dx = mode == 0 ? pj * (gw - d) : gw * (pj + u) - d * pj;
     zsum += dx * z;
     x[j] = u;
     g[j] = dx * ti;
@@ -229,17 +252,20 @@ void forward_tile(T* raw, int64_t rows, int64_t keys, const int64_t* limit, cons
                   RowStats<T> st, T* fac, int threads) {
 #pragma omp parallel for schedule(static) num_threads(threads)
   for (int64_t i = 0; i < rows; ++i)
-    fac[i] = forward_row<T, mode>(raw + i * keys, keys, limit[i], t[i] * zmul, eps, st, i);
+    fac[i] = forward_row<T, mode>(raw + i * keys, keys, limit[i], t[i], zmul, eps, st, i);
 }
 
 template <typename T, int mode>
 void backward_tile(T* raw, T* dw, int64_t rows, int64_t keys, const int64_t* limit, const T* t, T zmul,
-                   RowStats<T> st, const T* delta, T* dsz, int threads) {
-#pragma omp parallel for schedule(static) num_threads(threads)
-  for (int64_t i = 0; i < rows; ++i) {
-    const T zsum =
-        backward_row<T, mode>(raw + i * keys, dw + i * keys, keys, limit[i], t[i], zmul, delta[i], st, i);
-    if (dsz != nullptr) dsz[i] = zsum;
+                   RowStats<T> st, T* dsz, int threads) {
+#pragma omp parallel num_threads(threads)
+  {
+    std::vector<T> p(keys);
+#pragma omp for schedule(static)
+    for (int64_t i = 0; i < rows; ++i) {
+      const T zsum = backward_row<T, mode>(raw + i * keys, dw + i * keys, p.data(), keys, limit[i], t[i], zmul, st, i);
+      if (dsz != nullptr) dsz[i] = zsum;
+    }
   }
 }
 
@@ -593,7 +619,7 @@ void fused_forward(const Call<T>& c, T* out, RowStats<T> st) {
       T* fac = log_n.data();  // reused: log n is not needed any more
       for (int64_t row = 0; row < g * n; ++row) {
         const int64_t at = c.slot(bi, h0 + row / n, r0 + row % n);
-        fac[row] = forward_row<T, mode>(z.data() + row * keys, keys, limit[row], t[row] * c.scale, c.eps, st, at);
+        fac[row] = forward_row<T, mode>(z.data() + row * keys, keys, limit[row], t[row], c.scale, c.eps, st, at);
       }
       mul<T>(c.blas, c.own(), false, false, g * n, c.dv, keys, T(1), z.data(), keys, c.vhead(bi, h0), c.dv, T(0),
              obuf.data(), c.dv);
@@ -661,7 +687,7 @@ void table_grads(const Call<T>& c, const T* dz, int64_t i, int64_t lim, double* 
 }
 
 template <typename T, int mode>
-void fused_backward(const Call<T>& c, const T* dout, const T* delta, RowStats<T> st, T* dq, T* dk, T* dv, T* ds,
+void fused_backward(const Call<T>& c, const T* dout, RowStats<T> st, T* dq, T* dk, T* dv, T* ds,
                     T* dr) {
   const int64_t g = c.together, groups = c.hq / g, blocks = (c.l + c.rows - 1) / c.rows;
   const int64_t items = c.b * groups * c.chunks, stack = g * c.rows;  // stack: rows of a block, all its heads
@@ -669,7 +695,8 @@ void fused_backward(const Call<T>& c, const T* dout, const T* delta, RowStats<T>
 #pragma omp parallel num_threads(c.threads)
   {
     std::vector<T> z(stack * c.s), dw(stack * c.s), dob(stack * c.dv), qbuf(stack * c.d), dqbuf(stack * c.d);
-    std::vector<T> dkt(c.d * c.s), dvt(c.dv * c.s), t(stack), log_n(stack), ds_head(g);
+    std::vector<T> dkt(c.d * c.s), dvt(c.dv * c.s), t(stack), log_n(stack), prow(c.s);
+    std::vector<double> ds_head(g);  // SSMax's ∂L/∂s of each head: a sum over every row, so in double
     // The relative bias's ∂L/∂r1, ∂L/∂r2 of each head, summed over rows; for a table, ∂L/∂z summed per offset.
     const int64_t per_head = dr == nullptr ? 0 : (c.rel_table ? c.rel_width : 2);
     std::vector<double> dr_head(per_head * g);
@@ -682,7 +709,7 @@ void fused_backward(const Call<T>& c, const T* dout, const T* delta, RowStats<T>
       const T* vt = vt_buf.get(c.own(), c.vhead(bi, h0), c.s, c.dv);
       std::fill(dkt.begin(), dkt.end(), T(0));
       std::fill(dvt.begin(), dvt.end(), T(0));
-      std::fill(ds_head.begin(), ds_head.end(), T(0));
+      std::fill(ds_head.begin(), ds_head.end(), 0.0);
       std::fill(dr_head.begin(), dr_head.end(), 0.0);
       for (int64_t blk = bounds[chunk]; blk < bounds[chunk + 1]; ++blk) {
         const int64_t r0 = blk * c.rows, r1 = r0 + c.rows < c.l ? r0 + c.rows : c.l, n = r1 - r0;
@@ -704,9 +731,9 @@ void fused_backward(const Call<T>& c, const T* dout, const T* delta, RowStats<T>
           mul<T>(c.blas, false, false, true, g * n, keys, c.dv, T(1), dob.data(), c.dv, c.vhead(bi, h0), c.dv, T(0),
                  dw.data(), keys);
         for (int64_t row = 0; row < g * n; ++row) {
-          const T zsum = backward_row<T, mode>(z.data() + row * keys, dw.data() + row * keys, keys, limit[row],
-                                               t[row], c.scale, delta[slot(row)], st, slot(row));
-          ds_head[row / n] += zsum * log_n[row];
+          const T zsum = backward_row<T, mode>(z.data() + row * keys, dw.data() + row * keys, prow.data(), keys,
+                                               limit[row], t[row], c.scale, st, slot(row));
+          ds_head[row / n] += double(zsum) * double(log_n[row]);
           if (dr != nullptr && c.rel_table)
             table_grads(c, dw.data() + row * keys, r0 + row % n, limit[row], &dr_head[per_head * (row / n)]);
           else if (dr != nullptr)
@@ -729,7 +756,7 @@ void fused_backward(const Call<T>& c, const T* dout, const T* delta, RowStats<T>
         for (int64_t e = 0; e < c.dv; ++e) dvp[j * c.dv + e] = dvt[e * c.s + j];
       }
       if (ds != nullptr)
-        for (int64_t hi = 0; hi < g; ++hi) ds[((bi * c.hq + h0 + hi) * c.chunks) + chunk] = ds_head[hi];
+        for (int64_t hi = 0; hi < g; ++hi) ds[((bi * c.hq + h0 + hi) * c.chunks) + chunk] = T(ds_head[hi]);
       if (dr != nullptr && c.rel_table) {  // dr (B, Hq, chunks, rel_width)
         for (int64_t hi = 0; hi < g; ++hi) {
           T* to = dr + ((bi * c.hq + h0 + hi) * c.chunks + chunk) * c.rel_width;
@@ -769,46 +796,49 @@ Call<T> make_call(const int64_t* dims, const T* q, const T* k, const T* v, const
 // the fused entries run a whole call. Per-row arrays are contiguous, one slot per row. The relative bias: rel_kind
 // (0 none, else as in Relative), its parameters r1, r2 (null unless Kerple) and rel_n, the width of a table r1
 // (kind 4, r1 (Hq, rel_n) row-major; 1 for the other kinds).
-#define SA_ENTRIES(T, S)                                                                                       \
-  void sa_forward_##S(T* raw, int64_t rows, int64_t keys, const int64_t* limit, const T* t, T zmul, int mode,    \
-                      T eps, T* lse, T* low, T* inv, T* fac, int64_t* amin, int64_t* amax, int threads) {       \
-    const RowStats<T> st{lse, low, inv, amin, amax};                                                           \
-    by_mode(mode, [&](auto m) {                                                                                \
-      forward_tile<T, decltype(m)::value>(raw, rows, keys, limit, t, zmul, eps, st, fac, threads);             \
-    });                                                                                                        \
-  }                                                                                                            \
-  void sa_backward_##S(T* raw, T* dw, int64_t rows, int64_t keys, const int64_t* limit, const T* t, T zmul,   \
-                       int mode, T* lse, T* low, T* inv, const T* delta, int64_t* amin, int64_t* amax, T* dsz, \
-                       int threads) {                                                                          \
-    const RowStats<T> st{lse, low, inv, amin, amax};                                                           \
-    by_mode(mode, [&](auto m) {                                                                                \
-      backward_tile<T, decltype(m)::value>(raw, dw, rows, keys, limit, t, zmul, st, delta, dsz, threads);      \
-    });                                                                                                        \
-  }                                                                                                            \
-  void sa_fused_forward_##S(const int64_t* dims, const T* q, const T* k, const T* v, const uint8_t* mask,    \
-                            const T* bias, const int64_t* strides, const T* ssmax, T scale, T eps, int mode,  \
-                            void* blas,                                                                        \
-                            int threads, T* out, T* lse, T* low, T* inv, int64_t* amin, int64_t* amax,        \
-                            int rel_kind, const T* r1, const T* r2, int64_t rel_n) {                           \
-    Call<T> c = make_call<T>(dims, q, k, v, mask, bias, strides, ssmax, scale, eps, blas, threads);           \
-    const Relative<T> rel(rel_kind, r1, r2, rel_n, c.hq, c.l, c.s, scale, false);                             \
-    rel.attach(c);                                                                                             \
-    const RowStats<T> st{lse, low, inv, amin, amax};                                                           \
-    by_mode(mode, [&](auto m) { fused_forward<T, decltype(m)::value>(c, out, st); });                          \
-  }                                                                                                            \
-  void sa_fused_backward_##S(const int64_t* dims, const T* q, const T* k, const T* v, const uint8_t* mask,   \
-                             const T* bias, const int64_t* strides, const T* ssmax, T scale, T eps, int mode, \
-                             void* blas,                                                                       \
-                             int threads, const T* dout, const T* delta, T* lse, T* low, T* inv,              \
-                             int64_t* amin, int64_t* amax, T* dq, T* dk, T* dv, T* ds, int rel_kind,           \
-                             const T* r1, const T* r2, int64_t rel_n, T* dr) {                                 \
-    Call<T> c = make_call<T>(dims, q, k, v, mask, bias, strides, ssmax, scale, eps, blas, threads);           \
-    const Relative<T> rel(rel_kind, r1, r2, rel_n, c.hq, c.l, c.s, scale, dr != nullptr);                     \
-    rel.attach(c);                                                                                             \
-    const RowStats<T> st{lse, low, inv, amin, amax};                                                           \
-    by_mode(mode, [&](auto m) {                                                                                \
-      fused_backward<T, decltype(m)::value>(c, dout, delta, st, dq, dk, dv, ds, dr);                           \
-    });                                                                                                        \
+#define SA_ENTRIES(T, S)                                                                                               \
+  void sa_forward_##S(T* raw, int64_t rows, int64_t keys, const int64_t* limit, const T* t, T zmul, int mode,          \
+                      T eps, T* lse, T* lse_lo, T* low, T* inv, T* fac, int64_t* amin, int64_t* amax,                  \
+                      int threads) {                                                                                   \
+    const RowStats<T> st{lse, lse_lo, low, inv, amin, amax};                                                           \
+    by_mode(mode, [&](auto m) {                                                                                        \
+      forward_tile<T, decltype(m)::value>(raw, rows, keys, limit, t, zmul, eps, st, fac, threads);                     \
+    });                                                                                                                \
+  }                                                                                                                    \
+  void sa_backward_##S(T* raw, T* dw, int64_t rows, int64_t keys, const int64_t* limit, const T* t, T zmul,            \
+                       int mode, T* lse, T* lse_lo, T* low, T* inv, int64_t* amin,                     \
+                       int64_t* amax, T* dsz,                                                                          \
+                       int threads) {                                                                                  \
+    const RowStats<T> st{lse, lse_lo, low, inv, amin, amax};                                                           \
+    by_mode(mode, [&](auto m) {                                                                                        \
+      backward_tile<T, decltype(m)::value>(raw, dw, rows, keys, limit, t, zmul, st, dsz, threads);              \
+    });                                                                                                                \
+  }                                                                                                                    \
+  void sa_fused_forward_##S(const int64_t* dims, const T* q, const T* k, const T* v, const uint8_t* mask,              \
+                            const T* bias, const int64_t* strides, const T* ssmax, T scale, T eps, int mode,           \
+                            void* blas,                                                                                \
+                            int threads, T* out, T* lse, T* lse_lo, T* low, T* inv, int64_t* amin,                     \
+                            int64_t* amax,                                                                             \
+                            int rel_kind, const T* r1, const T* r2, int64_t rel_n) {                                   \
+    Call<T> c = make_call<T>(dims, q, k, v, mask, bias, strides, ssmax, scale, eps, blas, threads);                    \
+    const Relative<T> rel(rel_kind, r1, r2, rel_n, c.hq, c.l, c.s, scale, false);                                      \
+    rel.attach(c);                                                                                                     \
+    const RowStats<T> st{lse, lse_lo, low, inv, amin, amax};                                                           \
+    by_mode(mode, [&](auto m) { fused_forward<T, decltype(m)::value>(c, out, st); });                                  \
+  }                                                                                                                    \
+  void sa_fused_backward_##S(const int64_t* dims, const T* q, const T* k, const T* v, const uint8_t* mask,             \
+                             const T* bias, const int64_t* strides, const T* ssmax, T scale, T eps, int mode,          \
+                             void* blas,                                                                               \
+                             int threads, const T* dout, T* lse, T* lse_lo, T* low, T* inv,            \
+                             int64_t* amin, int64_t* amax, T* dq, T* dk, T* dv, T* ds, int rel_kind,                   \
+                             const T* r1, const T* r2, int64_t rel_n, T* dr) {                                         \
+    Call<T> c = make_call<T>(dims, q, k, v, mask, bias, strides, ssmax, scale, eps, blas, threads);                    \
+    const Relative<T> rel(rel_kind, r1, r2, rel_n, c.hq, c.l, c.s, scale, dr != nullptr);                              \
+    rel.attach(c);                                                                                                     \
+    const RowStats<T> st{lse, lse_lo, low, inv, amin, amax};                                                           \
+    by_mode(mode, [&](auto m) {                                                                                        \
+      fused_backward<T, decltype(m)::value>(c, dout, st, dq, dk, dv, ds, dr);                                   \
+    });                                                                                                                \
   }
 
 extern "C" {

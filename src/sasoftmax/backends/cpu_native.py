@@ -282,16 +282,16 @@ def forward(
     """Fused forward over a contiguous (rows, keys) tile, in place (raw -> unnormalised weights).
 
     ``limit`` (int64, rows) masks keys j >= limit; ``t`` (rows) is SSMax's factor (ones without SSMax).
-    Returns per-row (lse, m, c, fac, argmin, argmax); see cpu_kernels.cpp.
+    Returns per-row (lse, lse_lo, m, c, fac, argmin, argmax); see cpu_kernels.cpp (RowStats).
     """
     rows, keys = raw.shape
     suffix, ctype = _TYPES[raw.dtype]
-    stats = torch.empty(4, rows, dtype=raw.dtype)
+    stats = torch.empty(5, rows, dtype=raw.dtype)
     args = torch.empty(2, rows, dtype=torch.long)
     getattr(lib, f"sa_forward_{suffix}")(
         _ptr(raw), ctypes.c_int64(rows), ctypes.c_int64(keys), _ptr(limit), _ptr(t), ctype(zmul),
-        ctypes.c_int(_MODES[normalizer]), ctype(eps), _ptr(stats[0]), _ptr(stats[1]), _ptr(stats[2]),
-        _ptr(stats[3]), _ptr(args[0]), _ptr(args[1]), ctypes.c_int(torch.get_num_threads()),
+        ctypes.c_int(_MODES[normalizer]), ctype(eps), *(_ptr(s) for s in stats), _ptr(args[0]), _ptr(args[1]),
+        ctypes.c_int(torch.get_num_threads()),
     )  # fmt: skip
     return (*stats.unbind(0), *args.unbind(0))
 
@@ -305,23 +305,24 @@ def backward(
     zmul: float,
     normalizer: str,
     lse: Tensor,
+    lse_lo: Tensor,
     low: Tensor,
     inv: Tensor,
-    delta: Tensor,
     amin: Tensor,
     amax: Tensor,
     want_dsz: bool,
 ) -> Tensor | None:
     """Fused backward over contiguous (rows, keys) tiles, in place: raw -> u, dw -> dL/dz.
 
-    Per-row inputs are contiguous (rows,) tensors. Returns Σ_j dL/dx·z per row if ``want_dsz``.
+    Per-row inputs are contiguous (rows,) tensors; D_i = Σ_j w_ij dW_ij comes from the row itself (see
+    cpu_kernels.cpp's backward_row). Returns Σ_j dL/dx·z per row if ``want_dsz``.
     """
     rows, keys = raw.shape
     suffix, ctype = _TYPES[raw.dtype]
     dsz = torch.empty(rows, dtype=raw.dtype) if want_dsz else None
     getattr(lib, f"sa_backward_{suffix}")(
         _ptr(raw), _ptr(dw), ctypes.c_int64(rows), ctypes.c_int64(keys), _ptr(limit), _ptr(t), ctype(zmul),
-        ctypes.c_int(_MODES[normalizer]), _ptr(lse), _ptr(low), _ptr(inv), _ptr(delta), _ptr(amin), _ptr(amax),
+        ctypes.c_int(_MODES[normalizer]), _ptr(lse), _ptr(lse_lo), _ptr(low), _ptr(inv), _ptr(amin), _ptr(amax),
         _ptr(dsz), ctypes.c_int(torch.get_num_threads()),
     )  # fmt: skip
     return dsz
@@ -385,7 +386,8 @@ def fused_forward(
     ``bias`` (additive, in q's dtype, no gradient) expanded to (B, Hq, L, S) (any strides), or None; ``ssmax``
     (Hq,) contiguous or None; ``rows`` query rows per block, over the query heads of a kv head that a block
     stacks; ``relative`` a relative positional bias the kernels evaluate themselves (see :data:`Relative`), added
-    to ``bias`` if both are given. Returns out (B, Hq, L, Dv), stats (3, B, Hq, L) = (lse, m, c) and arg (2, B, Hq, L) =
+    to ``bias`` if both are given. Returns out (B, Hq, L, Dv), stats (4, B, Hq, L) = (lse, m, c, lse_lo) and arg
+    (2, B, Hq, L) =
     (argmin, argmax).
     """
     lib, gemm = fused_lib
@@ -399,13 +401,13 @@ def fused_forward(
             together, per_head = g, g_rows
             break
     out = torch.zeros(b, hq, lq, v.shape[-1], dtype=q.dtype)
-    stats = torch.zeros(3, b, hq, lq, dtype=q.dtype)
+    stats = torch.zeros(4, b, hq, lq, dtype=q.dtype)
     arg = torch.full((2, b, hq, lq), -1, dtype=torch.long)
     _keep, args = _call_args(
         q, k, v, mask, bias, ssmax, scale, eps, causal, normalizer, per_head, gemm, together=together
     )
     getattr(lib, f"sa_fused_forward_{_TYPES[q.dtype][0]}")(
-        *args, _ptr(out), _ptr(stats[0]), _ptr(stats[1]), _ptr(stats[2]), _ptr(arg[0]), _ptr(arg[1]),
+        *args, _ptr(out), _ptr(stats[0]), _ptr(stats[3]), _ptr(stats[1]), _ptr(stats[2]), _ptr(arg[0]), _ptr(arg[1]),
         *_relative_args(relative),
     )  # fmt: skip
     return out, stats, arg
@@ -414,12 +416,12 @@ def fused_forward(
 def fused_backward(
     fused_lib: tuple[ctypes.CDLL, int], q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, bias: Tensor | None,
     ssmax: Tensor | None, scale: float, eps: float, causal: bool, normalizer: str, rows: int, grad_out: Tensor,
-    delta: Tensor, stats: Tensor, arg: Tensor, want_ds: bool, relative: Relative | None = None,
+    stats: Tensor, arg: Tensor, want_ds: bool, relative: Relative | None = None,
     want_dr: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None]:  # fmt: skip
     """The backward of :func:`fused_forward` in one parallel region (DESIGN §2).
 
-    ``grad_out`` (B, Hq, L, Dv) and ``delta`` = Σ dO·o (B, Hq, L) contiguous; ``stats``, ``arg`` as returned by
+    ``grad_out`` (B, Hq, L, Dv) contiguous; ``stats``, ``arg`` as returned by
     the forward; ``rows`` rows per block over the query heads of a kv head. Returns dq (B, Hq, L, D), dk
     (B, Hkv, S, D), dv (B, Hkv, S, Dv), ds (Hq,) or None, and with ``want_dr`` the gradients of the relative
     bias's r1 and r2 as dr (2, Hq) (row 1 zeros for ALiBi), else None: per work item and head, reduced inside the
@@ -448,8 +450,8 @@ def fused_backward(
         q, k, v, mask, bias, ssmax, scale, eps, causal, normalizer, per_head, gemm, chunks, together
     )
     getattr(lib, f"sa_fused_backward_{_TYPES[q.dtype][0]}")(
-        *args, _ptr(grad_out), _ptr(delta), _ptr(stats[0]), _ptr(stats[1]), _ptr(stats[2]), _ptr(arg[0]),
-        _ptr(arg[1]), _ptr(dq), _ptr(dk), _ptr(dv), _ptr(ds), *_relative_args(relative), _ptr(dr),
+        *args, _ptr(grad_out), _ptr(stats[0]), _ptr(stats[3]), _ptr(stats[1]), _ptr(stats[2]),
+        _ptr(arg[0]), _ptr(arg[1]), _ptr(dq), _ptr(dk), _ptr(dv), _ptr(ds), *_relative_args(relative), _ptr(dr),
     )  # fmt: skip
     if groups != hkv or chunks > 1:  # sum the partials of a kv head in a fixed order
         dk, dv = (t.view(b, hkv, -1, lk, t.shape[-1]).sum(2) for t in (dk, dv))

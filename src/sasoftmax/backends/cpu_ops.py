@@ -61,7 +61,7 @@ def fused_forward(
     (additive, no gradient) broadcastable to (B, Hq, L, S) with at most 4 dims, or None; ``ssmax`` (Hq,) or None;
     ``rows`` query rows per block; ``rel_kind`` a kind of ``RELATIVE_BIAS_KINDS`` (or "" for none) with its (Hq,)
     parameters ``r1``, ``r2`` (for ``table`` r1 (Hq, n) and r2 None), evaluated by the kernels. Returns out
-    (B, Hq, L, Dv), stats (3, B, Hq, L) = (lse, m, c), both in the compute dtype, and arg (2, B, Hq, L) int64 =
+    (B, Hq, L, Dv), stats (4, B, Hq, L) = (lse, m, c, lse_lo), both in the compute dtype, and arg (2, B, Hq, L) int64 =
     (argmin, argmax) of sa_norm's min/max terms (−1: none).
     """
     lib, qc, kc, vc, mask, bias, ssmax = _native_arguments(q, k, v, mask, bias, ssmax)
@@ -84,7 +84,7 @@ def _fused_forward_fake(q, k, v, mask, bias, ssmax, scale, eps, causal, normaliz
     dtype = compute_dtype(q.dtype)
     b, hq, lq, _ = q.shape
     out = q.new_empty((b, hq, lq, v.shape[-1]), dtype=dtype)
-    return out, q.new_empty((3, b, hq, lq), dtype=dtype), q.new_empty((2, b, hq, lq), dtype=torch.long)
+    return out, q.new_empty((4, b, hq, lq), dtype=dtype), q.new_empty((2, b, hq, lq), dtype=torch.long)
 
 
 @torch.library.custom_op("sasoftmax::cpu_fused_backward", mutates_args=(), device_types="cpu")
@@ -116,11 +116,10 @@ def fused_backward(
     the table's gradient (empty unless ``want_dr``)."""
     lib, qc, kc, vc, mask, bias, ssmax_c = _native_arguments(q, k, v, mask, bias, ssmax)
     do = grad_out.to(out.dtype).contiguous()
-    delta = (do * out).sum(-1)  # D_i = dO_i · o_i, (B, Hq, L)
     options = (mask, bias, ssmax_c, scale, eps, causal, normalizer, rows)
     relative = _relative(rel_kind, r1, r2, qc.dtype)
     dq, dk, dv, ds, dr = cpu_native.fused_backward(
-        lib, qc, kc, vc, *options, do, delta, stats, arg, want_ds, relative=relative, want_dr=want_dr
+        lib, qc, kc, vc, *options, do, stats, arg, want_ds, relative=relative, want_dr=want_dr
     )
     ds = ds.to(ssmax.dtype) if want_ds else q.new_empty((0,))
     dr = dr.to(r1.dtype) if want_dr and dr is not None else q.new_empty((0,))
