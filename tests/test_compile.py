@@ -71,7 +71,8 @@ def test_fullgraph_compile_of_the_sdpa_backend():
 
 def test_fullgraph_compile_of_the_triton_kernels():
     """The Triton kernels are custom operators too (run here by Triton's interpreter on CPU tensors): with a
-    mask, a bias tensor, SSMax and a RelativeBias, compiled outputs and gradients equal the uncompiled ones."""
+    mask, a bias tensor, SSMax and RelativeBias forms (ALiBi; a table with SSMax), compiled outputs and gradients
+    equal the uncompiled ones."""
     from sasoftmax.backends import triton as triton_backend
 
     if not triton_backend.INTERPRET and not torch.cuda.is_available():
@@ -81,15 +82,18 @@ def test_fullgraph_compile_of_the_triton_kernels():
     tensors = [t.detach().to(device).requires_grad_() for t in tensors]
     mask, bias = mask.to(device), bias.to(device)
     r1 = torch.tensor([0.5, 0.25, 0.125, 0.0625], device=device, requires_grad=True)
+    table = torch.linspace(0.5, -1.0, 4 * 5, device=device).view(4, 5).requires_grad_()
 
-    def fn(q, k, v, s, r1, mask, bias):
+    def fn(q, k, v, s, r1, table, mask, bias):
         out = sasoftmax.attention(q, k, v, normalizer="sa_norm", causal=True, mask=mask, bias=bias, ssmax=s,
                                   backend="triton")  # fmt: skip
-        return out + sasoftmax.attention(q, k, v, bias=sasoftmax.RelativeBias.alibi(r1), backend="triton")
+        out = out + sasoftmax.attention(q, k, v, bias=sasoftmax.RelativeBias.alibi(r1), backend="triton")
+        table_bias = sasoftmax.RelativeBias.table(table)
+        return out + sasoftmax.attention(q, k, v, bias=table_bias, ssmax=s, causal=True, backend="triton")
 
     compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
-    want = outputs_and_grads(fn, [*tensors, r1], mask, bias)
-    got = outputs_and_grads(compiled, [*tensors, r1], mask, bias)
+    want = outputs_and_grads(fn, [*tensors, r1, table], mask, bias)
+    got = outputs_and_grads(compiled, [*tensors, r1, table], mask, bias)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
 
