@@ -318,15 +318,17 @@ def _forward(q, k, v, o, t, mask, bias, kind, r1, r2, opt: _Options) -> _Saved:
         # sa_norm needs the row's max and min before its weights are known. float32 inputs of every normalizer
         # take the max first too, so that ℓ is summed without rescaling, as torch.softmax sums it: the
         # backward's p are divided by this ℓ, and its rounding moves all p of a row alike (~5 ulps online).
-        mu, low, inv_delta = torch.empty_like(rows), torch.empty_like(rows), torch.empty_like(rows)
-        argmin, argmax = (torch.empty_like(rows, dtype=torch.int32) for _ in range(2))
-        if opt.norm == 2:
+        mu = torch.empty_like(rows)
+        argmin, argmax = none.int(), none.int()
+        if opt.norm == 2:  # the min and the argmin/argmax too (MIN_AND_ARGS)
+            low, inv_delta = torch.empty_like(rows), torch.empty_like(rows)
+            argmin, argmax = (torch.empty_like(rows, dtype=torch.int32) for _ in range(2))
             saved.low, saved.inv_delta, saved.argmin, saved.argmax = low, inv_delta, argmin, argmax
         cfg = configs["extrema"]
         _launch(
             "row_extrema", (triton.cdiv(lq, cfg.block_m), b * hq), cfg,
             q, k, t_arg, mu, low, inv_delta, argmin, argmax, r1_arg, r2_arg,
-            *_strides(q), *_strides(k), *common, opt.eps, **flags,
+            *_strides(q), *_strides(k), *common, opt.eps, MIN_AND_ARGS=opt.norm == 2, **flags,
         )  # fmt: skip
     cfg = configs["fwd"]
     _launch(

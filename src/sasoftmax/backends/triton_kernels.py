@@ -16,10 +16,10 @@ slot; a −inf entry masks, so every tile is checked, as with a bias tensor).
 
 Kernels, in launch order (sa_norm and float32 inputs walk the keys four times: extrema, forward, dq, dk/dv; the
 others three):
-- ``row_extrema`` (sa_norm; float32 inputs of every normalizer, for μ, see ``_exp_shifted``): max and min of
-  x per row and the first key attaining each; saves μ = max x, m = min(0, min x), c = 1/(max(0, μ) − m + ε),
-  and the argmax/argmin of the min/max gradient terms (−1 where the term vanishes: max x <= 0, min x >= 0 or
-  no key).
+- ``row_extrema`` (sa_norm; float32 inputs of every normalizer, for μ alone, see ``_exp_shifted``): max and
+  min of x per row and the first key attaining each; saves μ = max x, and for sa_norm (MIN_AND_ARGS)
+  m = min(0, min x), c = 1/(max(0, μ) − m + ε) and the argmax/argmin of the min/max gradient terms (−1 where
+  the term vanishes: max x <= 0, min x >= 0 or no key).
 - ``fwd``: one program per (query block, batch·head). softmax and sa keep the running max μ, ℓ = Σ e^{x−μ}
   and one accumulator (Σ e^{x−μ}·v, or Σ e^{x−μ}·x·v), rescaled when μ grows (16-bit inputs); sa_norm, and
   float32 inputs, know μ (and m) from ``row_extrema`` and accumulate with no rescaling (sa_norm:
@@ -261,7 +261,8 @@ def _extrema_tiles(
     q, hi_x, lo_x, arg_hi, arg_lo, lo, hi, k_base, skn, skd, rows, offs_n, offs_d, t, L, S, pos0, scale,
     mask_base, sml, sms, bias_base, sbl, sbs, r1, r2,
     MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, BIAS: tl.constexpr,
-    HAS_SSMAX: tl.constexpr, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
+    HAS_SSMAX: tl.constexpr, MIN_AND_ARGS: tl.constexpr, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
+    D: tl.constexpr, D_PAD: tl.constexpr,
 ):  # fmt: skip
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
@@ -272,17 +273,18 @@ def _extrema_tiles(
             bias_base, sbl, sbs, r1, r2, MASKED, CAUSAL, HAS_MASK, BIAS, HAS_SSMAX,
         )  # fmt: skip
         x_hi = tl.where(ok, x, float("-inf")) if MASKED else x
-        x_lo = tl.where(ok, x, float("inf")) if MASKED else x
         block_hi = tl.max(x_hi, 1)
-        block_lo = tl.min(x_lo, 1)
-        # The first key of the tile attaining its max/min; a tile replaces the running one only if strictly
-        # beyond it, so ties go to the first key of the row (the documented tie rule).
-        first_hi = tl.min(tl.where(x_hi == block_hi[:, None], cols[None, :], S), 1)
-        first_lo = tl.min(tl.where(x_lo == block_lo[:, None], cols[None, :], S), 1)
-        arg_hi = tl.where(block_hi > hi_x, first_hi, arg_hi)
-        arg_lo = tl.where(block_lo < lo_x, first_lo, arg_lo)
+        if MIN_AND_ARGS:
+            x_lo = tl.where(ok, x, float("inf")) if MASKED else x
+            block_lo = tl.min(x_lo, 1)
+            # The first key of the tile attaining its max/min; a tile replaces the running one only if strictly
+            # beyond it, so ties go to the first key of the row (the documented tie rule).
+            first_hi = tl.min(tl.where(x_hi == block_hi[:, None], cols[None, :], S), 1)
+            first_lo = tl.min(tl.where(x_lo == block_lo[:, None], cols[None, :], S), 1)
+            arg_hi = tl.where(block_hi > hi_x, first_hi, arg_hi)
+            arg_lo = tl.where(block_lo < lo_x, first_lo, arg_lo)
+            lo_x = tl.minimum(lo_x, block_lo)
         hi_x = tl.maximum(hi_x, block_hi)
-        lo_x = tl.minimum(lo_x, block_lo)
     return hi_x, lo_x, arg_hi, arg_lo
 
 
@@ -293,7 +295,7 @@ def row_extrema(
     MASK, smb, smh, sml, sms, BIAS, sbb, sbh, sbl, sbs,
     H, GROUPS, L, S, pos0, scale, eps,
     CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, BIAS_KIND: tl.constexpr, HAS_SSMAX: tl.constexpr,
-    ALL_MASKED: tl.constexpr, PRECISION: tl.constexpr,
+    ALL_MASKED: tl.constexpr, MIN_AND_ARGS: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
 ):  # fmt: skip
     start_m = tl.program_id(0)
@@ -320,20 +322,21 @@ def row_extrema(
     hi_x, lo_x, arg_hi, arg_lo = _extrema_tiles(
         q, hi_x, lo_x, arg_hi, arg_lo, 0, full_end, k_base, skn, skd, rows, offs_n, offs_d, t, L, S, pos0, scale,
         mask_base, sml, sms, bias_base, sbl, sbs, r1, r2,
-        False, CAUSAL, HAS_MASK, BIAS_KIND, HAS_SSMAX, PRECISION, BLOCK_N, D, D_PAD,
+        False, CAUSAL, HAS_MASK, BIAS_KIND, HAS_SSMAX, MIN_AND_ARGS, PRECISION, BLOCK_N, D, D_PAD,
     )  # fmt: skip
     hi_x, lo_x, arg_hi, arg_lo = _extrema_tiles(
         q, hi_x, lo_x, arg_hi, arg_lo, full_end, end, k_base, skn, skd, rows, offs_n, offs_d, t, L, S, pos0,
         scale, mask_base, sml, sms, bias_base, sbl, sbs, r1, r2,
-        True, CAUSAL, HAS_MASK, BIAS_KIND, HAS_SSMAX, PRECISION, BLOCK_N, D, D_PAD,
+        True, CAUSAL, HAS_MASK, BIAS_KIND, HAS_SSMAX, MIN_AND_ARGS, PRECISION, BLOCK_N, D, D_PAD,
     )  # fmt: skip
-    m = tl.minimum(lo_x, 0.0)  # +inf (no key) -> 0
-    delta = tl.maximum(hi_x, 0.0) - m + eps  # μ = −inf (no key) -> 0
     tl.store(MU + stat, hi_x, mask=row_ok)
-    tl.store(LOW + stat, m, mask=row_ok)
-    tl.store(INV_DELTA + stat, 1.0 / delta, mask=row_ok)
-    tl.store(ARGMAX + stat, tl.where(hi_x > 0, arg_hi, -1), mask=row_ok)
-    tl.store(ARGMIN + stat, tl.where(lo_x < 0, arg_lo, -1), mask=row_ok)
+    if MIN_AND_ARGS:
+        m = tl.minimum(lo_x, 0.0)  # +inf (no key) -> 0
+        delta = tl.maximum(hi_x, 0.0) - m + eps  # μ = −inf (no key) -> 0
+        tl.store(LOW + stat, m, mask=row_ok)
+        tl.store(INV_DELTA + stat, 1.0 / delta, mask=row_ok)
+        tl.store(ARGMAX + stat, tl.where(hi_x > 0, arg_hi, -1), mask=row_ok)
+        tl.store(ARGMIN + stat, tl.where(lo_x < 0, arg_lo, -1), mask=row_ok)
 
 
 @triton.jit
@@ -362,7 +365,9 @@ def fwd(
     t, r1, r2 = _row_factor_and_bias(T, stat, row_ok, R1, R2, h, BLOCK_M, HAS_SSMAX, BIAS_KIND)
     if NORM == 2 or EXACT:
         mu = tl.load(MU + stat, mask=row_ok, other=float("-inf"))
-        low = tl.load(LOW + stat, mask=row_ok, other=0.0)
+        low = mu
+        if NORM == 2:
+            low = tl.load(LOW + stat, mask=row_ok, other=0.0)
         # Rows with no key: exp(x − μ) must be 0, not exp(x + inf).
         mu = tl.where(mu == float("-inf"), float("inf"), mu)
     else:
