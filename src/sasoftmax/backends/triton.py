@@ -388,7 +388,7 @@ def _backward(
     key_blocks = triton.cdiv(lk, cfg.block_n)
     parametric = bias_grad and kind in (2, 3, 4)
     dr = torch.empty(key_blocks, b, hq, 2, device=q.device, dtype=torch.float32) if parametric else none
-    # zeros: the kernel writes only the tiles causal masking leaves visible; a table's gradient is added to
+    # zeros: the kernel writes only the tiles causal masking leaves visible, and adds into a table's gradient
     dbias = none
     if bias_grad and kind == 1:
         dbias = torch.zeros(b, hq, lq, lk, device=q.device, dtype=torch.float32)
