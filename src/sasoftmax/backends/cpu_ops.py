@@ -61,8 +61,8 @@ def fused_forward(
     (additive, no gradient) broadcastable to (B, Hq, L, S) with at most 4 dims, or None; ``ssmax`` (Hq,) or None;
     ``rows`` query rows per block; ``rel_kind`` a kind of ``RELATIVE_BIAS_KINDS`` (or "" for none) with its (Hq,)
     parameters ``r1``, ``r2`` (for ``table`` r1 (Hq, n) and r2 None), evaluated by the kernels. Returns out
-    (B, Hq, L, Dv), stats (4, B, Hq, L) = (lse, m, c, lse_lo), both in the compute dtype, and arg (2, B, Hq, L) int64 =
-    (argmin, argmax) of sa_norm's min/max terms (−1: none).
+    (B, Hq, L, Dv), stats (4, B, Hq, L) = (lse, m, c, lse_lo), both in the compute dtype, and arg (2, B, Hq, L)
+    int64 = (argmin, argmax) of sa_norm's min/max terms (−1: none).
     """
     lib, qc, kc, vc, mask, bias, ssmax = _native_arguments(q, k, v, mask, bias, ssmax)
     relative = _relative(rel_kind, r1, r2, qc.dtype)
