@@ -75,3 +75,33 @@ def test_kernels_compile(arch):
                     problems.append(f"{name}: {kernel} needs {result['shared']} B of shared memory")
     limit = f"sm_{arch} allows {SHARED_BYTES[arch] // 1024} KiB per block"
     assert not problems, "\n".join(problems + [f"shared memory per kernel ({limit}):", *table])
+
+
+def test_static_report_reads_registers_and_loops(tmp_path):
+    """benchmarks/triton_static.py (what the kernels compile to, for sessions without a GPU): every kernel of a
+    softmax call gets its registers and its tile loops, whose iterations hold the tensor-core instructions."""
+    reason = _compile_unavailable()
+    if reason:
+        pytest.skip(reason)
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(sasoftmax.__file__).parents[1]), env.get("PYTHONPATH")]))
+    script = Path(__file__).parents[1] / "benchmarks" / "triton_static.py"
+    run = subprocess.run(
+        [sys.executable, str(script), "--out", str(tmp_path), "--normalizers", "softmax", "--head-dims", "64"],
+        env=env, capture_output=True, text=True, timeout=TIMEOUT_S,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows = json.loads((tmp_path / "static.json").read_text())["rows"]
+    assert {row["kernel"] for row in rows} == {"fwd", "bwd_dq", "bwd_dkdv"}
+    for row in rows:
+        assert row["registers"] > 0 and row["tile"] and row["loops"], row
+        assert all(loop["HGMMA"] > 0 and loop["MUFU"] > 0 for loop in row["loops"]), row  # sm_90: wgmma, exp2
+
+
+def _compile_unavailable() -> str | None:
+    """Why this machine cannot compile for NVIDIA GPUs (the compile script's own check, run without the
+    interpreter), or None."""
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    code = "import sys; sys.path.insert(0, sys.argv[1]); import triton_compile_cuda as t; print(t.unavailable() or '')"
+    run = subprocess.run([sys.executable, "-c", code, str(SCRIPT.parent)], env=env, capture_output=True, text=True)
+    return run.stdout.strip() or None

@@ -66,10 +66,11 @@ def signature(kernel, args: tuple, kwargs: dict) -> tuple[dict, dict]:
 
 
 class Recorder:
-    """Stands in for a kernel: ``recorder[grid](*args, **kwargs)`` compiles that launch for Hopper instead."""
+    """Stands in for a kernel: ``recorder[grid](*args, **kwargs)`` compiles that launch for ARCH instead (and keeps
+    the compiled kernel under "compiled" with ``keep``: benchmarks/triton_static.py reads its PTX and cubin)."""
 
-    def __init__(self, kernel, results: dict):
-        self.kernel, self.results = kernel, results
+    def __init__(self, kernel, results: dict, keep: bool = False):
+        self.kernel, self.results, self.keep = kernel, results, keep
 
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
@@ -84,6 +85,8 @@ class Recorder:
                 source = ASTSource(self.kernel, types, constants)
                 compiled = triton.compile(source, target=GPUTarget("cuda", ARCH, 32), options=options)
                 self.results[name] = {"shared": compiled.metadata.shared}
+                if self.keep:
+                    self.results[name].update(compiled=compiled, options=options, constants=constants)
             except Exception as err:  # reported per kernel by the test
                 chain = [err]  # Triton wraps the error inside a kernel's callees: report the innermost one too
                 while chain[-1].__cause__ is not None and len(chain) < 10:
@@ -119,8 +122,8 @@ def variants() -> dict[str, dict]:
     }  # fmt: skip
 
 
-def record(dtype, d, normalizer, causal, bias=None, ssmax=None, mask=None, length=300) -> dict:
-    """Compile every kernel launch of one forward and backward; {kernel: result}."""
+def record(dtype, d, normalizer, causal, bias=None, ssmax=None, mask=None, length=300, keep=False) -> dict:
+    """Compile every kernel launch of one forward and backward; {kernel: result} (see Recorder for ``keep``)."""
     from sasoftmax.attention import make_call
     from sasoftmax.backends import triton as backend
     from sasoftmax.backends import triton_kernels as kernels
@@ -130,7 +133,7 @@ def record(dtype, d, normalizer, causal, bias=None, ssmax=None, mask=None, lengt
     backend.INTERPRET = False  # the GPU tiles and code paths
     try:
         for name, kernel in originals.items():
-            setattr(kernels, name, Recorder(kernel, results))
+            setattr(kernels, name, Recorder(kernel, results, keep))
         q = torch.randn(1, 4, length, d, dtype=dtype, requires_grad=True)
         k, v = (torch.randn(1, 2, length, d, dtype=dtype, requires_grad=True) for _ in range(2))
         call = make_call(q, k, v, normalizer, causal, mask, bias, None, ssmax, 1e-6, 0.0)
