@@ -38,7 +38,7 @@ import torch
 
 GPU_ROWS = [
     "sdpa:softmax", "triton:softmax", "triton:sa_norm", "triton:sa_norm+ssmax",
-    "triton:softmax@kerple", "triton:sa_norm@kerple",
+    "triton:softmax@kerple", "triton:sa_norm@kerple", "triton:sa_norm@fire",
 ]  # fmt: skip
 CPU_ROWS = ["sdpa:softmax", "eager:sa_norm", "cpu:sa_norm+ssmax", "cpu:sa_norm@kerple", "triton:sa_norm"]
 SSMAX_INIT = 0.43

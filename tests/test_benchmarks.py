@@ -140,4 +140,4 @@ def test_gpu_check_passes_valid_arguments(tmp_path):
         assert f"== {step}: exit 0" in log
     assert "== tune: skipped (limit 0)" in log  # the tuning runs only when asked (TUNE_S > 0)
     assert "== preset: skipped (limit 0)" in log  # so does the comparison (PRESET_S > 0)
-    assert "216 rows on cuda" in log and "12 rows on cuda" in log
+    assert "216 rows on cuda" in log and "14 rows on cuda" in log
