@@ -548,3 +548,22 @@ def test_bias_tensor_without_gradient_is_not_differentiated():
 def test_long_sequences_on_gpu_tiles(normalizer, causal, dtype, shape):
     """Whole tiles without bounds checks and the diagonal tiles of the GPU configurations."""
     assert_matches_eager(shape, dtype, normalizer=normalizer, causal=causal)
+
+
+@needs_kernels
+def test_table_gradient_with_non_square_tiles(monkeypatch):
+    """A table's gradient sums each dk/dv tile's diagonals (tl.gather skews the tile): right with BLOCK_M < BLOCK_N
+    too; BLOCK_M > BLOCK_N, which that skew cannot serve, is refused naming the variable that set it."""
+    shape = (1, 4, 2, 45, 70, 16, 16)
+    inputs = make_inputs(shape, seed=31)
+    bias, leaves = make_bias_spec("table", shape, seed=32)
+    kwargs = {"normalizer": "sa_norm", "causal": True}
+    monkeypatch.setenv("SASOFTMAX_TRITON_TILES", NON_SQUARE_TILES["tall"])  # dk/dv 16 rows x 32 keys
+    got = run_with_bias(inputs, "triton", bias, leaves, **kwargs)
+    ref = run_with_bias(inputs, "eager", bias, leaves, **kwargs)
+    for name, a, r in zip(["out", "dq", "dk", "dv", "dtable"], got, ref):
+        err = (a - r).abs().max().item()
+        assert err <= 2e-4 * r.abs().max().item() + 1e-5, f"{name}: max error {err:.3g} vs eager"
+    monkeypatch.setenv("SASOFTMAX_TRITON_TILES", NON_SQUARE_TILES["wide"])  # dk/dv 32 rows x 16 keys
+    with pytest.raises(ValueError, match="SASOFTMAX_TRITON_TILES.*BLOCK_M <= BLOCK_N"):
+        run_with_bias(inputs, "triton", bias, leaves, **kwargs)
