@@ -468,10 +468,10 @@ def _forward_native(plan: _Plan, tile: _Tile) -> tuple[Tensor, Tensor, Tensor, T
     argmax))."""
     raw = tile.raw.view(-1, tile.keys)
     t = plan.rows_of(plan.ssmax_t(tile), tile.rows)
-    lse, lse_lo, low, inv, fac, amin, amax = cpu_native.forward(
+    row_stats, fac, row_arg = cpu_native.forward(
         plan.lib, raw, plan.limits(tile), t, plan.scale, plan.normalizer, plan.eps
     )
-    return tile.raw, fac, torch.stack((lse, low, inv, lse_lo)), torch.stack((amin, amax))
+    return tile.raw, fac, row_stats, row_arg
 
 
 def _forward_plain(plan: _Plan, tile: _Tile) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -511,11 +511,11 @@ def _forward_plain(plan: _Plan, tile: _Tile) -> tuple[Tensor, Tensor, Tensor, Te
 
 def _backward_native(plan, tile, dw, row_stats, row_arg, need_s):
     """Fused backward of one tile: (u, dL/dz, Σ_j dL/dx·z per row or None), u and dL/dz in GEMM layout."""
-    lse, low, inv, lse_lo = (s.contiguous() for s in row_stats)
+    stats = (s.contiguous() for s in row_stats)  # lse, m, c, lse_lo
     t = plan.rows_of(plan.ssmax_t(tile), tile.rows)
     dsz = cpu_native.backward(
         plan.lib, tile.raw.view(-1, tile.keys), dw.view(-1, tile.keys), plan.limits(tile), t, plan.scale,
-        plan.normalizer, lse, lse_lo, low, inv, row_arg[0].contiguous(), row_arg[1].contiguous(), need_s,
+        plan.normalizer, *stats, row_arg[0].contiguous(), row_arg[1].contiguous(), need_s,
     )  # fmt: skip
     return tile.raw, dw, dsz
 

@@ -126,11 +126,11 @@ int64_t find(const T* x, int64_t n, T value) {
 template <typename T>
 struct RowStats {
   T* lse;        // logsumexp of the row (0 for an empty row), rounded to T
-  T* lse_lo;     // what that rounding lost (computed in double): the backward's p = e^{(x − lse) − lse_lo}. A rounded
-                 // logsumexp alone (at its magnitude, ~5–20 with SSMax) moves every p of the row alike, and such
-                 // errors add up in dv, dk and ds instead of averaging out (float32: up to 3× eager's error in dv)
   T* low;        // m = min(0, min x)
   T* inv;        // c = 1/(M − m + eps)
+  T* lse_lo;     // what lse's rounding lost (computed in double): the backward's p = e^{(x − lse) − lse_lo}. A rounded
+                 // logsumexp alone (at its magnitude, ~5–20 with SSMax) moves every p of the row alike, and such
+                 // errors add up in dv, dk and ds instead of averaging out (float32: up to 3× eager's error in dv)
   int64_t* amin; // where sa_norm's min term goes (−1: none)
   int64_t* amax; // where its max term goes (−1: none)
 };
@@ -798,18 +798,18 @@ Call<T> make_call(const int64_t* dims, const T* q, const T* k, const T* v, const
 // (kind 4, r1 (Hq, rel_n) row-major; 1 for the other kinds).
 #define SA_ENTRIES(T, S)                                                                                               \
   void sa_forward_##S(T* raw, int64_t rows, int64_t keys, const int64_t* limit, const T* t, T zmul, int mode,          \
-                      T eps, T* lse, T* lse_lo, T* low, T* inv, T* fac, int64_t* amin, int64_t* amax,                  \
+                      T eps, T* lse, T* low, T* inv, T* lse_lo, T* fac, int64_t* amin, int64_t* amax,                  \
                       int threads) {                                                                                   \
-    const RowStats<T> st{lse, lse_lo, low, inv, amin, amax};                                                           \
+    const RowStats<T> st{lse, low, inv, lse_lo, amin, amax};                                                           \
     by_mode(mode, [&](auto m) {                                                                                        \
       forward_tile<T, decltype(m)::value>(raw, rows, keys, limit, t, zmul, eps, st, fac, threads);                     \
     });                                                                                                                \
   }                                                                                                                    \
   void sa_backward_##S(T* raw, T* dw, int64_t rows, int64_t keys, const int64_t* limit, const T* t, T zmul,            \
-                       int mode, T* lse, T* lse_lo, T* low, T* inv, int64_t* amin,                     \
+                       int mode, T* lse, T* low, T* inv, T* lse_lo, int64_t* amin,                     \
                        int64_t* amax, T* dsz,                                                                          \
                        int threads) {                                                                                  \
-    const RowStats<T> st{lse, lse_lo, low, inv, amin, amax};                                                           \
+    const RowStats<T> st{lse, low, inv, lse_lo, amin, amax};                                                           \
     by_mode(mode, [&](auto m) {                                                                                        \
       backward_tile<T, decltype(m)::value>(raw, dw, rows, keys, limit, t, zmul, st, dsz, threads);              \
     });                                                                                                                \
@@ -817,25 +817,25 @@ Call<T> make_call(const int64_t* dims, const T* q, const T* k, const T* v, const
   void sa_fused_forward_##S(const int64_t* dims, const T* q, const T* k, const T* v, const uint8_t* mask,              \
                             const T* bias, const int64_t* strides, const T* ssmax, T scale, T eps, int mode,           \
                             void* blas,                                                                                \
-                            int threads, T* out, T* lse, T* lse_lo, T* low, T* inv, int64_t* amin,                     \
+                            int threads, T* out, T* lse, T* low, T* inv, T* lse_lo, int64_t* amin,                     \
                             int64_t* amax,                                                                             \
                             int rel_kind, const T* r1, const T* r2, int64_t rel_n) {                                   \
     Call<T> c = make_call<T>(dims, q, k, v, mask, bias, strides, ssmax, scale, eps, blas, threads);                    \
     const Relative<T> rel(rel_kind, r1, r2, rel_n, c.hq, c.l, c.s, scale, false);                                      \
     rel.attach(c);                                                                                                     \
-    const RowStats<T> st{lse, lse_lo, low, inv, amin, amax};                                                           \
+    const RowStats<T> st{lse, low, inv, lse_lo, amin, amax};                                                           \
     by_mode(mode, [&](auto m) { fused_forward<T, decltype(m)::value>(c, out, st); });                                  \
   }                                                                                                                    \
   void sa_fused_backward_##S(const int64_t* dims, const T* q, const T* k, const T* v, const uint8_t* mask,             \
                              const T* bias, const int64_t* strides, const T* ssmax, T scale, T eps, int mode,          \
                              void* blas,                                                                               \
-                             int threads, const T* dout, T* lse, T* lse_lo, T* low, T* inv,            \
+                             int threads, const T* dout, T* lse, T* low, T* inv, T* lse_lo,            \
                              int64_t* amin, int64_t* amax, T* dq, T* dk, T* dv, T* ds, int rel_kind,                   \
                              const T* r1, const T* r2, int64_t rel_n, T* dr) {                                         \
     Call<T> c = make_call<T>(dims, q, k, v, mask, bias, strides, ssmax, scale, eps, blas, threads);                    \
     const Relative<T> rel(rel_kind, r1, r2, rel_n, c.hq, c.l, c.s, scale, dr != nullptr);                              \
     rel.attach(c);                                                                                                     \
-    const RowStats<T> st{lse, lse_lo, low, inv, amin, amax};                                                           \
+    const RowStats<T> st{lse, low, inv, lse_lo, amin, amax};                                                           \
     by_mode(mode, [&](auto m) {                                                                                        \
       fused_backward<T, decltype(m)::value>(c, dout, st, dq, dk, dv, ds, dr);                                   \
     });                                                                                                                \

@@ -282,18 +282,19 @@ def forward(
     """Fused forward over a contiguous (rows, keys) tile, in place (raw -> unnormalised weights).
 
     ``limit`` (int64, rows) masks keys j >= limit; ``t`` (rows) is SSMax's factor (ones without SSMax).
-    Returns per-row (lse, lse_lo, m, c, fac, argmin, argmax); see cpu_kernels.cpp (RowStats).
+    Returns the per-row statistics (4, rows) = (lse, m, c, lse_lo) (see cpu_kernels.cpp's RowStats), the output
+    factor fac (rows,) and (argmin, argmax) (2, rows).
     """
     rows, keys = raw.shape
     suffix, ctype = _TYPES[raw.dtype]
-    stats = torch.empty(5, rows, dtype=raw.dtype)
+    stats = torch.empty(5, rows, dtype=raw.dtype)  # RowStats' four, then fac
     args = torch.empty(2, rows, dtype=torch.long)
     getattr(lib, f"sa_forward_{suffix}")(
         _ptr(raw), ctypes.c_int64(rows), ctypes.c_int64(keys), _ptr(limit), _ptr(t), ctype(zmul),
         ctypes.c_int(_MODES[normalizer]), ctype(eps), *(_ptr(s) for s in stats), _ptr(args[0]), _ptr(args[1]),
         ctypes.c_int(torch.get_num_threads()),
     )  # fmt: skip
-    return (*stats.unbind(0), *args.unbind(0))
+    return stats[:4], stats[4], args
 
 
 def backward(
@@ -305,9 +306,9 @@ def backward(
     zmul: float,
     normalizer: str,
     lse: Tensor,
-    lse_lo: Tensor,
     low: Tensor,
     inv: Tensor,
+    lse_lo: Tensor,
     amin: Tensor,
     amax: Tensor,
     want_dsz: bool,
@@ -322,7 +323,7 @@ def backward(
     dsz = torch.empty(rows, dtype=raw.dtype) if want_dsz else None
     getattr(lib, f"sa_backward_{suffix}")(
         _ptr(raw), _ptr(dw), ctypes.c_int64(rows), ctypes.c_int64(keys), _ptr(limit), _ptr(t), ctype(zmul),
-        ctypes.c_int(_MODES[normalizer]), _ptr(lse), _ptr(lse_lo), _ptr(low), _ptr(inv), _ptr(amin), _ptr(amax),
+        ctypes.c_int(_MODES[normalizer]), _ptr(lse), _ptr(low), _ptr(inv), _ptr(lse_lo), _ptr(amin), _ptr(amax),
         _ptr(dsz), ctypes.c_int(torch.get_num_threads()),
     )  # fmt: skip
     return dsz
@@ -407,7 +408,7 @@ def fused_forward(
         q, k, v, mask, bias, ssmax, scale, eps, causal, normalizer, per_head, gemm, together=together
     )
     getattr(lib, f"sa_fused_forward_{_TYPES[q.dtype][0]}")(
-        *args, _ptr(out), _ptr(stats[0]), _ptr(stats[3]), _ptr(stats[1]), _ptr(stats[2]), _ptr(arg[0]), _ptr(arg[1]),
+        *args, _ptr(out), *(_ptr(s) for s in stats), _ptr(arg[0]), _ptr(arg[1]),
         *_relative_args(relative),
     )  # fmt: skip
     return out, stats, arg
@@ -450,7 +451,7 @@ def fused_backward(
         q, k, v, mask, bias, ssmax, scale, eps, causal, normalizer, per_head, gemm, chunks, together
     )
     getattr(lib, f"sa_fused_backward_{_TYPES[q.dtype][0]}")(
-        *args, _ptr(grad_out), _ptr(stats[0]), _ptr(stats[3]), _ptr(stats[1]), _ptr(stats[2]),
+        *args, _ptr(grad_out), *(_ptr(s) for s in stats),
         _ptr(arg[0]), _ptr(arg[1]), _ptr(dq), _ptr(dk), _ptr(dv), _ptr(ds), *_relative_args(relative), _ptr(dr),
     )  # fmt: skip
     if groups != hkv or chunks > 1:  # sum the partials of a kv head in a fixed order
