@@ -35,11 +35,17 @@ SHARED_BYTES = {90: 227 * 1024, 80: 163 * 1024}  # the most shared memory one bl
 TIMEOUT_S = 300  # a hung compile fails the test instead of hanging the suite
 
 
-def compile_variant(name: str, arch: int) -> subprocess.Popen:
+def compile_env() -> dict[str, str]:
+    """This process's environment without TRITON_INTERPRET (the kernels must be compiled, not interpreted), with
+    the sources this session imports first on PYTHONPATH."""
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
-    env["SASOFTMAX_COMPILE_ARCH"] = str(arch)
-    src = str(Path(sasoftmax.__file__).parents[1])  # compile the sources this session imports
+    src = str(Path(sasoftmax.__file__).parents[1])
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [src, env.get("PYTHONPATH")]))
+    return env
+
+
+def compile_variant(name: str, arch: int) -> subprocess.Popen:
+    env = {**compile_env(), "SASOFTMAX_COMPILE_ARCH": str(arch)}
     return subprocess.Popen(
         [sys.executable, str(SCRIPT), name], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
@@ -83,12 +89,10 @@ def test_static_report_reads_registers_and_loops(tmp_path):
     reason = _compile_unavailable()
     if reason:
         pytest.skip(reason)
-    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(sasoftmax.__file__).parents[1]), env.get("PYTHONPATH")]))
     script = Path(__file__).parents[1] / "benchmarks" / "triton_static.py"
     run = subprocess.run(
         [sys.executable, str(script), "--out", str(tmp_path), "--normalizers", "softmax", "--head-dims", "64"],
-        env=env, capture_output=True, text=True, timeout=TIMEOUT_S,
+        env=compile_env(), capture_output=True, text=True, timeout=TIMEOUT_S,
     )  # fmt: skip
     assert run.returncode == 0, run.stderr[-3000:]
     rows = json.loads((tmp_path / "static.json").read_text())["rows"]
@@ -101,7 +105,8 @@ def test_static_report_reads_registers_and_loops(tmp_path):
 def _compile_unavailable() -> str | None:
     """Why this machine cannot compile for NVIDIA GPUs (the compile script's own check, run without the
     interpreter), or None."""
-    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
     code = "import sys; sys.path.insert(0, sys.argv[1]); import triton_compile_cuda as t; print(t.unavailable() or '')"
-    run = subprocess.run([sys.executable, "-c", code, str(SCRIPT.parent)], env=env, capture_output=True, text=True)
+    run = subprocess.run(
+        [sys.executable, "-c", code, str(SCRIPT.parent)], env=compile_env(), capture_output=True, text=True
+    )
     return run.stdout.strip() or None
