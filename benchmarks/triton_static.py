@@ -4,7 +4,7 @@
     pip install --no-deps --target /tmp/t36 triton==3.6.0                           # the GPU machines' triton
     PYTHONPATH=/tmp/t36:src python3 benchmarks/triton_static.py --out results
 
-Each kernel of one forward+backward (bf16, FlashAttention's layout, N = 1024, the tiles of
+Each kernel of one forward+backward (bf16, 4 query heads on 2 kv heads, N = 1024, the tiles of
 ``sasoftmax.backends.triton._configs`` or each ``--tiles`` variant through ``SASOFTMAX_TRITON_TILES``) is compiled
 for ``--arch`` by the recorder of tests/triton_compile_cuda.py. ``cuobjdump -res-usage`` gives the registers and the
 stack frame per thread (where spilled registers go), ``nvdisasm`` the SASS, whose innermost loops (a backward
@@ -106,8 +106,7 @@ def analyse(normalizer: str, head_dim: int, causal: bool, ssmax: bool, tiles: st
     import triton_compile_cuda as compile_cuda  # reads SASOFTMAX_COMPILE_ARCH at import
 
     os.environ["SASOFTMAX_TRITON_TILES"] = tiles
-    heads = 2048 // head_dim
-    scale = torch.full((heads,), 0.5, requires_grad=True) if ssmax else None
+    scale = torch.full((compile_cuda.QUERY_HEADS,), 0.5, requires_grad=True) if ssmax else None
     try:
         recorded = compile_cuda.record(
             torch.bfloat16, head_dim, normalizer, causal, ssmax=scale, length=1024, keep=True

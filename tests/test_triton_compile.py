@@ -85,15 +85,16 @@ def test_kernels_compile(arch):
 
 def test_static_report_reads_registers_and_loops(tmp_path):
     """benchmarks/triton_static.py (what the kernels compile to, for sessions without a GPU): every kernel of a
-    softmax call gets its registers and its tile loops, whose iterations hold the tensor-core instructions."""
+    softmax call with SSMax gets its registers and its tile loops, whose iterations hold the tensor-core
+    instructions."""
     reason = _compile_unavailable()
     if reason:
         pytest.skip(reason)
     script = Path(__file__).parents[1] / "benchmarks" / "triton_static.py"
+    args = ["--out", str(tmp_path), "--normalizers", "softmax", "--head-dims", "64", "--ssmax"]
     run = subprocess.run(
-        [sys.executable, str(script), "--out", str(tmp_path), "--normalizers", "softmax", "--head-dims", "64"],
-        env=compile_env(), capture_output=True, text=True, timeout=TIMEOUT_S,
-    )  # fmt: skip
+        [sys.executable, str(script), *args], env=compile_env(), capture_output=True, text=True, timeout=TIMEOUT_S
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     rows = json.loads((tmp_path / "static.json").read_text())["rows"]
     assert {row["kernel"] for row in rows} == {"fwd", "bwd_dq", "bwd_dkdv"}

@@ -26,6 +26,8 @@ import torch
 DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.int32: "i32",
                torch.uint8: "u8", torch.int64: "i64", torch.bool: "i1"}  # fmt: skip
 KERNELS = ("row_extrema", "fwd", "bwd_dq", "bwd_dkdv")
+QUERY_HEADS, KV_HEADS = 4, 2
+"""The heads of every recorded call (grouped-query attention)."""
 ARCH = int(os.environ.get("SASOFTMAX_COMPILE_ARCH", "90"))  # compute capability 9.0 (Hopper) unless set
 
 
@@ -101,7 +103,7 @@ def variants() -> dict[str, dict]:
     """Representative calls: (B, Hq, Hkv, L, S) = (1, 4, 2, 300, 300), grouped-query attention."""
     from sasoftmax import RelativeBias
 
-    heads = 4
+    heads = QUERY_HEADS
     r1, r2 = torch.rand(heads, requires_grad=True), torch.rand(heads, requires_grad=True)
     return {
         "bf16 D=128 sa_norm causal kerple_log ssmax": dict(
@@ -134,8 +136,8 @@ def record(dtype, d, normalizer, causal, bias=None, ssmax=None, mask=None, lengt
     try:
         for name, kernel in originals.items():
             setattr(kernels, name, Recorder(kernel, results, keep))
-        q = torch.randn(1, 4, length, d, dtype=dtype, requires_grad=True)
-        k, v = (torch.randn(1, 2, length, d, dtype=dtype, requires_grad=True) for _ in range(2))
+        q = torch.randn(1, QUERY_HEADS, length, d, dtype=dtype, requires_grad=True)
+        k, v = (torch.randn(1, KV_HEADS, length, d, dtype=dtype, requires_grad=True) for _ in range(2))
         call = make_call(q, k, v, normalizer, causal, mask, bias, None, ssmax, 1e-6, 0.0)
         backend.attention(call).sum().backward()
     finally:
