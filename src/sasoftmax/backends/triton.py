@@ -375,19 +375,18 @@ def _backward(
     shared = (*_strides(q), *_strides(k), *_strides(v), *common)
     # sa_norm's dx carries 1/(M − m + ε), up to 1/ε, beyond float16's range: its products run in float32.
     flags.update(NORM=opt.norm, DX_FP32=opt.norm == 2 and k.dtype == torch.float16, DV=dv, DV_PAD=_pad(dv))
-    flags.update(EXACT=_exact(q))
-    cfg = configs["dq"]
-    _launch(
-        "bwd_dq", (triton.cdiv(lq, cfg.block_m), b * hq), cfg,
-        q, k, v, o, do, dq, saved.shift, saved.inv_l, t_arg, saved.low, saved.inv_delta, saved.argmin, saved.argmax,
-        delta, g_low, dt, r1_arg, r2_arg, *shared, **flags,
-    )  # fmt: skip
-    cfg = configs["dkdv"]
+    flags.update(EXACT=_exact(q), BIAS_GRAD=bias_grad)
+    cfg_dq, cfg = configs["dq"], configs["dkdv"]
     if kind == TABLE and cfg.block_m > cfg.block_n:
         raise ValueError(f"SASOFTMAX_TRITON_TILES: a table bias needs dkdv tiles with BLOCK_M <= BLOCK_N; got {cfg}")
-    key_blocks = triton.cdiv(lk, cfg.block_n)
+    query_blocks, key_blocks = triton.cdiv(lq, cfg_dq.block_m), triton.cdiv(lk, cfg.block_n)
+    # sa_norm: bwd_dq adds the min terms' part of dk into dk_low, which bwd_dkdv adds to its own (float32, zeroed).
+    dk_low = torch.zeros(b, hkv, lk, d, device=q.device, dtype=torch.float32) if opt.norm == 2 else none
+    # ALiBi/Kerple's dL/dr1, dL/dr2: one partial sum per dk/dv program and head, and for sa_norm one per dq
+    # program (its min terms), after them.
     parametric = bias_grad and kind in (2, 3, 4)
-    dr = torch.empty(key_blocks, b, hq, 2, device=q.device, dtype=torch.float32) if parametric else none
+    partials = key_blocks + (query_blocks if opt.norm == 2 else 0)
+    dr = torch.empty(partials, b, hq, 2, device=q.device, dtype=torch.float32) if parametric else none
     # zeros: the kernel writes only the tiles causal masking leaves visible, and adds into a table's gradient
     dbias = none
     if bias_grad and kind == 1:
@@ -395,13 +394,23 @@ def _backward(
     elif bias_grad and kind == TABLE:
         dbias = torch.zeros(b, hq, r1.shape[1], device=q.device, dtype=torch.float32)
     _launch(
+        "bwd_dq", (query_blocks, b * hq), cfg_dq,
+        q, k, v, o, do, dq, saved.shift, saved.inv_l, t_arg, saved.low, saved.inv_delta, saved.argmin, saved.argmax,
+        delta, g_low, dt, dk_low, r1_arg, r2_arg, dr[key_blocks:] if parametric else none, dbias, *shared, **flags,
+    )  # fmt: skip
+    _launch(
         "bwd_dkdv", (key_blocks, b * hkv), cfg,
-        q, k, v, do, dk, dv_, saved.shift, saved.inv_l, t_arg, saved.low, saved.inv_delta, saved.argmin, saved.argmax,
-        delta, g_low, r1_arg, r2_arg, dr, dbias, *shared, BIAS_GRAD=bias_grad, **flags,
+        q, k, v, do, dk, dv_, saved.shift, saved.inv_l, t_arg, saved.low, saved.inv_delta, saved.argmax, delta,
+        dk_low, r1_arg, r2_arg, dr, dbias, *shared, **flags,
     )  # fmt: skip
     bias_grads = None
     if bias_grad:
         if kind == 1:
+            if opt.norm == 2:  # the min terms' dL/dz, one per row at its argmin (bwd_dkdv wrote its tiles whole)
+                dz_low = g_low if t is None else g_low * t.reshape(b * hq, lq)
+                dbias.view(b * hq * lq, lk).scatter_add_(
+                    1, saved.argmin.view(-1, 1).clamp_min(0).long(), dz_low.view(-1, 1)
+                )
             bias_grads = dbias
         elif kind == TABLE:
             bias_grads = (dbias.sum(0),)

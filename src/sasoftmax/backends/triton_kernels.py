@@ -28,9 +28,11 @@ others three):
 - ``bwd_dq``: one program per (query block, batch·head): D_i = dO_i·o_i, dx per tile (DESIGN §2), dq,
   E_i = Σ_j p_ij dW_ij, and with SSMax dL/dt_i = Σ_j dx_ij z_ij. The max term −D_i c_i is added to dx at the
   argmax inside the tile (so it cancels against its neighbours in float32 before dx is rounded); the min
-  term (D_i − E_i) c_i needs E, known at the end, and is added there through the key row at the argmin.
+  term (D_i − E_i) c_i needs E, known at the end, and is added there: through the key row at the argmin into
+  dq, and through the query row into that key's dk and the bias gradients (atomic adds, one row per query).
 - ``bwd_dkdv``: one program per (key block, batch·kv head), looping over its group's query heads and
-  query blocks: dv = Σ wᵀdO, dk = scale·Σ (t·dx)ᵀq, both min/max terms inside the tile, and the gradients of
+  query blocks: dv = Σ wᵀdO, dk = scale·Σ (t·dx)ᵀq with the max term inside the tile (plus bwd_dq's min
+  terms, added once at the end), and the gradients of
   ALiBi/Kerple's r1, r2 (Σ t·dx·∂bias/∂r per head, one partial sum per program), of a bias tensor, or of a
   table (each tile's diagonals summed in registers, then added to dL/dtable of its (batch, head) atomically).
 Loops over key (or query) blocks run in two parts: blocks needing no bounds or causal checks, then the rest.
@@ -89,6 +91,19 @@ def _relative_bias(dist, r1, r2, BIAS: tl.constexpr):
     else:
         f = tl.where(dist > 0, tl.exp2(r2 * _log2(tl.maximum(dist, 1.0))), 0.0)
     return -r1 * f
+
+
+@triton.jit
+def _relative_bias_grads(dz, dist, r1, r2, BIAS: tl.constexpr):
+    """dL/dr1 and dL/dr2 per pair of ALiBi/Kerple's −r1·f(d), given dL/dz (0 for dr2 where f has no r2)."""
+    if BIAS == ALIBI:
+        return -dz * dist, 0.0 * dz
+    elif BIAS == KERPLE_LOG:
+        return -dz * (_log2(1.0 + r2 * dist) * LN2), -dz * r1 * dist / (1.0 + r2 * dist)
+    else:
+        log2_d = _log2(tl.maximum(dist, 1.0))
+        powered = tl.where(dist > 0, tl.exp2(r2 * log2_d), 0.0)
+        return -dz * powered, -dz * r1 * powered * (log2_d * LN2)
 
 
 @triton.jit
@@ -461,18 +476,20 @@ def _dq_tiles(
 
 @triton.jit
 def bwd_dq(
-    Q, K, V, OUT, DO, DQ, SHIFT, INV_L, T, LOW, INV_DELTA, ARGMIN, ARGMAX, DELTA, G_LOW, DT, R1, R2,
-    sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
+    Q, K, V, OUT, DO, DQ, SHIFT, INV_L, T, LOW, INV_DELTA, ARGMIN, ARGMAX, DELTA, G_LOW, DT, DK_LOW, R1, R2, DR,
+    DBIAS, sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
     MASK, smb, smh, sml, sms, BIAS, sbb, sbh, sbl, sbs,
     H, GROUPS, L, S, pos0, scale,
     NORM: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, BIAS_KIND: tl.constexpr,
-    HAS_SSMAX: tl.constexpr, ALL_MASKED: tl.constexpr, DX_FP32: tl.constexpr, PRECISION: tl.constexpr,
-    EXACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BIAS_GRAD: tl.constexpr, HAS_SSMAX: tl.constexpr, ALL_MASKED: tl.constexpr, DX_FP32: tl.constexpr,
+    PRECISION: tl.constexpr, EXACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     D: tl.constexpr, D_PAD: tl.constexpr, DV: tl.constexpr, DV_PAD: tl.constexpr,
 ):  # fmt: skip
     """dq (contiguous (B, Hq, L, D), q's dtype), D_i, the min term (D_i − E_i)·c_i and dL/dt_i.
 
-    o and dO are contiguous (B, Hq, L, Dv).
+    o and dO are contiguous (B, Hq, L, Dv). sa_norm: the min term's part of dk/scale is added into DK_LOW
+    (zeroed, contiguous (B, Hkv, S, D) float32) and, with BIAS_GRAD, its part of a table's gradient into DBIAS
+    (as in bwd_dkdv), of ALiBi/Kerple's dL/dr1, dL/dr2 stored to DR[(query block · B·Hq + b·Hq + h) · 2 + i].
     """
     start_m = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)  # offsets can pass 2**31
@@ -525,12 +542,18 @@ def bwd_dq(
         BLOCK_N, D, D_PAD, DV, DV_PAD,
     )  # fmt: skip
     if NORM == 2:
-        # The min term (D − E)·c at the argmin: through the key row there into dq, through z there into dL/dt.
+        # The min term g = (D − E)·c at the argmin, known only now that E is: through the key row there into dq,
+        # through z there into dL/dt, and through this query row into that key's dk (DK_LOW, which bwd_dkdv adds)
+        # and into the bias gradients, so that bwd_dkdv's tiles need no second compare-and-add (with it, its
+        # loop spilled registers). Unlike the max term it need not meet the tile's dx before that is rounded:
+        # there w = 0 and p is the row's smallest.
         arg_lo = tl.load(ARGMIN + stat, mask=row_ok, other=-1)
-        g_lo = tl.where(arg_lo >= 0, (d_o - e_sum) * inv_delta, 0.0)
+        has_lo = arg_lo >= 0
+        at_lo = tl.maximum(arg_lo, 0)
+        g_lo = tl.where(has_lo, (d_o - e_sum) * inv_delta, 0.0)
         tl.store(G_LOW + stat, g_lo, mask=row_ok)
-        k_lo = _load(k_base, tl.maximum(arg_lo, 0), S, skn, offs_d, skd, D, D_PAD, True)
-        dq += tl.where(arg_lo[:, None] >= 0, g_lo[:, None] * k_lo.to(tl.float32), 0.0)
+        k_lo = _load(k_base, at_lo, S, skn, offs_d, skd, D, D_PAD, True)
+        dq += tl.where(has_lo[:, None], g_lo[:, None] * k_lo.to(tl.float32), 0.0)
         if HAS_SSMAX:  # x = t·z is the row min m there, so z = m / t (t != 0 wherever the term exists)
             r_sum += g_lo * low / tl.where(t != 0, t, 1.0)
     if HAS_SSMAX:
@@ -540,6 +563,19 @@ def bwd_dq(
         dq *= scale
     dq_ptr = DQ + bh * L * D + rows[:, None] * D + offs_d[None, :]
     tl.store(dq_ptr, dq.to(DQ.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < D))
+    if NORM == 2:  # after dq's store, which frees its registers
+        dz_lo = g_lo * t  # dL/dz at the argmin
+        dk_lo = DK_LOW + (b * (H // GROUPS) + hk) * S * D + at_lo[:, None] * D + offs_d[None, :]
+        on_lo = has_lo[:, None] & (offs_d[None, :] < D)
+        tl.atomic_add(dk_lo, dz_lo[:, None] * q.to(tl.float32), mask=on_lo, sem="relaxed")
+        if BIAS_GRAD and BIAS_KIND == TABLE:
+            dist_lo = tl.minimum(tl.abs(rows + pos0 - at_lo), sbl)
+            tl.atomic_add(DBIAS + bh * sbh + dist_lo, dz_lo, mask=has_lo, sem="relaxed")
+        elif BIAS_GRAD and BIAS_KIND >= ALIBI:  # a bias tensor's: added after bwd_dkdv, which writes its tiles
+            g1, g2 = _relative_bias_grads(dz_lo, tl.abs(rows + pos0 - at_lo).to(tl.float32), r1, r2, BIAS_KIND)
+            slot = (start_m * tl.num_programs(1) + bh) * 2
+            tl.store(DR + slot, tl.sum(g1, 0))
+            tl.store(DR + slot + 1, tl.sum(g2, 0))
 
 
 @triton.jit
@@ -566,7 +602,7 @@ def _table_grad(dz, start_m, start_n, pos0, last, dtable, BLOCK_M: tl.constexpr,
 @triton.jit
 def _dkdv_tiles(
     k, v, dk, dv, dr1, dr2, lo, hi, q_base, do_base, stat_base, sqn, sqd, start_n, cols, offs_m, offs_d, offs_dv,
-    SHIFT, INV_L, T, LOW, INV_DELTA, ARGMIN, ARGMAX, DELTA, G_LOW, L, S, pos0, scale,
+    SHIFT, INV_L, T, LOW, INV_DELTA, ARGMAX, DELTA, L, S, pos0, scale,
     mask_base, sml, sms, bias_base, sbl, sbs, dbias_base, r1, r2,
     NORM: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, BIAS: tl.constexpr,
     BIAS_GRAD: tl.constexpr, HAS_SSMAX: tl.constexpr, DX_FP32: tl.constexpr, PRECISION: tl.constexpr,
@@ -596,10 +632,7 @@ def _dkdv_tiles(
             inv_delta = tl.load(INV_DELTA + stat, mask=row_ok, other=0.0)
             w, dx = _dx(x, p, dw, d_o[None, :], low[None, :], inv_delta[None, :], NORM)
             arg_hi = tl.load(ARGMAX + stat, mask=row_ok, other=-1)
-            arg_lo = tl.load(ARGMIN + stat, mask=row_ok, other=-1)
-            g_lo = tl.load(G_LOW + stat, mask=row_ok, other=0.0)
             dx += tl.where(cols[:, None] == arg_hi[None, :], (-d_o * inv_delta)[None, :], 0.0)
-            dx += tl.where(cols[:, None] == arg_lo[None, :], g_lo[None, :], 0.0)
         else:
             w, dx = _dx(x, p, dw, d_o[None, :], d_o, d_o, NORM)
         dv += tl.dot(w.to(do.dtype), do, input_precision=PRECISION)
@@ -619,22 +652,16 @@ def _dkdv_tiles(
                 _table_grad(dx, start_m, start_n, pos0, sbl, dbias_base, BLOCK_M, BLOCK_N)
             else:
                 dist = tl.abs(rows[None, :] + pos0 - cols[:, None]).to(tl.float32)
-                if BIAS == ALIBI:
-                    dr1 += tl.sum(-dx * dist, 0)
-                elif BIAS == KERPLE_LOG:
-                    dr1 += tl.sum(-dx * (_log2(1.0 + r2 * dist) * LN2), 0)
-                    dr2 += tl.sum(-dx * r1 * dist / (1.0 + r2 * dist), 0)
-                else:
-                    log2_d = _log2(tl.maximum(dist, 1.0))
-                    powered = tl.where(dist > 0, tl.exp2(r2 * log2_d), 0.0)
-                    dr1 += tl.sum(-dx * powered, 0)
-                    dr2 += tl.sum(-dx * r1 * powered * (log2_d * LN2), 0)
+                g1, g2 = _relative_bias_grads(dx, dist, r1, r2, BIAS)
+                dr1 += tl.sum(g1, 0)
+                if BIAS != ALIBI:
+                    dr2 += tl.sum(g2, 0)
     return dk, dv, dr1, dr2
 
 
 @triton.jit
 def bwd_dkdv(
-    Q, K, V, DO, DK, DV_OUT, SHIFT, INV_L, T, LOW, INV_DELTA, ARGMIN, ARGMAX, DELTA, G_LOW, R1, R2, DR, DBIAS,
+    Q, K, V, DO, DK, DV_OUT, SHIFT, INV_L, T, LOW, INV_DELTA, ARGMAX, DELTA, DK_LOW, R1, R2, DR, DBIAS,
     sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
     MASK, smb, smh, sml, sms, BIAS, sbb, sbh, sbl, sbs,
     H, GROUPS, L, S, pos0, scale,
@@ -690,7 +717,7 @@ def bwd_dkdv(
         dk, dv, dr1, dr2 = _dkdv_tiles(
             k, v, dk, dv, dr1, dr2, lo, full, q_base, do_base, bh * L, sqn, sqd, start_n, cols, offs_m, offs_d,
             offs_dv,
-            SHIFT, INV_L, T, LOW, INV_DELTA, ARGMIN, ARGMAX, DELTA, G_LOW, L, S, pos0, scale,
+            SHIFT, INV_L, T, LOW, INV_DELTA, ARGMAX, DELTA, L, S, pos0, scale,
             mask_base, sml, sms, bias_base, sbl, sbs, dbias_base, r1, r2,
             NORM, True, CAUSAL, HAS_MASK, BIAS_KIND, BIAS_GRAD, HAS_SSMAX, DX_FP32, PRECISION, EXACT,
             BLOCK_M, BLOCK_N, D, D_PAD, DV, DV_PAD,
@@ -698,7 +725,7 @@ def bwd_dkdv(
         dk, dv, dr1, dr2 = _dkdv_tiles(
             k, v, dk, dv, dr1, dr2, full, L, q_base, do_base, bh * L, sqn, sqd, start_n, cols, offs_m, offs_d,
             offs_dv,
-            SHIFT, INV_L, T, LOW, INV_DELTA, ARGMIN, ARGMAX, DELTA, G_LOW, L, S, pos0, scale,
+            SHIFT, INV_L, T, LOW, INV_DELTA, ARGMAX, DELTA, L, S, pos0, scale,
             mask_base, sml, sms, bias_base, sbl, sbs, dbias_base, r1, r2,
             NORM, False, CAUSAL, HAS_MASK, BIAS_KIND, BIAS_GRAD, HAS_SSMAX, DX_FP32, PRECISION, EXACT,
             BLOCK_M, BLOCK_N, D, D_PAD, DV, DV_PAD,
@@ -708,6 +735,8 @@ def bwd_dkdv(
             tl.store(DR + slot, tl.sum(dr1, 0))
             tl.store(DR + slot + 1, tl.sum(dr2, 0))
     out = bhk * S * D + cols[:, None] * D + offs_d[None, :]
+    if NORM == 2:  # the min terms, added into DK_LOW by bwd_dq
+        dk += tl.load(DK_LOW + out, mask=(cols[:, None] < S) & (offs_d[None, :] < D), other=0.0)
     tl.store(DK + out, (dk * scale).to(DK.dtype.element_ty), mask=(cols[:, None] < S) & (offs_d[None, :] < D))
     out_v = bhk * S * DV + cols[:, None] * DV + offs_dv[None, :]
     tl.store(DV_OUT + out_v, dv.to(DV_OUT.dtype.element_ty), mask=(cols[:, None] < S) & (offs_dv[None, :] < DV))
