@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 import sasoftmax.backends.cpu as cpu
+from operator_log import OperatorLog
 from sasoftmax import RelativeBias, benchmark
 from sasoftmax.attention import attention, choose_backend, make_call
 from sasoftmax.backends import cpu_native
@@ -397,6 +398,18 @@ def test_empty_inputs():
             q, k, v, *_ = inputs(1, 2, 2, lq, lk)
             grads = torch.autograd.grad(attention(q, k, v, bias=rb, backend="cpu").sum(), rb.parameters)
             assert all((g == 0).all() and g.shape == p.shape for g, p in zip(grads, rb.parameters))
+
+
+def test_fused_backward_launches_nothing_for_the_row_statistics(monkeypatch):
+    """The fused forward's saved statistics get no gradients: autograd makes no zeros for them, and a backward
+    from the output alone runs only our operator."""
+    monkeypatch.setenv("SASOFTMAX_CPU_KERNELS", "1")
+    q, k, v = (t.detach().float().requires_grad_() for t in inputs(1, 4, 2, 33, 33)[:3])
+    out = attention(q, k, v, normalizer="sa_norm", causal=True, backend="cpu")
+    do = torch.randn_like(out)
+    with OperatorLog() as log:
+        out.backward(do)
+    assert log.names == ["sasoftmax.cpu_fused_backward.default"]
 
 
 def test_dropout_is_refused_and_auto_falls_back():

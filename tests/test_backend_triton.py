@@ -17,6 +17,7 @@ import torch
 # Triton ships wheels for Linux only; elsewhere (macOS, Windows) there is nothing to run these kernels with.
 pytest.importorskip("triton", reason="triton is not installed (it has wheels for Linux only)")
 
+from operator_log import OperatorLog  # noqa: E402
 from sasoftmax import attention, backends  # noqa: E402
 from sasoftmax.attention import choose_backend, make_call  # noqa: E402
 from sasoftmax.backends import triton as triton_backend  # noqa: E402
@@ -335,6 +336,18 @@ def test_double_backward_raises():
     (dq,) = torch.autograd.grad(out.sum(), q, create_graph=True)
     with pytest.raises(RuntimeError, match="no autograd formula was registered"):
         dq.sum().backward()
+
+
+@needs_kernels
+def test_backward_launches_nothing_for_the_row_statistics():
+    """The forward operator's saved row statistics get no gradients: autograd makes no tensors of zeros for them
+    (six fills per layer and step before), and a backward from the output alone runs only our operator."""
+    q, k, v, do = make_inputs(SHAPES[1])
+    q, k, v = (t.float().to(DEVICE).requires_grad_() for t in (q, k, v))
+    out, do = attention(q, k, v, backend="triton", normalizer="sa_norm", causal=True), do.float().to(DEVICE)
+    with OperatorLog() as log:
+        out.backward(do)
+    assert log.names == ["sasoftmax.triton_backward.default"]
 
 
 def supported_call(**kwargs):

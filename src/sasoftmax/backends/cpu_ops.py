@@ -138,6 +138,9 @@ def _setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
     q, k, v, mask, bias, ssmax, scale, eps, causal, normalizer, rows, rel_kind, r1, r2 = inputs
     out, stats, arg = output
     ctx.save_for_backward(q, k, v, mask, bias, ssmax, out, stats, arg, r1, r2)
+    # stats and arg are for the backward only: no gradient flows to them, and none is made of zeros for them.
+    ctx.mark_non_differentiable(stats, arg)
+    ctx.set_materialize_grads(False)
     ctx.options = (scale, eps, causal, normalizer, rows)
     ctx.rel_kind = rel_kind
 

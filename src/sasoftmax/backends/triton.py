@@ -534,6 +534,10 @@ def _(q, k, v, t, mask, bias, kind, r1, r2, norm, causal, scale, eps, pos0, o, g
 def _setup_context(ctx, inputs: tuple, output: tuple) -> None:
     q, k, v, t, mask, bias, kind, r1, r2, *options = inputs
     ctx.save_for_backward(q, k, v, t, mask, bias, r1, r2, *output)
+    # The row statistics are for the backward only: no gradient flows to them, and none is made of zeros for them
+    # (six fills per backward otherwise).
+    ctx.mark_non_differentiable(*output[1:])
+    ctx.set_materialize_grads(False)
     ctx.kind, ctx.options = kind, options
 
 
