@@ -23,8 +23,6 @@ import traceback
 
 import torch
 
-DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.int32: "i32",
-               torch.uint8: "u8", torch.int64: "i64", torch.bool: "i1"}  # fmt: skip
 KERNELS = ("row_extrema", "fwd", "bwd_dq", "bwd_dkdv")
 QUERY_HEADS, KV_HEADS = 4, 2
 """The heads of every recorded call (grouped-query attention)."""
@@ -46,25 +44,19 @@ def unavailable() -> str | None:
     return None
 
 
-def signature(kernel, args: tuple, kwargs: dict) -> tuple[dict, dict]:
-    """Triton's signature (argument name -> type) and constexprs of one launch."""
-    values = dict(zip(kernel.arg_names, args), **kwargs)
-    types, constants = {}, {}
-    for param in kernel.params:
-        value = values[param.name]
-        if param.is_constexpr:
-            types[param.name], constants[param.name] = "constexpr", value
-        elif isinstance(value, torch.Tensor):
-            types[param.name] = "*" + DTYPE_NAMES[value.dtype]
-        elif isinstance(value, bool):
-            types[param.name] = "i1"
-        elif isinstance(value, int):
-            types[param.name] = "i64" if abs(value) >= 2**31 else "i32"
-        elif isinstance(value, float):
-            types[param.name] = "fp32"
-        else:
-            raise TypeError(f"{kernel.__name__}: argument {param.name} = {value!r} has no Triton type here")
-    return types, constants
+def specialised_source(kernel, target, args: tuple, kwargs: dict):
+    """The source and options a launch of ``kernel`` with these arguments compiles, specialised as Triton's own
+    launcher specialises it (integers equal to 1 become constants; pointers and integers divisible by 16 are
+    marked so, which lets loads along a unit stride vectorise): its binder and argument packing, with ``target``'s
+    backend in place of the current device's."""
+    from triton.compiler import ASTSource, make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    backend = make_backend(target)
+    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+    bound, specialization, options = binder(*args, **kwargs)
+    options, types, constants, attrs = kernel._pack_args(backend, kwargs, bound, specialization, options)
+    return ASTSource(kernel, types, constants, attrs), options.__dict__
 
 
 class Recorder:
@@ -78,17 +70,15 @@ class Recorder:
         def launch(*args, **kwargs):
             import triton
             from triton.backends.compiler import GPUTarget
-            from triton.compiler import ASTSource
 
             name = self.kernel.__name__
             try:
-                types, constants = signature(self.kernel, args, kwargs)
-                options = {"num_warps": kwargs["num_warps"], "num_stages": kwargs["num_stages"]}
-                source = ASTSource(self.kernel, types, constants)
+                source, options = specialised_source(self.kernel, GPUTarget("cuda", ARCH, 32), args, kwargs)
                 compiled = triton.compile(source, target=GPUTarget("cuda", ARCH, 32), options=options)
                 self.results[name] = {"shared": compiled.metadata.shared}
                 if self.keep:
-                    self.results[name].update(compiled=compiled, options=options, constants=constants)
+                    named = {self.kernel.arg_names[path[0]]: value for path, value in source.constants.items()}
+                    self.results[name].update(compiled=compiled, options=options, constants=named)
             except Exception as err:  # reported per kernel by the test
                 chain = [err]  # Triton wraps the error inside a kernel's callees: report the innermost one too
                 while chain[-1].__cause__ is not None and len(chain) < 10:
