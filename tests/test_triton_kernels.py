@@ -312,3 +312,37 @@ def test_naive_twins_match_the_eager_reference(case):
     assert len(got) == len(expected)
     for name, actual, want in zip(names, got, expected):
         torch.testing.assert_close(actual, want, rtol=1e-9, atol=1e-10, msg=lambda m, name=name: f"{name}: {m}")
+
+
+CLOSED_FORM = [c for c in CASES if c.ssmax and not c.mask and c.bias in ("none", "alibi", "kerple_log", "kerple_power")]
+
+
+@pytest.mark.parametrize("case", CLOSED_FORM + [Case(2, "none", False, True, False, True)], ids=str)
+def test_ssmax_computed_in_the_kernels(case, monkeypatch):
+    """Without a mask or a bias that may mask, the kernels compute t_i = s_h·ln(n_i) from s themselves (n_i all
+    keys, or with causal masking those up to i + POS0, at least 1) and reduce dL/ds per program: t as saved, o,
+    every gradient and dL/ds = Σ_i ln(n_i)·dL/dt_i as the twin gives them for that t."""
+    p, do = make_problem(case, seed=CASES.index(case) if case in CASES else 99)
+    b, hq, lq, _ = p.q.shape
+    lk = p.k.shape[2]
+    rows = torch.arange(lq, device=DEVICE)
+    n = (rows + p.pos0 + 1).clamp(1, lk) if p.causal else torch.full_like(rows, lk)
+    s = torch.linspace(0.5, 1.5, hq, device=DEVICE)
+    p = naive.Problem(**{**p.__dict__, "t": (s.view(-1, 1) * n.float().log()).expand(b, hq, lq)})
+    opt = tb._Options(p.norm, p.causal, p.scale, p.eps, p.pos0)
+    o = torch.empty(b, hq, lq, p.v.shape[3], device=DEVICE)
+    saved = tb._forward(p.q, p.k, p.v, o, None, None, None, p.kind, p.r1, p.r2, opt, s=s)
+    t_rows = saved.t_rows.view(b, hq, lq)
+    dq, dk, dv, ds, bias_grads = tb._backward(
+        p.q, p.k, p.v, o, do, t_rows, None, None, p.kind, p.r1, p.r2, saved, opt, p.kind != 0, ds=True
+    )
+    torch.testing.assert_close(t_rows, p.t, rtol=1e-6, atol=0)
+    twin = twin_outputs(on_cpu(p, torch.float64), do.double().cpu())
+    actual = {"o": o, "dq": dq, "dk": dk, "dv": dv, "ds": ds}
+    expected = {name: twin[name] for name in ("o", "dq", "dk", "dv")}
+    expected["ds"] = (twin["dL/dt"] * n.double().log().cpu()).sum((0, 2))
+    if p.kind != naive.NONE:
+        actual["dL/dr1"], expected["dL/dr1"] = bias_grads[0], twin["dL/dr1"]
+    for name, want in expected.items():
+        err, size = max_error(name, actual[name].cpu(), want)
+        assert err <= 1e-4 * size + 1e-6, f"{name}: error {err:.3g} of {size:.3g}"

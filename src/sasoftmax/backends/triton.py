@@ -85,15 +85,30 @@ def attention(call: AttentionCall) -> Tensor:
         mask, _ = _views(call.q, call.k, call.mask, None)
         params = tuple(p for p in bias.parameters() if p.requires_grad) if isinstance(bias, nn.Module) else ()
         return _BiasFunctionAttention.apply(call.q, call.k, call.v, call.ssmax, bias, mask, options, *params)
-    t = None if call.ssmax is None else ssmax_factor(call)
+    # SSMax: where n_i has a closed form the kernels compute t_i = s_h·ln(n_i) and reduce dL/ds themselves (no
+    # small torch operations per call); otherwise t is counted here, (B, Hq, L).
+    t = s = None
+    if call.ssmax is not None and _counts_closed_form(call):
+        s = call.ssmax
+    elif call.ssmax is not None:
+        t = ssmax_factor(call)
     kind, r1, r2 = (0 if bias is None else 1), None, None
     if isinstance(bias, RelativeBias):
         kind, r1, r2, bias = 2 + RELATIVE_BIAS_KINDS.index(bias.kind), bias.r1, bias.r2, None
     o, *_ = triton_forward(
-        call.q, call.k, call.v, t, call.mask, bias, kind, r1, r2, options.norm, call.causal, call.scale, call.eps,
+        call.q, call.k, call.v, t, s, call.mask, bias, kind, r1, r2, options.norm, call.causal, call.scale, call.eps,
         options.pos0,
     )  # fmt: skip
     return o
+
+
+def _counts_closed_form(call: AttentionCall) -> bool:
+    """Whether the keys each row may attend are all S, or with causal masking keys 0 … i + POS0 (no mask, no bias
+    that may mask: a bias tensor's or a table's −inf entries)."""
+    bias = call.bias
+    return call.mask is None and not isinstance(bias, Tensor) and not (
+        isinstance(bias, RelativeBias) and bias.kind == "table"
+    )
 
 
 def ssmax_factor(call: AttentionCall) -> Tensor:
@@ -287,7 +302,8 @@ def _common_args(q, k, t, mask, bias, kind, r1, r2, opt: _Options, none: Tensor)
 class _Saved:
     """Per-row statistics of a forward, (B·Hq, L) each (empty placeholders where a normalizer or dtype needs
     none). The backward recomputes p = e^{x − shift}·inv_l: shift is the logsumexp and inv_l empty for 16-bit
-    inputs; for float32 inputs shift is the row max μ and inv_l = 1/ℓ (see ``triton_kernels._probs``)."""
+    inputs; for float32 inputs shift is the row max μ and inv_l = 1/ℓ (see ``triton_kernels._probs``).
+    ``t_rows``: SSMax's t where the kernels computed it from s."""
 
     shift: Tensor
     inv_l: Tensor
@@ -295,13 +311,16 @@ class _Saved:
     inv_delta: Tensor
     argmin: Tensor
     argmax: Tensor
+    t_rows: Tensor
 
 
-def _forward(q, k, v, o, t, mask, bias, kind, r1, r2, opt: _Options) -> _Saved:
+def _forward(q, k, v, o, t, mask, bias, kind, r1, r2, opt: _Options, s: Tensor | None = None) -> _Saved:
     """Run the forward kernels, writing o (B, Hq, L, Dv) in place; returns the saved row statistics.
 
-    ``t``: (B, Hq, L) float32 or None; ``mask``: uint8 (B, Hq, L, S) view or None; ``bias``: (B, Hq, L, S)
-    view (kind 1) or None; ``r1``/``r2``: (Hq,) float32 (kinds 2–4) or None; ``r1`` an (Hq, n) table (kind 5).
+    ``t``: (B, Hq, L) float32 or None; or ``s``, SSMax's (Hq,) scale, where the kernels compute t themselves
+    (``_counts_closed_form``) and save it as ``t_rows``; ``mask``: uint8 (B, Hq, L, S) view or None; ``bias``:
+    (B, Hq, L, S) view (kind 1) or None; ``r1``/``r2``: (Hq,) float32 (kinds 2–4) or None; ``r1`` an (Hq, n)
+    table (kind 5).
     """
     b, hq, lq, d = q.shape
     dv = v.shape[3]
@@ -310,9 +329,12 @@ def _forward(q, k, v, o, t, mask, bias, kind, r1, r2, opt: _Options) -> _Saved:
     exact = _exact(q)
     # Distinct empty tensors where nothing is saved (operator outputs must not alias each other).
     saved = _Saved(torch.empty_like(rows), torch.empty_like(rows) if exact else none.clone(), none.clone(),
-                   none.clone(), none.int(), none.int())  # fmt: skip
+                   none.clone(), none.int(), none.int(),
+                   none.clone() if s is None else torch.empty_like(rows))  # fmt: skip
     configs = _configs(d, dv, q.dtype)
-    (t_arg, r1_arg, r2_arg), common, flags = _common_args(q, k, t, mask, bias, kind, r1, r2, opt, none)
+    factor = t if s is None else s.float()
+    (t_arg, r1_arg, r2_arg), common, flags = _common_args(q, k, factor, mask, bias, kind, r1, r2, opt, none)
+    flags.update(T_FROM_S=s is not None)
     mu, low, inv_delta = none, saved.low, saved.inv_delta
     if opt.norm == 2 or exact:
         # sa_norm needs the row's max and min before its weights are known. float32 inputs of every normalizer
@@ -333,7 +355,7 @@ def _forward(q, k, v, o, t, mask, bias, kind, r1, r2, opt: _Options) -> _Saved:
     cfg = configs["fwd"]
     _launch(
         "fwd", (triton.cdiv(lq, cfg.block_m), b * hq), cfg,
-        q, k, v, o, saved.shift, saved.inv_l, t_arg, mu, low, inv_delta, r1_arg, r2_arg,
+        q, k, v, o, saved.shift, saved.inv_l, t_arg, saved.t_rows, mu, low, inv_delta, r1_arg, r2_arg,
         *_strides(q), *_strides(k), *_strides(v), *_strides(o), *common,
         NORM=opt.norm, EXACT=exact, DV=dv, DV_PAD=_pad(dv), **flags,
     )  # fmt: skip
@@ -356,18 +378,23 @@ def _backward(
     opt: _Options,
     bias_grad: bool,
     kv_grad_dtype: torch.dtype | None = None,
+    ds: bool = False,
 ):
-    """dq, dk, dv (in the inputs' dtypes, or dk/dv in ``kv_grad_dtype``), dL/dt ((B, Hq, L) float32 or
-    None) and the bias gradient: dL/dbias (B, Hq, L, S) float32 for kind 1, (dL/dr1, dL/dr2) per head for
-    kinds 2–4, (dL/dtable,) (Hq, n) for a table, None without ``bias_grad``. o and do are contiguous
-    (B, Hq, L, Dv)."""
+    """dq, dk, dv (in the inputs' dtypes, or dk/dv in ``kv_grad_dtype``), dL/dt ((B, Hq, L) float32 or None;
+    with ``ds``, where t = s·ln(n) has ``_counts_closed_form``, dL/ds (Hq,) float32) and the bias gradient:
+    dL/dbias (B, Hq, L, S) float32 for kind 1, (dL/dr1, dL/dr2) per head for kinds 2–4, (dL/dtable,) (Hq, n)
+    for a table, None without ``bias_grad``. o and do are contiguous (B, Hq, L, Dv)."""
     b, hq, lq, d = q.shape
     hkv, lk, dv = k.shape[1], k.shape[2], v.shape[3]
     configs = _configs(d, dv, q.dtype)
     none = torch.empty(0, device=q.device, dtype=torch.float32)
     delta = torch.empty(b * hq, lq, device=q.device, dtype=torch.float32)
     g_low = torch.empty_like(delta) if opt.norm == 2 else none
-    dt = torch.empty_like(delta) if t is not None else none
+    query_blocks = triton.cdiv(lq, configs["dq"].block_m)
+    # dL/dt per row, or with ``ds`` one partial Σ_i dL/dt_i·ln(n_i) per dq program
+    dt = none
+    if t is not None:
+        dt = torch.empty(query_blocks, b * hq, device=q.device, dtype=torch.float32) if ds else torch.empty_like(delta)
     dq = torch.empty(b, hq, lq, d, device=q.device, dtype=q.dtype)
     dk = torch.empty(b, hkv, lk, d, device=q.device, dtype=kv_grad_dtype or k.dtype)
     dv_ = torch.empty(b, hkv, lk, dv, device=q.device, dtype=kv_grad_dtype or v.dtype)
@@ -379,7 +406,7 @@ def _backward(
     cfg_dq, cfg = configs["dq"], configs["dkdv"]
     if kind == TABLE and cfg.block_m > cfg.block_n:
         raise ValueError(f"SASOFTMAX_TRITON_TILES: a table bias needs dkdv tiles with BLOCK_M <= BLOCK_N; got {cfg}")
-    query_blocks, key_blocks = triton.cdiv(lq, cfg_dq.block_m), triton.cdiv(lk, cfg.block_n)
+    key_blocks = triton.cdiv(lk, cfg.block_n)
     # sa_norm: bwd_dq adds the min terms' part of dk into dk_low, which bwd_dkdv adds to its own (float32, zeroed).
     dk_low = torch.zeros(b, hkv, lk, d, device=q.device, dtype=torch.float32) if opt.norm == 2 else none
     # ALiBi/Kerple's dL/dr1, dL/dr2: one partial sum per dk/dv program and head, and for sa_norm one per dq
@@ -396,7 +423,8 @@ def _backward(
     _launch(
         "bwd_dq", (query_blocks, b * hq), cfg_dq,
         q, k, v, o, do, dq, saved.shift, saved.inv_l, t_arg, saved.low, saved.inv_delta, saved.argmin, saved.argmax,
-        delta, g_low, dt, dk_low, r1_arg, r2_arg, dr[key_blocks:] if parametric else none, dbias, *shared, **flags,
+        delta, g_low, dt, dk_low, r1_arg, r2_arg, dr[key_blocks:] if parametric else none, dbias, *shared,
+        DS_PARTIALS=ds, **flags,
     )  # fmt: skip
     _launch(
         "bwd_dkdv", (key_blocks, b * hkv), cfg,
@@ -416,7 +444,9 @@ def _backward(
             bias_grads = (dbias.sum(0),)
         else:
             bias_grads = tuple(g.clone() for g in dr.sum((0, 1)).unbind(-1))
-    return dq, dk, dv_, (dt.view(b, hq, lq) if t is not None else None), bias_grads
+    if t is not None:
+        dt = dt.view(-1, b, hq).sum((0, 1)) if ds else dt.view(b, hq, lq)
+    return dq, dk, dv_, (dt if t is not None else None), bias_grads
 
 
 def _reduce_to(grad: Tensor, like: Tensor) -> Tensor:
@@ -437,6 +467,7 @@ def triton_forward(
     k: Tensor,
     v: Tensor,
     t: Tensor | None,
+    s: Tensor | None,
     mask: Tensor | None,
     bias: Tensor | None,
     kind: int,
@@ -447,26 +478,29 @@ def triton_forward(
     scale: float,
     eps: float,
     pos0: int,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """One forward. ``t`` (B, Hq, L) SSMax factors or None; ``mask`` bool and ``bias`` (kind 1) broadcastable to
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """One forward. ``t`` (B, Hq, L) SSMax factors, or ``s`` (Hq,) SSMax's scale where the kernels may compute
+    t themselves (``_counts_closed_form``), or neither; ``mask`` bool and ``bias`` (kind 1) broadcastable to
     (B, Hq, L, S); kinds 2–4 read ``r1``, ``r2`` (Hq,). Returns o (B, Hq, L, Dv) and the saved row statistics
-    of ``_Saved``: shift, 1/ℓ, m, 1/δ (float32) and argmin, argmax (int32), each (B·Hq, L) (empty where the
-    normalizer or dtype needs none)."""
+    of ``_Saved``: shift, 1/ℓ, m, 1/δ (float32), argmin, argmax (int32) and t (float32, with ``s``), each
+    (B·Hq, L) (empty where the normalizer, dtype or SSMax needs none)."""
     b, hq, lq, _ = q.shape
     o = torch.empty(b, hq, lq, v.shape[3], device=q.device, dtype=v.dtype)
-    saved = _forward(q, k, v, o, t, *_views(q, k, mask, bias), kind, r1, r2, _Options(norm, causal, scale, eps, pos0))
-    return o, saved.shift, saved.inv_l, saved.low, saved.inv_delta, saved.argmin, saved.argmax
+    opt = _Options(norm, causal, scale, eps, pos0)
+    saved = _forward(q, k, v, o, t, *_views(q, k, mask, bias), kind, r1, r2, opt, s=s)
+    return o, saved.shift, saved.inv_l, saved.low, saved.inv_delta, saved.argmin, saved.argmax, saved.t_rows
 
 
 @triton_forward.register_fake
-def _(q, k, v, t, mask, bias, kind, r1, r2, norm, causal, scale, eps, pos0):
+def _(q, k, v, t, s, mask, bias, kind, r1, r2, norm, causal, scale, eps, pos0):
     b, hq, lq, _ = q.shape
     rows = (b * hq, lq) if norm == 2 else (0,)
     o = q.new_empty((b, hq, lq, v.shape[3]), dtype=v.dtype)
     shift = q.new_empty((b * hq, lq), dtype=torch.float32)
     inv_l = q.new_empty((b * hq, lq) if _exact(q) else (0,), dtype=torch.float32)
     stats = [q.new_empty(rows, dtype=dtype) for dtype in (torch.float32, torch.float32, torch.int32, torch.int32)]
-    return o, shift, inv_l, *stats
+    t_rows = q.new_empty((b * hq, lq) if s is not None else (0,), dtype=torch.float32)
+    return o, shift, inv_l, *stats, t_rows
 
 
 @torch.library.custom_op("sasoftmax::triton_backward", mutates_args=())
@@ -475,6 +509,7 @@ def triton_backward(
     k: Tensor,
     v: Tensor,
     t: Tensor | None,
+    s: Tensor | None,
     mask: Tensor | None,
     bias: Tensor | None,
     kind: int,
@@ -493,17 +528,23 @@ def triton_backward(
     inv_delta: Tensor,
     argmin: Tensor,
     argmax: Tensor,
+    t_rows: Tensor,
     bias_grad: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """The backward of :func:`triton_forward`: dq, dk, dv (the inputs' dtypes), dL/dt (t's shape), dL/dbias
+    """The backward of :func:`triton_forward`: dq, dk, dv (the inputs' dtypes), dL/dt (t's shape) or dL/ds
+    (s's shape and dtype), dL/dbias
     (bias's shape) and dL/dr1, dL/dr2 ((Hq,) in their dtypes); empty tensors for what does not exist or (bias
     gradients) was not asked for with ``bias_grad``."""
     opt = _Options(norm, causal, scale, eps, pos0)
     do = grad_out.to(v.dtype).contiguous()
-    saved = _Saved(shift, inv_l, low, inv_delta, argmin, argmax)
+    saved = _Saved(shift, inv_l, low, inv_delta, argmin, argmax, t_rows)
+    if s is not None:
+        t = t_rows.view(q.shape[0], q.shape[1], q.shape[2])
     dq, dk, dv, dt, bias_grads = _backward(
-        q, k, v, o, do, t, *_views(q, k, mask, bias), kind, r1, r2, saved, opt, bias_grad
+        q, k, v, o, do, t, *_views(q, k, mask, bias), kind, r1, r2, saved, opt, bias_grad, ds=s is not None
     )
+    if s is not None:
+        dt = dt.to(s.dtype)
 
     def empty() -> Tensor:  # a fresh one each time: operator outputs must not alias each other
         return q.new_empty((0,), dtype=torch.float32)
@@ -515,16 +556,19 @@ def triton_backward(
         dr1 = bias_grads[0].to(r1.dtype)
         if kind in (3, 4):
             dr2 = bias_grads[1].to(r2.dtype)
-    return dq, dk, dv, (dt if t is not None else empty()), dbias, dr1, dr2
+    return dq, dk, dv, (dt if dt is not None else empty()), dbias, dr1, dr2
 
 
 @triton_backward.register_fake
-def _(q, k, v, t, mask, bias, kind, r1, r2, norm, causal, scale, eps, pos0, o, grad_out, shift, inv_l, low,
-      inv_delta, argmin, argmax, bias_grad):  # fmt: skip
+def _(q, k, v, t, s, mask, bias, kind, r1, r2, norm, causal, scale, eps, pos0, o, grad_out, shift, inv_l, low,
+      inv_delta, argmin, argmax, t_rows, bias_grad):  # fmt: skip
     def empty():
         return q.new_empty((0,), dtype=torch.float32)
 
-    dt = q.new_empty(t.shape, dtype=torch.float32) if t is not None else empty()
+    if s is not None:
+        dt = torch.empty_like(s)
+    else:
+        dt = q.new_empty(t.shape, dtype=torch.float32) if t is not None else empty()
     dbias = torch.empty_like(bias) if bias_grad and kind == 1 else empty()
     dr1 = torch.empty_like(r1) if bias_grad and kind > 1 else empty()
     dr2 = torch.empty_like(r2) if bias_grad and kind in (3, 4) else empty()
@@ -532,8 +576,8 @@ def _(q, k, v, t, mask, bias, kind, r1, r2, norm, causal, scale, eps, pos0, o, g
 
 
 def _setup_context(ctx, inputs: tuple, output: tuple) -> None:
-    q, k, v, t, mask, bias, kind, r1, r2, *options = inputs
-    ctx.save_for_backward(q, k, v, t, mask, bias, r1, r2, *output)
+    q, k, v, t, s, mask, bias, kind, r1, r2, *options = inputs
+    ctx.save_for_backward(q, k, v, t, s, mask, bias, r1, r2, *output)
     # The row statistics are for the backward only: no gradient flows to them, and none is made of zeros for them
     # (six fills per backward otherwise).
     ctx.mark_non_differentiable(*output[1:])
@@ -542,17 +586,17 @@ def _setup_context(ctx, inputs: tuple, output: tuple) -> None:
 
 
 def _backward_formula(ctx, grad_out: Tensor, *_unused_stat_grads) -> tuple:
-    q, k, v, t, mask, bias, r1, r2, o, *stats = ctx.saved_tensors
+    q, k, v, t, s, mask, bias, r1, r2, o, *stats = ctx.saved_tensors
     kind, need = ctx.kind, ctx.needs_input_grad
-    bias_grad = (kind == 1 and need[5]) or (kind > 1 and (need[7] or need[8]))
+    bias_grad = (kind == 1 and need[6]) or (kind > 1 and (need[8] or need[9]))
     if grad_out is None:
         grad_out = torch.zeros_like(o)
     dq, dk, dv, dt, dbias, dr1, dr2 = torch.ops.sasoftmax.triton_backward(
-        q, k, v, t, mask, bias, kind, r1, r2, *ctx.options, o, grad_out, *stats, bias_grad
+        q, k, v, t, s, mask, bias, kind, r1, r2, *ctx.options, o, grad_out, *stats, bias_grad
     )
-    return (dq, dk, dv, dt if t is not None else None, None, dbias if kind == 1 and bias_grad else None, None,
-            dr1 if kind > 1 and bias_grad else None, dr2 if kind in (3, 4) and bias_grad else None,
-            None, None, None, None, None)  # fmt: skip
+    return (dq, dk, dv, dt if t is not None else None, dt if s is not None else None, None,
+            dbias if kind == 1 and bias_grad else None, None, dr1 if kind > 1 and bias_grad else None,
+            dr2 if kind in (3, 4) and bias_grad else None, None, None, None, None, None)  # fmt: skip
 
 
 triton_forward.register_autograd(_backward_formula, setup_context=_setup_context)

@@ -138,21 +138,41 @@ def _row_shift(SHIFT, INV_L, stat, row_ok, EXACT: tl.constexpr):
 
 
 @triton.jit
-def _row_factor_and_bias(
-    T, stat, row_ok, R1, R2, h, BLOCK_M: tl.constexpr, HAS_SSMAX: tl.constexpr, BIAS: tl.constexpr
-):
-    """SSMax's t for the rows (1 without SSMax), and head h's r1, r2 of a relative bias (0 if unused)."""
-    if HAS_SSMAX:
-        t = tl.load(T + stat, mask=row_ok, other=0.0)
+def _log_allowed(rows, pos0, S, CAUSAL: tl.constexpr):
+    """ln(n_i) where the keys a row may attend have a closed form (no mask, no bias that masks): all S, or with
+    causal masking keys 0 … i + POS0; at least 1 (a row with no key: ln 1 = 0), as ``allowed_counts`` counts."""
+    if CAUSAL:
+        n = tl.minimum(tl.maximum(rows + pos0 + 1, 1), S)
     else:
-        t = tl.full([BLOCK_M], 1.0, tl.float32)
+        n = rows * 0 + S
+    return tl.log(n.to(tl.float32))
+
+
+@triton.jit
+def _row_factor(
+    T, stat, row_ok, h, rows, pos0, S, BLOCK_M: tl.constexpr, HAS_SSMAX: tl.constexpr, T_FROM_S: tl.constexpr,
+    CAUSAL: tl.constexpr,
+):  # fmt: skip
+    """SSMax's t for the rows: read from the (B·Hq, L) rows at T, or with T_FROM_S computed from head h's s at
+    T ((Hq,) float32) as s_h·ln(n_i); 1 without SSMax."""
+    if HAS_SSMAX and T_FROM_S:
+        return tl.load(T + h) * _log_allowed(rows, pos0, S, CAUSAL)
+    elif HAS_SSMAX:
+        return tl.load(T + stat, mask=row_ok, other=0.0)
+    else:
+        return tl.full([BLOCK_M], 1.0, tl.float32)
+
+
+@triton.jit
+def _bias_params(R1, R2, h, BIAS: tl.constexpr):
+    """Head h's r1, r2 of a relative bias (0 where unused)."""
     r1 = 0.0
     r2 = 0.0
     if BIAS >= ALIBI and BIAS <= KERPLE_POWER:
         r1 = tl.load(R1 + h)
     if BIAS >= KERPLE_LOG and BIAS <= KERPLE_POWER:
         r2 = tl.load(R2 + h)
-    return t, r1, r2
+    return r1, r2
 
 
 @triton.jit
@@ -310,7 +330,7 @@ def row_extrema(
     MASK, smb, smh, sml, sms, BIAS, sbb, sbh, sbl, sbs,
     H, GROUPS, L, S, pos0, scale, eps,
     CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, BIAS_KIND: tl.constexpr, HAS_SSMAX: tl.constexpr,
-    ALL_MASKED: tl.constexpr, MIN_AND_ARGS: tl.constexpr, PRECISION: tl.constexpr,
+    T_FROM_S: tl.constexpr, ALL_MASKED: tl.constexpr, MIN_AND_ARGS: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
 ):  # fmt: skip
     start_m = tl.program_id(0)
@@ -323,7 +343,8 @@ def row_extrema(
     stat = bh * L + rows
     row_ok = rows < L
     q = _load(Q + b * sqb + h * sqh, rows, L, sqn, offs_d, sqd, D, D_PAD, True)
-    t, r1, r2 = _row_factor_and_bias(T, stat, row_ok, R1, R2, h, BLOCK_M, HAS_SSMAX, BIAS_KIND)
+    t = _row_factor(T, stat, row_ok, h, rows, pos0, S, BLOCK_M, HAS_SSMAX, T_FROM_S, CAUSAL)
+    r1, r2 = _bias_params(R1, R2, h, BIAS_KIND)
     k_base = K + b * skb + (h // GROUPS) * skh
     mask_base = MASK + b * smb + h * smh
     bias_base = BIAS + b * sbb + h * sbh
@@ -356,13 +377,13 @@ def row_extrema(
 
 @triton.jit
 def fwd(
-    Q, K, V, OUT, SHIFT, INV_L, T, MU, LOW, INV_DELTA, R1, R2,
+    Q, K, V, OUT, SHIFT, INV_L, T, T_ROWS, MU, LOW, INV_DELTA, R1, R2,
     sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, son, sod,
     MASK, smb, smh, sml, sms, BIAS, sbb, sbh, sbl, sbs,
     H, GROUPS, L, S, pos0, scale,
     NORM: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, BIAS_KIND: tl.constexpr,
-    HAS_SSMAX: tl.constexpr, ALL_MASKED: tl.constexpr, PRECISION: tl.constexpr, EXACT: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_SSMAX: tl.constexpr, T_FROM_S: tl.constexpr, ALL_MASKED: tl.constexpr, PRECISION: tl.constexpr,
+    EXACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     D: tl.constexpr, D_PAD: tl.constexpr, DV: tl.constexpr, DV_PAD: tl.constexpr,
 ):  # fmt: skip
     start_m = tl.program_id(0)
@@ -377,7 +398,10 @@ def fwd(
     stat = bh * L + rows
     row_ok = rows < L
     q = _load(Q + b * sqb + h * sqh, rows, L, sqn, offs_d, sqd, D, D_PAD, True)
-    t, r1, r2 = _row_factor_and_bias(T, stat, row_ok, R1, R2, h, BLOCK_M, HAS_SSMAX, BIAS_KIND)
+    t = _row_factor(T, stat, row_ok, h, rows, pos0, S, BLOCK_M, HAS_SSMAX, T_FROM_S, CAUSAL)
+    if HAS_SSMAX and T_FROM_S:  # for the backward, which reads t per row
+        tl.store(T_ROWS + stat, t, mask=row_ok)
+    r1, r2 = _bias_params(R1, R2, h, BIAS_KIND)
     if NORM == 2 or EXACT:
         mu = tl.load(MU + stat, mask=row_ok, other=float("-inf"))
         low = mu
@@ -481,8 +505,9 @@ def bwd_dq(
     MASK, smb, smh, sml, sms, BIAS, sbb, sbh, sbl, sbs,
     H, GROUPS, L, S, pos0, scale,
     NORM: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, BIAS_KIND: tl.constexpr,
-    BIAS_GRAD: tl.constexpr, HAS_SSMAX: tl.constexpr, ALL_MASKED: tl.constexpr, DX_FP32: tl.constexpr,
-    PRECISION: tl.constexpr, EXACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BIAS_GRAD: tl.constexpr, HAS_SSMAX: tl.constexpr, DS_PARTIALS: tl.constexpr, ALL_MASKED: tl.constexpr,
+    DX_FP32: tl.constexpr, PRECISION: tl.constexpr, EXACT: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
     D: tl.constexpr, D_PAD: tl.constexpr, DV: tl.constexpr, DV_PAD: tl.constexpr,
 ):  # fmt: skip
     """dq (contiguous (B, Hq, L, D), q's dtype), D_i, the min term (D_i − E_i)·c_i and dL/dt_i.
@@ -508,7 +533,8 @@ def bwd_dq(
     d_o = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
     tl.store(DELTA + stat, d_o, mask=row_ok)
     shift, inv_l = _row_shift(SHIFT, INV_L, stat, row_ok, EXACT)
-    t, r1, r2 = _row_factor_and_bias(T, stat, row_ok, R1, R2, h, BLOCK_M, HAS_SSMAX, BIAS_KIND)
+    t = _row_factor(T, stat, row_ok, h, rows, pos0, S, BLOCK_M, HAS_SSMAX, False, CAUSAL)
+    r1, r2 = _bias_params(R1, R2, h, BIAS_KIND)
     if NORM == 2:
         low = tl.load(LOW + stat, mask=row_ok, other=0.0)
         inv_delta = tl.load(INV_DELTA + stat, mask=row_ok, other=0.0)
@@ -556,8 +582,12 @@ def bwd_dq(
         dq += tl.where(has_lo[:, None], g_lo[:, None] * k_lo.to(tl.float32), 0.0)
         if HAS_SSMAX:  # x = t·z is the row min m there, so z = m / t (t != 0 wherever the term exists)
             r_sum += g_lo * low / tl.where(t != 0, t, 1.0)
-    if HAS_SSMAX:
+    if HAS_SSMAX and DS_PARTIALS:  # dL/ds_h = Σ_i dL/dt_i·ln(n_i): this program's part
+        part = tl.sum(tl.where(row_ok, r_sum * _log_allowed(rows, pos0, S, CAUSAL), 0.0), 0)
+        tl.store(DT + start_m * tl.num_programs(1) + bh, part)
+    elif HAS_SSMAX:
         tl.store(DT + stat, r_sum, mask=row_ok)
+    if HAS_SSMAX:
         dq *= (t * scale)[:, None]
     else:
         dq *= scale
@@ -618,7 +648,7 @@ def _dkdv_tiles(
         do = _load(do_base, rows, L, DV, offs_dv, 1, DV, DV_PAD, True)
         shift, inv_l = _row_shift(SHIFT, INV_L, stat, row_ok, EXACT)
         d_o = tl.load(DELTA + stat, mask=row_ok, other=0.0)
-        t, _, _ = _row_factor_and_bias(T, stat, row_ok, T, T, 0, BLOCK_M, HAS_SSMAX, NO_BIAS)
+        t = _row_factor(T, stat, row_ok, 0, rows, pos0, S, BLOCK_M, HAS_SSMAX, False, CAUSAL)
         qk = tl.dot(k, qt, input_precision=PRECISION)
         z, x, ok = _logits(
             qk, rows[None, :], cols[:, None], L, S, pos0, scale, t[None, :], mask_base, sml, sms,
@@ -708,7 +738,7 @@ def bwd_dkdv(
         bh = b * H + h
         q_base = Q + b * sqb + h * sqh
         do_base = DO + bh * L * DV
-        _, r1, r2 = _row_factor_and_bias(T, offs_m, offs_m < 0, R1, R2, h, BLOCK_M, False, BIAS_KIND)
+        r1, r2 = _bias_params(R1, R2, h, BIAS_KIND)
         dr1 = tl.zeros([BLOCK_M], tl.float32)  # per row of the query tile; summed when the head is done
         dr2 = tl.zeros([BLOCK_M], tl.float32)
         mask_base = MASK + b * smb + h * smh
