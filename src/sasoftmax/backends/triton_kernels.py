@@ -488,7 +488,8 @@ def _dq_tiles(
         _, dx = _dx(x, p, dw, d_o[:, None], low[:, None], inv_delta[:, None], NORM)
         if NORM == 2:
             e_sum += tl.sum(p * dw, 1)
-            dx += tl.where(cols[None, :] == arg_hi[:, None], g_hi[:, None], 0.0)
+            # (compared as offsets within the tile: with cols the compiler widened the compare to 64 bits)
+            dx += tl.where(offs_n[None, :] == (arg_hi - start_n)[:, None], g_hi[:, None], 0.0)
         if HAS_SSMAX:
             r_sum += tl.sum(dx * z, 1)
         if DX_FP32:
