@@ -339,15 +339,20 @@ def test_double_backward_raises():
 
 
 @needs_kernels
-def test_backward_launches_nothing_for_the_row_statistics():
+@pytest.mark.parametrize("ssmax", [False, True], ids=["plain", "ssmax"])
+def test_backward_launches_nothing_for_the_row_statistics(ssmax):
     """The forward operator's saved row statistics get no gradients: autograd makes no tensors of zeros for them
-    (six fills per layer and step before), and a backward from the output alone runs only our operator."""
+    (six fills per layer and step before), and a backward from the output alone runs only our operator, with
+    SSMax too (no mask: the kernels compute t and reduce dL/ds themselves)."""
     q, k, v, do = make_inputs(SHAPES[1])
     q, k, v = (t.float().to(DEVICE).requires_grad_() for t in (q, k, v))
-    out, do = attention(q, k, v, backend="triton", normalizer="sa_norm", causal=True), do.float().to(DEVICE)
+    s = torch.full((q.shape[1],), 0.7, device=DEVICE, requires_grad=True) if ssmax else None
+    out = attention(q, k, v, backend="triton", normalizer="sa_norm", causal=True, ssmax=s)
+    do = do.float().to(DEVICE)
     with OperatorLog() as log:
         out.backward(do)
     assert log.names == ["sasoftmax.triton_backward.default"]
+    assert not ssmax or s.grad is not None
 
 
 def supported_call(**kwargs):
