@@ -25,7 +25,7 @@
 #                        the tuning at head dim 64, causal
 #   VERSIONS_S=10 TESTS_S=160 KERNELS_S=150 BIAS_S=80 TRAIN_S=80 TUNE_S=0   limits of the steps (0 skips a
 #   step); on an H200 (2026-11-26) a cold test step took ~130 s, kernels 141 s, train 61 s; bias's FIRE rows
-#   were slow (FIRE is now a table); the tuning (TUNE_S) needs ~300 s for its 104 candidates (each compiles)
+#   were slow (FIRE is now a table); the tuning (TUNE_S) needs ~300 s for its 96 timings (each compiles)
 #   PROFILE_STEPS=2      profiled training steps per row (0: none)
 #   PRESET_S=0           limit of the compare step (skipped by default)
 #   EAGER_MAX_LEN=1024   largest N of the eager (materialised) rows in the kernel table

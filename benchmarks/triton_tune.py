@@ -29,11 +29,9 @@ KERNELS = ("fwd", "extrema", "dq", "dkdv")
 CANDIDATES = {
     "fwd": ["128x64x4x3", "128x64x8x3", "128x128x8x3", "128x32x4x4", "64x64x4x4"],
     "extrema": ["128x64x4x3", "128x128x8x3", "128x128x4x4", "64x128x4x3", "128x64x4x5"],
-    "dq": ["128x32x4x3", "128x32x4x5", "128x32x8x2", "128x64x8x3", "64x32x4x4", "128x16x4x3"],
-    "dkdv": ["32x128x4x3", "32x128x4x5", "32x128x8x2", "64x128x8x3", "32x64x4x4", "16x128x4x3"],
+    "dq": ["128x32x4x3", "128x32x4x5", "128x32x8x2", "128x64x8x3", "64x32x4x4"],
+    "dkdv": ["32x128x4x3", "32x128x4x5", "32x128x8x2", "64x128x8x3", "32x64x4x4"],
 }
-# 128x16 (dq) and 16x128 (dk/dv) at 4 warps: no spilled registers in sa_norm's loops at D = 64 for as many
-# instructions per score element as the defaults, which spill (benchmarks/triton_static.py, docs/triton.md).
 SMOKE_CANDIDATES = {name: ["16x16x4x1", "32x16x4x1"] for name in KERNELS}
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
