@@ -39,8 +39,11 @@ from . import triton_kernels as kernels
 from .call import AttentionCall, evaluate_bias_function, query_positions
 from .relative_bias import RELATIVE_BIAS_KINDS, RelativeBias
 
-TABLE = 2 + RELATIVE_BIAS_KINDS.index("table")
-"""The kernels' bias kind of a RelativeBias table (``triton_kernels.TABLE``)."""
+# The kernels' BIAS_KIND (``triton_kernels``): none, a tensor, then the RelativeBias kinds in their order.
+NO_BIAS, BIAS_TENSOR = 0, 1
+ALIBI, KERPLE_LOG, KERPLE_POWER, TABLE = (2 + RELATIVE_BIAS_KINDS.index(name) for name in RELATIVE_BIAS_KINDS)
+PARAMETRIC = (ALIBI, KERPLE_LOG, KERPLE_POWER)
+"""The kinds with per-head parameters r1 (and r2 for the two Kerples), whose gradients the kernels reduce."""
 
 # The kernels above were decorated with the interpreter iff TRITON_INTERPRET was on at import time.
 INTERPRET: bool = bool(triton.knobs.runtime.interpret)
@@ -92,7 +95,7 @@ def attention(call: AttentionCall) -> Tensor:
         s = call.ssmax
     elif call.ssmax is not None:
         t = ssmax_factor(call)
-    kind, r1, r2 = (0 if bias is None else 1), None, None
+    kind, r1, r2 = (NO_BIAS if bias is None else BIAS_TENSOR), None, None
     if isinstance(bias, RelativeBias):
         kind, r1, r2, bias = 2 + RELATIVE_BIAS_KINDS.index(bias.kind), bias.r1, bias.r2, None
     o, *_ = triton_forward(
@@ -293,7 +296,7 @@ def _common_args(q, k, t, mask, bias, kind, r1, r2, opt: _Options, none: Tensor)
     r2_arg = none if r2 is None else r2.float().contiguous()
     views = (*_broadcast_args(mask, q), *bias_args, hq, hq // k.shape[1], lq, k.shape[2])
     flags = {"CAUSAL": opt.causal, "HAS_MASK": mask is not None, "BIAS_KIND": kind, "HAS_SSMAX": t is not None}
-    all_masked = mask is not None or kind in (1, TABLE)  # a bias tensor's or a table's −inf entries mask
+    all_masked = mask is not None or kind in (BIAS_TENSOR, TABLE)  # a bias tensor's or a table's −inf entries mask
     flags.update(ALL_MASKED=all_masked, PRECISION=_precision(k), D=d, D_PAD=_pad(d))
     return (t_arg, r1_arg, r2_arg), (*views, opt.pos0, opt.scale), flags
 
@@ -319,8 +322,8 @@ def _forward(q, k, v, o, t, mask, bias, kind, r1, r2, opt: _Options, s: Tensor |
 
     ``t``: (B, Hq, L) float32 or None; or ``s``, SSMax's (Hq,) scale, where the kernels compute t themselves
     (``_counts_closed_form``) and save it as ``t_rows``; ``mask``: uint8 (B, Hq, L, S) view or None; ``bias``:
-    (B, Hq, L, S) view (kind 1) or None; ``r1``/``r2``: (Hq,) float32 (kinds 2–4) or None; ``r1`` an (Hq, n)
-    table (kind 5).
+    (B, Hq, L, S) view (kind BIAS_TENSOR) or None; ``r1``/``r2``: (Hq,) float32 (PARAMETRIC kinds) or None;
+    ``r1`` an (Hq, n) table (kind TABLE).
     """
     b, hq, lq, d = q.shape
     dv = v.shape[3]
@@ -382,8 +385,8 @@ def _backward(
 ):
     """dq, dk, dv (in the inputs' dtypes, or dk/dv in ``kv_grad_dtype``), dL/dt ((B, Hq, L) float32 or None;
     with ``ds``, where t = s·ln(n) has ``_counts_closed_form``, dL/ds (Hq,) float32) and the bias gradient:
-    dL/dbias (B, Hq, L, S) float32 for kind 1, (dL/dr1, dL/dr2) per head for kinds 2–4, (dL/dtable,) (Hq, n)
-    for a table, None without ``bias_grad``. o and do are contiguous (B, Hq, L, Dv)."""
+    dL/dbias (B, Hq, L, S) float32 for a bias tensor, (dL/dr1, dL/dr2) per head for PARAMETRIC kinds,
+    (dL/dtable,) (Hq, n) for a table, None without ``bias_grad``. o and do are contiguous (B, Hq, L, Dv)."""
     b, hq, lq, d = q.shape
     hkv, lk, dv = k.shape[1], k.shape[2], v.shape[3]
     configs = _configs(d, dv, q.dtype)
@@ -411,12 +414,12 @@ def _backward(
     dk_low = torch.zeros(b, hkv, lk, d, device=q.device, dtype=torch.float32) if opt.norm == 2 else none
     # ALiBi/Kerple's dL/dr1, dL/dr2: one partial sum per dk/dv program and head, and for sa_norm one per dq
     # program (its min terms), after them.
-    parametric = bias_grad and kind in (2, 3, 4)
+    parametric = bias_grad and kind in PARAMETRIC
     partials = key_blocks + (query_blocks if opt.norm == 2 else 0)
     dr = torch.empty(partials, b, hq, 2, device=q.device, dtype=torch.float32) if parametric else none
     # zeros: the kernel writes only the tiles causal masking leaves visible, and adds into a table's gradient
     dbias = none
-    if bias_grad and kind == 1:
+    if bias_grad and kind == BIAS_TENSOR:
         dbias = torch.zeros(b, hq, lq, lk, device=q.device, dtype=torch.float32)
     elif bias_grad and kind == TABLE:
         dbias = torch.zeros(b, hq, r1.shape[1], device=q.device, dtype=torch.float32)
@@ -433,7 +436,7 @@ def _backward(
     )  # fmt: skip
     bias_grads = None
     if bias_grad:
-        if kind == 1:
+        if kind == BIAS_TENSOR:
             if opt.norm == 2:  # the min terms' dL/dz, one per row at its argmin (bwd_dkdv wrote its tiles whole)
                 dz_low = g_low if t is None else g_low * t.reshape(b * hq, lq)
                 dbias.view(b * hq * lq, lk).scatter_add_(
@@ -480,10 +483,10 @@ def triton_forward(
     pos0: int,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """One forward. ``t`` (B, Hq, L) SSMax factors, or ``s`` (Hq,) SSMax's scale where the kernels may compute
-    t themselves (``_counts_closed_form``), or neither; ``mask`` bool and ``bias`` (kind 1) broadcastable to
-    (B, Hq, L, S); kinds 2–4 read ``r1``, ``r2`` (Hq,). Returns o (B, Hq, L, Dv) and the saved row statistics
-    of ``_Saved``: shift, 1/ℓ, m, 1/δ (float32), argmin, argmax (int32) and t (float32, with ``s``), each
-    (B·Hq, L) (empty where the normalizer, dtype or SSMax needs none)."""
+    t themselves (``_counts_closed_form``), or neither; ``mask`` bool and ``bias`` (kind BIAS_TENSOR)
+    broadcastable to (B, Hq, L, S); PARAMETRIC kinds read ``r1``, ``r2`` (Hq,), a TABLE ``r1`` (Hq, n). Returns
+    o (B, Hq, L, Dv) and the saved row statistics of ``_Saved``: shift, 1/ℓ, m, 1/δ (float32), argmin, argmax
+    (int32) and t (float32, with ``s``), each (B·Hq, L) (empty where the normalizer, dtype or SSMax needs none)."""
     b, hq, lq, _ = q.shape
     o = torch.empty(b, hq, lq, v.shape[3], device=q.device, dtype=v.dtype)
     opt = _Options(norm, causal, scale, eps, pos0)
@@ -550,11 +553,11 @@ def triton_backward(
         return q.new_empty((0,), dtype=torch.float32)
 
     dbias, dr1, dr2 = empty(), empty(), empty()
-    if bias_grad and kind == 1:
+    if bias_grad and kind == BIAS_TENSOR:
         dbias = _reduce_to(bias_grads, bias)
     elif bias_grad:
         dr1 = bias_grads[0].to(r1.dtype)
-        if kind in (3, 4):
+        if kind in (KERPLE_LOG, KERPLE_POWER):
             dr2 = bias_grads[1].to(r2.dtype)
     return dq, dk, dv, (dt if dt is not None else empty()), dbias, dr1, dr2
 
@@ -569,9 +572,9 @@ def _(q, k, v, t, s, mask, bias, kind, r1, r2, norm, causal, scale, eps, pos0, o
         dt = torch.empty_like(s)
     else:
         dt = q.new_empty(t.shape, dtype=torch.float32) if t is not None else empty()
-    dbias = torch.empty_like(bias) if bias_grad and kind == 1 else empty()
-    dr1 = torch.empty_like(r1) if bias_grad and kind > 1 else empty()
-    dr2 = torch.empty_like(r2) if bias_grad and kind in (3, 4) else empty()
+    dbias = torch.empty_like(bias) if bias_grad and kind == BIAS_TENSOR else empty()
+    dr1 = torch.empty_like(r1) if bias_grad and kind > BIAS_TENSOR else empty()
+    dr2 = torch.empty_like(r2) if bias_grad and kind in (KERPLE_LOG, KERPLE_POWER) else empty()
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dt, dbias, dr1, dr2
 
 
@@ -588,15 +591,17 @@ def _setup_context(ctx, inputs: tuple, output: tuple) -> None:
 def _backward_formula(ctx, grad_out: Tensor, *_unused_stat_grads) -> tuple:
     q, k, v, t, s, mask, bias, r1, r2, o, *stats = ctx.saved_tensors
     kind, need = ctx.kind, ctx.needs_input_grad
-    bias_grad = (kind == 1 and need[6]) or (kind > 1 and (need[8] or need[9]))
+    bias_grad = (kind == BIAS_TENSOR and need[6]) or (kind > BIAS_TENSOR and (need[8] or need[9]))
     if grad_out is None:
         grad_out = torch.zeros_like(o)
     dq, dk, dv, dt, dbias, dr1, dr2 = torch.ops.sasoftmax.triton_backward(
         q, k, v, t, s, mask, bias, kind, r1, r2, *ctx.options, o, grad_out, *stats, bias_grad
     )
     return (dq, dk, dv, dt if t is not None else None, dt if s is not None else None, None,
-            dbias if kind == 1 and bias_grad else None, None, dr1 if kind > 1 and bias_grad else None,
-            dr2 if kind in (3, 4) and bias_grad else None, None, None, None, None, None)  # fmt: skip
+            dbias if kind == BIAS_TENSOR and bias_grad else None, None,
+            dr1 if kind > BIAS_TENSOR and bias_grad else None,
+            dr2 if kind in (KERPLE_LOG, KERPLE_POWER) and bias_grad else None,
+            None, None, None, None, None)  # fmt: skip
 
 
 triton_forward.register_autograd(_backward_formula, setup_context=_setup_context)
@@ -641,7 +646,8 @@ class _BiasFunctionAttention(torch.autograd.Function):
                 t = _block_factor(ssmax, mask, bias, rows, opt, q, k)
             chunk_opt = _block_options(opt, rows)
             mask_rows = None if mask is None else mask[:, :, rows]
-            saved.append(_forward(q[:, :, rows], k, v, o[:, :, rows], t, mask_rows, bias, 1, None, None, chunk_opt))
+            block = (q[:, :, rows], k, v, o[:, :, rows], t, mask_rows, bias, BIAS_TENSOR, None, None, chunk_opt)
+            saved.append(_forward(*block))
             chunks.append(rows)
         ctx.save_for_backward(q, k, v, o, ssmax)
         ctx.fn, ctx.mask, ctx.opt, ctx.chunks, ctx.stats, ctx.params = fn, mask, opt, chunks, saved, params
@@ -666,7 +672,7 @@ class _BiasFunctionAttention(torch.autograd.Function):
             mask_rows = None if mask is None else mask[:, :, rows]
             dq_c, dk_c, dv_c, dt, dbias = _backward(
                 q[:, :, rows], k, v, o[:, :, rows].contiguous(), do[:, :, rows].contiguous(), t, mask_rows,
-                bias.detach(), 1, None, None, saved, _block_options(opt, rows), bias_grad=bool(params),
+                bias.detach(), BIAS_TENSOR, None, None, saved, _block_options(opt, rows), bias_grad=bool(params),
                 kv_grad_dtype=torch.float32,  # blocks' dk, dv summed in float32
             )  # fmt: skip
             dq[:, :, rows] = dq_c
