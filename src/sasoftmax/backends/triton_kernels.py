@@ -107,25 +107,26 @@ def _relative_bias_grads(dz, dist, r1, r2, BIAS: tl.constexpr):
 
 
 @triton.jit
-def _exp_shifted(x, shift, EXACT: tl.constexpr):
-    """e^{x − shift}: exp2 of (x − shift)·log₂e on the special-function unit, or for float32 inputs (EXACT)
-    libdevice's exp, whose result does not carry the rounding of that product (up to |x − shift|·2⁻²⁴
-    relative). The forward and the backward take the same one, so the backward's p sum to 1 with the
-    forward's ℓ: a mismatch there shifts every p of a row alike, and such errors add up in dk."""
+def _exp_shifted(x, x2, shift, EXACT: tl.constexpr):
+    """e^{x − shift}: exp2(x2 − shift·log₂e) on the special-function unit, x2 = x·log₂e from ``_logits`` (one
+    FFMA per element with the multiply of x2 where there is no additive bias), or for float32 inputs (EXACT)
+    libdevice's exp of x − shift, whose result does not carry the rounding of those products (up to
+    |x − shift|·2⁻²⁴ relative). The forward and the backward take the same one, so the backward's p sum to 1
+    with the forward's ℓ: a mismatch there shifts every p of a row alike, and such errors add up in dk."""
     if EXACT:
         return _exp(x - shift)
-    return tl.math.exp2((x - shift) * LOG2E)
+    return tl.math.exp2(x2 - shift * LOG2E)
 
 
 @triton.jit
-def _probs(x, shift, inv_l, EXACT: tl.constexpr):
+def _probs(x, x2, shift, inv_l, EXACT: tl.constexpr):
     """p = e^{x − logsumexp} of a tile from the saved row statistics (broadcast). 16-bit inputs save the
     logsumexp itself as ``shift``; float32 inputs (EXACT) save the row max μ and 1/ℓ and get p = e^{x − μ}/ℓ,
     because a logsumexp rounded to float32 at its magnitude (~5–20 for sa with SSMax) moves every p of the row
     alike by up to several ulps, while x − μ is computed exactly near the max."""
     if EXACT:
-        return _exp_shifted(x, shift, EXACT) * inv_l
-    return _exp_shifted(x, shift, EXACT)
+        return _exp_shifted(x, x2, shift, EXACT) * inv_l
+    return _exp_shifted(x, x2, shift, EXACT)
 
 
 @triton.jit
@@ -181,11 +182,15 @@ def _logits(
     MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, BIAS: tl.constexpr,
     HAS_SSMAX: tl.constexpr,
 ):  # fmt: skip
-    """z = scale·qk + bias and x = t·z of a tile, and where the pair is allowed.
+    """z = scale·qk + bias, x = t·z and x2 = x·log₂e (the exponent's, ``_exp_shifted``) of a tile, and where the
+    pair is allowed.
 
     ``r``/``c`` are row/key indices and ``t`` SSMax's factor, each broadcastable to the tile (so the same code
     serves (rows, keys) and (keys, rows) tiles). Without MASKED every pair is known to be allowed. Masked
-    pairs get z = 0, so p·x and dx·z are 0, not NaN, there.
+    pairs get z = 0, so p·x and dx·z are 0, not NaN, there (x2 is not masked: callers mask what they exponentiate).
+    Without an additive bias x2 = qk·(t·scale·log₂e), a per-row factor, so that the exponent x2 − shift·log₂e is
+    one FFMA per element; computed from x it would be two (x − shift, then ·log₂e), and these loops are bound by
+    their instruction count.
     """
     z = qk * scale
     ok = c < S  # in tiles without MASKED every pair is allowed; callers then ignore ok
@@ -210,7 +215,11 @@ def _logits(
     x = z
     if HAS_SSMAX:
         x = z * t
-    return z, x, ok
+    if BIAS == NO_BIAS:
+        x2 = qk * (t * (scale * LOG2E))
+    else:
+        x2 = x * LOG2E
+    return z, x, x2, ok
 
 
 @triton.jit
@@ -264,13 +273,14 @@ def _fwd_tiles(
         kt = _load_t(k_base, cols, S, skn, offs_d, skd, D, D_PAD, MASKED)
         v = _load(v_base, cols, S, svn, offs_dv, svd, DV, DV_PAD, MASKED)
         qk = tl.dot(q, kt, input_precision=PRECISION)
-        _, x, ok = _logits(
+        _, x, x2, ok = _logits(
             qk, rows[:, None], cols[None, :], L, S, pos0, scale, t[:, None], mask_base, sml, sms,
             bias_base, sbl, sbs, r1, r2, MASKED, CAUSAL, HAS_MASK, BIAS, HAS_SSMAX,
         )  # fmt: skip
         x_hi = tl.where(ok, x, float("-inf")) if MASKED else x
+        x2_hi = tl.where(ok, x2, float("-inf")) if MASKED else x2
         if NORM == 2 or EXACT:  # μ is the row's final max (from row_extrema): no rescaling
-            p = _exp_shifted(x_hi, mu[:, None], EXACT)
+            p = _exp_shifted(x_hi, x2_hi, mu[:, None], EXACT)
             total += tl.sum(p, 1)
             if NORM == 2:
                 p = p * (x - low[:, None])
@@ -281,8 +291,8 @@ def _fwd_tiles(
             new_mu = tl.maximum(mu, tl.max(x_hi, 1))
             # A row with no allowed key so far has μ = −inf; shift it by 0 so no inf − inf appears.
             shift = tl.where(new_mu == float("-inf"), 0.0, new_mu)
-            alpha = _exp_shifted(mu, shift, EXACT)
-            p = _exp_shifted(x_hi, shift[:, None], EXACT)
+            alpha = _exp_shifted(mu, mu * LOG2E, shift, EXACT)
+            p = _exp_shifted(x_hi, x2_hi, shift[:, None], EXACT)
             total = total * alpha + tl.sum(p, 1)
             if NORM == 1:  # x is finite where masked (z of a −inf bias is 0), so p·x is 0 there
                 p = p * x
@@ -303,7 +313,7 @@ def _extrema_tiles(
         cols = start_n + offs_n
         kt = _load_t(k_base, cols, S, skn, offs_d, skd, D, D_PAD, MASKED)
         qk = tl.dot(q, kt, input_precision=PRECISION)
-        _, x, ok = _logits(
+        _, x, _, ok = _logits(
             qk, rows[:, None], cols[None, :], L, S, pos0, scale, t[:, None], mask_base, sml, sms,
             bias_base, sbl, sbs, r1, r2, MASKED, CAUSAL, HAS_MASK, BIAS, HAS_SSMAX,
         )  # fmt: skip
@@ -477,13 +487,14 @@ def _dq_tiles(
         kt = _load_t(k_base, cols, S, skn, offs_d, skd, D, D_PAD, MASKED)
         vt = _load_t(v_base, cols, S, svn, offs_dv, svd, DV, DV_PAD, MASKED)
         qk = tl.dot(q, kt, input_precision=PRECISION)
-        z, x, ok = _logits(
+        z, x, x2, ok = _logits(
             qk, rows[:, None], cols[None, :], L, S, pos0, scale, t[:, None], mask_base, sml, sms,
             bias_base, sbl, sbs, r1, r2, MASKED, CAUSAL, HAS_MASK, BIAS, HAS_SSMAX,
         )  # fmt: skip
         # Masking before exp: a masked logit may lie far above the row's logsumexp.
         x_p = tl.where(ok, x, float("-inf")) if MASKED else x
-        p = _probs(x_p, shift[:, None], inv_l[:, None], EXACT)
+        x2_p = tl.where(ok, x2, float("-inf")) if MASKED else x2
+        p = _probs(x_p, x2_p, shift[:, None], inv_l[:, None], EXACT)
         dw = tl.dot(do, vt, input_precision=PRECISION)
         _, dx = _dx(x, p, dw, d_o[:, None], low[:, None], inv_delta[:, None], NORM)
         if NORM == 2:
@@ -651,12 +662,13 @@ def _dkdv_tiles(
         d_o = tl.load(DELTA + stat, mask=row_ok, other=0.0)
         t = _row_factor(T, stat, row_ok, 0, rows, pos0, S, BLOCK_M, HAS_SSMAX, False, CAUSAL)
         qk = tl.dot(k, qt, input_precision=PRECISION)
-        z, x, ok = _logits(
+        z, x, x2, ok = _logits(
             qk, rows[None, :], cols[:, None], L, S, pos0, scale, t[None, :], mask_base, sml, sms,
             bias_base, sbl, sbs, r1, r2, MASKED, CAUSAL, HAS_MASK, BIAS, HAS_SSMAX,
         )  # fmt: skip
         x_p = tl.where(ok, x, float("-inf")) if MASKED else x
-        p = _probs(x_p, shift[None, :], inv_l[None, :], EXACT)
+        x2_p = tl.where(ok, x2, float("-inf")) if MASKED else x2
+        p = _probs(x_p, x2_p, shift[None, :], inv_l[None, :], EXACT)
         dw = tl.dot(v, tl.trans(do), input_precision=PRECISION)
         if NORM == 2:
             low = tl.load(LOW + stat, mask=row_ok, other=0.0)
