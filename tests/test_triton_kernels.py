@@ -346,3 +346,19 @@ def test_ssmax_computed_in_the_kernels(case, monkeypatch):
     for name, want in expected.items():
         err, size = max_error(name, actual[name].cpu(), want)
         assert err <= 1e-4 * size + 1e-6, f"{name}: error {err:.3g} of {size:.3g}"
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_extrema_ties_go_to_the_first_key(causal, monkeypatch):
+    """Small integers for q and k (and scale 1) make every logit exact in any summation order and give each row
+    many ties, in the same tile slot and across slots and tiles: the argmax and argmin of each row are its first
+    key attaining the extremum (the twin's, torch's)."""
+    case = Case(2, "none", causal, True, False, False)
+    p, do = make_problem(case, seed=7)
+    p = naive.Problem(**{**p.__dict__, "q": (p.q * 1.5).round(), "k": (p.k * 1.5).round(), "scale": 1.0})
+    run = run_kernels(p, do, monkeypatch)
+    actual = kernel_outputs(run, p)
+    expected = twin_outputs(on_cpu(p, torch.float64), do.double().cpu())
+    assert (expected["argmax"] >= 0).any() and (expected["argmin"] >= 0).any()
+    for name in ("argmax", "argmin"):
+        assert torch.equal(actual[name], expected[name]), name

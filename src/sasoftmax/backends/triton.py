@@ -217,7 +217,10 @@ def _configs(d: int, dv: int, dtype: torch.dtype) -> dict[str, _Config]:
         configs = {"fwd": _Config(64, 32, 4, 2), "dq": _Config(64, 32, 4, 2), "dkdv": _Config(32, 64, 4, 2)}
     else:
         configs = {"fwd": _Config(64, 32, 4, 2), "dq": _Config(64, 16, 4, 2), "dkdv": _Config(16, 64, 4, 2)}
-    configs["extrema"] = configs["fwd"]
+    # row_extrema keeps four running values per tile slot (see triton_kernels._extrema_tiles): the forward's 128×64
+    # tile at 4 warps (head dims up to 64) would spill them; at 8 warps it holds them (compiled for sm_90: no
+    # spills, fewer instructions per score element than 128×16, 64×32 or 128×32 tiles).
+    configs["extrema"] = _Config(128, 64, 8, 3) if widest <= 128 and not wide and not INTERPRET else configs["fwd"]
     for part in filter(None, os.environ.get("SASOFTMAX_TRITON_TILES", "").split(",")):
         name, _, spec = part.partition(":")
         numbers = spec.split("x")

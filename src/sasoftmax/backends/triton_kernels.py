@@ -303,12 +303,16 @@ def _fwd_tiles(
 
 @triton.jit
 def _extrema_tiles(
-    q, hi_x, lo_x, arg_hi, arg_lo, lo, hi, k_base, skn, skd, rows, offs_n, offs_d, t, L, S, pos0, scale,
+    q, hi_x, lo_x, hi_at, lo_at, lo, hi, k_base, skn, skd, rows, offs_n, offs_d, t, L, S, pos0, scale,
     mask_base, sml, sms, bias_base, sbl, sbs, r1, r2,
     MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, BIAS: tl.constexpr,
     HAS_SSMAX: tl.constexpr, MIN_AND_ARGS: tl.constexpr, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
     D: tl.constexpr, D_PAD: tl.constexpr,
 ):  # fmt: skip
+    """Running extrema per slot of the (rows, keys) tile, not per row: slot (i, j) keeps the max (and min) of
+    x_i over the keys j, j + BLOCK_N, … and, in hi_at/lo_at, the start of the tile that first attained it (a tile
+    replaces it only if strictly beyond, so ties keep the earlier key). No reduction across threads per tile:
+    ``row_extrema`` reduces the slots once at the end."""
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
         kt = _load_t(k_base, cols, S, skn, offs_d, skd, D, D_PAD, MASKED)
@@ -318,19 +322,17 @@ def _extrema_tiles(
             bias_base, sbl, sbs, r1, r2, MASKED, CAUSAL, HAS_MASK, BIAS, HAS_SSMAX,
         )  # fmt: skip
         x_hi = tl.where(ok, x, float("-inf")) if MASKED else x
-        block_hi = tl.max(x_hi, 1)
         if MIN_AND_ARGS:
             x_lo = tl.where(ok, x, float("inf")) if MASKED else x
-            block_lo = tl.min(x_lo, 1)
-            # The first key of the tile attaining its max/min; a tile replaces the running one only if strictly
-            # beyond it, so ties go to the first key of the row (the documented tie rule).
-            first_hi = tl.min(tl.where(x_hi == block_hi[:, None], cols[None, :], S), 1)
-            first_lo = tl.min(tl.where(x_lo == block_lo[:, None], cols[None, :], S), 1)
-            arg_hi = tl.where(block_hi > hi_x, first_hi, arg_hi)
-            arg_lo = tl.where(block_lo < lo_x, first_lo, arg_lo)
-            lo_x = tl.minimum(lo_x, block_lo)
-        hi_x = tl.maximum(hi_x, block_hi)
-    return hi_x, lo_x, arg_hi, arg_lo
+            up = x_hi > hi_x
+            down = x_lo < lo_x
+            hi_x = tl.where(up, x_hi, hi_x)
+            lo_x = tl.where(down, x_lo, lo_x)
+            hi_at = tl.where(up, start_n, hi_at)
+            lo_at = tl.where(down, start_n, lo_at)
+        else:
+            hi_x = tl.maximum(hi_x, x_hi)
+    return hi_x, lo_x, hi_at, lo_at
 
 
 @triton.jit
@@ -358,25 +360,31 @@ def row_extrema(
     k_base = K + b * skb + (h // GROUPS) * skh
     mask_base = MASK + b * smb + h * smh
     bias_base = BIAS + b * sbb + h * sbh
-    hi_x = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    lo_x = tl.full([BLOCK_M], float("inf"), tl.float32)
-    arg_hi = tl.zeros([BLOCK_M], tl.int32)
-    arg_lo = tl.zeros([BLOCK_M], tl.int32)
+    hi_x = tl.full([BLOCK_M, BLOCK_N], float("-inf"), tl.float32)  # per slot (see _extrema_tiles)
+    lo_x = tl.full([BLOCK_M, BLOCK_N], float("inf"), tl.float32)
+    hi_at = tl.zeros([BLOCK_M, BLOCK_N], tl.int32)
+    lo_at = tl.zeros([BLOCK_M, BLOCK_N], tl.int32)
     full_end, end = _key_blocks(start_m, L, S, pos0, BLOCK_M, BLOCK_N, CAUSAL)
     if ALL_MASKED:
         full_end = 0
-    hi_x, lo_x, arg_hi, arg_lo = _extrema_tiles(
-        q, hi_x, lo_x, arg_hi, arg_lo, 0, full_end, k_base, skn, skd, rows, offs_n, offs_d, t, L, S, pos0, scale,
+    hi_x, lo_x, hi_at, lo_at = _extrema_tiles(
+        q, hi_x, lo_x, hi_at, lo_at, 0, full_end, k_base, skn, skd, rows, offs_n, offs_d, t, L, S, pos0, scale,
         mask_base, sml, sms, bias_base, sbl, sbs, r1, r2,
         False, CAUSAL, HAS_MASK, BIAS_KIND, HAS_SSMAX, MIN_AND_ARGS, PRECISION, BLOCK_N, D, D_PAD,
     )  # fmt: skip
-    hi_x, lo_x, arg_hi, arg_lo = _extrema_tiles(
-        q, hi_x, lo_x, arg_hi, arg_lo, full_end, end, k_base, skn, skd, rows, offs_n, offs_d, t, L, S, pos0,
+    hi_x, lo_x, hi_at, lo_at = _extrema_tiles(
+        q, hi_x, lo_x, hi_at, lo_at, full_end, end, k_base, skn, skd, rows, offs_n, offs_d, t, L, S, pos0,
         scale, mask_base, sml, sms, bias_base, sbl, sbs, r1, r2,
         True, CAUSAL, HAS_MASK, BIAS_KIND, HAS_SSMAX, MIN_AND_ARGS, PRECISION, BLOCK_N, D, D_PAD,
     )  # fmt: skip
+    # The slots' extrema reduced per row; the first key attaining each (the documented tie rule) is the least
+    # key among the slots that hold the row's extremum.
+    slot_hi, hi_x = hi_x, tl.max(hi_x, 1)
     tl.store(MU + stat, hi_x, mask=row_ok)
     if MIN_AND_ARGS:
+        slot_lo, lo_x = lo_x, tl.min(lo_x, 1)
+        arg_hi = tl.min(tl.where(slot_hi == hi_x[:, None], hi_at + offs_n[None, :], S), 1)
+        arg_lo = tl.min(tl.where(slot_lo == lo_x[:, None], lo_at + offs_n[None, :], S), 1)
         m = tl.minimum(lo_x, 0.0)  # +inf (no key) -> 0
         delta = tl.maximum(hi_x, 0.0) - m + eps  # μ = −inf (no key) -> 0
         tl.store(LOW + stat, m, mask=row_ok)
