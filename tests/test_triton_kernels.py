@@ -241,7 +241,26 @@ def max_error(name: str, actual: torch.Tensor, expected: torch.Tensor) -> tuple[
 def test_kernels_match_their_naive_twins(case, monkeypatch):
     """Indices exactly; values within RTOL of the float64 twin, or (where the problem is ill-conditioned: a
     causal row seeing one key x has sa_norm's dx = dW/x + ... − D/x, cancelling) within twice the error of
-    the float32 twin, FlashAttention's rule."""
+    the float32 twin, FlashAttention's rule. sa_norm's min term goes to dk inside the dk/dv tiles here (short
+    rows); ``test_min_term_scattered_through_dq`` takes the other way."""
+    check_against_twins(case, monkeypatch)
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.norm == 2], ids=str)
+def test_min_term_scattered_through_dq(case, monkeypatch):
+    """sa_norm's min term through bwd_dq's atomic adds into a float32 buffer (the way long rows take, forced):
+    every output as the twins give it, every bias kind's gradient included."""
+    monkeypatch.setenv("SASOFTMAX_TRITON_MIN_TERM", "scatter")
+    check_against_twins(case, monkeypatch)
+
+
+def test_min_term_switch_is_checked(monkeypatch):
+    monkeypatch.setenv("SASOFTMAX_TRITON_MIN_TERM", "atomics")
+    with pytest.raises(ValueError, match="SASOFTMAX_TRITON_MIN_TERM must be 'tile' or 'scatter'"):
+        tb._min_term_scattered(10)
+
+
+def check_against_twins(case: Case, monkeypatch) -> None:
     p, do = make_problem(case, seed=CASES.index(case))
     run = run_kernels(p, do, monkeypatch)
     # row_extrema runs for sa_norm, and for float32 inputs of every normalizer (the row max before ℓ is summed)

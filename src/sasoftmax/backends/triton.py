@@ -408,17 +408,18 @@ def _backward(
     shared = (*_strides(q), *_strides(k), *_strides(v), *common)
     # sa_norm's dx carries 1/(M − m + ε), up to 1/ε, beyond float16's range: its products run in float32.
     flags.update(NORM=opt.norm, DX_FP32=opt.norm == 2 and k.dtype == torch.float16, DV=dv, DV_PAD=_pad(dv))
-    flags.update(EXACT=_exact(q), BIAS_GRAD=bias_grad)
+    scatter = opt.norm == 2 and _min_term_scattered(lk)
+    flags.update(EXACT=_exact(q), BIAS_GRAD=bias_grad, LOW_SCATTER=scatter)
     cfg_dq, cfg = configs["dq"], configs["dkdv"]
     if kind == TABLE and cfg.block_m > cfg.block_n:
         raise ValueError(f"SASOFTMAX_TRITON_TILES: a table bias needs dkdv tiles with BLOCK_M <= BLOCK_N; got {cfg}")
     key_blocks = triton.cdiv(lk, cfg.block_n)
-    # sa_norm: bwd_dq adds the min terms' part of dk into dk_low, which bwd_dkdv adds to its own (float32, zeroed).
-    dk_low = torch.zeros(b, hkv, lk, d, device=q.device, dtype=torch.float32) if opt.norm == 2 else none
-    # ALiBi/Kerple's dL/dr1, dL/dr2: one partial sum per dk/dv program and head, and for sa_norm one per dq
-    # program (its min terms), after them.
+    # Scattered, bwd_dq adds the min terms' part of dk into dk_low, which bwd_dkdv adds to its own (float32, zeroed).
+    dk_low = torch.zeros(b, hkv, lk, d, device=q.device, dtype=torch.float32) if scatter else none
+    # ALiBi/Kerple's dL/dr1, dL/dr2: one partial sum per dk/dv program and head, and, scattered, one per dq program
+    # (its min terms) after them.
     parametric = bias_grad and kind in PARAMETRIC
-    partials = key_blocks + (query_blocks if opt.norm == 2 else 0)
+    partials = key_blocks + (query_blocks if scatter else 0)
     dr = torch.empty(partials, b, hq, 2, device=q.device, dtype=torch.float32) if parametric else none
     # zeros: the kernel writes only the tiles causal masking leaves visible, and adds into a table's gradient
     dbias = none
@@ -429,18 +430,18 @@ def _backward(
     _launch(
         "bwd_dq", (query_blocks, b * hq), cfg_dq,
         q, k, v, o, do, dq, saved.shift, saved.inv_l, t_arg, saved.low, saved.inv_delta, saved.argmin, saved.argmax,
-        delta, g_low, dt, dk_low, r1_arg, r2_arg, dr[key_blocks:] if parametric else none, dbias, *shared,
+        delta, g_low, dt, dk_low, r1_arg, r2_arg, dr[key_blocks:] if parametric and scatter else none, dbias, *shared,
         DS_PARTIALS=ds, **flags,
     )  # fmt: skip
     _launch(
         "bwd_dkdv", (key_blocks, b * hkv), cfg,
-        q, k, v, do, dk, dv_, saved.shift, saved.inv_l, t_arg, saved.low, saved.inv_delta, saved.argmax, delta,
-        dk_low, r1_arg, r2_arg, dr, dbias, *shared, **flags,
+        q, k, v, do, dk, dv_, saved.shift, saved.inv_l, t_arg, saved.low, saved.inv_delta, saved.argmin, saved.argmax,
+        delta, g_low, dk_low, r1_arg, r2_arg, dr, dbias, *shared, **flags,
     )  # fmt: skip
     bias_grads = None
     if bias_grad:
         if kind == BIAS_TENSOR:
-            if opt.norm == 2:  # the min terms' dL/dz, one per row at its argmin (bwd_dkdv wrote its tiles whole)
+            if scatter:  # the min terms' dL/dz, one per row at its argmin (bwd_dkdv wrote its tiles whole)
                 dz_low = g_low if t is None else g_low * t.reshape(b * hq, lq)
                 dbias.view(b * hq * lq, lk).scatter_add_(
                     1, saved.argmin.view(-1, 1).clamp_min(0).long(), dz_low.view(-1, 1)
@@ -453,6 +454,21 @@ def _backward(
     if t is not None:
         dt = dt.view(-1, b, hq).sum((0, 1)) if ds else dt.view(b, hq, lq)
     return dq, dk, dv_, (dt if t is not None else None), bias_grads
+
+
+MIN_TERM_SCATTER_KEYS = 4096
+"""From this many keys on, sa_norm's min term reaches dk through ``bwd_dq`` (``LOW_SCATTER``, see
+``triton_kernels``): it costs a (B, Hkv, S, D) float32 buffer's fill and read and L·D atomic adds per head, O(N),
+against ~4 instructions per score element of the dk/dv loop, O(N²); an estimate puts the break-even near 4k keys
+(docs/triton.md). ``SASOFTMAX_TRITON_MIN_TERM=tile|scatter`` forces either (to measure, and in the tests)."""
+
+
+def _min_term_scattered(keys: int) -> bool:
+    """Whether sa_norm's min term goes to dk through bwd_dq's atomics (see MIN_TERM_SCATTER_KEYS)."""
+    forced = os.environ.get("SASOFTMAX_TRITON_MIN_TERM", "")
+    if forced not in ("", "tile", "scatter"):
+        raise ValueError(f"SASOFTMAX_TRITON_MIN_TERM must be 'tile' or 'scatter' (or unset); got {forced!r}")
+    return forced == "scatter" or (not forced and keys >= MIN_TERM_SCATTER_KEYS)
 
 
 def _reduce_to(grad: Tensor, like: Tensor) -> Tensor:

@@ -28,11 +28,12 @@ others three):
 - ``bwd_dq``: one program per (query block, batch·head): D_i = dO_i·o_i, dx per tile (DESIGN §2), dq,
   E_i = Σ_j p_ij dW_ij, and with SSMax dL/dt_i = Σ_j dx_ij z_ij. The max term −D_i c_i is added to dx at the
   argmax inside the tile (so it cancels against its neighbours in float32 before dx is rounded); the min
-  term (D_i − E_i) c_i needs E, known at the end, and is added there: through the key row at the argmin into
-  dq, and through the query row into that key's dk and the bias gradients (atomic adds, one row per query).
+  term (D_i − E_i) c_i needs E, known at the end, and is added there through the key row at the argmin into
+  dq; into dk and the bias gradients either by bwd_dkdv inside its tiles, or (LOW_SCATTER, long rows) here
+  through the query row (atomic adds into a float32 buffer, one row per query).
 - ``bwd_dkdv``: one program per (key block, batch·kv head), looping over its group's query heads and
-  query blocks: dv = Σ wᵀdO, dk = scale·Σ (t·dx)ᵀq with the max term inside the tile (plus bwd_dq's min
-  terms, added once at the end), and the gradients of
+  query blocks: dv = Σ wᵀdO, dk = scale·Σ (t·dx)ᵀq with the max term inside the tile (and the min term,
+  or with LOW_SCATTER bwd_dq's buffer added once at the end), and the gradients of
   ALiBi/Kerple's r1, r2 (Σ t·dx·∂bias/∂r per head, one partial sum per program), of a bias tensor, or of a
   table (each tile's diagonals summed in registers, then added to dL/dtable of its (batch, head) atomically).
 Loops over key (or query) blocks run in two parts: blocks needing no bounds or causal checks, then the rest.
@@ -525,16 +526,17 @@ def bwd_dq(
     MASK, smb, smh, sml, sms, BIAS, sbb, sbh, sbl, sbs,
     H, GROUPS, L, S, pos0, scale,
     NORM: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, BIAS_KIND: tl.constexpr,
-    BIAS_GRAD: tl.constexpr, HAS_SSMAX: tl.constexpr, DS_PARTIALS: tl.constexpr, ALL_MASKED: tl.constexpr,
-    DX_FP32: tl.constexpr, PRECISION: tl.constexpr, EXACT: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    BIAS_GRAD: tl.constexpr, HAS_SSMAX: tl.constexpr, DS_PARTIALS: tl.constexpr, LOW_SCATTER: tl.constexpr,
+    ALL_MASKED: tl.constexpr, DX_FP32: tl.constexpr, PRECISION: tl.constexpr, EXACT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     D: tl.constexpr, D_PAD: tl.constexpr, DV: tl.constexpr, DV_PAD: tl.constexpr,
 ):  # fmt: skip
     """dq (contiguous (B, Hq, L, D), q's dtype), D_i, the min term (D_i − E_i)·c_i and dL/dt_i.
 
-    o and dO are contiguous (B, Hq, L, Dv). sa_norm: the min term's part of dk/scale is added into DK_LOW
-    (zeroed, contiguous (B, Hkv, S, D) float32) and, with BIAS_GRAD, its part of a table's gradient into DBIAS
-    (as in bwd_dkdv), of ALiBi/Kerple's dL/dr1, dL/dr2 stored to DR[(query block · B·Hq + b·Hq + h) · 2 + i].
+    o and dO are contiguous (B, Hq, L, Dv). sa_norm with LOW_SCATTER: the min term's part of dk/scale is added
+    into DK_LOW (zeroed, contiguous (B, Hkv, S, D) float32) and, with BIAS_GRAD, its part of a table's gradient
+    into DBIAS (as in bwd_dkdv), of ALiBi/Kerple's dL/dr1, dL/dr2 stored to
+    DR[(query block · B·Hq + b·Hq + h) · 2 + i]; without, bwd_dkdv adds the term inside its tiles from G_LOW.
     """
     start_m = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)  # offsets can pass 2**31
@@ -613,7 +615,7 @@ def bwd_dq(
         dq *= scale
     dq_ptr = DQ + bh * L * D + rows[:, None] * D + offs_d[None, :]
     tl.store(dq_ptr, dq.to(DQ.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < D))
-    if NORM == 2:  # after dq's store, which frees its registers
+    if NORM == 2 and LOW_SCATTER:  # after dq's store, which frees its registers
         dz_lo = g_lo * t  # dL/dz at the argmin
         dk_lo = DK_LOW + (b * (H // GROUPS) + hk) * S * D + at_lo[:, None] * D + offs_d[None, :]
         on_lo = has_lo[:, None] & (offs_d[None, :] < D)
@@ -652,11 +654,11 @@ def _table_grad(dz, start_m, start_n, pos0, last, dtable, BLOCK_M: tl.constexpr,
 @triton.jit
 def _dkdv_tiles(
     k, v, dk, dv, dr1, dr2, lo, hi, q_base, do_base, stat_base, sqn, sqd, start_n, cols, offs_m, offs_d, offs_dv,
-    SHIFT, INV_L, T, LOW, INV_DELTA, ARGMAX, DELTA, L, S, pos0, scale,
+    SHIFT, INV_L, T, LOW, INV_DELTA, ARGMIN, ARGMAX, DELTA, G_LOW, L, S, pos0, scale,
     mask_base, sml, sms, bias_base, sbl, sbs, dbias_base, r1, r2,
     NORM: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, BIAS: tl.constexpr,
-    BIAS_GRAD: tl.constexpr, HAS_SSMAX: tl.constexpr, DX_FP32: tl.constexpr, PRECISION: tl.constexpr,
-    EXACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BIAS_GRAD: tl.constexpr, HAS_SSMAX: tl.constexpr, LOW_SCATTER: tl.constexpr, DX_FP32: tl.constexpr,
+    PRECISION: tl.constexpr, EXACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     D: tl.constexpr, D_PAD: tl.constexpr, DV: tl.constexpr, DV_PAD: tl.constexpr,
 ):  # fmt: skip
     """One query head's contribution to a key block, in transposed (keys, rows) tiles."""
@@ -683,7 +685,14 @@ def _dkdv_tiles(
             inv_delta = tl.load(INV_DELTA + stat, mask=row_ok, other=0.0)
             w, dx = _dx(x, p, dw, d_o[None, :], low[None, :], inv_delta[None, :], NORM)
             arg_hi = tl.load(ARGMAX + stat, mask=row_ok, other=-1)
-            dx += tl.where(cols[:, None] == arg_hi[None, :], (-d_o * inv_delta)[None, :], 0.0)
+            g_hi = (-d_o * inv_delta)[None, :]
+            if LOW_SCATTER:  # the min term reaches dk through DK_LOW (bwd_dq)
+                dx += tl.where(cols[:, None] == arg_hi[None, :], g_hi, 0.0)
+            else:  # both terms, in one chain of selects
+                arg_lo = tl.load(ARGMIN + stat, mask=row_ok, other=-1)
+                g_lo = tl.load(G_LOW + stat, mask=row_ok, other=0.0)
+                at_lo = tl.where(cols[:, None] == arg_lo[None, :], g_lo[None, :], 0.0)
+                dx += tl.where(cols[:, None] == arg_hi[None, :], g_hi, at_lo)
         else:
             w, dx = _dx(x, p, dw, d_o[None, :], d_o, d_o, NORM)
         dv += tl.dot(w.to(do.dtype), do, input_precision=PRECISION)
@@ -712,13 +721,14 @@ def _dkdv_tiles(
 
 @triton.jit
 def bwd_dkdv(
-    Q, K, V, DO, DK, DV_OUT, SHIFT, INV_L, T, LOW, INV_DELTA, ARGMAX, DELTA, DK_LOW, R1, R2, DR, DBIAS,
+    Q, K, V, DO, DK, DV_OUT, SHIFT, INV_L, T, LOW, INV_DELTA, ARGMIN, ARGMAX, DELTA, G_LOW, DK_LOW, R1, R2, DR, DBIAS,
     sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
     MASK, smb, smh, sml, sms, BIAS, sbb, sbh, sbl, sbs,
     H, GROUPS, L, S, pos0, scale,
     NORM: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, BIAS_KIND: tl.constexpr,
-    BIAS_GRAD: tl.constexpr, HAS_SSMAX: tl.constexpr, ALL_MASKED: tl.constexpr, DX_FP32: tl.constexpr,
-    PRECISION: tl.constexpr, EXACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BIAS_GRAD: tl.constexpr, HAS_SSMAX: tl.constexpr, LOW_SCATTER: tl.constexpr, ALL_MASKED: tl.constexpr,
+    DX_FP32: tl.constexpr, PRECISION: tl.constexpr, EXACT: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
     D: tl.constexpr, D_PAD: tl.constexpr, DV: tl.constexpr, DV_PAD: tl.constexpr,
 ):  # fmt: skip
     """dk, dv (contiguous (B, Hkv, S, D/Dv), k's dtype); dO contiguous (B, Hq, L, Dv).
@@ -768,17 +778,17 @@ def bwd_dkdv(
         dk, dv, dr1, dr2 = _dkdv_tiles(
             k, v, dk, dv, dr1, dr2, lo, full, q_base, do_base, bh * L, sqn, sqd, start_n, cols, offs_m, offs_d,
             offs_dv,
-            SHIFT, INV_L, T, LOW, INV_DELTA, ARGMAX, DELTA, L, S, pos0, scale,
+            SHIFT, INV_L, T, LOW, INV_DELTA, ARGMIN, ARGMAX, DELTA, G_LOW, L, S, pos0, scale,
             mask_base, sml, sms, bias_base, sbl, sbs, dbias_base, r1, r2,
-            NORM, True, CAUSAL, HAS_MASK, BIAS_KIND, BIAS_GRAD, HAS_SSMAX, DX_FP32, PRECISION, EXACT,
+            NORM, True, CAUSAL, HAS_MASK, BIAS_KIND, BIAS_GRAD, HAS_SSMAX, LOW_SCATTER, DX_FP32, PRECISION, EXACT,
             BLOCK_M, BLOCK_N, D, D_PAD, DV, DV_PAD,
         )  # fmt: skip
         dk, dv, dr1, dr2 = _dkdv_tiles(
             k, v, dk, dv, dr1, dr2, full, L, q_base, do_base, bh * L, sqn, sqd, start_n, cols, offs_m, offs_d,
             offs_dv,
-            SHIFT, INV_L, T, LOW, INV_DELTA, ARGMAX, DELTA, L, S, pos0, scale,
+            SHIFT, INV_L, T, LOW, INV_DELTA, ARGMIN, ARGMAX, DELTA, G_LOW, L, S, pos0, scale,
             mask_base, sml, sms, bias_base, sbl, sbs, dbias_base, r1, r2,
-            NORM, False, CAUSAL, HAS_MASK, BIAS_KIND, BIAS_GRAD, HAS_SSMAX, DX_FP32, PRECISION, EXACT,
+            NORM, False, CAUSAL, HAS_MASK, BIAS_KIND, BIAS_GRAD, HAS_SSMAX, LOW_SCATTER, DX_FP32, PRECISION, EXACT,
             BLOCK_M, BLOCK_N, D, D_PAD, DV, DV_PAD,
         )  # fmt: skip
         if BIAS_GRAD and BIAS_KIND >= ALIBI and BIAS_KIND <= KERPLE_POWER:
@@ -786,7 +796,7 @@ def bwd_dkdv(
             tl.store(DR + slot, tl.sum(dr1, 0))
             tl.store(DR + slot + 1, tl.sum(dr2, 0))
     out = bhk * S * D + cols[:, None] * D + offs_d[None, :]
-    if NORM == 2:  # the min terms, added into DK_LOW by bwd_dq
+    if NORM == 2 and LOW_SCATTER:  # the min terms, added into DK_LOW by bwd_dq
         dk += tl.load(DK_LOW + out, mask=(cols[:, None] < S) & (offs_d[None, :] < D), other=0.0)
     tl.store(DK + out, (dk * scale).to(DK.dtype.element_ty), mask=(cols[:, None] < S) & (offs_d[None, :] < D))
     out_v = bhk * S * DV + cols[:, None] * DV + offs_dv[None, :]
