@@ -272,6 +272,12 @@ def _broadcast_args(t: Tensor | None, placeholder: Tensor) -> tuple:
     return (t, *t.stride())
 
 
+def _power_of_two(scale: float) -> bool:
+    """Whether multiplying by ``scale`` is exact in floating point (a positive power of two, as 1/√D is for D = 16,
+    64, 256): ``row_extrema`` then finds the extrema of q·kᵀ and scales them after."""
+    return scale > 0 and math.frexp(scale)[0] == 0.5
+
+
 def _exact(q: Tensor) -> bool:
     """float32 inputs: the backward recomputes probabilities from μ and 1/ℓ (``triton_kernels._probs``)."""
     return q.dtype == torch.float32
@@ -356,7 +362,8 @@ def _forward(q, k, v, o, t, mask, bias, kind, r1, r2, opt: _Options, s: Tensor |
         _launch(
             "row_extrema", (triton.cdiv(lq, cfg.block_m), b * hq), cfg,
             q, k, t_arg, mu, low, inv_delta, argmin, argmax, r1_arg, r2_arg,
-            *_strides(q), *_strides(k), *common, opt.eps, MIN_AND_ARGS=opt.norm == 2, **flags,
+            *_strides(q), *_strides(k), *common, opt.eps, MIN_AND_ARGS=opt.norm == 2,
+            RAW_QK=kind == NO_BIAS and factor is None and _power_of_two(opt.scale), **flags,
         )  # fmt: skip
     cfg = configs["fwd"]
     _launch(

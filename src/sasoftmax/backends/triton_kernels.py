@@ -344,7 +344,7 @@ def row_extrema(
     H, GROUPS, L, S, pos0, scale, eps,
     CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, BIAS_KIND: tl.constexpr, HAS_SSMAX: tl.constexpr,
     T_FROM_S: tl.constexpr, ALL_MASKED: tl.constexpr, MIN_AND_ARGS: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
+    RAW_QK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
 ):  # fmt: skip
     start_m = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)  # offsets can pass 2**31
@@ -368,24 +368,31 @@ def row_extrema(
     full_end, end = _key_blocks(start_m, L, S, pos0, BLOCK_M, BLOCK_N, CAUSAL)
     if ALL_MASKED:
         full_end = 0
+    tile_scale = scale
+    if RAW_QK:  # x = scale·q·kᵀ with a power-of-two scale: its extrema and their keys are q·kᵀ's, scaled after
+        tile_scale = 1.0
     hi_x, lo_x, hi_at, lo_at = _extrema_tiles(
-        q, hi_x, lo_x, hi_at, lo_at, 0, full_end, k_base, skn, skd, rows, offs_n, offs_d, t, L, S, pos0, scale,
+        q, hi_x, lo_x, hi_at, lo_at, 0, full_end, k_base, skn, skd, rows, offs_n, offs_d, t, L, S, pos0, tile_scale,
         mask_base, sml, sms, bias_base, sbl, sbs, r1, r2,
         False, CAUSAL, HAS_MASK, BIAS_KIND, HAS_SSMAX, MIN_AND_ARGS, PRECISION, BLOCK_N, D, D_PAD,
     )  # fmt: skip
     hi_x, lo_x, hi_at, lo_at = _extrema_tiles(
         q, hi_x, lo_x, hi_at, lo_at, full_end, end, k_base, skn, skd, rows, offs_n, offs_d, t, L, S, pos0,
-        scale, mask_base, sml, sms, bias_base, sbl, sbs, r1, r2,
+        tile_scale, mask_base, sml, sms, bias_base, sbl, sbs, r1, r2,
         True, CAUSAL, HAS_MASK, BIAS_KIND, HAS_SSMAX, MIN_AND_ARGS, PRECISION, BLOCK_N, D, D_PAD,
     )  # fmt: skip
     # The slots' extrema reduced per row; the first key attaining each (the documented tie rule) is the least
     # key among the slots that hold the row's extremum.
     slot_hi, hi_x = hi_x, tl.max(hi_x, 1)
-    tl.store(MU + stat, hi_x, mask=row_ok)
     if MIN_AND_ARGS:
         slot_lo, lo_x = lo_x, tl.min(lo_x, 1)
         arg_hi = tl.min(tl.where(slot_hi == hi_x[:, None], hi_at + offs_n[None, :], S), 1)
         arg_lo = tl.min(tl.where(slot_lo == lo_x[:, None], lo_at + offs_n[None, :], S), 1)
+    if RAW_QK:
+        hi_x = hi_x * scale
+        lo_x = lo_x * scale
+    tl.store(MU + stat, hi_x, mask=row_ok)
+    if MIN_AND_ARGS:
         m = tl.minimum(lo_x, 0.0)  # +inf (no key) -> 0
         delta = tl.maximum(hi_x, 0.0) - m + eps  # μ = −inf (no key) -> 0
         tl.store(LOW + stat, m, mask=row_ok)
