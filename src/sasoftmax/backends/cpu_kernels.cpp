@@ -806,20 +806,17 @@ Call<T> make_call(const int64_t* dims, const T* q, const T* k, const T* v, const
     });                                                                                                                \
   }                                                                                                                    \
   void sa_backward_##S(T* raw, T* dw, int64_t rows, int64_t keys, const int64_t* limit, const T* t, T zmul,            \
-                       int mode, T* lse, T* low, T* inv, T* lse_lo, int64_t* amin,                     \
-                       int64_t* amax, T* dsz,                                                                          \
+                       int mode, T* lse, T* low, T* inv, T* lse_lo, int64_t* amin, int64_t* amax, T* dsz,              \
                        int threads) {                                                                                  \
     const RowStats<T> st{lse, low, inv, lse_lo, amin, amax};                                                           \
     by_mode(mode, [&](auto m) {                                                                                        \
-      backward_tile<T, decltype(m)::value>(raw, dw, rows, keys, limit, t, zmul, st, dsz, threads);              \
+      backward_tile<T, decltype(m)::value>(raw, dw, rows, keys, limit, t, zmul, st, dsz, threads);                     \
     });                                                                                                                \
   }                                                                                                                    \
   void sa_fused_forward_##S(const int64_t* dims, const T* q, const T* k, const T* v, const uint8_t* mask,              \
                             const T* bias, const int64_t* strides, const T* ssmax, T scale, T eps, int mode,           \
-                            void* blas,                                                                                \
-                            int threads, T* out, T* lse, T* low, T* inv, T* lse_lo, int64_t* amin,                     \
-                            int64_t* amax,                                                                             \
-                            int rel_kind, const T* r1, const T* r2, int64_t rel_n) {                                   \
+                            void* blas, int threads, T* out, T* lse, T* low, T* inv, T* lse_lo, int64_t* amin,         \
+                            int64_t* amax, int rel_kind, const T* r1, const T* r2, int64_t rel_n) {                    \
     Call<T> c = make_call<T>(dims, q, k, v, mask, bias, strides, ssmax, scale, eps, blas, threads);                    \
     const Relative<T> rel(rel_kind, r1, r2, rel_n, c.hq, c.l, c.s, scale, false);                                      \
     rel.attach(c);                                                                                                     \
@@ -828,8 +825,7 @@ Call<T> make_call(const int64_t* dims, const T* q, const T* k, const T* v, const
   }                                                                                                                    \
   void sa_fused_backward_##S(const int64_t* dims, const T* q, const T* k, const T* v, const uint8_t* mask,             \
                              const T* bias, const int64_t* strides, const T* ssmax, T scale, T eps, int mode,          \
-                             void* blas,                                                                               \
-                             int threads, const T* dout, T* lse, T* low, T* inv, T* lse_lo,            \
+                             void* blas, int threads, const T* dout, T* lse, T* low, T* inv, T* lse_lo,                \
                              int64_t* amin, int64_t* amax, T* dq, T* dk, T* dv, T* ds, int rel_kind,                   \
                              const T* r1, const T* r2, int64_t rel_n, T* dr) {                                         \
     Call<T> c = make_call<T>(dims, q, k, v, mask, bias, strides, ssmax, scale, eps, blas, threads);                    \
@@ -837,7 +833,7 @@ Call<T> make_call(const int64_t* dims, const T* q, const T* k, const T* v, const
     rel.attach(c);                                                                                                     \
     const RowStats<T> st{lse, low, inv, lse_lo, amin, amax};                                                           \
     by_mode(mode, [&](auto m) {                                                                                        \
-      fused_backward<T, decltype(m)::value>(c, dout, st, dq, dk, dv, ds, dr);                                   \
+      fused_backward<T, decltype(m)::value>(c, dout, st, dq, dk, dv, ds, dr);                                          \
     });                                                                                                                \
   }
 
