@@ -172,9 +172,8 @@ class KerpleTable:
     def relative_bias(self, q_len: int, k_len: int):
         from sasoftmax import RelativeBias
 
-        r1, r2 = self.formula.r1, self.formula.r2
-        distance = torch.arange(max(q_len, k_len), device=r1.device, dtype=torch.float32)
-        return RelativeBias.table(-r1[:, None] * torch.log1p(r2[:, None] * distance))
+        distances = torch.arange(max(q_len, k_len), device=self.formula.r1.device)
+        return RelativeBias.table(self.formula(distances, distances[:1])[0, :, :, 0])  # queries 0.. against key 0
 
     def __call__(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
         return self.formula(q_pos, k_pos)
