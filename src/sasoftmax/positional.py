@@ -38,11 +38,6 @@ def check_positional(name: object) -> str:
     return check_choice("pos", name, POSITIONAL)
 
 
-def relative_distance(q_pos: Tensor, k_pos: Tensor) -> Tensor:
-    """i − j as float32, shape (Lt, St)."""
-    return (q_pos[:, None] - k_pos[None, :]).to(torch.float32)
-
-
 class RoPE(nn.Module):
     """Rotary position embedding, rotate-half form (GPT-NeoX/Llama), base 10000.
 
@@ -108,8 +103,8 @@ class ALiBi(nn.Module):
         return RelativeBias.alibi(self.slopes)
 
     def forward(self, q_pos: Tensor, k_pos: Tensor) -> Tensor:
-        """(1, H, Lt, St)."""
-        return -self.slopes[None, :, None, None] * relative_distance(q_pos, k_pos).abs()
+        """(1, H, Lt, St), float32: :meth:`relative_bias` evaluated (the formula the kernels evaluate)."""
+        return self.relative_bias()(q_pos, k_pos)
 
 
 KERPLE_KINDS: tuple[str, ...] = ("log", "power")
@@ -149,12 +144,8 @@ class Kerple(nn.Module):
         return RelativeBias(f"kerple_{self.kind}", *self.constrained())
 
     def forward(self, q_pos: Tensor, k_pos: Tensor) -> Tensor:
-        """(1, H, Lt, St)."""
-        r1, r2 = (r[None, :, None, None] for r in self.constrained())
-        distance = relative_distance(q_pos, k_pos).abs()
-        if self.kind == "log":
-            return -r1 * torch.log1p(r2 * distance)
-        return -r1 * distance.pow(r2)
+        """(1, H, Lt, St), float32: :meth:`relative_bias` evaluated (the formula the kernels evaluate)."""
+        return self.relative_bias()(q_pos, k_pos)
 
     def extra_repr(self) -> str:
         return f"kind={self.kind!r}"
