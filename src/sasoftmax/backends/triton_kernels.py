@@ -706,12 +706,14 @@ def _dkdv_tiles(
                 x, p, dw, d_o[None, :], low[None, :], inv_delta[None, :], (-low * inv_delta)[None, :], NORM,
                 MASKED or BIAS != NO_BIAS,
             )  # fmt: skip
-            arg_hi = tl.load(ARGMAX + stat, mask=row_ok, other=-1)
+            # Rows past L read argmax/argmin 0, not −1: their terms are 0 (d_o, c and g_lo read 0), so a match
+            # adds 0, and a zero fill is what the asynchronous copies give (−1 cost a select per value and tile).
+            arg_hi = tl.load(ARGMAX + stat, mask=row_ok, other=0)
             g_hi = (-d_o * inv_delta)[None, :]
             if LOW_SCATTER:  # the min term reaches dk through DK_LOW (bwd_dq)
                 dx += tl.where(cols[:, None] == arg_hi[None, :], g_hi, 0.0)
             else:  # both terms, in one chain of selects
-                arg_lo = tl.load(ARGMIN + stat, mask=row_ok, other=-1)
+                arg_lo = tl.load(ARGMIN + stat, mask=row_ok, other=0)
                 g_lo = tl.load(G_LOW + stat, mask=row_ok, other=0.0)
                 at_lo = tl.where(cols[:, None] == arg_lo[None, :], g_lo[None, :], 0.0)
                 dx += tl.where(cols[:, None] == arg_hi[None, :], g_hi, at_lo)
