@@ -211,9 +211,9 @@ def kernel_outputs(run: KernelRun, p: naive.Problem) -> dict[str, torch.Tensor]:
     dq, dk, dv, dt, bias_grads = run.grads
     shift, inv_l = run.saved.shift, run.saved.inv_l
     lse = shift if inv_l.numel() == 0 else shift - torch.log(inv_l)  # float32 saves μ and 1/ℓ
-    out.update(o=run.o, lse=row(lse), dq=dq, D=row(run.dq_args["DELTA"]))
+    out.update(o=run.o, lse=row(lse), dq=dq, D=row(tb.row_value(run.dq_args["ROWS"], "D")))
     if p.norm == 2:
-        out["min term"] = row(run.dq_args["G_LOW"])
+        out["min term"] = row(tb.row_value(run.dq_args["ROWS"], "g_m"))
     if dt is not None:
         out["dL/dt"] = dt
     out.update(dk=dk, dv=dv)
@@ -285,6 +285,24 @@ def check_against_twins(case: Case, monkeypatch) -> None:
     if case.causal and p.q.shape[2] > p.k.shape[2]:  # rows with no key: logsumexp +inf, zero output and dq
         assert torch.isinf(actual["lse"][:, :, 0]).all() and (actual["o"][:, :, 0] == 0).all()
         assert (actual["dq"][:, :, 0] == 0).all()
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.norm == 2 and c.ssmax], ids=str)
+def test_row_pairs_hold_their_values(case, monkeypatch):
+    """bwd_dq's int64 row pairs for bwd_dkdv carry each 32-bit value bit for bit (negative floats and −1 indices
+    included, whose sign must not reach the other half): the saved shift, m, c, argmax, argmin and t, and D and
+    the min-term weight as the twin gives them."""
+    p, do = make_problem(case, seed=CASES.index(case))
+    run = run_kernels(p, do, monkeypatch)
+    rows, saved = run.dq_args["ROWS"], run.saved
+    assert (saved.low < 0).any() and (saved.argmax < 0).any()  # the cases the low half's sign could spoil
+    for name, source in (("shift", saved.shift), ("m", saved.low), ("c", saved.inv_delta), ("argmax", saved.argmax),
+                         ("argmin", saved.argmin), ("t", p.t)):  # fmt: skip
+        assert torch.equal(tb.row_value(rows, name), source.reshape(-1)), name
+    twin = twin_outputs(on_cpu(p, torch.float64), do.double().cpu())
+    for name, twin_name in (("D", "D"), ("g_m", "min term")):
+        err, size = max_error(name, tb.row_value(rows, name).cpu(), twin[twin_name])
+        assert err <= 1e-4 * size + 1e-6, f"{name}: error {err:.3g} of {size:.3g}"
 
 
 @pytest.mark.parametrize("case", CASES, ids=str)

@@ -401,13 +401,13 @@ def _backward(
     hkv, lk, dv = k.shape[1], k.shape[2], v.shape[3]
     configs = _configs(d, dv, q.dtype)
     none = torch.empty(0, device=q.device, dtype=torch.float32)
-    delta = torch.empty(b * hq, lq, device=q.device, dtype=torch.float32)
-    g_low = torch.empty_like(delta) if opt.norm == 2 else none
+    rows = torch.empty(len(ROW_PAIRS), b * hq * lq, device=q.device, dtype=torch.int64)  # bwd_dq -> bwd_dkdv
     query_blocks = triton.cdiv(lq, configs["dq"].block_m)
     # dL/dt per row, or with ``ds`` one partial Σ_i dL/dt_i·ln(n_i) per dq program
     dt = none
     if t is not None:
-        dt = torch.empty(query_blocks, b * hq, device=q.device, dtype=torch.float32) if ds else torch.empty_like(delta)
+        dt = torch.empty(query_blocks if ds else lq, b * hq, device=q.device, dtype=torch.float32)
+        dt = dt if ds else dt.view(b * hq, lq)
     dq = torch.empty(b, hq, lq, d, device=q.device, dtype=q.dtype)
     dk = torch.empty(b, hkv, lk, d, device=q.device, dtype=kv_grad_dtype or k.dtype)
     dv_ = torch.empty(b, hkv, lk, dv, device=q.device, dtype=kv_grad_dtype or v.dtype)
@@ -437,19 +437,19 @@ def _backward(
     _launch(
         "bwd_dq", (query_blocks, b * hq), cfg_dq,
         q, k, v, o, do, dq, saved.shift, saved.inv_l, t_arg, saved.low, saved.inv_delta, saved.argmin, saved.argmax,
-        delta, g_low, dt, dk_low, r1_arg, r2_arg, dr[key_blocks:] if parametric and scatter else none, dbias, *shared,
+        rows, dt, dk_low, r1_arg, r2_arg, dr[key_blocks:] if parametric and scatter else none, dbias, *shared,
         DS_PARTIALS=ds, **flags,
     )  # fmt: skip
     _launch(
         "bwd_dkdv", (key_blocks, b * hkv), cfg,
-        q, k, v, do, dk, dv_, saved.shift, saved.inv_l, t_arg, saved.low, saved.inv_delta, saved.argmin, saved.argmax,
-        delta, g_low, dk_low, r1_arg, r2_arg, dr, dbias, *shared, **flags,
+        q, k, v, do, dk, dv_, rows, saved.inv_l, dk_low, r1_arg, r2_arg, dr, dbias, *shared, **flags,
     )  # fmt: skip
     bias_grads = None
     if bias_grad:
         if kind == BIAS_TENSOR:
             if scatter:  # the min terms' dL/dz, one per row at its argmin (bwd_dkdv wrote its tiles whole)
-                dz_low = g_low if t is None else g_low * t.reshape(b * hq, lq)
+                g_low = row_value(rows, "g_m")
+                dz_low = g_low if t is None else g_low * t.reshape(-1)
                 dbias.view(b * hq * lq, lk).scatter_add_(
                     1, saved.argmin.view(-1, 1).clamp_min(0).long(), dz_low.view(-1, 1)
                 )
@@ -461,6 +461,20 @@ def _backward(
     if t is not None:
         dt = dt.view(-1, b, hq).sum((0, 1)) if ds else dt.view(b, hq, lq)
     return dq, dk, dv_, (dt if t is not None else None), bias_grads
+
+
+ROW_PAIRS = (("shift", "D"), ("m", "c"), ("argmax", "argmin"), ("g_m", "t"))
+"""What ``bwd_dq`` writes per row for ``bwd_dkdv``: ``rows[i]`` (B·Hq·L int64) holds pair i, two 32-bit values, the
+first in the low half (triton_kernels.SHIFT_D … GLOW_T): D_i = dO_i·o_i, sa_norm's m, c, argmax, argmin and
+min-term weight g_m = (D_i − E_i)·c, SSMax's t; those the call's flags need."""
+
+
+def row_value(rows: Tensor, name: str) -> Tensor:
+    """One value of ``ROW_PAIRS`` for every row, (B·Hq·L,), as float32 (int32 for argmax/argmin); the halves of
+    an int64 lie low first on the little-endian machines CUDA and the interpreter run on."""
+    pair = next(i for i, names in enumerate(ROW_PAIRS) if name in names)
+    dtype = torch.int32 if name.startswith("arg") else torch.float32
+    return rows[pair].view(dtype)[ROW_PAIRS[pair].index(name) :: 2]
 
 
 MIN_TERM_SCATTER_KEYS = 4096

@@ -1,12 +1,12 @@
 """Triton kernels of the fused attention (DESIGN §1–§3), after Triton's fused-attention tutorial.
 
-Layout: q (B, Hq, L, D), k (B, Hkv, S, D), v (B, Hkv, S, Dv), any strides; query head h reads kv head
-h // GROUPS (grouped-query attention without copying k/v). Per-row arrays (SSMax's t, the saved statistics,
-D_i, the min-term weight, dL/dt) are contiguous (B·Hq, L) float32/int32 tensors. NORM: 0 softmax, 1 sa,
-2 sa_norm. Query row i sits at key position i + POS0 (POS0 = S − L for a whole call: causal masking and
-relative biases are aligned lower-right); it may attend key j when j < S, j <= i + POS0 (causal), the uint8
-mask is nonzero and the bias is not −inf. Masks and bias tensors are (B, Hq, L, S) views broadcast with
-stride 0. Every dot accumulates in float32.
+Layout: q (B, Hq, L, D), k (B, Hkv, S, D), v (B, Hkv, S, Dv), any strides; query head h reads kv head h // GROUPS
+(grouped-query attention without copying k/v). Per-row arrays (SSMax's t, the saved statistics, dL/dt) are
+contiguous (B·Hq, L) float32/int32 tensors; bwd_dq's row pairs for bwd_dkdv (4, B·Hq·L) int64. NORM: 0 softmax, 1
+sa, 2 sa_norm. Query row i sits at key position i + POS0 (POS0 = S − L for a whole call: causal masking and
+relative biases are aligned lower-right); it may attend key j when j < S, j <= i + POS0 (causal), the uint8 mask
+is nonzero and the bias is not −inf. Masks and bias tensors are (B, Hq, L, S) views broadcast with stride 0. Every
+dot accumulates in float32.
 
 Logits, per tile: z = scale·q·kᵀ + bias, x = t_i·z (SSMax; x = z without it). BIAS: 0 none, 1 a tensor,
 2 ALiBi −r1_h·d, 3 Kerple log −r1_h·ln(1 + r2_h·d), 4 Kerple power −r1_h·d^r2_h, with d = |i + POS0 − j|,
@@ -30,7 +30,8 @@ others three):
   argmax inside the tile (so it cancels against its neighbours in float32 before dx is rounded); the min
   term (D_i − E_i) c_i needs E, known at the end, and is added there through the key row at the argmin into
   dq; into dk and the bias gradients either by bwd_dkdv inside its tiles, or (LOW_SCATTER, long rows) here
-  through the query row (atomic adds into a float32 buffer, one row per query).
+  through the query row (atomic adds into a float32 buffer, one row per query). Writes what bwd_dkdv needs per
+  row as int64 pairs of 32-bit values (``ROWS``, see SHIFT_D … GLOW_T), so that it loads half as many.
 - ``bwd_dkdv``: one program per (key block, batch·kv head), looping over its group's query heads and
   query blocks: dv = Σ wᵀdO, dk = scale·Σ (t·dx)ᵀq with the max term inside the tile (and the min term,
   or with LOW_SCATTER bwd_dq's buffer added once at the end), and the gradients of
@@ -52,6 +53,11 @@ ALIBI = tl.constexpr(2)
 KERPLE_LOG = tl.constexpr(3)
 KERPLE_POWER = tl.constexpr(4)
 TABLE = tl.constexpr(5)
+# bwd_dq hands bwd_dkdv its per-row values in pairs, ROWS[pair, b·Hq·L + row] (int64, the first in the low half):
+SHIFT_D = tl.constexpr(0)  # (the saved shift, D_i)
+LOW_C = tl.constexpr(1)  # sa_norm: (m, c)
+ARGS = tl.constexpr(2)  # sa_norm: (argmax, argmin)
+GLOW_T = tl.constexpr(3)  # (the min-term weight g_m, t): sa_norm or SSMax
 
 
 # Two element-wise functions differ between the GPU and Triton's interpreter (which has no libdevice):
@@ -137,6 +143,30 @@ def _row_shift(SHIFT, INV_L, stat, row_ok, EXACT: tl.constexpr):
     if EXACT:
         return shift, tl.load(INV_L + stat, mask=row_ok, other=0.0)
     return shift, shift
+
+
+@triton.jit
+def _pair(first, second):
+    """Two 32-bit values (float32 or int32) of a row as one int64, ``first`` in the low half: bwd_dkdv loads a row's
+    values as 8-byte pairs (per tile and thread, each load costs an asynchronous copy, a shared-memory load and
+    64-bit address arithmetic, so halving their number took ~3 of its ~25 instructions per score element)."""
+    low = first.to(tl.int32, bitcast=True).to(tl.uint32, bitcast=True).to(tl.int64)
+    return low | (second.to(tl.int32, bitcast=True).to(tl.int64) << 32)
+
+
+@triton.jit
+def _halves(pair):
+    """The (low, high) int32 halves of ``_pair``'s int64 (bitcast them back to float32 where they were)."""
+    return pair.to(tl.int32), (pair >> 32).to(tl.int32)
+
+
+@triton.jit
+def _row_pair(ROWS, pair, pairs, stat, row_ok, MASKED: tl.constexpr):
+    """The halves of pair ``pair`` of ROWS for rows ``stat``: 0 for rows past L, which only masked tiles hold
+    (bwd_dkdv), where their probabilities are 0; bulk tiles load without a mask."""
+    if MASKED:
+        return _halves(tl.load(ROWS + pair * pairs + stat, mask=row_ok, other=0))
+    return _halves(tl.load(ROWS + pair * pairs + stat))
 
 
 @triton.jit
@@ -540,7 +570,7 @@ def _dq_tiles(
 
 @triton.jit
 def bwd_dq(
-    Q, K, V, OUT, DO, DQ, SHIFT, INV_L, T, LOW, INV_DELTA, ARGMIN, ARGMAX, DELTA, G_LOW, DT, DK_LOW, R1, R2, DR,
+    Q, K, V, OUT, DO, DQ, SHIFT, INV_L, T, LOW, INV_DELTA, ARGMIN, ARGMAX, ROWS, DT, DK_LOW, R1, R2, DR,
     DBIAS, sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
     MASK, smb, smh, sml, sms, BIAS, sbb, sbh, sbl, sbs,
     H, GROUPS, L, S, pos0, scale,
@@ -555,7 +585,8 @@ def bwd_dq(
     o and dO are contiguous (B, Hq, L, Dv). sa_norm with LOW_SCATTER: the min term's part of dk/scale is added
     into DK_LOW (zeroed, contiguous (B, Hkv, S, D) float32) and, with BIAS_GRAD, its part of a table's gradient
     into DBIAS (as in bwd_dkdv), of ALiBi/Kerple's dL/dr1, dL/dr2 stored to
-    DR[(query block · B·Hq + b·Hq + h) · 2 + i]; without, bwd_dkdv adds the term inside its tiles from G_LOW.
+    DR[(query block · B·Hq + b·Hq + h) · 2 + i]; without, bwd_dkdv adds the term inside its tiles. ROWS: the
+    (4, B·Hq·L) int64 row pairs bwd_dkdv reads (SHIFT_D, LOW_C, ARGS, GLOW_T; those its flags need).
     """
     start_m = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)  # offsets can pass 2**31
@@ -572,8 +603,9 @@ def bwd_dq(
     do = _load(DO + bh * L * DV, rows, L, DV, offs_dv, 1, DV, DV_PAD, True)
     o = _load(OUT + bh * L * DV, rows, L, DV, offs_dv, 1, DV, DV_PAD, True)
     d_o = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
-    tl.store(DELTA + stat, d_o, mask=row_ok)
     shift, inv_l = _row_shift(SHIFT, INV_L, stat, row_ok, EXACT)
+    pairs = tl.num_programs(1).to(tl.int64) * L  # B·Hq·L, the stride of ROWS' pairs
+    tl.store(ROWS + SHIFT_D * pairs + stat, _pair(shift, d_o), mask=row_ok)
     t = _row_factor(T, stat, row_ok, h, rows, pos0, S, BLOCK_M, HAS_SSMAX, False, CAUSAL)
     r1, r2 = _bias_params(R1, R2, h, BIAS_KIND)
     if NORM == 2:
@@ -618,11 +650,18 @@ def bwd_dq(
         has_lo = arg_lo >= 0
         at_lo = tl.maximum(arg_lo, 0)
         g_lo = tl.where(has_lo, (d_o - e_sum) * inv_delta, 0.0)
-        tl.store(G_LOW + stat, g_lo, mask=row_ok)
+        tl.store(ROWS + LOW_C * pairs + stat, _pair(low, inv_delta), mask=row_ok)
+        tl.store(ROWS + ARGS * pairs + stat, _pair(arg_hi, arg_lo), mask=row_ok)
         k_lo = _load(k_base, at_lo, S, skn, offs_d, skd, D, D_PAD, True)
         dq += tl.where(has_lo[:, None], g_lo[:, None] * k_lo.to(tl.float32), 0.0)
         if HAS_SSMAX:  # x = t·z is the row min m there, so z = m / t (t != 0 wherever the term exists)
             r_sum += g_lo * low / tl.where(t != 0, t, 1.0)
+    if NORM == 2 and HAS_SSMAX:
+        tl.store(ROWS + GLOW_T * pairs + stat, _pair(g_lo, t), mask=row_ok)
+    elif NORM == 2:
+        tl.store(ROWS + GLOW_T * pairs + stat, _pair(g_lo, g_lo * 0.0), mask=row_ok)
+    elif HAS_SSMAX:
+        tl.store(ROWS + GLOW_T * pairs + stat, _pair(t * 0.0, t), mask=row_ok)
     if HAS_SSMAX and DS_PARTIALS:  # dL/ds_h = Σ_i dL/dt_i·ln(n_i): this program's part
         part = tl.sum(tl.where(row_ok, r_sum * _log_allowed(rows, pos0, S, CAUSAL), 0.0), 0)
         tl.store(DT + start_m * tl.num_programs(1) + bh, part)
@@ -672,24 +711,40 @@ def _table_grad(dz, start_m, start_n, pos0, last, dtable, BLOCK_M: tl.constexpr,
 
 @triton.jit
 def _dkdv_tiles(
-    k, v, dk, dv, dr1, dr2, lo, hi, q_base, do_base, stat_base, sqn, sqd, start_n, cols, offs_m, offs_d, offs_dv,
-    SHIFT, INV_L, T, LOW, INV_DELTA, ARGMIN, ARGMAX, DELTA, G_LOW, L, S, pos0, scale,
+    k, v, dk, dv, dr1, dr2, lo, hi, jump_at, jump_to, q_base, do_base, stat_base, sqn, sqd, start_n, cols, offs_m,
+    offs_d, offs_dv, ROWS, pairs, INV_L, L, S, pos0, scale,
     mask_base, sml, sms, bias_base, sbl, sbs, dbias_base, r1, r2,
     NORM: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, BIAS: tl.constexpr,
     BIAS_GRAD: tl.constexpr, HAS_SSMAX: tl.constexpr, LOW_SCATTER: tl.constexpr, DX_FP32: tl.constexpr,
     PRECISION: tl.constexpr, EXACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     D: tl.constexpr, D_PAD: tl.constexpr, DV: tl.constexpr, DV_PAD: tl.constexpr,
 ):  # fmt: skip
-    """One query head's contribution to a key block, in transposed (keys, rows) tiles."""
-    for start_m in range(lo, hi, BLOCK_M):
+    """One query head's contribution to a key block, in transposed (keys, rows) tiles: the query blocks from lo to
+    hi, those from jump_at on moved to jump_to (the masked loop's last, partial block: see bwd_dkdv)."""
+    for i in range(lo, hi, BLOCK_M):
+        start_m = i
+        if MASKED:
+            start_m = tl.where(i < jump_at, i, i - jump_at + jump_to)
         rows = start_m + offs_m
         row_ok = rows < L
         stat = stat_base + rows
-        qt = _load_t(q_base, rows, L, sqn, offs_d, sqd, D, D_PAD, True)
-        do = _load(do_base, rows, L, DV, offs_dv, 1, DV, DV_PAD, True)
-        shift, inv_l = _row_shift(SHIFT, INV_L, stat, row_ok, EXACT)
-        d_o = tl.load(DELTA + stat, mask=row_ok, other=0.0)
-        t = _row_factor(T, stat, row_ok, 0, rows, pos0, S, BLOCK_M, HAS_SSMAX, False, CAUSAL)
+        qt = _load_t(q_base, rows, L, sqn, offs_d, sqd, D, D_PAD, MASKED)
+        do = _load(do_base, rows, L, DV, offs_dv, 1, DV, DV_PAD, MASKED)
+        shift, d_o = _row_pair(ROWS, SHIFT_D, pairs, stat, row_ok, MASKED)
+        shift = shift.to(tl.float32, bitcast=True)
+        d_o = d_o.to(tl.float32, bitcast=True)
+        inv_l = shift
+        if EXACT and MASKED:
+            inv_l = tl.load(INV_L + stat, mask=row_ok, other=0.0)
+        elif EXACT:
+            inv_l = tl.load(INV_L + stat)
+        t = tl.full([BLOCK_M], 1.0, tl.float32)
+        g_lo = t
+        if HAS_SSMAX or (NORM == 2 and not LOW_SCATTER):
+            g_lo, t_bits = _row_pair(ROWS, GLOW_T, pairs, stat, row_ok, MASKED)
+            g_lo = g_lo.to(tl.float32, bitcast=True)
+            if HAS_SSMAX:
+                t = t_bits.to(tl.float32, bitcast=True)
         qk = tl.dot(k, qt, input_precision=PRECISION)
         z, x, x2, ok = _logits(
             qk, rows[None, :], cols[:, None], L, S, pos0, scale, t[None, :], mask_base, sml, sms,
@@ -700,21 +755,19 @@ def _dkdv_tiles(
         p = _probs(x_p, x2_p, shift[None, :], inv_l[None, :], EXACT)
         dw = tl.dot(v, tl.trans(do), input_precision=PRECISION)
         if NORM == 2:
-            low = tl.load(LOW + stat, mask=row_ok, other=0.0)
-            inv_delta = tl.load(INV_DELTA + stat, mask=row_ok, other=0.0)
+            low, inv_delta = _row_pair(ROWS, LOW_C, pairs, stat, row_ok, MASKED)
+            low = low.to(tl.float32, bitcast=True)
+            inv_delta = inv_delta.to(tl.float32, bitcast=True)
             w, dx = _dx(
                 x, p, dw, d_o[None, :], low[None, :], inv_delta[None, :], (-low * inv_delta)[None, :], NORM,
                 MASKED or BIAS != NO_BIAS,
             )  # fmt: skip
-            # Rows past L read argmax/argmin 0, not −1: their terms are 0 (d_o, c and g_lo read 0), so a match
-            # adds 0, and a zero fill is what the asynchronous copies give (−1 cost a select per value and tile).
-            arg_hi = tl.load(ARGMAX + stat, mask=row_ok, other=0)
+            # (rows past L read argmax = argmin = 0, but their terms are 0 too: d_o, c and g_lo read 0)
+            arg_hi, arg_lo = _row_pair(ROWS, ARGS, pairs, stat, row_ok, MASKED)
             g_hi = (-d_o * inv_delta)[None, :]
             if LOW_SCATTER:  # the min term reaches dk through DK_LOW (bwd_dq)
                 dx += tl.where(cols[:, None] == arg_hi[None, :], g_hi, 0.0)
             else:  # both terms, in one chain of selects
-                arg_lo = tl.load(ARGMIN + stat, mask=row_ok, other=0)
-                g_lo = tl.load(G_LOW + stat, mask=row_ok, other=0.0)
                 at_lo = tl.where(cols[:, None] == arg_lo[None, :], g_lo[None, :], 0.0)
                 dx += tl.where(cols[:, None] == arg_hi[None, :], g_hi, at_lo)
         else:
@@ -745,7 +798,7 @@ def _dkdv_tiles(
 
 @triton.jit
 def bwd_dkdv(
-    Q, K, V, DO, DK, DV_OUT, SHIFT, INV_L, T, LOW, INV_DELTA, ARGMIN, ARGMAX, DELTA, G_LOW, DK_LOW, R1, R2, DR, DBIAS,
+    Q, K, V, DO, DK, DV_OUT, ROWS, INV_L, DK_LOW, R1, R2, DR, DBIAS,
     sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
     MASK, smb, smh, sml, sms, BIAS, sbb, sbh, sbl, sbs,
     H, GROUPS, L, S, pos0, scale,
@@ -755,7 +808,8 @@ def bwd_dkdv(
     BLOCK_N: tl.constexpr,
     D: tl.constexpr, D_PAD: tl.constexpr, DV: tl.constexpr, DV_PAD: tl.constexpr,
 ):  # fmt: skip
-    """dk, dv (contiguous (B, Hkv, S, D/Dv), k's dtype); dO contiguous (B, Hq, L, Dv).
+    """dk, dv (contiguous (B, Hkv, S, D/Dv), k's dtype); dO contiguous (B, Hq, L, Dv); the per-row values from
+    bwd_dq's ROWS (and 1/ℓ from INV_L for float32 inputs).
 
     Relative biases: DR[(key block · B·Hq + b·Hq + h) · 2 + i] = this program's part of dL/dr_i of head h.
     A bias tensor: DBIAS, contiguous (B, Hq, L, S) float32, gets dL/dbias = t·dx; a table: DBIAS, zeroed (B, Hq, n)
@@ -788,6 +842,12 @@ def bwd_dkdv(
     if start_n + BLOCK_N > S:  # the last, partial key block
         full = start_n * 0 + L
     full = tl.minimum(full, L)
+    # The bulk loop takes the whole query blocks from `full` on; a last, partial one (rows past L) joins the masked
+    # loop, after its blocks [lo, full): so bulk tiles load rows without bounds checks, and masked tiles, whose
+    # probabilities are 0 past L, can read 0 for every row value there.
+    whole = tl.maximum(full, L // BLOCK_M * BLOCK_M)
+    tail = tl.cdiv(L - whole, BLOCK_M) * BLOCK_M
+    pairs = tl.num_programs(1).to(tl.int64) * GROUPS * L  # B·Hq·L, the stride of ROWS' pairs
     for g in range(GROUPS):
         h = hk * GROUPS + g
         bh = b * H + h
@@ -800,17 +860,15 @@ def bwd_dkdv(
         bias_base = BIAS + b * sbb + h * sbh
         dbias_base = DBIAS + bh * (sbh if BIAS_KIND == TABLE else L * S)
         dk, dv, dr1, dr2 = _dkdv_tiles(
-            k, v, dk, dv, dr1, dr2, lo, full, q_base, do_base, bh * L, sqn, sqd, start_n, cols, offs_m, offs_d,
-            offs_dv,
-            SHIFT, INV_L, T, LOW, INV_DELTA, ARGMIN, ARGMAX, DELTA, G_LOW, L, S, pos0, scale,
+            k, v, dk, dv, dr1, dr2, lo, full + tail, full, whole, q_base, do_base, bh * L, sqn, sqd, start_n, cols,
+            offs_m, offs_d, offs_dv, ROWS, pairs, INV_L, L, S, pos0, scale,
             mask_base, sml, sms, bias_base, sbl, sbs, dbias_base, r1, r2,
             NORM, True, CAUSAL, HAS_MASK, BIAS_KIND, BIAS_GRAD, HAS_SSMAX, LOW_SCATTER, DX_FP32, PRECISION, EXACT,
             BLOCK_M, BLOCK_N, D, D_PAD, DV, DV_PAD,
         )  # fmt: skip
         dk, dv, dr1, dr2 = _dkdv_tiles(
-            k, v, dk, dv, dr1, dr2, full, L, q_base, do_base, bh * L, sqn, sqd, start_n, cols, offs_m, offs_d,
-            offs_dv,
-            SHIFT, INV_L, T, LOW, INV_DELTA, ARGMIN, ARGMAX, DELTA, G_LOW, L, S, pos0, scale,
+            k, v, dk, dv, dr1, dr2, full, whole, whole, whole, q_base, do_base, bh * L, sqn, sqd, start_n, cols,
+            offs_m, offs_d, offs_dv, ROWS, pairs, INV_L, L, S, pos0, scale,
             mask_base, sml, sms, bias_base, sbl, sbs, dbias_base, r1, r2,
             NORM, False, CAUSAL, HAS_MASK, BIAS_KIND, BIAS_GRAD, HAS_SSMAX, LOW_SCATTER, DX_FP32, PRECISION, EXACT,
             BLOCK_M, BLOCK_N, D, D_PAD, DV, DV_PAD,
