@@ -463,9 +463,9 @@ def _backward(
     return dq, dk, dv_, (dt if t is not None else None), bias_grads
 
 
-ROW_PAIRS = (("shift", "D"), ("m", "c"), ("argmax", "argmin"), ("g_m", "t"))
+ROW_PAIRS = (("shift", "D"), ("m", "c"), ("argmax", "t"), ("argmin", "g_m"))
 """What ``bwd_dq`` writes per row for ``bwd_dkdv``: ``rows[i]`` (B·Hq·L int64) holds pair i, two 32-bit values, the
-first in the low half (triton_kernels.SHIFT_D … GLOW_T): D_i = dO_i·o_i, sa_norm's m, c, argmax, argmin and
+first in the low half (triton_kernels.SHIFT_D … ARGMIN_GLOW): D_i = dO_i·o_i, sa_norm's m, c, argmax, argmin and
 min-term weight g_m = (D_i − E_i)·c, SSMax's t; those the call's flags need."""
 
 

@@ -31,7 +31,7 @@ others three):
   term (D_i − E_i) c_i needs E, known at the end, and is added there through the key row at the argmin into
   dq; into dk and the bias gradients either by bwd_dkdv inside its tiles, or (LOW_SCATTER, long rows) here
   through the query row (atomic adds into a float32 buffer, one row per query). Writes what bwd_dkdv needs per
-  row as int64 pairs of 32-bit values (``ROWS``, see SHIFT_D … GLOW_T), so that it loads half as many.
+  row as int64 pairs of 32-bit values (``ROWS``, see SHIFT_D … ARGMIN_GLOW), so that it loads half as many.
 - ``bwd_dkdv``: one program per (key block, batch·kv head), looping over its group's query heads and
   query blocks: dv = Σ wᵀdO, dk = scale·Σ (t·dx)ᵀq with the max term inside the tile (and the min term,
   or with LOW_SCATTER bwd_dq's buffer added once at the end), and the gradients of
@@ -54,10 +54,12 @@ KERPLE_LOG = tl.constexpr(3)
 KERPLE_POWER = tl.constexpr(4)
 TABLE = tl.constexpr(5)
 # bwd_dq hands bwd_dkdv its per-row values in pairs, ROWS[pair, b·Hq·L + row] (int64, the first in the low half):
+# (values used together share a pair: compiled for sm_90, (argmax, argmin) and (g_m, t) spilled 31 values per dk/dv
+# iteration at D = 64 where these pairs spill 8)
 SHIFT_D = tl.constexpr(0)  # (the saved shift, D_i)
 LOW_C = tl.constexpr(1)  # sa_norm: (m, c)
-ARGS = tl.constexpr(2)  # sa_norm: (argmax, argmin)
-GLOW_T = tl.constexpr(3)  # (the min-term weight g_m, t): sa_norm or SSMax
+ARGMAX_T = tl.constexpr(2)  # (argmax, t): sa_norm's argmax, SSMax's t
+ARGMIN_GLOW = tl.constexpr(3)  # sa_norm: (argmin, the min-term weight g_m)
 
 
 # Two element-wise functions differ between the GPU and Triton's interpreter (which has no libdevice):
@@ -591,7 +593,7 @@ def bwd_dq(
     into DK_LOW (zeroed, contiguous (B, Hkv, S, D) float32) and, with BIAS_GRAD, its part of a table's gradient
     into DBIAS (as in bwd_dkdv), of ALiBi/Kerple's dL/dr1, dL/dr2 stored to
     DR[(query block · B·Hq + b·Hq + h) · 2 + i]; without, bwd_dkdv adds the term inside its tiles. ROWS: the
-    (4, B·Hq·L) int64 row pairs bwd_dkdv reads (SHIFT_D, LOW_C, ARGS, GLOW_T; those its flags need).
+    (4, B·Hq·L) int64 row pairs bwd_dkdv reads (SHIFT_D … ARGMIN_GLOW; those its flags need).
     """
     start_m = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)  # offsets can pass 2**31
@@ -660,17 +662,13 @@ def bwd_dq(
         at_lo = tl.maximum(arg_lo, 0)
         g_lo = tl.where(has_lo, (d_o - e_sum) * inv_delta, 0.0)
         tl.store(ROWS + LOW_C * pairs + stat, _pair(low, inv_delta), mask=row_ok)
-        tl.store(ROWS + ARGS * pairs + stat, _pair(arg_hi, arg_lo), mask=row_ok)
+        tl.store(ROWS + ARGMIN_GLOW * pairs + stat, _pair(arg_lo, g_lo), mask=row_ok)
         k_lo = _load(k_base, at_lo, S, skn, offs_d, skd, D, D_PAD, True)
         dq += tl.where(has_lo[:, None], g_lo[:, None] * k_lo.to(tl.float32), 0.0)
         if HAS_SSMAX:  # x = t·z is the row min m there, so z = m / t (t != 0 wherever the term exists)
             r_sum += g_lo * low / tl.where(t != 0, t, 1.0)
-    if NORM == 2 and HAS_SSMAX:
-        tl.store(ROWS + GLOW_T * pairs + stat, _pair(g_lo, t), mask=row_ok)
-    elif NORM == 2:
-        tl.store(ROWS + GLOW_T * pairs + stat, _pair(g_lo, g_lo * 0.0), mask=row_ok)
-    elif HAS_SSMAX:
-        tl.store(ROWS + GLOW_T * pairs + stat, _pair(t * 0.0, t), mask=row_ok)
+    if NORM == 2 or HAS_SSMAX:  # (argmax, t): the argmax unused without sa_norm, t (1) without SSMax
+        tl.store(ROWS + ARGMAX_T * pairs + stat, _pair(arg_hi, t), mask=row_ok)
     if HAS_SSMAX and DS_PARTIALS:  # dL/ds_h = Σ_i dL/dt_i·ln(n_i): this program's part
         part = tl.sum(tl.where(row_ok, r_sum * _log_allowed(rows, pos0, S, CAUSAL), 0.0), 0)
         tl.store(DT + start_m * tl.num_programs(1) + bh, part)
@@ -748,12 +746,10 @@ def _dkdv_tiles(
         elif EXACT:
             inv_l = tl.load(INV_L + stat)
         t = tl.full([BLOCK_M], 1.0, tl.float32)
-        g_lo = t
-        if HAS_SSMAX or (NORM == 2 and not LOW_SCATTER):
-            g_lo, t_bits = _row_pair(ROWS, GLOW_T, pairs, stat, row_ok, MASKED)
-            g_lo = g_lo.to(tl.float32, bitcast=True)
-            if HAS_SSMAX:
-                t = t_bits.to(tl.float32, bitcast=True)
+        arg_hi = tl.full([BLOCK_M], 0, tl.int32)
+        if HAS_SSMAX:
+            arg_hi, t = _row_pair(ROWS, ARGMAX_T, pairs, stat, row_ok, MASKED)
+            t = t.to(tl.float32, bitcast=True)
         qk = tl.dot(k, qt, input_precision=PRECISION)
         z, x, x2, ok = _logits(
             qk, rows[None, :], cols[:, None], L, S, pos0, scale, t[None, :], mask_base, sml, sms,
@@ -772,11 +768,14 @@ def _dkdv_tiles(
                 MASKED or BIAS != NO_BIAS,
             )  # fmt: skip
             # (rows past L read argmax = argmin = 0, but their terms are 0 too: d_o, c and g_lo read 0)
-            arg_hi, arg_lo = _row_pair(ROWS, ARGS, pairs, stat, row_ok, MASKED)
+            if not HAS_SSMAX:
+                arg_hi, _ = _row_pair(ROWS, ARGMAX_T, pairs, stat, row_ok, MASKED)
             g_hi = (-d_o * inv_delta)[None, :]
             if LOW_SCATTER:  # the min term reaches dk through DK_LOW (bwd_dq)
                 dx += tl.where(cols[:, None] == arg_hi[None, :], g_hi, 0.0)
             else:  # both terms, in one chain of selects
+                arg_lo, g_lo = _row_pair(ROWS, ARGMIN_GLOW, pairs, stat, row_ok, MASKED)
+                g_lo = g_lo.to(tl.float32, bitcast=True)
                 at_lo = tl.where(cols[:, None] == arg_lo[None, :], g_lo[None, :], 0.0)
                 dx += tl.where(cols[:, None] == arg_hi[None, :], g_hi, at_lo)
         else:
