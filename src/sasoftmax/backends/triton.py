@@ -406,8 +406,7 @@ def _backward(
     # dL/dt per row, or with ``ds`` one partial Σ_i dL/dt_i·ln(n_i) per dq program
     dt = none
     if t is not None:
-        dt = torch.empty(query_blocks if ds else lq, b * hq, device=q.device, dtype=torch.float32)
-        dt = dt if ds else dt.view(b * hq, lq)
+        dt = torch.empty((query_blocks, b * hq) if ds else (b * hq, lq), device=q.device, dtype=torch.float32)
     dq = torch.empty(b, hq, lq, d, device=q.device, dtype=q.dtype)
     dk = torch.empty(b, hkv, lk, d, device=q.device, dtype=kv_grad_dtype or k.dtype)
     dv_ = torch.empty(b, hkv, lk, dv, device=q.device, dtype=kv_grad_dtype or v.dtype)
