@@ -103,7 +103,8 @@ class ALiBi(nn.Module):
         return RelativeBias.alibi(self.slopes)
 
     def forward(self, q_pos: Tensor, k_pos: Tensor) -> Tensor:
-        """(1, H, Lt, St), float32: :meth:`relative_bias` evaluated (the formula the kernels evaluate)."""
+        """(1, H, Lt, St): :meth:`relative_bias` evaluated, the formula the kernels evaluate (float32, or float64
+        with float64 parameters)."""
         return self.relative_bias()(q_pos, k_pos)
 
 
@@ -144,7 +145,8 @@ class Kerple(nn.Module):
         return RelativeBias(f"kerple_{self.kind}", *self.constrained())
 
     def forward(self, q_pos: Tensor, k_pos: Tensor) -> Tensor:
-        """(1, H, Lt, St), float32: :meth:`relative_bias` evaluated (the formula the kernels evaluate)."""
+        """(1, H, Lt, St): :meth:`relative_bias` evaluated, the formula the kernels evaluate (float32, or float64
+        with float64 parameters)."""
         return self.relative_bias()(q_pos, k_pos)
 
     def extra_repr(self) -> str:
