@@ -111,11 +111,19 @@ def variants() -> dict[str, dict]:
             dtype=torch.bfloat16, d=64, normalizer="softmax", causal=True,
             bias=torch.randn(1, heads, 300, 300, requires_grad=True),
         ),
+        "fp16 D=64 sa_norm table (grad), min term scattered": dict(
+            dtype=torch.float16, d=64, normalizer="sa_norm", causal=False,
+            bias=RelativeBias.table(torch.randn(heads, 300, requires_grad=True)), min_term="scatter",
+        ),
     }  # fmt: skip
 
 
-def record(dtype, d, normalizer, causal, bias=None, ssmax=None, mask=None, length=300, keep=False) -> dict:
-    """Compile every kernel launch of one forward and backward; {kernel: result} (see Recorder for ``keep``)."""
+def record(
+    dtype, d, normalizer, causal, bias=None, ssmax=None, mask=None, length=300, keep=False, min_term=None
+) -> dict:
+    """Compile every kernel launch of one forward and backward; {kernel: result} (see Recorder for ``keep``).
+    ``min_term``: sa_norm's way for its min term, "tile" or "scatter" (``SASOFTMAX_TRITON_MIN_TERM``), else by
+    length."""
     from sasoftmax.attention import make_call
     from sasoftmax.backends import triton as backend
     from sasoftmax.backends import triton_kernels as kernels
@@ -123,6 +131,9 @@ def record(dtype, d, normalizer, causal, bias=None, ssmax=None, mask=None, lengt
     results: dict = {}
     originals = {name: getattr(kernels, name) for name in KERNELS}
     backend.INTERPRET = False  # the GPU tiles and code paths
+    forced = os.environ.get("SASOFTMAX_TRITON_MIN_TERM")
+    if min_term is not None:
+        os.environ["SASOFTMAX_TRITON_MIN_TERM"] = min_term
     try:
         for name, kernel in originals.items():
             setattr(kernels, name, Recorder(kernel, results, keep))
@@ -133,6 +144,10 @@ def record(dtype, d, normalizer, causal, bias=None, ssmax=None, mask=None, lengt
     finally:
         for name, kernel in originals.items():
             setattr(kernels, name, kernel)
+        if forced is None:
+            os.environ.pop("SASOFTMAX_TRITON_MIN_TERM", None)
+        else:
+            os.environ["SASOFTMAX_TRITON_MIN_TERM"] = forced
     return results
 
 
