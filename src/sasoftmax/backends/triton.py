@@ -193,8 +193,10 @@ class _Config:
     num_stages: int
 
     def launch(self) -> dict[str, int]:
+        # enable_fp_fusion: the kernels are written for multiply-adds fused into FFMAs (their exponents, dx), which
+        # triton up to 3.9 does by default and 3.10 will not (it warns: TRITON_DEFAULT_FP_FUSION)
         return {"BLOCK_M": self.block_m, "BLOCK_N": self.block_n, "num_warps": self.num_warps,
-                "num_stages": self.num_stages}  # fmt: skip
+                "num_stages": self.num_stages, "enable_fp_fusion": True}  # fmt: skip
 
 
 def _configs(d: int, dv: int, dtype: torch.dtype) -> dict[str, _Config]:
