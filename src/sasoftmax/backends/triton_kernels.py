@@ -116,26 +116,34 @@ def _relative_bias_grads(dz, dist, r1, r2, BIAS: tl.constexpr):
 
 
 @triton.jit
-def _exp_shifted(x, x2, shift, EXACT: tl.constexpr):
-    """e^{x − shift}: exp2(x2 − shift·log₂e) on the special-function unit, x2 = x·log₂e from ``_logits`` (one
-    FFMA per element with the multiply of x2 where there is no additive bias), or for float32 inputs (EXACT)
-    libdevice's exp of x − shift, whose result does not carry the rounding of those products (up to
-    |x − shift|·2⁻²⁴ relative). The forward and the backward take the same one, so the backward's p sum to 1
-    with the forward's ℓ: a mismatch there shifts every p of a row alike, and such errors add up in dk."""
+def _exp_shifted(x, x2, shift, ok, MASKED: tl.constexpr, EXACT: tl.constexpr):
+    """e^{x − shift}, 0 where ``ok`` is false (MASKED): exp2(x2 − shift·log₂e) on the special-function unit, x2 =
+    x·log₂e from ``_logits`` (one FFMA per element with the multiply of x2 where there is no additive bias), or
+    for float32 inputs (EXACT) libdevice's exp of x − shift, whose result does not carry the rounding of those
+    products (up to |x − shift|·2⁻²⁴ relative). The forward and the backward take the same one, so the
+    backward's p sum to 1 with the forward's ℓ: a mismatch there shifts every p of a row alike, and such errors
+    add up in dk. The mask applies to the exponent, after the FFMA: applied to x2 before, it kept the multiply
+    and the subtraction apart (one instruction per element more in masked tiles)."""
     if EXACT:
-        return _exp(x - shift)
-    return tl.math.exp2(x2 - shift * LOG2E)
+        arg = x - shift
+    else:
+        arg = x2 - shift * LOG2E
+    if MASKED:
+        arg = tl.where(ok, arg, float("-inf"))
+    if EXACT:
+        return _exp(arg)
+    return tl.math.exp2(arg)
 
 
 @triton.jit
-def _probs(x, x2, shift, inv_l, EXACT: tl.constexpr):
+def _probs(x, x2, shift, inv_l, ok, MASKED: tl.constexpr, EXACT: tl.constexpr):
     """p = e^{x − logsumexp} of a tile from the saved row statistics (broadcast). 16-bit inputs save the
     logsumexp itself as ``shift``; float32 inputs (EXACT) save the row max μ and 1/ℓ and get p = e^{x − μ}/ℓ,
     because a logsumexp rounded to float32 at its magnitude (~5–20 for sa with SSMax) moves every p of the row
     alike by up to several ulps, while x − μ is computed exactly near the max."""
     if EXACT:
-        return _exp_shifted(x, x2, shift, EXACT) * inv_l
-    return _exp_shifted(x, x2, shift, EXACT)
+        return _exp_shifted(x, x2, shift, ok, MASKED, EXACT) * inv_l
+    return _exp_shifted(x, x2, shift, ok, MASKED, EXACT)
 
 
 @triton.jit
@@ -310,10 +318,8 @@ def _fwd_tiles(
             qk, rows[:, None], cols[None, :], L, S, pos0, scale, t[:, None], mask_base, sml, sms,
             bias_base, sbl, sbs, r1, r2, MASKED, CAUSAL, HAS_MASK, BIAS, HAS_SSMAX,
         )  # fmt: skip
-        x_hi = tl.where(ok, x, float("-inf")) if MASKED else x
-        x2_hi = tl.where(ok, x2, float("-inf")) if MASKED else x2
         if NORM == 2 or EXACT:  # μ is the row's final max (from row_extrema): no rescaling
-            p = _exp_shifted(x_hi, x2_hi, mu[:, None], EXACT)
+            p = _exp_shifted(x, x2, mu[:, None], ok, MASKED, EXACT)
             total += tl.sum(p, 1)
             if NORM == 2:
                 p = p * (x - low[:, None])
@@ -321,11 +327,14 @@ def _fwd_tiles(
                 p = p * x
             acc += tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         else:
+            # (masked before: the row max needs x masked anyway, and so compiled the loop is shorter)
+            x_hi = tl.where(ok, x, float("-inf")) if MASKED else x
+            x2_hi = tl.where(ok, x2, float("-inf")) if MASKED else x2
             new_mu = tl.maximum(mu, tl.max(x_hi, 1))
             # A row with no allowed key so far has μ = −inf; shift it by 0 so no inf − inf appears.
             shift = tl.where(new_mu == float("-inf"), 0.0, new_mu)
-            alpha = _exp_shifted(mu, mu * LOG2E, shift, EXACT)
-            p = _exp_shifted(x_hi, x2_hi, shift[:, None], EXACT)
+            alpha = _exp_shifted(mu, mu * LOG2E, shift, mu, False, EXACT)
+            p = _exp_shifted(x_hi, x2_hi, shift[:, None], ok, False, EXACT)
             total = total * alpha + tl.sum(p, 1)
             if NORM == 1:  # x is finite where masked (z of a −inf bias is 0), so p·x is 0 there
                 p = p * x
@@ -548,10 +557,8 @@ def _dq_tiles(
             qk, rows[:, None], cols[None, :], L, S, pos0, scale, t[:, None], mask_base, sml, sms,
             bias_base, sbl, sbs, r1, r2, MASKED, CAUSAL, HAS_MASK, BIAS, HAS_SSMAX,
         )  # fmt: skip
-        # Masking before exp: a masked logit may lie far above the row's logsumexp.
-        x_p = tl.where(ok, x, float("-inf")) if MASKED else x
-        x2_p = tl.where(ok, x2, float("-inf")) if MASKED else x2
-        p = _probs(x_p, x2_p, shift[:, None], inv_l[:, None], EXACT)
+        # (masked inside, before exp: a masked logit may lie far above the row's logsumexp)
+        p = _probs(x, x2, shift[:, None], inv_l[:, None], ok, MASKED, EXACT)
         dw = tl.dot(do, vt, input_precision=PRECISION)
         if NORM == 2 and not MASKED and BIAS == NO_BIAS:
             # dx's c + s = c·(1 + x − m) as one FFMA off q·kᵀ (x = qk·scale·t) with per-row factors, which this
@@ -755,9 +762,7 @@ def _dkdv_tiles(
             qk, rows[None, :], cols[:, None], L, S, pos0, scale, t[None, :], mask_base, sml, sms,
             bias_base, sbl, sbs, r1, r2, MASKED, CAUSAL, HAS_MASK, BIAS, HAS_SSMAX,
         )  # fmt: skip
-        x_p = tl.where(ok, x, float("-inf")) if MASKED else x
-        x2_p = tl.where(ok, x2, float("-inf")) if MASKED else x2
-        p = _probs(x_p, x2_p, shift[None, :], inv_l[None, :], EXACT)
+        p = _probs(x, x2, shift[None, :], inv_l[None, :], ok, MASKED, EXACT)
         dw = tl.dot(v, tl.trans(do), input_precision=PRECISION)
         if NORM == 2:
             low, inv_delta = _row_pair(ROWS, LOW_C, pairs, stat, row_ok, MASKED)
