@@ -515,13 +515,13 @@ def fwd(
 
 
 @triton.jit
-def _dx(x, p, dw, d_o, low, inv_delta, low_c, NORM: tl.constexpr, X_APART: tl.constexpr):
+def _dx(x, p, dw, d_o, low, inv_delta, NORM: tl.constexpr, X_APART: tl.constexpr):
     """Weights w and dL/dx of DESIGN §2 for a tile, without the min/max terms; row statistics broadcast.
 
     sa_norm's s = (x − m)·c: where x is the product scale·qk (·t), the compiler fuses the subtraction into it;
     where x was computed apart from that product (X_APART: masked tiles zero it, an additive bias adds to it),
-    s is the one FFMA x·c + (−m·c) with ``low_c`` = −m·c (|m·c| <= 1, as m <= 0 <= M, so its rounding costs
-    s at most 2⁻²⁴). (Compiled for sm_90 at D = 64 the masked dk/dv loop went from 37.8 to 34.7 instructions
+    s is the one FFMA x·c + (−m·c), −m·c formed per row (|m·c| <= 1, as m <= 0 <= M, so its rounding costs s at
+    most 2⁻²⁴). (Compiled for sm_90 at D = 64 the masked dk/dv loop went from 37.8 to 34.7 instructions
     per element; in the bulk the per-row −m·c would cost more than it saves.)"""
     if NORM == 0:
         w = p
@@ -531,7 +531,7 @@ def _dx(x, p, dw, d_o, low, inv_delta, low_c, NORM: tl.constexpr, X_APART: tl.co
         dx = p * (dw * (1.0 + x) - d_o)
     else:
         if X_APART:
-            s = x * inv_delta + low_c
+            s = x * inv_delta + (-low * inv_delta)
         else:
             s = (x - low) * inv_delta
         w = s * p
@@ -566,8 +566,7 @@ def _dq_tiles(
             dx = p * (dw * (qk * cs_qk[:, None] + cs_one[:, None]) - d_o[:, None])
         else:
             _, dx = _dx(
-                x, p, dw, d_o[:, None], low[:, None], inv_delta[:, None], (-low * inv_delta)[:, None], NORM,
-                MASKED or BIAS != NO_BIAS,
+                x, p, dw, d_o[:, None], low[:, None], inv_delta[:, None], NORM, MASKED or BIAS != NO_BIAS
             )  # fmt: skip
         if NORM == 2:
             e_sum += tl.sum(p * dw, 1)
@@ -660,10 +659,10 @@ def bwd_dq(
     )  # fmt: skip
     if NORM == 2:
         # The min term g = (D − E)·c at the argmin, known only now that E is: through the key row there into dq,
-        # through z there into dL/dt, and through this query row into that key's dk (DK_LOW, which bwd_dkdv adds)
-        # and into the bias gradients, so that bwd_dkdv's tiles need no second compare-and-add (with it, its
-        # loop spilled registers). Unlike the max term it need not meet the tile's dx before that is rounded:
-        # there w = 0 and p is the row's smallest.
+        # through z there into dL/dt; into that key's dk and the bias gradients either by bwd_dkdv inside its
+        # tiles (from ROWS' (argmin, g_m)) or, LOW_SCATTER, below through this query row (DK_LOW, which bwd_dkdv
+        # adds once). Unlike the max term it need not meet the tile's dx before that is rounded: there w = 0 and
+        # p is the row's smallest.
         arg_lo = tl.load(ARGMIN + stat, mask=row_ok, other=-1)
         has_lo = arg_lo >= 0
         at_lo = tl.maximum(arg_lo, 0)
@@ -769,8 +768,7 @@ def _dkdv_tiles(
             low = low.to(tl.float32, bitcast=True)
             inv_delta = inv_delta.to(tl.float32, bitcast=True)
             w, dx = _dx(
-                x, p, dw, d_o[None, :], low[None, :], inv_delta[None, :], (-low * inv_delta)[None, :], NORM,
-                MASKED or BIAS != NO_BIAS,
+                x, p, dw, d_o[None, :], low[None, :], inv_delta[None, :], NORM, MASKED or BIAS != NO_BIAS
             )  # fmt: skip
             # (rows past L read argmax = argmin = 0, but their terms are 0 too: d_o, c and g_lo read 0)
             if not HAS_SSMAX:
@@ -784,7 +782,7 @@ def _dkdv_tiles(
                 at_lo = tl.where(cols[:, None] == arg_lo[None, :], g_lo[None, :], 0.0)
                 dx += tl.where(cols[:, None] == arg_hi[None, :], g_hi, at_lo)
         else:
-            w, dx = _dx(x, p, dw, d_o[None, :], d_o, d_o, d_o, NORM, False)
+            w, dx = _dx(x, p, dw, d_o[None, :], d_o, d_o, NORM, False)
         dv += tl.dot(w.to(do.dtype), do, input_precision=PRECISION)
         if HAS_SSMAX:
             dx = dx * t[None, :]  # dL/dz
