@@ -20,6 +20,7 @@ import json
 import os
 import sys
 import traceback
+from unittest import mock
 
 import torch
 
@@ -131,23 +132,18 @@ def record(
     results: dict = {}
     originals = {name: getattr(kernels, name) for name in KERNELS}
     backend.INTERPRET = False  # the GPU tiles and code paths
-    forced = os.environ.get("SASOFTMAX_TRITON_MIN_TERM")
-    if min_term is not None:
-        os.environ["SASOFTMAX_TRITON_MIN_TERM"] = min_term
+    forced = {} if min_term is None else {"SASOFTMAX_TRITON_MIN_TERM": min_term}
     try:
         for name, kernel in originals.items():
             setattr(kernels, name, Recorder(kernel, results, keep))
         q = torch.randn(1, QUERY_HEADS, length, d, dtype=dtype, requires_grad=True)
         k, v = (torch.randn(1, KV_HEADS, length, d, dtype=dtype, requires_grad=True) for _ in range(2))
         call = make_call(q, k, v, normalizer, causal, mask, bias, None, ssmax, 1e-6, 0.0)
-        backend.attention(call).sum().backward()
+        with mock.patch.dict(os.environ, forced):
+            backend.attention(call).sum().backward()
     finally:
         for name, kernel in originals.items():
             setattr(kernels, name, kernel)
-        if forced is None:
-            os.environ.pop("SASOFTMAX_TRITON_MIN_TERM", None)
-        else:
-            os.environ["SASOFTMAX_TRITON_MIN_TERM"] = forced
     return results
 
 
