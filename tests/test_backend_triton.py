@@ -87,9 +87,7 @@ def run(inputs, dtype, backend, ssmax=None, **kwargs):
     if ssmax is not None:
         ssmax = ssmax.to(DEVICE, torch.float32).detach().requires_grad_()
         leaves.append(ssmax)
-    if backend == "plain":
-        out = plain_attention(*leaves[:3], ssmax=ssmax, **kwargs)
-    elif backend == "eager-in-dtype":  # the materialised way, every op in the input dtype (bias functions too)
+    if backend == "plain":  # the materialised way, every op in the input dtype (bias functions too)
         out = plain_attention(*leaves[:3], ssmax=ssmax, **_evaluated_bias(kwargs, *leaves[:2]))
     else:
         out = attention(*leaves[:3], ssmax=ssmax, backend=backend, **kwargs)
@@ -541,7 +539,7 @@ def test_relative_bias_in_half_precision(normalizer):
 
     got = run(inputs, torch.float16, "triton", ssmax, bias=bias_in(torch.float32), **kwargs)
     ref = run(inputs, torch.float64, "eager", ssmax, bias=bias_in(torch.float64), **kwargs)
-    base = run(inputs, torch.float16, "eager-in-dtype", ssmax, bias=bias_in(torch.float32), **kwargs)
+    base = run(inputs, torch.float16, "plain", ssmax, bias=bias_in(torch.float32), **kwargs)
     for name, a, p, r in zip(["out", "dq", "dk", "dv", "ds"], got, base, ref):
         err, err_plain = (a.double() - r).abs().max().item(), (p.double() - r).abs().max().item()
         assert err <= 2 * err_plain + 1e-5, f"{name}: error {err:.3g} > 2 × plain float16's {err_plain:.3g}"
