@@ -68,6 +68,9 @@ ARGMIN_GLOW = tl.constexpr(3)  # sa_norm: (argmin, the min-term weight g_m)
 #   unit, like the exp2 of the probabilities (absolute error ~2^-22, far below the logits' own rounding).
 # - exp for float32 inputs (``_exp_shifted``, forward and backward): libdevice's expf, within ~1 ulp, rather than
 #   tl.exp, which is ex2.approx of x·log₂e and carries that product's rounding.
+# - division in Kerple log's dL/dr2: `/` compiles to the IEEE division, a reciprocal, four FFMAs, a range check and
+#   a slow path per element; fast_dividef is the reciprocal and a multiply (within 2 ulp, for a gradient summed
+#   over the whole head).
 if triton.knobs.runtime.interpret:
 
     @triton.jit
@@ -77,6 +80,10 @@ if triton.knobs.runtime.interpret:
     @triton.jit
     def _exp(x):
         return tl.exp(x)
+
+    @triton.jit
+    def _fast_div(x, y):
+        return x / y
 
 else:
     from triton.language.extra import libdevice
@@ -89,30 +96,57 @@ else:
     def _exp(x):
         return libdevice.exp(x)
 
+    @triton.jit
+    def _fast_div(x, y):
+        return libdevice.fast_dividef(x, y)
+
+
+@triton.jit
+def _distance(r, c, pos0):
+    """|i + pos0 − j| as float32 for row indices ``r`` and key indices ``c`` broadcastable to a tile: each vector
+    converted before they broadcast, so a tile costs a subtraction per pair, not an int→float conversion (a
+    quarter-rate instruction on sm_90, which made ALiBi 1.3× the bias-free time at D = 64 on an H100). Exact below
+    2²⁴ positions."""
+    return tl.abs((r + pos0).to(tl.float32) - c.to(tl.float32))
+
 
 @triton.jit
 def _relative_bias(dist, r1, r2, BIAS: tl.constexpr):
-    """−r1·f(d) for ALiBi (f = d), Kerple log (f = ln(1 + r2·d)) and Kerple power (f = d^r2, 0 at d = 0)."""
+    """−r1·f(d) for ALiBi (f = d), Kerple log (f = ln(1 + r2·d)) and Kerple power (f = d^r2, 0 at d = 0); the
+    per-head constant folded first, so that adding the bias to a logit is one FFMA."""
     if BIAS == ALIBI:
-        f = dist
+        return dist * -r1
     elif BIAS == KERPLE_LOG:
-        f = _log2(1.0 + r2 * dist) * LN2
+        return _log2(1.0 + r2 * dist) * (-r1 * LN2)
     else:
-        f = tl.where(dist > 0, tl.exp2(r2 * _log2(tl.maximum(dist, 1.0))), 0.0)
-    return -r1 * f
+        return tl.where(dist > 0, tl.exp2(r2 * _log2(tl.maximum(dist, 1.0))), 0.0) * -r1
 
 
 @triton.jit
-def _relative_bias_grads(dz, dist, r1, r2, BIAS: tl.constexpr):
-    """dL/dr1 and dL/dr2 per pair of ALiBi/Kerple's −r1·f(d), given dL/dz (0 for dr2 where f has no r2)."""
+def _relative_bias_grad_parts(dz, dist, r2, BIAS: tl.constexpr):
+    """Per pair, given dL/dz: the parts u1, u2 of dL/dr1 = c1·Σ u1 and dL/dr2 = c2·Σ u2 (``_relative_bias_grad_factors``
+    gives c1, c2), so that a tile's sums cost a multiply-add per pair and the per-head factors one multiply per
+    head. Kerple log: u1 = dz·log₂(1 + r2·d), u2 = dz·d/(1 + r2·d); power: u1 = dz·d^r2, u2 = dz·d^r2·log₂d; ALiBi:
+    u1 = dz·d (u2 unused)."""
     if BIAS == ALIBI:
-        return -dz * dist, 0.0 * dz
+        return dz * dist, dz
     elif BIAS == KERPLE_LOG:
-        return -dz * (_log2(1.0 + r2 * dist) * LN2), -dz * r1 * dist / (1.0 + r2 * dist)
+        return dz * _log2(1.0 + r2 * dist), dz * _fast_div(dist, 1.0 + r2 * dist)
     else:
         log2_d = _log2(tl.maximum(dist, 1.0))
-        powered = tl.where(dist > 0, tl.exp2(r2 * log2_d), 0.0)
-        return -dz * powered, -dz * r1 * powered * (log2_d * LN2)
+        powered = dz * tl.where(dist > 0, tl.exp2(r2 * log2_d), 0.0)
+        return powered, powered * log2_d
+
+
+@triton.jit
+def _relative_bias_grad_factors(r1, BIAS: tl.constexpr):
+    """c1, c2 of ``_relative_bias_grad_parts`` (c2 = 0 for ALiBi, which has no r2)."""
+    if BIAS == ALIBI:
+        return -1.0, 0.0
+    elif BIAS == KERPLE_LOG:
+        return -LN2, -r1
+    else:
+        return -1.0, -r1 * LN2
 
 
 @triton.jit
@@ -250,7 +284,7 @@ def _logits(
         ok = ok & ~dropped
         z = z + tl.where(dropped, 0.0, bias)
     elif BIAS != NO_BIAS:
-        z = z + _relative_bias(tl.abs(r + pos0 - c).to(tl.float32), r1, r2, BIAS)
+        z = z + _relative_bias(_distance(r, c, pos0), r1, r2, BIAS)
     if MASKED:  # a NaN or inf logit of a masked pair (from k) must not reach the row through p·x or dx·z
         z = tl.where(ok, z, 0.0)
     x = z
@@ -695,10 +729,11 @@ def bwd_dq(
             dist_lo = tl.minimum(tl.abs(rows + pos0 - at_lo), sbl)
             tl.atomic_add(DBIAS + bh * sbh + dist_lo, dz_lo, mask=has_lo, sem="relaxed")
         elif BIAS_GRAD and BIAS_KIND >= ALIBI:  # a bias tensor's: added after bwd_dkdv, which writes its tiles
-            g1, g2 = _relative_bias_grads(dz_lo, tl.abs(rows + pos0 - at_lo).to(tl.float32), r1, r2, BIAS_KIND)
+            u1, u2 = _relative_bias_grad_parts(dz_lo, _distance(rows, at_lo, pos0), r2, BIAS_KIND)
+            c1, c2 = _relative_bias_grad_factors(r1, BIAS_KIND)
             slot = (start_m * tl.num_programs(1) + bh) * 2
-            tl.store(DR + slot, tl.sum(g1, 0))
-            tl.store(DR + slot + 1, tl.sum(g2, 0))
+            tl.store(DR + slot, tl.sum(u1, 0) * c1)  # (tensor first: c1 may be a constexpr)
+            tl.store(DR + slot + 1, tl.sum(u2, 0) * c2)
 
 
 @triton.jit
@@ -783,27 +818,26 @@ def _dkdv_tiles(
                 dx += tl.where(cols[:, None] == arg_hi[None, :], g_hi, at_lo)
         else:
             w, dx = _dx(x, p, dw, d_o[None, :], d_o, d_o, NORM, False)
-        dv += tl.dot(w.to(do.dtype), do, input_precision=PRECISION)
         if HAS_SSMAX:
             dx = dx * t[None, :]  # dL/dz
+        if BIAS_GRAD:  # before the products, so that the bias's per-pair values die before they run
+            dz = tl.where(ok, dx, 0.0) if MASKED else dx
+            if BIAS == BIAS_TENSOR:
+                db_ptr = dbias_base + rows[None, :] * S + cols[:, None]
+                tl.store(db_ptr, dz, mask=(rows[None, :] < L) & (cols[:, None] < S))
+            elif BIAS == TABLE:
+                _table_grad(dz, start_m, start_n, pos0, sbl, dbias_base, BLOCK_M, BLOCK_N)
+            else:
+                u1, u2 = _relative_bias_grad_parts(dz, _distance(rows[None, :], cols[:, None], pos0), r2, BIAS)
+                # summed over the tile's rows (within threads and lanes), per key: over its keys would cross warps
+                dr1 += tl.sum(u1, 1)
+                if BIAS != ALIBI:
+                    dr2 += tl.sum(u2, 1)
+        dv += tl.dot(w.to(do.dtype), do, input_precision=PRECISION)
         if DX_FP32:
             dk += tl.dot(dx, tl.trans(qt).to(tl.float32), input_precision=PRECISION)
         else:
             dk += tl.dot(dx.to(qt.dtype), tl.trans(qt), input_precision=PRECISION)
-        if BIAS_GRAD:
-            if MASKED:
-                dx = tl.where(ok, dx, 0.0)
-            if BIAS == BIAS_TENSOR:
-                db_ptr = dbias_base + rows[None, :] * S + cols[:, None]
-                tl.store(db_ptr, dx, mask=(rows[None, :] < L) & (cols[:, None] < S))
-            elif BIAS == TABLE:
-                _table_grad(dx, start_m, start_n, pos0, sbl, dbias_base, BLOCK_M, BLOCK_N)
-            else:
-                dist = tl.abs(rows[None, :] + pos0 - cols[:, None]).to(tl.float32)
-                g1, g2 = _relative_bias_grads(dx, dist, r1, r2, BIAS)
-                dr1 += tl.sum(g1, 0)
-                if BIAS != ALIBI:
-                    dr2 += tl.sum(g2, 0)
     return dk, dv, dr1, dr2
 
 
@@ -865,8 +899,8 @@ def bwd_dkdv(
         q_base = Q + b * sqb + h * sqh
         do_base = DO + bh * L * DV
         r1, r2 = _bias_params(R1, R2, h, BIAS_KIND)
-        dr1 = tl.zeros([BLOCK_M], tl.float32)  # per row of the query tile; summed when the head is done
-        dr2 = tl.zeros([BLOCK_M], tl.float32)
+        dr1 = tl.zeros([BLOCK_N], tl.float32)  # per key of the block; summed when the head is done
+        dr2 = tl.zeros([BLOCK_N], tl.float32)
         mask_base = MASK + b * smb + h * smh
         bias_base = BIAS + b * sbb + h * sbh
         dbias_base = DBIAS + bh * (sbh if BIAS_KIND == TABLE else L * S)
@@ -886,8 +920,9 @@ def bwd_dkdv(
         )  # fmt: skip
         if BIAS_GRAD and BIAS_KIND >= ALIBI and BIAS_KIND <= KERPLE_POWER:
             slot = (tl.program_id(0).to(tl.int64) * tl.num_programs(1) * GROUPS + bhk * GROUPS + g) * 2
-            tl.store(DR + slot, tl.sum(dr1, 0))
-            tl.store(DR + slot + 1, tl.sum(dr2, 0))
+            c1, c2 = _relative_bias_grad_factors(r1, BIAS_KIND)
+            tl.store(DR + slot, tl.sum(dr1, 0) * c1)  # (tensor first: c1 may be a constexpr)
+            tl.store(DR + slot + 1, tl.sum(dr2, 0) * c2)
     out = bhk * S * D + cols[:, None] * D + offs_d[None, :]
     if NORM == 2 and LOW_SCATTER:  # the min terms, added into DK_LOW by bwd_dq
         dk += tl.load(DK_LOW + out, mask=(cols[:, None] < S) & (offs_d[None, :] < D), other=0.0)
