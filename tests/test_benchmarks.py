@@ -136,8 +136,13 @@ def test_gpu_check_passes_valid_arguments(tmp_path):
     )  # fmt: skip
     log = (tmp_path / "run.log").read_text()
     assert proc.returncode == 0, log
-    for step in ("kernels", "bias", "train"):
+    for step in ("warm", "kernels", "bias", "train"):
         assert f"== {step}: exit 0" in log
+    # the warm step compiles the kernels of each (head dim, causal, bias) of both runs, sasoftmax providers only
+    assert log.count("triton_attention.py --out") == 4 + 2 * 5 + 2  # + the kernels and bias steps' own lines
+    warm = [line for line in log.splitlines() if "--prefix warm-" in line]
+    assert len(warm) == 4 + 2 * 5 and not any("sdpa" in line for line in warm)
+    assert any("--prefix warm-64-yes-kerple " in line and "--lengths 256 4096 " in line for line in warm)
     assert "== tune: skipped (limit 0)" in log  # the tuning runs only when asked (TUNE_S > 0)
     assert "== preset: skipped (limit 0)" in log  # so does the comparison (PRESET_S > 0)
     assert "216 rows on cuda" in log and "14 rows on cuda" in log

@@ -1,0 +1,100 @@
+"""Compile the Triton kernels a run of ``triton_attention.py`` will launch, in parallel processes, before it runs.
+
+Triton compiles a kernel variant on its first launch, one at a time per process, and caches it on disk; a cold
+H100 (2026-11-26) ran out of the benchmarks' time limits compiling. This runs ``triton_attention.py`` with the
+given arguments split into one process per (head dim, causal, bias), each on tiny problems that launch the same
+compiled variants (same head dim, dtype, flags and tiles; lengths divisible by 16 like the real ones; N = 256 and,
+where the given lengths reach sa_norm's scattered min term, ``MIN_TERM_SCATTER_KEYS`` keys), and discards their
+timings. Only the sasoftmax providers are run. Nothing here measures anything.
+
+    PYTHONPATH=src python3 benchmarks/triton_warm.py --workers 12 -- --head-dims 64 128 -- --bias kerple --causal yes
+
+(each ``--`` starts the arguments of one benchmark run, as ``triton_attention.py`` takes them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import triton_attention
+
+
+def commands(bench: argparse.Namespace, out: str) -> list[list[str]]:
+    """One triton_attention.py command line per (head dim, causal, bias) of the benchmark's arguments."""
+    from sasoftmax.backends.triton import MIN_TERM_SCATTER_KEYS
+
+    providers = [p for p in bench.providers if not p.startswith(("sdpa", "flash-attn", "eager"))]
+    if not providers:
+        return []
+    lengths = ["256"] + ([str(MIN_TERM_SCATTER_KEYS)] if max(bench.lengths) >= MIN_TERM_SCATTER_KEYS else [])
+    causals = {"both": ("yes", "no"), "yes": ("yes",), "no": ("no",)}[bench.causal]
+    script = str(Path(__file__).with_name("triton_attention.py"))
+    return [
+        [sys.executable, script, "--out", out, "--prefix", f"warm-{d}-{causal}-{bias}", "--lengths", *lengths,
+         "--tokens", "256", "--model-dim", str(bench.model_dim), "--head-dims", str(d), "--causal", causal,
+         "--bias", bias, "--modes", "fwd+bwd", "--providers", *providers, "--dtype", bench.dtype, "--no-memory",
+         "--device", bench.device,
+         "--warmup-ms", "1", "--rep-ms", "1"]
+        for d, causal, bias in itertools.product(bench.head_dims, causals, bench.bias)
+    ]  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    groups: list[list[str]] = [[]]  # its own arguments, then one list per benchmark run, each after a "--"
+    for word in argv:
+        groups.append([]) if word == "--" else groups[-1].append(word)
+    own, runs = groups[0], groups[1:] or [[]]
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--workers", type=int, default=12, help="processes at a time (default 12)")
+    parser.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
+    args = parser.parse_args(own)
+    if args.workers < 1:
+        parser.error(f"--workers must be >= 1; got {args.workers}")
+    benches = [triton_attention.parse_args(run) for run in runs]
+    with tempfile.TemporaryDirectory(prefix="triton-warm-") as out:
+        todo = list(dict.fromkeys(tuple(c) for bench in benches for c in commands(bench, out)))
+        if args.dry_run:
+            print("\n".join(" ".join(c) for c in todo))
+            return 0
+        running: list[subprocess.Popen] = []
+        lock, stopping = threading.Lock(), threading.Event()
+
+        def run(command: tuple[str, ...]) -> int:
+            with lock:  # no process starts once the caller's time limit has stopped the rest
+                if stopping.is_set():
+                    return 1
+                process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                running.append(process)
+            _, err = process.communicate()
+            if process.returncode and not stopping.is_set():
+                print(f"failed ({process.returncode}): {' '.join(command[2:])}\n{err[-2000:]}", flush=True)
+            return process.returncode
+
+        start = time.perf_counter()
+        pool = ThreadPoolExecutor(args.workers)
+        try:
+            codes = list(pool.map(run, todo))
+        except KeyboardInterrupt:  # the caller's time limit (SIGINT): no compiling process may outlive it
+            with lock:
+                stopping.set()
+                for process in running:
+                    process.kill()
+            pool.shutdown(wait=False, cancel_futures=True)
+            print(f"interrupted after {time.perf_counter() - start:.0f} s; the compiling processes stopped", flush=True)
+            return 130
+        pool.shutdown()
+        failed = sum(map(bool, codes))
+        print(f"compiled the kernels of {len(todo)} groups in {time.perf_counter() - start:.0f} s; {failed} failed")
+        return 1 if failed else 0
+
+if __name__ == "__main__":
+    sys.exit(main())
