@@ -370,7 +370,8 @@ def _forward(q, k, v, o, t, mask, bias, kind, r1, r2, opt: _Options, s: Tensor |
     cfg = configs["fwd"]
     _launch(
         "fwd", (triton.cdiv(lq, cfg.block_m), b * hq), cfg,
-        q, k, v, o, saved.shift, saved.inv_l, t_arg, saved.t_rows, mu, low, inv_delta, r1_arg, r2_arg,
+        q, k, v, o, saved.shift, saved.inv_l, t_arg, saved.t_rows, mu, low, inv_delta, saved.argmax, saved.argmin,
+        r1_arg, r2_arg,
         *_strides(q), *_strides(k), *_strides(v), *_strides(o), *common,
         NORM=opt.norm, EXACT=exact, DV=dv, DV_PAD=_pad(dv), **flags,
     )  # fmt: skip

@@ -335,9 +335,22 @@ def _key_blocks(start_m, L, S, pos0, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexp
 
 
 @triton.jit
+def _pin_extremes(x, cols, arg_hi, arg_lo, hi, low):
+    """float32 sa_norm: x at the row's argmax and argmin keys replaced by the max and min ``row_extrema`` saved.
+
+    Each kernel recomputes x, and may round it differently (q·kᵀ summed in another order, a multiply-add
+    contracted in one kernel and not in another). sa_norm divides by the row's range, c = 1/(M⁺ − m + ε), so a
+    difference δ at the extremes becomes δ·c in s there, and in dx up to δ·c/(1 − s) where s ≈ 1 (a causal row
+    seeing one small logit): 10⁻⁷ became ~10⁻² relative in dq on an H100. Pinned, s is exactly 0 at the argmin
+    and (M − m)·c at the argmax in every kernel, as in the materialised computation. (−1 indices: no pin.)"""
+    x = tl.where(cols == arg_hi, hi, x)
+    return tl.where(cols == arg_lo, low, x)
+
+
+@triton.jit
 def _fwd_tiles(
     q, acc, mu, total, lo, hi, k_base, v_base, skn, skd, svn, svd,
-    rows, offs_n, offs_d, offs_dv, t, low, L, S, pos0, scale,
+    rows, offs_n, offs_d, offs_dv, t, low, arg_hi, arg_lo, L, S, pos0, scale,
     mask_base, sml, sms, bias_base, sbl, sbs, r1, r2,
     NORM: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, BIAS: tl.constexpr,
     HAS_SSMAX: tl.constexpr, PRECISION: tl.constexpr, EXACT: tl.constexpr,
@@ -353,6 +366,8 @@ def _fwd_tiles(
             bias_base, sbl, sbs, r1, r2, MASKED, CAUSAL, HAS_MASK, BIAS, HAS_SSMAX,
         )  # fmt: skip
         if NORM == 2 or EXACT:  # μ is the row's final max (from row_extrema): no rescaling
+            if NORM == 2 and EXACT:
+                x = _pin_extremes(x, cols[None, :], arg_hi[:, None], arg_lo[:, None], mu[:, None], low[:, None])
             p = _exp_shifted(x, x2, mu[:, None], ok, MASKED, EXACT)
             total += tl.sum(p, 1)
             if NORM == 2:
@@ -478,7 +493,7 @@ def row_extrema(
 
 @triton.jit
 def fwd(
-    Q, K, V, OUT, SHIFT, INV_L, T, T_ROWS, MU, LOW, INV_DELTA, R1, R2,
+    Q, K, V, OUT, SHIFT, INV_L, T, T_ROWS, MU, LOW, INV_DELTA, ARGMAX, ARGMIN, R1, R2,
     sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, son, sod,
     MASK, smb, smh, sml, sms, BIAS, sbb, sbh, sbl, sbs,
     H, GROUPS, L, S, pos0, scale,
@@ -513,6 +528,11 @@ def fwd(
     else:
         mu = tl.full([BLOCK_M], float("-inf"), tl.float32)
         low = mu
+    arg_hi = rows  # (unused unless float32 sa_norm)
+    arg_lo = rows
+    if NORM == 2 and EXACT:
+        arg_hi = tl.load(ARGMAX + stat, mask=row_ok, other=-1)
+        arg_lo = tl.load(ARGMIN + stat, mask=row_ok, other=-1)
     total = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, DV_PAD], tl.float32)
     k_base = K + b * skb + hk * skh
@@ -524,12 +544,12 @@ def fwd(
         full_end = 0
     acc, mu, total = _fwd_tiles(
         q, acc, mu, total, 0, full_end, k_base, v_base, skn, skd, svn, svd, rows, offs_n, offs_d, offs_dv, t, low,
-        L, S, pos0, scale, mask_base, sml, sms, bias_base, sbl, sbs, r1, r2,
+        arg_hi, arg_lo, L, S, pos0, scale, mask_base, sml, sms, bias_base, sbl, sbs, r1, r2,
         NORM, False, CAUSAL, HAS_MASK, BIAS_KIND, HAS_SSMAX, PRECISION, EXACT, BLOCK_N, D, D_PAD, DV, DV_PAD,
     )  # fmt: skip
     acc, mu, total = _fwd_tiles(
         q, acc, mu, total, full_end, end, k_base, v_base, skn, skd, svn, svd, rows, offs_n, offs_d, offs_dv, t,
-        low, L, S, pos0, scale, mask_base, sml, sms, bias_base, sbl, sbs, r1, r2,
+        low, arg_hi, arg_lo, L, S, pos0, scale, mask_base, sml, sms, bias_base, sbl, sbs, r1, r2,
         NORM, True, CAUSAL, HAS_MASK, BIAS_KIND, HAS_SSMAX, PRECISION, EXACT, BLOCK_N, D, D_PAD, DV, DV_PAD,
     )  # fmt: skip
     has_keys = total > 0
@@ -576,7 +596,7 @@ def _dx(x, p, dw, d_o, low, inv_delta, NORM: tl.constexpr, X_APART: tl.constexpr
 @triton.jit
 def _dq_tiles(
     q, do, dq, e_sum, r_sum, lo, hi, k_base, v_base, skn, skd, svn, svd, rows, offs_n, offs_d, offs_dv,
-    t, shift, inv_l, d_o, low, inv_delta, cs_qk, cs_one, arg_hi, g_hi, L, S, pos0, scale,
+    t, shift, inv_l, d_o, low, inv_delta, cs_qk, cs_one, arg_hi, arg_lo, g_hi, L, S, pos0, scale,
     mask_base, sml, sms, bias_base, sbl, sbs, r1, r2,
     NORM: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, BIAS: tl.constexpr,
     HAS_SSMAX: tl.constexpr, DX_FP32: tl.constexpr, PRECISION: tl.constexpr, EXACT: tl.constexpr,
@@ -591,16 +611,19 @@ def _dq_tiles(
             qk, rows[:, None], cols[None, :], L, S, pos0, scale, t[:, None], mask_base, sml, sms,
             bias_base, sbl, sbs, r1, r2, MASKED, CAUSAL, HAS_MASK, BIAS, HAS_SSMAX,
         )  # fmt: skip
+        if NORM == 2 and EXACT:  # (shift is μ, the row max, for float32)
+            x = _pin_extremes(x, cols[None, :], arg_hi[:, None], arg_lo[:, None], shift[:, None], low[:, None])
         # (masked inside, before exp: a masked logit may lie far above the row's logsumexp)
         p = _probs(x, x2, shift[:, None], inv_l[:, None], ok, MASKED, EXACT)
         dw = tl.dot(do, vt, input_precision=PRECISION)
-        if NORM == 2 and not MASKED and BIAS == NO_BIAS:
+        if NORM == 2 and not MASKED and BIAS == NO_BIAS and not EXACT:
             # dx's c + s = c·(1 + x − m) as one FFMA off q·kᵀ (x = qk·scale·t) with per-row factors, which this
             # program's fixed rows compute once: one instruction per element less than from x (dq needs no w)
             dx = p * (dw * (qk * cs_qk[:, None] + cs_one[:, None]) - d_o[:, None])
         else:
             _, dx = _dx(
-                x, p, dw, d_o[:, None], low[:, None], inv_delta[:, None], NORM, MASKED or BIAS != NO_BIAS
+                x, p, dw, d_o[:, None], low[:, None], inv_delta[:, None], NORM,
+                (MASKED or BIAS != NO_BIAS) and not EXACT,
             )  # fmt: skip
         if NORM == 2:
             e_sum += tl.sum(p * dw, 1)
@@ -669,6 +692,9 @@ def bwd_dq(
         g_hi = d_o
         cs_qk = d_o
         cs_one = d_o
+    arg_lo = rows  # (read before the tiles for float32 sa_norm only, which pins x there: _pin_extremes)
+    if NORM == 2 and EXACT:
+        arg_lo = tl.load(ARGMIN + stat, mask=row_ok, other=-1)
     k_base = K + b * skb + hk * skh
     v_base = V + b * svb + hk * svh
     mask_base = MASK + b * smb + h * smh
@@ -681,15 +707,15 @@ def bwd_dq(
         full_end = 0
     dq, e_sum, r_sum = _dq_tiles(
         q, do, dq, e_sum, r_sum, 0, full_end, k_base, v_base, skn, skd, svn, svd, rows, offs_n, offs_d, offs_dv,
-        t, shift, inv_l, d_o, low, inv_delta, cs_qk, cs_one, arg_hi, g_hi, L, S, pos0, scale, mask_base, sml, sms,
-        bias_base, sbl, sbs, r1, r2, NORM, False, CAUSAL, HAS_MASK, BIAS_KIND, HAS_SSMAX, DX_FP32, PRECISION, EXACT,
-        BLOCK_N, D, D_PAD, DV, DV_PAD,
+        t, shift, inv_l, d_o, low, inv_delta, cs_qk, cs_one, arg_hi, arg_lo, g_hi, L, S, pos0, scale, mask_base,
+        sml, sms, bias_base, sbl, sbs, r1, r2, NORM, False, CAUSAL, HAS_MASK, BIAS_KIND, HAS_SSMAX, DX_FP32,
+        PRECISION, EXACT, BLOCK_N, D, D_PAD, DV, DV_PAD,
     )  # fmt: skip
     dq, e_sum, r_sum = _dq_tiles(
         q, do, dq, e_sum, r_sum, full_end, end, k_base, v_base, skn, skd, svn, svd, rows, offs_n, offs_d,
-        offs_dv, t, shift, inv_l, d_o, low, inv_delta, cs_qk, cs_one, arg_hi, g_hi, L, S, pos0, scale, mask_base,
-        sml, sms, bias_base, sbl, sbs, r1, r2, NORM, True, CAUSAL, HAS_MASK, BIAS_KIND, HAS_SSMAX, DX_FP32,
-        PRECISION, EXACT, BLOCK_N, D, D_PAD, DV, DV_PAD,
+        offs_dv, t, shift, inv_l, d_o, low, inv_delta, cs_qk, cs_one, arg_hi, arg_lo, g_hi, L, S, pos0, scale,
+        mask_base, sml, sms, bias_base, sbl, sbs, r1, r2, NORM, True, CAUSAL, HAS_MASK, BIAS_KIND, HAS_SSMAX,
+        DX_FP32, PRECISION, EXACT, BLOCK_N, D, D_PAD, DV, DV_PAD,
     )  # fmt: skip
     if NORM == 2:
         # The min term g = (D − E)·c at the argmin, known only now that E is: through the key row there into dq,
@@ -788,14 +814,22 @@ def _dkdv_tiles(
             inv_l = tl.load(INV_L + stat)
         t = tl.full([BLOCK_M], 1.0, tl.float32)
         arg_hi = tl.full([BLOCK_M], 0, tl.int32)
-        if HAS_SSMAX:
-            arg_hi, t = _row_pair(ROWS, ARGMAX_T, pairs, stat, row_ok, MASKED)
-            t = t.to(tl.float32, bitcast=True)
+        if HAS_SSMAX or (NORM == 2 and EXACT):
+            arg_hi, t_bits = _row_pair(ROWS, ARGMAX_T, pairs, stat, row_ok, MASKED)
+            if HAS_SSMAX:
+                t = t_bits.to(tl.float32, bitcast=True)
         qk = tl.dot(k, qt, input_precision=PRECISION)
         z, x, x2, ok = _logits(
             qk, rows[None, :], cols[:, None], L, S, pos0, scale, t[None, :], mask_base, sml, sms,
             bias_base, sbl, sbs, r1, r2, MASKED, CAUSAL, HAS_MASK, BIAS, HAS_SSMAX,
         )  # fmt: skip
+        if NORM == 2 and EXACT:  # (shift is μ, the row max, for float32)
+            low_bits, _ = _row_pair(ROWS, LOW_C, pairs, stat, row_ok, MASKED)  # (the same load as below)
+            arg_lo, _ = _row_pair(ROWS, ARGMIN_GLOW, pairs, stat, row_ok, MASKED)
+            x = _pin_extremes(
+                x, cols[:, None], arg_hi[None, :], arg_lo[None, :], shift[None, :],
+                low_bits.to(tl.float32, bitcast=True)[None, :],
+            )  # fmt: skip
         p = _probs(x, x2, shift[None, :], inv_l[None, :], ok, MASKED, EXACT)
         dw = tl.dot(v, tl.trans(do), input_precision=PRECISION)
         if NORM == 2:
@@ -803,10 +837,11 @@ def _dkdv_tiles(
             low = low.to(tl.float32, bitcast=True)
             inv_delta = inv_delta.to(tl.float32, bitcast=True)
             w, dx = _dx(
-                x, p, dw, d_o[None, :], low[None, :], inv_delta[None, :], NORM, MASKED or BIAS != NO_BIAS
+                x, p, dw, d_o[None, :], low[None, :], inv_delta[None, :], NORM,
+                (MASKED or BIAS != NO_BIAS) and not EXACT,
             )  # fmt: skip
             # (rows past L read argmax = argmin = 0, but their terms are 0 too: d_o, c and g_lo read 0)
-            if not HAS_SSMAX:
+            if not HAS_SSMAX and not EXACT:
                 arg_hi, _ = _row_pair(ROWS, ARGMAX_T, pairs, stat, row_ok, MASKED)
             g_hi = (-d_o * inv_delta)[None, :]
             if LOW_SCATTER:  # the min term reaches dk through DK_LOW (bwd_dq)
