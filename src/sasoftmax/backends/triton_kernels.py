@@ -370,7 +370,11 @@ def _fwd_tiles(
                 x = _pin_extremes(x, cols[None, :], arg_hi[:, None], arg_lo[:, None], mu[:, None], low[:, None])
             p = _exp_shifted(x, x2, mu[:, None], ok, MASKED, EXACT)
             total += tl.sum(p, 1)
-            if NORM == 2:
+            if NORM == 2 and not MASKED and BIAS == NO_BIAS and not EXACT:
+                # x − m as one FFMA off q·kᵀ with per-row factors (x itself is not needed here; with SSMax it
+                # would cost a second multiply per element)
+                p = p * (qk * (t * scale)[:, None] - low[:, None])
+            elif NORM == 2:
                 p = p * (x - low[:, None])
             elif NORM == 1:
                 p = p * x
@@ -458,18 +462,20 @@ def row_extrema(
     full_end, end = _key_blocks(start_m, L, S, pos0, BLOCK_M, BLOCK_N, CAUSAL)
     if ALL_MASKED:
         full_end = 0
+    # RAW_QK: x = (scale·t_i)·q·kᵀ with a power-of-two scale, so scale·t_i is exact and x's extrema are those of
+    # q·kᵀ times it (swapped where t_i < 0), bit for bit as the other kernels round x: found on q·kᵀ, scaled after
     tile_scale = scale
-    if RAW_QK:  # x = scale·q·kᵀ with a power-of-two scale: its extrema and their keys are q·kᵀ's, scaled after
+    if RAW_QK:
         tile_scale = 1.0
     hi_x, lo_x, hi_at, lo_at = _extrema_tiles(
         q, hi_x, lo_x, hi_at, lo_at, 0, full_end, k_base, skn, skd, rows, offs_n, offs_d, t, L, S, pos0, tile_scale,
         mask_base, sml, sms, bias_base, sbl, sbs, r1, r2,
-        False, CAUSAL, HAS_MASK, BIAS_KIND, HAS_SSMAX, MIN_AND_ARGS, PRECISION, BLOCK_N, D, D_PAD,
+        False, CAUSAL, HAS_MASK, BIAS_KIND, HAS_SSMAX and not RAW_QK, MIN_AND_ARGS, PRECISION, BLOCK_N, D, D_PAD,
     )  # fmt: skip
     hi_x, lo_x, hi_at, lo_at = _extrema_tiles(
         q, hi_x, lo_x, hi_at, lo_at, full_end, end, k_base, skn, skd, rows, offs_n, offs_d, t, L, S, pos0,
         tile_scale, mask_base, sml, sms, bias_base, sbl, sbs, r1, r2,
-        True, CAUSAL, HAS_MASK, BIAS_KIND, HAS_SSMAX, MIN_AND_ARGS, PRECISION, BLOCK_N, D, D_PAD,
+        True, CAUSAL, HAS_MASK, BIAS_KIND, HAS_SSMAX and not RAW_QK, MIN_AND_ARGS, PRECISION, BLOCK_N, D, D_PAD,
     )  # fmt: skip
     # The slots' extrema reduced per row; the first key attaining each (the documented tie rule) is the least
     # key among the slots that hold the row's extremum.
@@ -478,7 +484,16 @@ def row_extrema(
         slot_lo, lo_x = lo_x, tl.min(lo_x, 1)
         arg_hi = tl.min(tl.where(slot_hi == hi_x[:, None], hi_at + offs_n[None, :], S), 1)
         arg_lo = tl.min(tl.where(slot_lo == lo_x[:, None], lo_at + offs_n[None, :], S), 1)
-    if RAW_QK:
+    if RAW_QK and HAS_SSMAX:  # (MIN_AND_ARGS: a negative factor makes the min the max)
+        factor = scale * t
+        up = factor >= 0
+        keys = hi_x != float("-inf")  # rows with no key keep ∓inf (∞·0 would be NaN where t = 0)
+        hi_raw = tl.where(keys, tl.where(up, hi_x, lo_x), 0.0)
+        lo_raw = tl.where(keys, tl.where(up, lo_x, hi_x), 0.0)
+        hi_x = tl.where(keys, hi_raw * factor, float("-inf"))
+        lo_x = tl.where(keys, lo_raw * factor, float("inf"))
+        arg_hi, arg_lo = tl.where(up, arg_hi, arg_lo), tl.where(up, arg_lo, arg_hi)
+    elif RAW_QK:
         hi_x = hi_x * scale
         lo_x = lo_x * scale
     tl.store(MU + stat, hi_x, mask=row_ok)
@@ -629,7 +644,9 @@ def _dq_tiles(
             e_sum += tl.sum(p * dw, 1)
             # (compared as offsets within the tile: with cols the compiler widened the compare to 64 bits)
             dx += tl.where(offs_n[None, :] == (arg_hi - start_n)[:, None], g_hi[:, None], 0.0)
-        if HAS_SSMAX:
+        if HAS_SSMAX and not MASKED and BIAS == NO_BIAS:  # z = scale·qk: scaled once per row by bwd_dq
+            r_sum += tl.sum(dx * qk, 1)
+        elif HAS_SSMAX:
             r_sum += tl.sum(dx * z, 1)
         if DX_FP32:
             dq += tl.dot(dx, tl.trans(kt).to(tl.float32), input_precision=PRECISION)
@@ -711,6 +728,8 @@ def bwd_dq(
         sml, sms, bias_base, sbl, sbs, r1, r2, NORM, False, CAUSAL, HAS_MASK, BIAS_KIND, HAS_SSMAX, DX_FP32,
         PRECISION, EXACT, BLOCK_N, D, D_PAD, DV, DV_PAD,
     )  # fmt: skip
+    if BIAS_KIND == NO_BIAS:  # the full tiles summed dx·(q·kᵀ) into dL/dt, for dx·z
+        r_sum *= scale
     dq, e_sum, r_sum = _dq_tiles(
         q, do, dq, e_sum, r_sum, full_end, end, k_base, v_base, skn, skd, svn, svd, rows, offs_n, offs_d,
         offs_dv, t, shift, inv_l, d_o, low, inv_delta, cs_qk, cs_one, arg_hi, arg_lo, g_hi, L, S, pos0, scale,
@@ -836,10 +855,17 @@ def _dkdv_tiles(
             low, inv_delta = _row_pair(ROWS, LOW_C, pairs, stat, row_ok, MASKED)
             low = low.to(tl.float32, bitcast=True)
             inv_delta = inv_delta.to(tl.float32, bitcast=True)
-            w, dx = _dx(
-                x, p, dw, d_o[None, :], low[None, :], inv_delta[None, :], NORM,
-                (MASKED or BIAS != NO_BIAS) and not EXACT,
-            )  # fmt: skip
+            if HAS_SSMAX and not MASKED and BIAS == NO_BIAS and not EXACT:
+                # s = (x − m)·c with x = scale·qk·t as one FFMA off q·kᵀ with per-row factors (from x it takes
+                # two more multiplies per element; without SSMax the per-row factors cost more than they save)
+                s = qk * (t * scale * inv_delta)[None, :] + (-low * inv_delta)[None, :]
+                w = s * p
+                dx = p * (dw * (inv_delta[None, :] + s) - d_o[None, :])
+            else:
+                w, dx = _dx(
+                    x, p, dw, d_o[None, :], low[None, :], inv_delta[None, :], NORM,
+                    (MASKED or BIAS != NO_BIAS) and not EXACT,
+                )  # fmt: skip
             # (rows past L read argmax = argmin = 0, but their terms are 0 too: d_o, c and g_lo read 0)
             if not HAS_SSMAX and not EXACT:
                 arg_hi, _ = _row_pair(ROWS, ARGMAX_T, pairs, stat, row_ok, MASKED)
