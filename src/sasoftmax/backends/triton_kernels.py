@@ -463,7 +463,7 @@ def row_extrema(
     if ALL_MASKED:
         full_end = 0
     # RAW_QK: x = (scale·t_i)·q·kᵀ with a power-of-two scale, so scale·t_i is exact and x's extrema are those of
-    # q·kᵀ times it (swapped where t_i < 0), bit for bit as the other kernels round x: found on q·kᵀ, scaled after
+    # q·kᵀ times it (t_i >= 0), bit for bit as the other kernels round x: found on q·kᵀ, scaled after
     tile_scale = scale
     if RAW_QK:
         tile_scale = 1.0
@@ -484,15 +484,11 @@ def row_extrema(
         slot_lo, lo_x = lo_x, tl.min(lo_x, 1)
         arg_hi = tl.min(tl.where(slot_hi == hi_x[:, None], hi_at + offs_n[None, :], S), 1)
         arg_lo = tl.min(tl.where(slot_lo == lo_x[:, None], lo_at + offs_n[None, :], S), 1)
-    if RAW_QK and HAS_SSMAX:  # (MIN_AND_ARGS: a negative factor makes the min the max)
+    if RAW_QK and HAS_SSMAX:  # (t = s·ln n >= 0: s > 0 is checked where it enters)
         factor = scale * t
-        up = factor >= 0
-        keys = hi_x != float("-inf")  # rows with no key keep ∓inf (∞·0 would be NaN where t = 0)
-        hi_raw = tl.where(keys, tl.where(up, hi_x, lo_x), 0.0)
-        lo_raw = tl.where(keys, tl.where(up, lo_x, hi_x), 0.0)
-        hi_x = tl.where(keys, hi_raw * factor, float("-inf"))
-        lo_x = tl.where(keys, lo_raw * factor, float("inf"))
-        arg_hi, arg_lo = tl.where(up, arg_hi, arg_lo), tl.where(up, arg_lo, arg_hi)
+        keys = hi_x != float("-inf")  # rows with no key keep ∓inf (∞·0 would be NaN, as t = 0 there)
+        hi_x = tl.where(keys, tl.where(keys, hi_x, 0.0) * factor, float("-inf"))
+        lo_x = tl.where(keys, tl.where(keys, lo_x, 0.0) * factor, float("inf"))
     elif RAW_QK:
         hi_x = hi_x * scale
         lo_x = lo_x * scale
