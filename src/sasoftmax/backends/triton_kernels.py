@@ -342,8 +342,8 @@ def _pin_extremes(x, cols, arg_hi, arg_lo, hi, low):
     contracted in one kernel and not in another). sa_norm divides by the row's range, c = 1/(M⁺ − m + ε), so a
     difference δ at the extremes becomes δ·c in s there, and in dx up to δ·c/(1 − s) where s ≈ 1 (a causal row
     seeing one small logit): a rounding difference of ~10⁻⁷ gave 2·10⁻³ relative error in dq on an H100 (float32,
-    against the float32 twin's 10⁻⁵). Pinned, s is exactly 0 at the argmin
-    and (M − m)·c at the argmax in every kernel, as in the materialised computation. (−1 indices: no pin.)"""
+    against the float32 twin's 10⁻⁵). Pinned, s is exactly 0 at the argmin and (M − m)·c at the argmax in every
+    kernel, as in the materialised computation. (−1 indices: no pin.)"""
     x = tl.where(cols == arg_hi, hi, x)
     return tl.where(cols == arg_lo, low, x)
 
