@@ -267,6 +267,35 @@ def _strides(t: Tensor) -> tuple[int, ...]:
     return tuple(t.stride())
 
 
+def _row_strides(t: Tensor) -> tuple[int, int, int]:
+    """(batch, head, row) strides of a (B, H, N, D) tensor the backward kernels read or write row by row (each row
+    contiguous: their loads and stores are vector-wide)."""
+    assert t.stride(3) == 1 or t.shape[3] == 1, f"rows must be contiguous; strides {t.stride()}"
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+def _output(q: Tensor, dv: int, dtype: torch.dtype) -> Tensor:
+    """An empty o (B, Hq, L, Dv) in (B, L, Hq, Dv) memory order, as PyTorch's CUDA SDPA kernels return theirs: a
+    model's o.transpose(1, 2).reshape(B, L, Hq·Dv) is then a view, and the gradient it hands back comes in the
+    same order, which the backward reads as it is. (On an H100 the harness GPT made 11 more copies per layer and
+    step than with SDPA; the layouts of o and of dq, dk, dv account for four of them, traced on CPU.)"""
+    b, hq, lq, _ = q.shape
+    return q.new_empty((b, lq, hq, dv), dtype=dtype).transpose(1, 2)
+
+
+def _gradient_like(x: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    """An empty gradient of x in x's memory order where x is dense with contiguous rows (so the autograd views
+    between x and its source take it without a copy), else contiguous."""
+    if x.stride(-1) == 1 or x.shape[-1] == 1:
+        return torch.empty_like(x, dtype=dtype)  # (preserve_format: x's strides where x is dense)
+    return torch.empty(x.shape, device=x.device, dtype=dtype or x.dtype)
+
+
+def _rows_contiguous(t: Tensor) -> Tensor:
+    """t itself where its rows are contiguous, else a contiguous copy."""
+    return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
+
+
 def _broadcast_args(t: Tensor | None, placeholder: Tensor) -> tuple:
     """Pointer and (B, Hq, L, S) strides of a mask or bias view; any tensor and zero strides for None."""
     if t is None:
@@ -399,7 +428,8 @@ def _backward(
     """dq, dk, dv (in the inputs' dtypes, or dk/dv in ``kv_grad_dtype``), dL/dt ((B, Hq, L) float32 or None;
     with ``ds``, where t = s·ln(n) has ``_counts_closed_form``, dL/ds (Hq,) float32) and the bias gradient:
     dL/dbias (B, Hq, L, S) float32 for a bias tensor, (dL/dr1, dL/dr2) per head for PARAMETRIC kinds,
-    (dL/dtable,) (Hq, n) for a table, None without ``bias_grad``. o and do are contiguous (B, Hq, L, Dv)."""
+    (dL/dtable,) (Hq, n) for a table, None without ``bias_grad``. o and do (B, Hq, L, Dv) with contiguous rows;
+    dq, dk, dv in the memory order of q, k, v (``_gradient_like``)."""
     b, hq, lq, d = q.shape
     hkv, lk, dv = k.shape[1], k.shape[2], v.shape[3]
     configs = _configs(d, dv, q.dtype)
@@ -410,11 +440,11 @@ def _backward(
     dt = none
     if t is not None:
         dt = torch.empty((query_blocks, b * hq) if ds else (b * hq, lq), device=q.device, dtype=torch.float32)
-    dq = torch.empty(b, hq, lq, d, device=q.device, dtype=q.dtype)
-    dk = torch.empty(b, hkv, lk, d, device=q.device, dtype=kv_grad_dtype or k.dtype)
-    dv_ = torch.empty(b, hkv, lk, dv, device=q.device, dtype=kv_grad_dtype or v.dtype)
+    dq = _gradient_like(q)
+    dk = _gradient_like(k, kv_grad_dtype)
+    dv_ = _gradient_like(v, kv_grad_dtype)
     (t_arg, r1_arg, r2_arg), common, flags = _common_args(q, k, t, mask, bias, kind, r1, r2, opt, none)
-    shared = (*_strides(q), *_strides(k), *_strides(v), *common)
+    inputs = (*_strides(q), *_strides(k), *_strides(v))
     # sa_norm's dx carries 1/(M − m + ε), up to 1/ε, beyond float16's range: its products run in float32.
     flags.update(NORM=opt.norm, DX_FP32=opt.norm == 2 and k.dtype == torch.float16, DV=dv, DV_PAD=_pad(dv))
     scatter = opt.norm == 2 and _min_term_scattered(lk)
@@ -439,12 +469,13 @@ def _backward(
     _launch(
         "bwd_dq", (query_blocks, b * hq), cfg_dq,
         q, k, v, o, do, dq, saved.shift, saved.inv_l, t_arg, saved.low, saved.inv_delta, saved.argmin, saved.argmax,
-        rows, dt, dk_low, r1_arg, r2_arg, dr[key_blocks:] if parametric and scatter else none, dbias, *shared,
-        DS_PARTIALS=ds, **flags,
+        rows, dt, dk_low, r1_arg, r2_arg, dr[key_blocks:] if parametric and scatter else none, dbias, *inputs,
+        *_row_strides(o), *_row_strides(do), *_row_strides(dq), *common, DS_PARTIALS=ds, **flags,
     )  # fmt: skip
     _launch(
         "bwd_dkdv", (key_blocks, b * hkv), cfg,
-        q, k, v, do, dk, dv_, rows, saved.inv_l, dk_low, r1_arg, r2_arg, dr, dbias, *shared, **flags,
+        q, k, v, do, dk, dv_, rows, saved.inv_l, dk_low, r1_arg, r2_arg, dr, dbias, *inputs, *_row_strides(do),
+        *_row_strides(dk), *_row_strides(dv_), *common, **flags,
     )  # fmt: skip
     bias_grads = None
     if bias_grad:
@@ -527,10 +558,10 @@ def triton_forward(
     """One forward. ``t`` (B, Hq, L) SSMax factors, or ``s`` (Hq,) SSMax's scale where the kernels may compute
     t themselves (``_counts_closed_form``), or neither; ``mask`` bool and ``bias`` (kind BIAS_TENSOR)
     broadcastable to (B, Hq, L, S); PARAMETRIC kinds read ``r1``, ``r2`` (Hq,), a TABLE ``r1`` (Hq, n). Returns
-    o (B, Hq, L, Dv) and the saved row statistics of ``_Saved``: shift, 1/ℓ, m, 1/δ (float32), argmin, argmax
-    (int32) and t (float32, with ``s``), each (B·Hq, L) (empty where the normalizer, dtype or SSMax needs none)."""
-    b, hq, lq, _ = q.shape
-    o = torch.empty(b, hq, lq, v.shape[3], device=q.device, dtype=v.dtype)
+    o (B, Hq, L, Dv; ``_output``'s memory order) and the saved row statistics of ``_Saved``: shift, 1/ℓ, m, 1/δ
+    (float32), argmin, argmax (int32) and t (float32, with ``s``), each (B·Hq, L) (empty where the normalizer,
+    dtype or SSMax needs none)."""
+    o = _output(q, v.shape[3], v.dtype)
     opt = _Options(norm, causal, scale, eps, pos0)
     saved = _forward(q, k, v, o, t, *_views(q, k, mask, bias), kind, r1, r2, opt, s=s)
     return o, saved.shift, saved.inv_l, saved.low, saved.inv_delta, saved.argmin, saved.argmax, saved.t_rows
@@ -540,7 +571,7 @@ def triton_forward(
 def _(q, k, v, t, s, mask, bias, kind, r1, r2, norm, causal, scale, eps, pos0):
     b, hq, lq, _ = q.shape
     rows = (b * hq, lq) if norm == 2 else (0,)
-    o = q.new_empty((b, hq, lq, v.shape[3]), dtype=v.dtype)
+    o = _output(q, v.shape[3], v.dtype)
     shift = q.new_empty((b * hq, lq), dtype=torch.float32)
     inv_l = q.new_empty((b * hq, lq) if _exact(q) else (0,), dtype=torch.float32)
     stats = [q.new_empty(rows, dtype=dtype) for dtype in (torch.float32, torch.float32, torch.int32, torch.int32)]
@@ -581,7 +612,7 @@ def triton_backward(
     (bias's shape) and dL/dr1, dL/dr2 ((Hq,) in their dtypes); empty tensors for what does not exist or (bias
     gradients) was not asked for with ``bias_grad``."""
     opt = _Options(norm, causal, scale, eps, pos0)
-    do = grad_out.to(v.dtype).contiguous()
+    do = _rows_contiguous(grad_out.to(v.dtype))
     saved = _Saved(shift, inv_l, low, inv_delta, argmin, argmax, t_rows)
     if s is not None:
         t = t_rows.view(q.shape[0], q.shape[1], q.shape[2])
@@ -617,7 +648,7 @@ def _(q, k, v, t, s, mask, bias, kind, r1, r2, norm, causal, scale, eps, pos0, o
     dbias = torch.empty_like(bias) if bias_grad and kind == BIAS_TENSOR else empty()
     dr1 = torch.empty_like(r1) if bias_grad and kind > BIAS_TENSOR else empty()
     dr2 = torch.empty_like(r2) if bias_grad and kind in (KERPLE_LOG, KERPLE_POWER) else empty()
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dt, dbias, dr1, dr2
+    return _gradient_like(q), _gradient_like(k), _gradient_like(v), dt, dbias, dr1, dr2
 
 
 def _setup_context(ctx, inputs: tuple, output: tuple) -> None:
@@ -678,7 +709,7 @@ class _BiasFunctionAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, ssmax, fn, mask, opt: _Options, *params):
         b, hq, lq, _ = q.shape
         lk = k.shape[2]
-        o = torch.empty(b, hq, lq, v.shape[3], device=q.device, dtype=v.dtype)
+        o = _output(q, v.shape[3], v.dtype)
         step = _chunk_rows((b, hq), lk)
         chunks, saved = [], []
         for start in range(0, lq, step):
@@ -700,8 +731,8 @@ class _BiasFunctionAttention(torch.autograd.Function):
     def backward(ctx, grad_out: Tensor):
         q, k, v, o, ssmax = ctx.saved_tensors
         opt, mask, params = ctx.opt, ctx.mask, ctx.params
-        do = grad_out.to(v.dtype)
-        dq = torch.empty_like(q, memory_format=torch.contiguous_format)
+        do = _rows_contiguous(grad_out.to(v.dtype))
+        dq = _gradient_like(q)
         dk = torch.zeros(k.shape, device=k.device, dtype=torch.float32)
         dv = torch.zeros(v.shape, device=v.device, dtype=torch.float32)
         ds = None if ssmax is None else torch.zeros(ssmax.shape, device=q.device, dtype=torch.float32)
@@ -713,7 +744,7 @@ class _BiasFunctionAttention(torch.autograd.Function):
                 t, log_n = _block_factor(ssmax, mask, bias, rows, opt, q, k, with_log_n=True)
             mask_rows = None if mask is None else mask[:, :, rows]
             dq_c, dk_c, dv_c, dt, dbias = _backward(
-                q[:, :, rows], k, v, o[:, :, rows].contiguous(), do[:, :, rows].contiguous(), t, mask_rows,
+                q[:, :, rows], k, v, o[:, :, rows], do[:, :, rows], t, mask_rows,
                 bias.detach(), BIAS_TENSOR, None, None, saved, _block_options(opt, rows), bias_grad=bool(params),
                 kv_grad_dtype=torch.float32,  # blocks' dk, dv summed in float32
             )  # fmt: skip

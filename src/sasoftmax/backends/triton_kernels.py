@@ -658,6 +658,7 @@ def _dq_tiles(
 def bwd_dq(
     Q, K, V, OUT, DO, DQ, SHIFT, INV_L, T, LOW, INV_DELTA, ARGMIN, ARGMAX, ROWS, DT, DK_LOW, R1, R2, DR,
     DBIAS, sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
+    sob, soh, son, sdob, sdoh, sdon, sdqb, sdqh, sdqn,
     MASK, smb, smh, sml, sms, BIAS, sbb, sbh, sbl, sbs,
     H, GROUPS, L, S, pos0, scale,
     NORM: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, BIAS_KIND: tl.constexpr,
@@ -666,9 +667,10 @@ def bwd_dq(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     D: tl.constexpr, D_PAD: tl.constexpr, DV: tl.constexpr, DV_PAD: tl.constexpr,
 ):  # fmt: skip
-    """dq (contiguous (B, Hq, L, D), q's dtype), D_i, the min term (D_i − E_i)·c_i and dL/dt_i.
+    """dq ((B, Hq, L, D), q's dtype), D_i, the min term (D_i − E_i)·c_i and dL/dt_i.
 
-    o and dO are contiguous (B, Hq, L, Dv). sa_norm with LOW_SCATTER: the min term's part of dk/scale is added
+    o, dO and dq by their (batch, head, row) strides, each row contiguous (the layout the caller's tensors
+    have: SDPA's (B, L, H, D) order takes no copy). sa_norm with LOW_SCATTER: the min term's part of dk/scale is added
     into DK_LOW (zeroed, contiguous (B, Hkv, S, D) float32) and, with BIAS_GRAD, its part of a table's gradient
     into DBIAS (as in bwd_dkdv), of ALiBi/Kerple's dL/dr1, dL/dr2 stored to
     DR[(query block · B·Hq + b·Hq + h) · 2 + i]; without, bwd_dkdv adds the term inside its tiles. ROWS: the
@@ -686,8 +688,8 @@ def bwd_dq(
     stat = bh * L + rows
     row_ok = rows < L
     q = _load(Q + b * sqb + h * sqh, rows, L, sqn, offs_d, sqd, D, D_PAD, True)
-    do = _load(DO + bh * L * DV, rows, L, DV, offs_dv, 1, DV, DV_PAD, True)
-    o = _load(OUT + bh * L * DV, rows, L, DV, offs_dv, 1, DV, DV_PAD, True)
+    do = _load(DO + b * sdob + h * sdoh, rows, L, sdon, offs_dv, 1, DV, DV_PAD, True)
+    o = _load(OUT + b * sob + h * soh, rows, L, son, offs_dv, 1, DV, DV_PAD, True)
     d_o = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
     shift, inv_l = _row_shift(SHIFT, INV_L, stat, row_ok, EXACT)
     pairs = tl.num_programs(1).to(tl.int64) * L  # B·Hq·L, the stride of ROWS' pairs
@@ -762,7 +764,7 @@ def bwd_dq(
         dq *= (t * scale)[:, None]
     else:
         dq *= scale
-    dq_ptr = DQ + bh * L * D + rows[:, None] * D + offs_d[None, :]
+    dq_ptr = DQ + b * sdqb + h * sdqh + rows[:, None] * sdqn + offs_d[None, :]
     tl.store(dq_ptr, dq.to(DQ.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < D))
     if NORM == 2 and LOW_SCATTER:  # after dq's store, which frees its registers
         dz_lo = g_lo * t  # dL/dz at the argmin
@@ -803,8 +805,8 @@ def _table_grad(dz, start_m, start_n, pos0, last, dtable, BLOCK_M: tl.constexpr,
 
 @triton.jit
 def _dkdv_tiles(
-    k, v, dk, dv, dr1, dr2, lo, hi, jump_at, jump_to, q_base, do_base, stat_base, sqn, sqd, start_n, cols, offs_m,
-    offs_d, offs_dv, ROWS, pairs, INV_L, L, S, pos0, scale,
+    k, v, dk, dv, dr1, dr2, lo, hi, jump_at, jump_to, q_base, do_base, sdon, stat_base, sqn, sqd, start_n, cols,
+    offs_m, offs_d, offs_dv, ROWS, pairs, INV_L, L, S, pos0, scale,
     mask_base, sml, sms, bias_base, sbl, sbs, dbias_base, r1, r2,
     NORM: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, BIAS: tl.constexpr,
     BIAS_GRAD: tl.constexpr, HAS_SSMAX: tl.constexpr, LOW_SCATTER: tl.constexpr, DX_FP32: tl.constexpr,
@@ -821,7 +823,7 @@ def _dkdv_tiles(
         row_ok = rows < L
         stat = stat_base + rows
         qt = _load_t(q_base, rows, L, sqn, offs_d, sqd, D, D_PAD, MASKED)
-        do = _load(do_base, rows, L, DV, offs_dv, 1, DV, DV_PAD, MASKED)
+        do = _load(do_base, rows, L, sdon, offs_dv, 1, DV, DV_PAD, MASKED)
         shift, d_o = _row_pair(ROWS, SHIFT_D, pairs, stat, row_ok, MASKED)
         shift = shift.to(tl.float32, bitcast=True)
         d_o = d_o.to(tl.float32, bitcast=True)
@@ -905,6 +907,7 @@ def _dkdv_tiles(
 def bwd_dkdv(
     Q, K, V, DO, DK, DV_OUT, ROWS, INV_L, DK_LOW, R1, R2, DR, DBIAS,
     sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
+    sdob, sdoh, sdon, sdkb, sdkh, sdkn, sdvb, sdvh, sdvn,
     MASK, smb, smh, sml, sms, BIAS, sbb, sbh, sbl, sbs,
     H, GROUPS, L, S, pos0, scale,
     NORM: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, BIAS_KIND: tl.constexpr,
@@ -913,8 +916,8 @@ def bwd_dkdv(
     BLOCK_N: tl.constexpr,
     D: tl.constexpr, D_PAD: tl.constexpr, DV: tl.constexpr, DV_PAD: tl.constexpr,
 ):  # fmt: skip
-    """dk, dv (contiguous (B, Hkv, S, D/Dv), k's dtype); dO contiguous (B, Hq, L, Dv); the per-row values from
-    bwd_dq's ROWS (and 1/ℓ from INV_L for float32 inputs).
+    """dk, dv ((B, Hkv, S, D/Dv), k's dtype) and dO ((B, Hq, L, Dv)) by their (batch, head, row) strides, each
+    row contiguous; the per-row values from bwd_dq's ROWS (and 1/ℓ from INV_L for float32 inputs).
 
     Relative biases: DR[(key block · B·Hq + b·Hq + h) · 2 + i] = this program's part of dL/dr_i of head h.
     A bias tensor: DBIAS, contiguous (B, Hq, L, S) float32, gets dL/dbias = t·dx; a table: DBIAS, zeroed (B, Hq, n)
@@ -957,7 +960,7 @@ def bwd_dkdv(
         h = hk * GROUPS + g
         bh = b * H + h
         q_base = Q + b * sqb + h * sqh
-        do_base = DO + bh * L * DV
+        do_base = DO + b * sdob + h * sdoh
         r1, r2 = _bias_params(R1, R2, h, BIAS_KIND)
         dr1 = tl.zeros([BLOCK_N], tl.float32)  # per key of the block; summed when the head is done
         dr2 = tl.zeros([BLOCK_N], tl.float32)
@@ -965,15 +968,15 @@ def bwd_dkdv(
         bias_base = BIAS + b * sbb + h * sbh
         dbias_base = DBIAS + bh * (sbh if BIAS_KIND == TABLE else L * S)
         dk, dv, dr1, dr2 = _dkdv_tiles(
-            k, v, dk, dv, dr1, dr2, lo, full + tail, full, whole, q_base, do_base, bh * L, sqn, sqd, start_n, cols,
-            offs_m, offs_d, offs_dv, ROWS, pairs, INV_L, L, S, pos0, scale,
+            k, v, dk, dv, dr1, dr2, lo, full + tail, full, whole, q_base, do_base, sdon, bh * L, sqn, sqd, start_n,
+            cols, offs_m, offs_d, offs_dv, ROWS, pairs, INV_L, L, S, pos0, scale,
             mask_base, sml, sms, bias_base, sbl, sbs, dbias_base, r1, r2,
             NORM, True, CAUSAL, HAS_MASK, BIAS_KIND, BIAS_GRAD, HAS_SSMAX, LOW_SCATTER, DX_FP32, PRECISION, EXACT,
             BLOCK_M, BLOCK_N, D, D_PAD, DV, DV_PAD,
         )  # fmt: skip
         dk, dv, dr1, dr2 = _dkdv_tiles(
-            k, v, dk, dv, dr1, dr2, full, whole, whole, whole, q_base, do_base, bh * L, sqn, sqd, start_n, cols,
-            offs_m, offs_d, offs_dv, ROWS, pairs, INV_L, L, S, pos0, scale,
+            k, v, dk, dv, dr1, dr2, full, whole, whole, whole, q_base, do_base, sdon, bh * L, sqn, sqd, start_n,
+            cols, offs_m, offs_d, offs_dv, ROWS, pairs, INV_L, L, S, pos0, scale,
             mask_base, sml, sms, bias_base, sbl, sbs, dbias_base, r1, r2,
             NORM, False, CAUSAL, HAS_MASK, BIAS_KIND, BIAS_GRAD, HAS_SSMAX, LOW_SCATTER, DX_FP32, PRECISION, EXACT,
             BLOCK_M, BLOCK_N, D, D_PAD, DV, DV_PAD,
@@ -983,9 +986,10 @@ def bwd_dkdv(
             c1, c2 = _relative_bias_grad_factors(r1, BIAS_KIND)
             tl.store(DR + slot, tl.sum(dr1, 0) * c1)  # (tensor first: c1 may be a constexpr)
             tl.store(DR + slot + 1, tl.sum(dr2, 0) * c2)
-    out = bhk * S * D + cols[:, None] * D + offs_d[None, :]
-    if NORM == 2 and LOW_SCATTER:  # the min terms, added into DK_LOW by bwd_dq
-        dk += tl.load(DK_LOW + out, mask=(cols[:, None] < S) & (offs_d[None, :] < D), other=0.0)
-    tl.store(DK + out, (dk * scale).to(DK.dtype.element_ty), mask=(cols[:, None] < S) & (offs_d[None, :] < D))
-    out_v = bhk * S * DV + cols[:, None] * DV + offs_dv[None, :]
-    tl.store(DV_OUT + out_v, dv.to(DV_OUT.dtype.element_ty), mask=(cols[:, None] < S) & (offs_dv[None, :] < DV))
+    in_k = (cols[:, None] < S) & (offs_d[None, :] < D)
+    if NORM == 2 and LOW_SCATTER:  # the min terms, added into DK_LOW (contiguous) by bwd_dq
+        dk += tl.load(DK_LOW + bhk * S * D + cols[:, None] * D + offs_d[None, :], mask=in_k, other=0.0)
+    dk_ptr = DK + b * sdkb + hk * sdkh + cols[:, None] * sdkn + offs_d[None, :]
+    tl.store(dk_ptr, (dk * scale).to(DK.dtype.element_ty), mask=in_k)
+    dv_ptr = DV_OUT + b * sdvb + hk * sdvh + cols[:, None] * sdvn + offs_dv[None, :]
+    tl.store(dv_ptr, dv.to(DV_OUT.dtype.element_ty), mask=(cols[:, None] < S) & (offs_dv[None, :] < DV))
