@@ -572,6 +572,23 @@ def test_relative_bias_in_half_precision(normalizer):
 
 
 @needs_kernels
+def test_layouts_need_no_copies():
+    """o comes in (B, L, H, D) memory order, as SDPA's CUDA kernels return it, so a model's
+    o.transpose(1, 2).reshape(B, L, H·D) is a view; q, k, v that are (B, L, H, D) views get their gradients in
+    that order (the views' backward then copies nothing), and dO in that order is read as it is."""
+    b, lq, hq, hkv, d = 2, 19, 4, 2, 16
+    base = [torch.randn(b, lq, h, d, device=DEVICE, requires_grad=True) for h in (hq, hkv, hkv)]
+    q, k, v = (t.transpose(1, 2) for t in base)
+    out = attention(q, k, v, normalizer="sa_norm", causal=True, backend="triton")
+    assert out.transpose(1, 2).is_contiguous()
+    flat = out.transpose(1, 2).reshape(b, lq, hq * d)
+    assert flat.data_ptr() == out.data_ptr()  # a view
+    grads = torch.autograd.grad(out, [q, k, v], torch.randn_like(out))
+    for g, x in zip(grads, (q, k, v)):
+        assert g.stride() == x.stride()
+
+
+@needs_kernels
 def test_bias_tensor_without_gradient_is_not_differentiated():
     """A bias tensor that needs no gradient costs no (B, Hq, L, S) gradient buffer and gets None."""
     shape = (1, 2, 2, 20, 20, 16, 16)
