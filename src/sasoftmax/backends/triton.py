@@ -199,7 +199,7 @@ class _Config:
                 "num_stages": self.num_stages, "enable_fp_fusion": True}  # fmt: skip
 
 
-def _configs(d: int, dv: int, dtype: torch.dtype) -> dict[str, _Config]:
+def _configs(d: int, dv: int, dtype: torch.dtype, kind: int = NO_BIAS) -> dict[str, _Config]:
     """Tiles per kernel (``extrema`` is sa_norm's row_extrema pass). 16×16 in the interpreter (many partial
     blocks, fast enough). On a GPU, tiles for Hopper after Triton's fused-attention tutorial and
     FlashAttention-2 (forward: 128 query rows; dq: 128 rows × 32 keys; dk/dv: 32 rows × 128 keys), smaller for
@@ -219,6 +219,12 @@ def _configs(d: int, dv: int, dtype: torch.dtype) -> dict[str, _Config]:
         configs = {"fwd": _Config(64, 32, 4, 2), "dq": _Config(64, 32, 4, 2), "dkdv": _Config(32, 64, 4, 2)}
     else:
         configs = {"fwd": _Config(64, 32, 4, 2), "dq": _Config(64, 16, 4, 2), "dkdv": _Config(16, 64, 4, 2)}
+    if kind in (KERPLE_LOG, KERPLE_POWER) and widest <= 64 and not wide and not INTERPRET:
+        # dk/dv with a Kerple bias and its r1, r2 gradients holds the bias's per-pair values besides dk, dv, k, v:
+        # 32×128 at 4 warps spilled 212–348 values per iteration (sm_90, sa_norm, D = 64), 64×128 at 8 warps
+        # 8–62, in 10–15% fewer instructions (compiled, not timed; ALiBi and bias-free calls spill ≤ 6 and keep
+        # the default, which counts fewer there)
+        configs["dkdv"] = _Config(64, 128, 8, 2)
     # row_extrema keeps four running values per tile slot (see triton_kernels._extrema_tiles): the forward's 128×64
     # tile at 4 warps (head dims up to 64) would spill them; at 8 warps it holds them (compiled for sm_90: no
     # spills, fewer instructions per score element than 128×16, 64×32 or 128×32 tiles).
@@ -432,7 +438,7 @@ def _backward(
     dq, dk, dv in the memory order of q, k, v (``_gradient_like``)."""
     b, hq, lq, d = q.shape
     hkv, lk, dv = k.shape[1], k.shape[2], v.shape[3]
-    configs = _configs(d, dv, q.dtype)
+    configs = _configs(d, dv, q.dtype, kind)
     none = torch.empty(0, device=q.device, dtype=torch.float32)
     rows = torch.empty(len(ROW_PAIRS), b * hq * lq, device=q.device, dtype=torch.int64)  # bwd_dq -> bwd_dkdv
     query_blocks = triton.cdiv(lq, configs["dq"].block_m)
