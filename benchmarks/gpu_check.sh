@@ -25,8 +25,8 @@
 # Budget (environment variables; seconds):
 #   GPU_CHECK_QUICK=1    fewer sizes: N 1024 4096, head dim 128, fwd+bwd only, train seq 1024, 5 timed steps;
 #                        the tuning at head dim 64, causal
-#   VERSIONS_S=10 WARM_S=80 TESTS_S=160 KERNELS_S=130 BIAS_S=60 TRAIN_S=110 TUNE_S=0   limits of the steps (0
-#   skips a step). On an H100 (2026-11-26), without the warm step, the cold test step, kernels (175 s), bias
+#   VERSIONS_S=10 WARM_S=120 TESTS_S=150 KERNELS_S=110 BIAS_S=60 TRAIN_S=100 TUNE_S=0   limits of the steps (0
+#   skips a step; ~160 kernel variants to compile in the warm step, by estimate). On an H100 (2026-11-26), without the warm step, the cold test step, kernels (175 s), bias
 #   (80 s) and train (80 s) each ran out of time, compiling; run again with Triton's cache warm the tests took
 #   71 s, the kernels' fwd+bwd rows 36 s. The tuning (TUNE_S) needs ~300 s for its 96 timings (each compiles)
 #   PROFILE_STEPS=2      profiled training steps per row (0: none)
@@ -56,12 +56,12 @@ export PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
 QUICK=${GPU_CHECK_QUICK:-0}
 VERSIONS_S=${VERSIONS_S:-10}
-WARM_S=${WARM_S:-80}
-TESTS_S=${TESTS_S:-160}
-KERNELS_S=${KERNELS_S:-130}
+WARM_S=${WARM_S:-120}
+TESTS_S=${TESTS_S:-150}
+KERNELS_S=${KERNELS_S:-110}
 EAGER_MAX_LEN=${EAGER_MAX_LEN:-1024}
 BIAS_S=${BIAS_S:-60}
-TRAIN_S=${TRAIN_S:-110}
+TRAIN_S=${TRAIN_S:-100}
 TUNE_S=${TUNE_S:-0}
 PRESET_S=${PRESET_S:-0}
 PRESET_ARGS=${PRESET_ARGS:---seeds 0 --steps 200}
