@@ -202,8 +202,9 @@ class _Config:
 def _configs(d: int, dv: int, dtype: torch.dtype, kind: int = NO_BIAS) -> dict[str, _Config]:
     """Tiles per kernel (``extrema`` is sa_norm's row_extrema pass). 16×16 in the interpreter (many partial
     blocks, fast enough). On a GPU, tiles for Hopper after Triton's fused-attention tutorial and
-    FlashAttention-2 (forward: 128 query rows; dq: 128 rows × 32 keys; dk/dv: 32 rows × 128 keys), smaller for
-    wide heads and float32 (which stages twice the bytes). ``SASOFTMAX_TRITON_TILES=fwd:BMxBNxWxS,dq:...``
+    FlashAttention-2 (forward: 128 query rows; dq: 128 rows × 32 keys; dk/dv: 32 rows × 128 keys, 64 × 128 at 8
+    warps with a Kerple bias (``kind``) at head dims up to 64), smaller for wide heads and float32 (which stages
+    twice the bytes). ``SASOFTMAX_TRITON_TILES=fwd:BMxBNxWxS,dq:...``
     (names fwd, extrema, dq, dkdv) overrides them, in the interpreter too; benchmarks/triton_tune.py times
     candidates that way."""
     widest = max(d, dv)
