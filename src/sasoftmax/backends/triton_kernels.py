@@ -746,7 +746,8 @@ def bwd_dq(
         # tiles (from ROWS' (argmin, g_m)) or, LOW_SCATTER, below through this query row (DK_LOW, which bwd_dkdv
         # adds once). Unlike the max term it need not meet the tile's dx before that is rounded: there w = 0 and
         # p is the row's smallest.
-        arg_lo = tl.load(ARGMIN + stat, mask=row_ok, other=-1)
+        if not EXACT:  # (float32 read it before the tiles)
+            arg_lo = tl.load(ARGMIN + stat, mask=row_ok, other=-1)
         has_lo = arg_lo >= 0
         at_lo = tl.maximum(arg_lo, 0)
         g_lo = tl.where(has_lo, (d_o - e_sum) * inv_delta, 0.0)
@@ -846,17 +847,18 @@ def _dkdv_tiles(
             qk, rows[None, :], cols[:, None], L, S, pos0, scale, t[None, :], mask_base, sml, sms,
             bias_base, sbl, sbs, r1, r2, MASKED, CAUSAL, HAS_MASK, BIAS, HAS_SSMAX,
         )  # fmt: skip
-        if NORM == 2 and EXACT:  # (shift is μ, the row max, for float32)
-            low_bits, _ = _row_pair(ROWS, LOW_C, pairs, stat, row_ok, MASKED)  # (the same load as below)
-            arg_lo, _ = _row_pair(ROWS, ARGMIN_GLOW, pairs, stat, row_ok, MASKED)
+        if NORM == 2 and EXACT:  # (shift is μ, the row max, for float32; the pairs the terms below read too)
+            low, inv_delta = _row_pair(ROWS, LOW_C, pairs, stat, row_ok, MASKED)
+            arg_lo, g_lo = _row_pair(ROWS, ARGMIN_GLOW, pairs, stat, row_ok, MASKED)
             x = _pin_extremes(
                 x, cols[:, None], arg_hi[None, :], arg_lo[None, :], shift[None, :],
-                low_bits.to(tl.float32, bitcast=True)[None, :],
+                low.to(tl.float32, bitcast=True)[None, :],
             )  # fmt: skip
         p = _probs(x, x2, shift[None, :], inv_l[None, :], ok, MASKED, EXACT)
         dw = tl.dot(v, tl.trans(do), input_precision=PRECISION)
         if NORM == 2:
-            low, inv_delta = _row_pair(ROWS, LOW_C, pairs, stat, row_ok, MASKED)
+            if not EXACT:
+                low, inv_delta = _row_pair(ROWS, LOW_C, pairs, stat, row_ok, MASKED)
             low = low.to(tl.float32, bitcast=True)
             inv_delta = inv_delta.to(tl.float32, bitcast=True)
             if HAS_SSMAX and not MASKED and BIAS == NO_BIAS and not EXACT:
@@ -877,7 +879,8 @@ def _dkdv_tiles(
             if LOW_SCATTER:  # the min term reaches dk through DK_LOW (bwd_dq); dx + g selected, as in bwd_dq
                 dx = tl.where(cols[:, None] == arg_hi[None, :], dx + g_hi, dx)
             else:  # both terms, in one chain of selects
-                arg_lo, g_lo = _row_pair(ROWS, ARGMIN_GLOW, pairs, stat, row_ok, MASKED)
+                if not EXACT:
+                    arg_lo, g_lo = _row_pair(ROWS, ARGMIN_GLOW, pairs, stat, row_ok, MASKED)
                 g_lo = g_lo.to(tl.float32, bitcast=True)
                 at_lo = tl.where(cols[:, None] == arg_lo[None, :], g_lo[None, :], 0.0)
                 dx += tl.where(cols[:, None] == arg_hi[None, :], g_hi, at_lo)
