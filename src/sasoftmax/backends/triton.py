@@ -274,10 +274,14 @@ def _strides(t: Tensor) -> tuple[int, ...]:
     return tuple(t.stride())
 
 
+def _contiguous_rows(t: Tensor) -> bool:
+    """Whether each row (the last dimension) of t is contiguous, as the kernels' vector-wide loads and stores need."""
+    return t.stride(-1) == 1 or t.shape[-1] == 1
+
+
 def _row_strides(t: Tensor) -> tuple[int, int, int]:
-    """(batch, head, row) strides of a (B, H, N, D) tensor the backward kernels read or write row by row (each row
-    contiguous: their loads and stores are vector-wide)."""
-    assert t.stride(3) == 1 or t.shape[3] == 1, f"rows must be contiguous; strides {t.stride()}"
+    """(batch, head, row) strides of a (B, H, N, D) tensor the backward kernels read or write row by row."""
+    assert _contiguous_rows(t), f"rows must be contiguous; strides {t.stride()}"
     return t.stride(0), t.stride(1), t.stride(2)
 
 
@@ -293,14 +297,14 @@ def _output(q: Tensor, dv: int, dtype: torch.dtype) -> Tensor:
 def _gradient_like(x: Tensor, dtype: torch.dtype | None = None) -> Tensor:
     """An empty gradient of x in x's memory order where x is dense with contiguous rows (so the autograd views
     between x and its source take it without a copy), else contiguous."""
-    if x.stride(-1) == 1 or x.shape[-1] == 1:
+    if _contiguous_rows(x):
         return torch.empty_like(x, dtype=dtype)  # (preserve_format: x's strides where x is dense)
     return torch.empty(x.shape, device=x.device, dtype=dtype or x.dtype)
 
 
 def _rows_contiguous(t: Tensor) -> Tensor:
     """t itself where its rows are contiguous, else a contiguous copy."""
-    return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
+    return t if _contiguous_rows(t) else t.contiguous()
 
 
 def _broadcast_args(t: Tensor | None, placeholder: Tensor) -> tuple:
