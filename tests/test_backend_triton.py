@@ -176,23 +176,14 @@ def test_ssmax_rows_with_one_key_or_none(normalizer, monkeypatch):
     """Causal with L > S: rows that see no key and a row that sees one (n = 1, so t = s·ln n = 0). With a
     power-of-two scale (D = 16) sa_norm's row_extrema scales the extrema of q·kᵀ by scale·t after: rows with no
     key must keep −inf as their max there (∞·0 is NaN, which the outputs would hide: such rows are all masked)."""
+    from kernel_capture import Capture
     from sasoftmax.backends import triton_kernels
 
-    row_max = []
-    extrema = triton_kernels.row_extrema
-
-    class Keep:  # launches row_extrema and keeps the row max it wrote
-        def __getitem__(self, grid):
-            def launch(q, k, t, mu, *args, **kwargs):
-                extrema[grid](q, k, t, mu, *args, **kwargs)
-                row_max.append(mu)
-
-            return launch
-
-    monkeypatch.setattr(triton_kernels, "row_extrema", Keep())
+    extrema = Capture(triton_kernels.row_extrema)
+    monkeypatch.setattr(triton_kernels, "row_extrema", extrema)
     ssmax = torch.tensor([0.3, 0.5, 0.8, 1.2], dtype=torch.float64)
     assert_matches_eager((1, 4, 2, 37, 21, 16, 16), torch.float32, ssmax=ssmax, normalizer=normalizer, causal=True)
-    mu = row_max[0].view(4, 37)
+    mu = extrema.args["MU"].view(4, 37)
     assert torch.isneginf(mu[:, :16]).all() and torch.isfinite(mu[:, 16:]).all()
 
 

@@ -19,6 +19,7 @@ import torch
 pytest.importorskip("triton", reason="triton is not installed (it has wheels for Linux only)")
 
 import triton_naive as naive  # noqa: E402
+from kernel_capture import Capture  # noqa: E402
 from sasoftmax.backends import triton as tb  # noqa: E402
 from sasoftmax.backends import triton_kernels as kernels  # noqa: E402
 
@@ -131,20 +132,6 @@ def on_cpu(p: naive.Problem, dtype: torch.dtype) -> naive.Problem:
         return None if x is None else x.cpu() if x.dtype == torch.bool else x.cpu().to(dtype)
 
     return naive.Problem(**{name: convert(x) if isinstance(x, torch.Tensor) else x for name, x in p.__dict__.items()})
-
-
-class Capture:
-    """Stands in for a kernel: launches it and keeps its last launch's arguments by name."""
-
-    def __init__(self, kernel):
-        self.kernel, self.args = kernel, {}
-
-    def __getitem__(self, grid):
-        def launch(*args, **kwargs):
-            self.args = dict(zip(self.kernel.arg_names, args), **kwargs)
-            return self.kernel[grid](*args, **kwargs)
-
-        return launch
 
 
 @dataclass
