@@ -26,9 +26,10 @@
 #   GPU_CHECK_QUICK=1    fewer sizes: N 1024 4096, head dim 128, fwd+bwd only, train seq 1024, 5 timed steps;
 #                        the tuning at head dim 64, causal
 #   VERSIONS_S=10 WARM_S=120 TESTS_S=150 KERNELS_S=110 BIAS_S=60 TRAIN_S=100 TUNE_S=0   limits of the steps (0
-#   skips a step; ~160 kernel variants to compile in the warm step, by estimate). On an H100 (2026-11-26), without the warm step, the cold test step, kernels (175 s), bias
-#   (80 s) and train (80 s) each ran out of time, compiling; run again with Triton's cache warm the tests took
-#   71 s, the kernels' fwd+bwd rows 36 s. The tuning (TUNE_S) needs ~300 s for its 96 timings (each compiles)
+#   skips a step; ~160 kernel variants to compile in the warm step, by estimate). On an H100 (2026-11-26),
+#   without the warm step, the cold test step, kernels (175 s), bias (80 s) and train (80 s) each ran out of
+#   time, compiling; run again with Triton's cache warm the tests took 71 s, the kernels' fwd+bwd rows 36 s. The
+#   tuning (TUNE_S) needs ~300 s for its 96 timings (each compiles)
 #   PROFILE_STEPS=2      profiled training steps per row (0: none)
 #   PRESET_S=0           limit of the compare step (skipped by default)
 #   EAGER_MAX_LEN=1024   largest N of the eager (materialised) rows in the kernel table
