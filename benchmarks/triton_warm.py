@@ -51,7 +51,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     groups: list[list[str]] = [[]]  # its own arguments, then one list per benchmark run, each after a "--"
     for word in argv:
-        groups.append([]) if word == "--" else groups[-1].append(word)
+        if word == "--":
+            groups.append([])
+        else:
+            groups[-1].append(word)
     own, runs = groups[0], groups[1:] or [[]]
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workers", type=int, default=12, help="processes at a time (default 12)")
@@ -95,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         failed = sum(map(bool, codes))
         print(f"compiled the kernels of {len(todo)} groups in {time.perf_counter() - start:.0f} s; {failed} failed")
         return 1 if failed else 0
+
 
 if __name__ == "__main__":
     sys.exit(main())
