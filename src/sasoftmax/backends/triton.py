@@ -203,10 +203,9 @@ def _configs(d: int, dv: int, dtype: torch.dtype, kind: int = NO_BIAS) -> dict[s
     """Tiles per kernel (``extrema`` is sa_norm's row_extrema pass). 16×16 in the interpreter (many partial
     blocks, fast enough). On a GPU, tiles for Hopper after Triton's fused-attention tutorial and
     FlashAttention-2 (forward: 128 query rows; dq: 128 rows × 32 keys; dk/dv: 32 rows × 128 keys, 64 × 128 at 8
-    warps with a Kerple bias (``kind``) at head dims up to 64), smaller for wide heads and float32 (which stages
-    twice the bytes). ``SASOFTMAX_TRITON_TILES=fwd:BMxBNxWxS,dq:...``
-    (names fwd, extrema, dq, dkdv) overrides them, in the interpreter too; benchmarks/triton_tune.py times
-    candidates that way."""
+    warps with a Kerple bias (``kind``) at head dims up to 64, 32 × 64 with a table), smaller for wide heads and
+    float32 (which stages twice the bytes). ``SASOFTMAX_TRITON_TILES=fwd:BMxBNxWxS,dq:...`` (names fwd, extrema,
+    dq, dkdv) overrides them, in the interpreter too; benchmarks/triton_tune.py times candidates that way."""
     widest = max(d, dv)
     wide = dtype == torch.float32
     if INTERPRET:
@@ -226,6 +225,11 @@ def _configs(d: int, dv: int, dtype: torch.dtype, kind: int = NO_BIAS) -> dict[s
         # 8–62, in 10–15% fewer instructions (compiled, not timed; ALiBi and bias-free calls spill ≤ 6 and keep
         # the default, which counts fewer there)
         configs["dkdv"] = _Config(64, 128, 8, 2)
+    if kind == TABLE and widest <= 128 and not wide and not INTERPRET:
+        # a table's gradient sums each tile's diagonals through a gather across the tile: 32 rows × 64 keys at 4
+        # warps counted 44 / 50 instructions per score element at D = 64 / 128 (sm_90, sa_norm, bulk loop)
+        # against the default's 54 / 60 (compiled, not timed)
+        configs["dkdv"] = _Config(32, 64, 4, 3 if widest <= 64 else 2)
     # row_extrema keeps four running values per tile slot (see triton_kernels._extrema_tiles): the forward's 128×64
     # tile at 4 warps (head dims up to 64) would spill them; at 8 warps it holds them (compiled for sm_90: no
     # spills, fewer instructions per score element than 128×16, 64×32 or 128×32 tiles).
@@ -338,8 +342,8 @@ def _common_args(q, k, t, mask, bias, kind, r1, r2, opt: _Options, none: Tensor)
     t_arg = none if t is None else t.contiguous()
     b, hq, lq, d = q.shape
     if kind == TABLE:
-        table = r1.float().contiguous()
-        bias_args = (table, 0, table.shape[1], table.shape[1] - 1, 1)
+        table = _diagonal_table(r1, lq, k.shape[2], opt.pos0)
+        bias_args = (table, 0, table.stride(0), k.shape[2] - 1, 1)
         r1 = None
     else:
         bias_args = _broadcast_args(bias, q)
@@ -347,9 +351,23 @@ def _common_args(q, k, t, mask, bias, kind, r1, r2, opt: _Options, none: Tensor)
     r2_arg = none if r2 is None else r2.float().contiguous()
     views = (*_broadcast_args(mask, q), *bias_args, hq, hq // k.shape[1], lq, k.shape[2])
     flags = {"CAUSAL": opt.causal, "HAS_MASK": mask is not None, "BIAS_KIND": kind, "HAS_SSMAX": t is not None}
-    all_masked = mask is not None or kind in (BIAS_TENSOR, TABLE)  # a bias tensor's or a table's −inf entries mask
+    all_masked = mask is not None or kind == BIAS_TENSOR  # a bias tensor's −inf entries mask (a table's: per head)
     flags.update(ALL_MASKED=all_masked, PRECISION=_precision(k), D=d, D_PAD=_pad(d))
     return (t_arg, r1_arg, r2_arg), (*views, opt.pos0, opt.scale), flags
+
+
+def _diagonal_index(n: int, lq: int, lk: int, pos0: int, device: torch.device) -> Tensor:
+    """The table index min(|i + pos0 − j|, n − 1) of each diagonal i − j + S − 1 of a call, (L + S − 1,) int64."""
+    return (torch.arange(lq + lk - 1, device=device) + (pos0 - lk + 1)).abs().clamp_max(n - 1)
+
+
+def _diagonal_table(table: Tensor, lq: int, lk: int, pos0: int) -> Tensor:
+    """A table bias (Hq, n) as the kernels read it: P (Hq, L + S) float32 with one entry per diagonal of the call,
+    P[h, i − j + S − 1] = table[h, min(|i + pos0 − j|, n − 1)] (so a pair costs the kernels one 64-bit add and no
+    clamp), and P[h, L + S − 1] = 1 where head h's entries hold a −inf (its tiles then all take the masked path:
+    ``triton_kernels._table_masks``), else 0."""
+    entries = table.detach().float()[:, _diagonal_index(table.shape[1], lq, lk, pos0, table.device)]
+    return torch.cat([entries, torch.isneginf(entries).any(1, keepdim=True).float()], 1)
 
 
 @dataclass
@@ -475,8 +493,8 @@ def _backward(
     dbias = none
     if bias_grad and kind == BIAS_TENSOR:
         dbias = torch.zeros(b, hq, lq, lk, device=q.device, dtype=torch.float32)
-    elif bias_grad and kind == TABLE:
-        dbias = torch.zeros(b, hq, r1.shape[1], device=q.device, dtype=torch.float32)
+    elif bias_grad and kind == TABLE:  # along the diagonals (_diagonal_table), folded onto the table below
+        dbias = torch.zeros(b, hq, lq + lk, device=q.device, dtype=torch.float32)
     _launch(
         "bwd_dq", (query_blocks, b * hq), cfg_dq,
         q, k, v, o, do, dq, saved.shift, saved.inv_l, t_arg, saved.low, saved.inv_delta, saved.argmin, saved.argmax,
@@ -499,7 +517,9 @@ def _backward(
                 )
             bias_grads = dbias
         elif kind == TABLE:
-            bias_grads = (dbias.sum(0),)
+            index = _diagonal_index(r1.shape[1], lq, lk, opt.pos0, q.device)
+            folded = torch.zeros(hq, r1.shape[1], device=q.device, dtype=torch.float32)
+            bias_grads = (folded.index_add_(1, index, dbias.sum(0)[:, :-1]),)
         else:
             bias_grads = tuple(g.clone() for g in dr.sum((0, 1)).unbind(-1))
     if t is not None:

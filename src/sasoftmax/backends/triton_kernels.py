@@ -10,9 +10,10 @@ dot accumulates in float32.
 
 Logits, per tile: z = scale·q·kᵀ + bias, x = t_i·z (SSMax; x = z without it). BIAS: 0 none, 1 a tensor,
 2 ALiBi −r1_h·d, 3 Kerple log −r1_h·ln(1 + r2_h·d), 4 Kerple power −r1_h·d^r2_h, with d = |i + POS0 − j|,
-r1/r2 read per head; 5 a table, table_h[min(d, n − 1)], passed in the bias tensor's slots (pointer and head
-stride of a contiguous (Hq, n) float32 table, its last index n − 1 in the row-stride slot, 1 in the key-stride
-slot; a −inf entry masks, so every tile is checked, as with a bias tensor).
+r1/r2 read per head; 5 a table, table_h[min(d, n − 1)], laid out along the call's diagonals and passed in the bias
+tensor's slots (``triton._diagonal_table``: a contiguous (Hq, L + S) float32 tensor, entry i − j + S − 1 for the
+pair (i, j), then a flag that the head's entries hold a −inf; S − 1 in the row-stride slot). A −inf entry masks:
+the heads of a table that has one take every tile masked, as with a bias tensor.
 
 Kernels, in launch order (sa_norm and float32 inputs walk the keys four times: extrema, forward, dq, dk/dv; the
 others three):
@@ -108,6 +109,22 @@ def _distance(r, c, pos0):
     quarter-rate instruction on sm_90, which made ALiBi 1.3× the bias-free time at D = 64 on an H100). Exact below
     2²⁴ positions."""
     return tl.abs((r + pos0).to(tl.float32) - c.to(tl.float32))
+
+
+@triton.jit
+def _table_entries(table, r, c, last_key):
+    """Pointers to a table bias's entries for row indices ``r`` and key indices ``c`` broadcastable to a tile: the
+    table is laid out along the call's diagonals (``triton._diagonal_table``), entry i − j + S − 1 for the pair
+    (i, j), ``last_key`` = S − 1; the row part added to the pointer before the vectors broadcast, so that a pair
+    costs one 64-bit add (indexing the table by min(|i − j|, n − 1) cost three integer instructions more)."""
+    return table + ((r + last_key) - c)
+
+
+@triton.jit
+def _table_masks(table, L, S):
+    """Whether a head's diagonal table holds a −inf (its flag after the L + S − 1 entries): such a head takes
+    every tile masked, the others take their bulk tiles unchecked, as without a bias."""
+    return tl.load(table + L + S - 1) != 0
 
 
 @triton.jit
@@ -275,14 +292,18 @@ def _logits(
             ok = ok & (c <= r + pos0)
         if HAS_MASK:
             ok = ok & (tl.load(mask_ptr + r * sml + c * sms, mask=ok, other=0) != 0)
-    if BIAS == BIAS_TENSOR or BIAS == TABLE:  # these and masks make every tile MASKED (ALL_MASKED)
+    if BIAS == BIAS_TENSOR or (BIAS == TABLE and MASKED):  # entries that may be −inf: masked tiles only
         if BIAS == BIAS_TENSOR:
             bias = tl.load(bias_ptr + r * sbl + c * sbs, mask=ok, other=0.0).to(tl.float32)
-        else:  # the table's last index is in sbl: every pair, in bounds or not, reads an entry
-            bias = tl.load(bias_ptr + tl.minimum(tl.abs(r + pos0 - c), sbl) * sbs)
+        else:
+            # (rows and keys past the ends clamped, before they broadcast: those pairs are masked, and an unmasked
+            # load costs less per pair than one under the mask)
+            bias = tl.load(_table_entries(bias_ptr, tl.minimum(r, L - 1), tl.minimum(c, S - 1), sbl))
         dropped = bias == float("-inf")
         ok = ok & ~dropped
         z = z + tl.where(dropped, 0.0, bias)
+    elif BIAS == TABLE:  # a bulk tile: its head's table holds no −inf (_table_masks)
+        z = z + tl.load(_table_entries(bias_ptr, r, c, sbl))
     elif BIAS != NO_BIAS:
         z = z + _relative_bias(_distance(r, c, pos0), r1, r2, BIAS)
     if MASKED:  # a NaN or inf logit of a masked pair (from k) must not reach the row through p·x or dx·z
@@ -463,6 +484,8 @@ def row_extrema(
     full_end, end = _key_blocks(start_m, L, S, pos0, BLOCK_M, BLOCK_N, CAUSAL)
     if ALL_MASKED:
         full_end = 0
+    elif BIAS_KIND == TABLE:
+        full_end = tl.where(_table_masks(bias_base, L, S), 0, full_end)
     # RAW_QK: x = (scale·t_i)·q·kᵀ with a power-of-two scale, so scale·t_i is exact and x's extrema are those of
     # q·kᵀ times it (t_i >= 0), bit for bit as the other kernels round x: found on q·kᵀ, scaled after
     tile_scale = scale
@@ -556,6 +579,8 @@ def fwd(
     full_end, end = _key_blocks(start_m, L, S, pos0, BLOCK_M, BLOCK_N, CAUSAL)
     if ALL_MASKED:
         full_end = 0
+    elif BIAS_KIND == TABLE:
+        full_end = tl.where(_table_masks(bias_base, L, S), 0, full_end)
     acc, mu, total = _fwd_tiles(
         q, acc, mu, total, 0, full_end, k_base, v_base, skn, skd, svn, svd, rows, offs_n, offs_d, offs_dv, t, low,
         arg_hi, arg_lo, L, S, pos0, scale, mask_base, sml, sms, bias_base, sbl, sbs, r1, r2,
@@ -726,6 +751,8 @@ def bwd_dq(
     full_end, end = _key_blocks(start_m, L, S, pos0, BLOCK_M, BLOCK_N, CAUSAL)
     if ALL_MASKED:
         full_end = 0
+    elif BIAS_KIND == TABLE:
+        full_end = tl.where(_table_masks(bias_base, L, S), 0, full_end)
     dq, e_sum, r_sum = _dq_tiles(
         q, do, dq, e_sum, r_sum, 0, full_end, k_base, v_base, skn, skd, svn, svd, rows, offs_n, offs_d, offs_dv,
         t, shift, inv_l, d_o, low, inv_delta, cs_qk, cs_one, arg_hi, arg_lo, g_hi, L, S, pos0, scale, mask_base,
@@ -776,8 +803,7 @@ def bwd_dq(
         on_lo = has_lo[:, None] & (offs_d[None, :] < D)
         tl.atomic_add(dk_lo, dz_lo[:, None] * q.to(tl.float32), mask=on_lo, sem="relaxed")
         if BIAS_GRAD and BIAS_KIND == TABLE:
-            dist_lo = tl.minimum(tl.abs(rows + pos0 - at_lo), sbl)
-            tl.atomic_add(DBIAS + bh * sbh + dist_lo, dz_lo, mask=has_lo, sem="relaxed")
+            tl.atomic_add(DBIAS + bh * sbh + rows + sbl - at_lo, dz_lo, mask=has_lo, sem="relaxed")
         elif BIAS_GRAD and BIAS_KIND >= ALIBI:  # a bias tensor's: added after bwd_dkdv, which writes its tiles
             u1, u2 = _relative_bias_grad_parts(dz_lo, _distance(rows, at_lo, pos0), r2, BIAS_KIND)
             c1, c2 = _relative_bias_grad_factors(r1, BIAS_KIND)
@@ -787,9 +813,10 @@ def bwd_dq(
 
 
 @triton.jit
-def _table_grad(dz, start_m, start_n, pos0, last, dtable, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Add a (keys, rows) tile of dL/dz to dL/dtable, ``dtable`` one (batch, head)'s row: each diagonal of the
-    tile (one signed offset i + pos0 − j) is summed in registers, then 2·BLOCK_N atomic adds, not one per pair.
+def _table_grad(dz, start_m, start_n, last_key, n, dtable, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Add a (keys, rows) tile of dL/dz to dL/dtable, ``dtable`` one (batch, head)'s diagonal table of ``n``
+    entries (``_table_entries``): each diagonal of the tile (one i − j) is summed in registers, then 2·BLOCK_N
+    atomic adds, not one per pair.
 
     rolled[k, r] = dz[(r − k) mod BLOCK_N, r] puts in row k the diagonal r − c = k (where r >= k) and the
     diagonal r − c = k − BLOCK_N (where r < k); that needs BLOCK_M <= BLOCK_N.
@@ -798,13 +825,12 @@ def _table_grad(dz, start_m, start_n, pos0, last, dtable, BLOCK_M: tl.constexpr,
     k = tl.arange(0, BLOCK_N)
     r = tl.arange(0, BLOCK_M)[None, :]
     rolled = tl.gather(dz, (r - k[:, None] + BLOCK_N) % BLOCK_N, 0)
-    on = tl.sum(tl.where(r >= k[:, None], rolled, 0.0), 1)
     below = tl.sum(tl.where(r < k[:, None], rolled, 0.0), 1)
-    corner = start_m + pos0 - start_n  # the signed offset of the tile's first row and key
-    d_on = tl.minimum(tl.abs(corner + k), last)
-    d_below = tl.minimum(tl.abs(corner + k - BLOCK_N), last)
-    tl.atomic_add(dtable + d_on, on, mask=k < BLOCK_M, sem="relaxed")
-    tl.atomic_add(dtable + d_below, below, mask=k > 0, sem="relaxed")
+    on = tl.sum(rolled, 1) - below
+    at_on = start_m - start_n + last_key + k  # the entry of the tile's diagonal r − c = k; (partial tiles:
+    at_below = at_on - BLOCK_N  # entries past the table's ends get only masked pairs' zeros, not added)
+    tl.atomic_add(dtable + at_on, on, mask=(k < BLOCK_M) & (at_on >= 0) & (at_on < n), sem="relaxed")
+    tl.atomic_add(dtable + at_below, below, mask=(k > 0) & (at_below >= 0) & (at_below < n), sem="relaxed")
 
 
 @triton.jit
@@ -894,7 +920,7 @@ def _dkdv_tiles(
                 db_ptr = dbias_base + rows[None, :] * S + cols[:, None]
                 tl.store(db_ptr, dz, mask=(rows[None, :] < L) & (cols[:, None] < S))
             elif BIAS == TABLE:
-                _table_grad(dz, start_m, start_n, pos0, sbl, dbias_base, BLOCK_M, BLOCK_N)
+                _table_grad(dz, start_m, start_n, sbl, L + S - 1, dbias_base, BLOCK_M, BLOCK_N)
             else:
                 u1, u2 = _relative_bias_grad_parts(dz, _distance(rows[None, :], cols[:, None], pos0), r2, BIAS)
                 # summed over the tile's rows (within threads and lanes), per key: over its keys would cross warps
@@ -926,8 +952,8 @@ def bwd_dkdv(
     row contiguous; the per-row values from bwd_dq's ROWS (and 1/ℓ from INV_L for float32 inputs).
 
     Relative biases: DR[(key block · B·Hq + b·Hq + h) · 2 + i] = this program's part of dL/dr_i of head h.
-    A bias tensor: DBIAS, contiguous (B, Hq, L, S) float32, gets dL/dbias = t·dx; a table: DBIAS, zeroed (B, Hq, n)
-    float32, gets dL/dtable (atomic adds).
+    A bias tensor: DBIAS, contiguous (B, Hq, L, S) float32, gets dL/dbias = t·dx; a table: DBIAS, zeroed (B, Hq,
+    L + S) float32, gets dL/dtable along the diagonals (atomic adds; the last entry of a row is left alone).
     """
     start_n = tl.program_id(0) * BLOCK_N
     bhk = tl.program_id(1).to(tl.int64)
@@ -956,11 +982,6 @@ def bwd_dkdv(
     if start_n + BLOCK_N > S:  # the last, partial key block
         full = start_n * 0 + L
     full = tl.minimum(full, L)
-    # The bulk loop takes the whole query blocks from `full` on; a last, partial one (rows past L) joins the masked
-    # loop, after its blocks [lo, full): so bulk tiles load rows without bounds checks, and masked tiles, whose
-    # probabilities are 0 past L, can read 0 for every row value there.
-    whole = tl.maximum(full, L // BLOCK_M * BLOCK_M)
-    tail = tl.cdiv(L - whole, BLOCK_M) * BLOCK_M
     pairs = tl.num_programs(1).to(tl.int64) * GROUPS * L  # B·Hq·L, the stride of ROWS' pairs
     for g in range(GROUPS):
         h = hk * GROUPS + g
@@ -973,15 +994,23 @@ def bwd_dkdv(
         mask_base = MASK + b * smb + h * smh
         bias_base = BIAS + b * sbb + h * sbh
         dbias_base = DBIAS + bh * (sbh if BIAS_KIND == TABLE else L * S)
+        full_h = full
+        if BIAS_KIND == TABLE:
+            full_h = tl.where(_table_masks(bias_base, L, S), L, full)
+        # The bulk loop takes the whole query blocks from `full_h` on; a last, partial one (rows past L) joins the
+        # masked loop, after its blocks [lo, full_h): so bulk tiles load rows without bounds checks, and masked
+        # tiles, whose probabilities are 0 past L, can read 0 for every row value there.
+        whole = tl.maximum(full_h, L // BLOCK_M * BLOCK_M)
+        tail = tl.cdiv(L - whole, BLOCK_M) * BLOCK_M
         dk, dv, dr1, dr2 = _dkdv_tiles(
-            k, v, dk, dv, dr1, dr2, lo, full + tail, full, whole, q_base, do_base, sdon, bh * L, sqn, sqd, start_n,
+            k, v, dk, dv, dr1, dr2, lo, full_h + tail, full_h, whole, q_base, do_base, sdon, bh * L, sqn, sqd, start_n,
             cols, offs_m, offs_d, offs_dv, ROWS, pairs, INV_L, L, S, pos0, scale,
             mask_base, sml, sms, bias_base, sbl, sbs, dbias_base, r1, r2,
             NORM, True, CAUSAL, HAS_MASK, BIAS_KIND, BIAS_GRAD, HAS_SSMAX, LOW_SCATTER, DX_FP32, PRECISION, EXACT,
             BLOCK_M, BLOCK_N, D, D_PAD, DV, DV_PAD,
         )  # fmt: skip
         dk, dv, dr1, dr2 = _dkdv_tiles(
-            k, v, dk, dv, dr1, dr2, full, whole, whole, whole, q_base, do_base, sdon, bh * L, sqn, sqd, start_n,
+            k, v, dk, dv, dr1, dr2, full_h, whole, whole, whole, q_base, do_base, sdon, bh * L, sqn, sqd, start_n,
             cols, offs_m, offs_d, offs_dv, ROWS, pairs, INV_L, L, S, pos0, scale,
             mask_base, sml, sms, bias_base, sbl, sbs, dbias_base, r1, r2,
             NORM, False, CAUSAL, HAS_MASK, BIAS_KIND, BIAS_GRAD, HAS_SSMAX, LOW_SCATTER, DX_FP32, PRECISION, EXACT,
