@@ -324,6 +324,14 @@ def _power_of_two(scale: float) -> bool:
     return scale > 0 and math.frexp(scale)[0] == 0.5
 
 
+def _qk_scaled(kind: int, scale: float) -> bool:
+    """Whether ``row_extrema``, ``fwd`` and ``bwd_dq`` take q times the scale into q·kᵀ (``QK_SCALED``): with an
+    ALiBi or Kerple bias and a power-of-two scale, where that saves a multiply per score (sm_90, D = 64, bulk loops:
+    ~1 instruction per score element in each of the three). Not for tables, whose forward spilled more with it, nor
+    ``bwd_dkdv`` (k scaled in registers cost it more than the multiply)."""
+    return kind in PARAMETRIC and _power_of_two(scale)
+
+
 def _exact(q: Tensor) -> bool:
     """float32 inputs: the backward recomputes probabilities from μ and 1/ℓ (``triton_kernels._probs``)."""
     return q.dtype == torch.float32
@@ -406,7 +414,7 @@ def _forward(q, k, v, o, t, mask, bias, kind, r1, r2, opt: _Options, s: Tensor |
     configs = _configs(d, dv, q.dtype)
     factor = t if s is None else s.float()
     (t_arg, r1_arg, r2_arg), common, flags = _common_args(q, k, factor, mask, bias, kind, r1, r2, opt, none)
-    flags.update(T_FROM_S=s is not None)
+    flags.update(T_FROM_S=s is not None, QK_SCALED=_qk_scaled(kind, opt.scale))
     mu, low, inv_delta = none, saved.low, saved.inv_delta
     if opt.norm == 2 or exact:
         # sa_norm needs the row's max and min before its weights are known. float32 inputs of every normalizer
@@ -499,7 +507,8 @@ def _backward(
         "bwd_dq", (query_blocks, b * hq), cfg_dq,
         q, k, v, o, do, dq, saved.shift, saved.inv_l, t_arg, saved.low, saved.inv_delta, saved.argmin, saved.argmax,
         rows, dt, dk_low, r1_arg, r2_arg, dr[key_blocks:] if parametric and scatter else none, dbias, *inputs,
-        *_row_strides(o), *_row_strides(do), *_row_strides(dq), *common, DS_PARTIALS=ds, **flags,
+        *_row_strides(o), *_row_strides(do), *_row_strides(dq), *common, DS_PARTIALS=ds,
+        QK_SCALED=_qk_scaled(kind, opt.scale), **flags,
     )  # fmt: skip
     _launch(
         "bwd_dkdv", (key_blocks, b * hkv), cfg,

@@ -128,6 +128,15 @@ def _table_masks(table, L, S):
 
 
 @triton.jit
+def _scaled_operand(x, scale):
+    """q (or k) times the scale for the q·kᵀ of a call with an additive bias and a power-of-two scale (QK_SCALED),
+    and the scale the tiles then apply, 1: the product is then scale·q·kᵀ bit for bit (a power of two commutes
+    with rounding) and z = scale·q·kᵀ + bias is one FFMA or FADD per score instead of a multiply and an add.
+    (A float16 element below 2⁻¹¹ may lose bits as a subnormal, ~2⁻²⁵·|k| in the product.)"""
+    return (x * scale).to(x.dtype), 1.0
+
+
+@triton.jit
 def _relative_bias(dist, r1, r2, BIAS: tl.constexpr):
     """−r1·f(d) for ALiBi (f = d), Kerple log (f = ln(1 + r2·d)) and Kerple power (f = d^r2, 0 at d = 0); the
     per-head constant folded first, so that adding the bias to a logit is one FFMA."""
@@ -460,7 +469,8 @@ def row_extrema(
     H, GROUPS, L, S, pos0, scale, eps,
     CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, BIAS_KIND: tl.constexpr, HAS_SSMAX: tl.constexpr,
     T_FROM_S: tl.constexpr, ALL_MASKED: tl.constexpr, MIN_AND_ARGS: tl.constexpr, PRECISION: tl.constexpr,
-    RAW_QK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
+    RAW_QK: tl.constexpr, QK_SCALED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    D: tl.constexpr, D_PAD: tl.constexpr,
 ):  # fmt: skip
     start_m = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)  # offsets can pass 2**31
@@ -491,6 +501,8 @@ def row_extrema(
     tile_scale = scale
     if RAW_QK:
         tile_scale = 1.0
+    elif QK_SCALED:
+        q, tile_scale = _scaled_operand(q, scale)
     hi_x, lo_x, hi_at, lo_at = _extrema_tiles(
         q, hi_x, lo_x, hi_at, lo_at, 0, full_end, k_base, skn, skd, rows, offs_n, offs_d, t, L, S, pos0, tile_scale,
         mask_base, sml, sms, bias_base, sbl, sbs, r1, r2,
@@ -535,8 +547,8 @@ def fwd(
     MASK, smb, smh, sml, sms, BIAS, sbb, sbh, sbl, sbs,
     H, GROUPS, L, S, pos0, scale,
     NORM: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, BIAS_KIND: tl.constexpr,
-    HAS_SSMAX: tl.constexpr, T_FROM_S: tl.constexpr, ALL_MASKED: tl.constexpr, PRECISION: tl.constexpr,
-    EXACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_SSMAX: tl.constexpr, T_FROM_S: tl.constexpr, ALL_MASKED: tl.constexpr, QK_SCALED: tl.constexpr,
+    PRECISION: tl.constexpr, EXACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     D: tl.constexpr, D_PAD: tl.constexpr, DV: tl.constexpr, DV_PAD: tl.constexpr,
 ):  # fmt: skip
     start_m = tl.program_id(0)
@@ -581,14 +593,17 @@ def fwd(
         full_end = 0
     elif BIAS_KIND == TABLE:
         full_end = tl.where(_table_masks(bias_base, L, S), 0, full_end)
+    tile_scale = scale
+    if QK_SCALED:
+        q, tile_scale = _scaled_operand(q, scale)
     acc, mu, total = _fwd_tiles(
         q, acc, mu, total, 0, full_end, k_base, v_base, skn, skd, svn, svd, rows, offs_n, offs_d, offs_dv, t, low,
-        arg_hi, arg_lo, L, S, pos0, scale, mask_base, sml, sms, bias_base, sbl, sbs, r1, r2,
+        arg_hi, arg_lo, L, S, pos0, tile_scale, mask_base, sml, sms, bias_base, sbl, sbs, r1, r2,
         NORM, False, CAUSAL, HAS_MASK, BIAS_KIND, HAS_SSMAX, PRECISION, EXACT, BLOCK_N, D, D_PAD, DV, DV_PAD,
     )  # fmt: skip
     acc, mu, total = _fwd_tiles(
         q, acc, mu, total, full_end, end, k_base, v_base, skn, skd, svn, svd, rows, offs_n, offs_d, offs_dv, t,
-        low, arg_hi, arg_lo, L, S, pos0, scale, mask_base, sml, sms, bias_base, sbl, sbs, r1, r2,
+        low, arg_hi, arg_lo, L, S, pos0, tile_scale, mask_base, sml, sms, bias_base, sbl, sbs, r1, r2,
         NORM, True, CAUSAL, HAS_MASK, BIAS_KIND, HAS_SSMAX, PRECISION, EXACT, BLOCK_N, D, D_PAD, DV, DV_PAD,
     )  # fmt: skip
     has_keys = total > 0
@@ -691,8 +706,8 @@ def bwd_dq(
     H, GROUPS, L, S, pos0, scale,
     NORM: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, BIAS_KIND: tl.constexpr,
     BIAS_GRAD: tl.constexpr, HAS_SSMAX: tl.constexpr, DS_PARTIALS: tl.constexpr, LOW_SCATTER: tl.constexpr,
-    ALL_MASKED: tl.constexpr, DX_FP32: tl.constexpr, PRECISION: tl.constexpr, EXACT: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    ALL_MASKED: tl.constexpr, QK_SCALED: tl.constexpr, DX_FP32: tl.constexpr, PRECISION: tl.constexpr,
+    EXACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     D: tl.constexpr, D_PAD: tl.constexpr, DV: tl.constexpr, DV_PAD: tl.constexpr,
 ):  # fmt: skip
     """dq ((B, Hq, L, D), q's dtype), D_i, the min term (D_i − E_i)·c_i and dL/dt_i.
@@ -753,9 +768,12 @@ def bwd_dq(
         full_end = 0
     elif BIAS_KIND == TABLE:
         full_end = tl.where(_table_masks(bias_base, L, S), 0, full_end)
+    tile_scale = scale
+    if QK_SCALED:  # (q itself is read again below where it is needed)
+        q, tile_scale = _scaled_operand(q, scale)
     dq, e_sum, r_sum = _dq_tiles(
         q, do, dq, e_sum, r_sum, 0, full_end, k_base, v_base, skn, skd, svn, svd, rows, offs_n, offs_d, offs_dv,
-        t, shift, inv_l, d_o, low, inv_delta, cs_qk, cs_one, arg_hi, arg_lo, g_hi, L, S, pos0, scale, mask_base,
+        t, shift, inv_l, d_o, low, inv_delta, cs_qk, cs_one, arg_hi, arg_lo, g_hi, L, S, pos0, tile_scale, mask_base,
         sml, sms, bias_base, sbl, sbs, r1, r2, NORM, False, CAUSAL, HAS_MASK, BIAS_KIND, HAS_SSMAX, DX_FP32,
         PRECISION, EXACT, BLOCK_N, D, D_PAD, DV, DV_PAD,
     )  # fmt: skip
@@ -763,7 +781,7 @@ def bwd_dq(
         r_sum *= scale
     dq, e_sum, r_sum = _dq_tiles(
         q, do, dq, e_sum, r_sum, full_end, end, k_base, v_base, skn, skd, svn, svd, rows, offs_n, offs_d,
-        offs_dv, t, shift, inv_l, d_o, low, inv_delta, cs_qk, cs_one, arg_hi, arg_lo, g_hi, L, S, pos0, scale,
+        offs_dv, t, shift, inv_l, d_o, low, inv_delta, cs_qk, cs_one, arg_hi, arg_lo, g_hi, L, S, pos0, tile_scale,
         mask_base, sml, sms, bias_base, sbl, sbs, r1, r2, NORM, True, CAUSAL, HAS_MASK, BIAS_KIND, HAS_SSMAX,
         DX_FP32, PRECISION, EXACT, BLOCK_N, D, D_PAD, DV, DV_PAD,
     )  # fmt: skip
@@ -798,6 +816,8 @@ def bwd_dq(
     dq_ptr = DQ + b * sdqb + h * sdqh + rows[:, None] * sdqn + offs_d[None, :]
     tl.store(dq_ptr, dq.to(DQ.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < D))
     if NORM == 2 and LOW_SCATTER:  # after dq's store, which frees its registers
+        if QK_SCALED:
+            q = _load(Q + b * sqb + h * sqh, rows, L, sqn, offs_d, sqd, D, D_PAD, True)
         dz_lo = g_lo * t  # dL/dz at the argmin
         dk_lo = DK_LOW + (b * (H // GROUPS) + hk) * S * D + at_lo[:, None] * D + offs_d[None, :]
         on_lo = has_lo[:, None] & (offs_d[None, :] < D)
