@@ -86,6 +86,10 @@ if triton.knobs.runtime.interpret:
     def _fast_div(x, y):
         return x / y
 
+    @triton.jit
+    def _load_uncopied(ptrs):
+        return tl.load(ptrs)
+
 else:
     from triton.language.extra import libdevice
 
@@ -101,6 +105,12 @@ else:
     def _fast_div(x, y):
         return libdevice.fast_dividef(x, y)
 
+    @triton.jit
+    def _load_uncopied(ptrs):
+        return tl.inline_asm_elementwise(
+            "ld.global.nc.f32 $0, [$1];", "=r,l", [ptrs], dtype=tl.float32, is_pure=True, pack=1
+        )
+
 
 @triton.jit
 def _distance(r, c, pos0):
@@ -115,9 +125,11 @@ def _distance(r, c, pos0):
 def _table_entries(table, r, c, last_key):
     """Pointers to a table bias's entries for row indices ``r`` and key indices ``c`` broadcastable to a tile: the
     table is laid out along the call's diagonals (``triton._diagonal_table``), entry i − j + S − 1 for the pair
-    (i, j), ``last_key`` = S − 1; the row part added to the pointer before the vectors broadcast, so that a pair
-    costs one 64-bit add (indexing the table by min(|i − j|, n − 1) cost three integer instructions more)."""
-    return table + ((r + last_key) - c)
+    (i, j), ``last_key`` = S − 1. The row part is added to the pointer and the key part widened to 64 bits before
+    they broadcast: compiled for sm_90 a pair's load then addresses its row's pointer plus a constant, with no
+    arithmetic of its own (an int32 offset per pair cost three integer instructions, a 64-bit pointer minus an
+    int32 key four, indexing by min(|i − j|, n − 1) five)."""
+    return (table + (r + last_key)) - c.to(tl.int64)
 
 
 @triton.jit
@@ -307,12 +319,12 @@ def _logits(
         else:
             # (rows and keys past the ends clamped, before they broadcast: those pairs are masked, and an unmasked
             # load costs less per pair than one under the mask)
-            bias = tl.load(_table_entries(bias_ptr, tl.minimum(r, L - 1), tl.minimum(c, S - 1), sbl))
+            bias = _load_uncopied(_table_entries(bias_ptr, tl.minimum(r, L - 1), tl.minimum(c, S - 1), sbl))
         dropped = bias == float("-inf")
         ok = ok & ~dropped
         z = z + tl.where(dropped, 0.0, bias)
     elif BIAS == TABLE:  # a bulk tile: its head's table holds no −inf (_table_masks)
-        z = z + tl.load(_table_entries(bias_ptr, r, c, sbl))
+        z = z + _load_uncopied(_table_entries(bias_ptr, r, c, sbl))
     elif BIAS != NO_BIAS:
         z = z + _relative_bias(_distance(r, c, pos0), r1, r2, BIAS)
     if MASKED:  # a NaN or inf logit of a masked pair (from k) must not reach the row through p·x or dx·z
