@@ -112,6 +112,9 @@ def variants() -> dict[str, dict]:
             dtype=torch.bfloat16, d=64, normalizer="softmax", causal=True,
             bias=torch.randn(1, heads, 300, 300, requires_grad=True),
         ),
+        "fp16 D=64 sa_norm causal kerple_power (grad)": dict(
+            dtype=torch.float16, d=64, normalizer="sa_norm", causal=True, bias=RelativeBias.kerple_power(r1, r2),
+        ),
         "fp16 D=64 sa_norm table (grad), min term scattered": dict(
             dtype=torch.float16, d=64, normalizer="sa_norm", causal=False,
             bias=RelativeBias.table(torch.randn(heads, 300, requires_grad=True)), min_term="scatter",
