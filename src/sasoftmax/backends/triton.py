@@ -203,9 +203,10 @@ def _configs(d: int, dv: int, dtype: torch.dtype, kind: int = NO_BIAS) -> dict[s
     """Tiles per kernel (``extrema`` is sa_norm's row_extrema pass). 16×16 in the interpreter (many partial
     blocks, fast enough). On a GPU, tiles for Hopper after Triton's fused-attention tutorial and
     FlashAttention-2 (forward: 128 query rows; dq: 128 rows × 32 keys; dk/dv: 32 rows × 128 keys, 64 × 128 at 8
-    warps with a Kerple bias (``kind``) at head dims up to 64, 32 × 64 with a table), smaller for wide heads and
-    float32 (which stages twice the bytes). ``SASOFTMAX_TRITON_TILES=fwd:BMxBNxWxS,dq:...`` (names fwd, extrema,
-    dq, dkdv) overrides them, in the interpreter too; benchmarks/triton_tune.py times candidates that way."""
+    warps with a Kerple bias (``kind``) at head dims up to 64, 32 × 64 with a table; the forward at 2 stages with
+    a bias tensor at head dims up to 64), smaller for wide heads and float32 (which stages twice the bytes).
+    ``SASOFTMAX_TRITON_TILES=fwd:BMxBNxWxS,dq:...`` (names fwd, extrema, dq, dkdv) overrides them, in the
+    interpreter too; benchmarks/triton_tune.py times candidates that way."""
     widest = max(d, dv)
     wide = dtype == torch.float32
     if INTERPRET:
@@ -225,6 +226,10 @@ def _configs(d: int, dv: int, dtype: torch.dtype, kind: int = NO_BIAS) -> dict[s
         # 8–62, in 10–15% fewer instructions (compiled, not timed; ALiBi and bias-free calls spill ≤ 6 and keep
         # the default, which counts fewer there)
         configs["dkdv"] = _Config(64, 128, 8, 2)
+    if kind == BIAS_TENSOR and widest <= 64 and not wide and not INTERPRET:
+        # the forward stages the bias tensor's (rows × keys) float32 tile with k and v: at 3 stages it needed 128 KiB
+        # of shared memory, one program per SM where registers allow two; 2 stages take 80 KiB (sm_90, not timed)
+        configs["fwd"] = _Config(128, 64, 4, 2)
     if kind == TABLE and widest <= 128 and not wide and not INTERPRET:
         # a table's gradient sums each tile's diagonals through a gather across the tile: 32 rows × 64 keys at 4
         # warps counted 44 / 50 instructions per score element at D = 64 / 128 (sm_90, sa_norm, bulk loop)
@@ -411,7 +416,7 @@ def _forward(q, k, v, o, t, mask, bias, kind, r1, r2, opt: _Options, s: Tensor |
     saved = _Saved(torch.empty_like(rows), torch.empty_like(rows) if exact else none.clone(), none.clone(),
                    none.clone(), none.int(), none.int(),
                    none.clone() if s is None else torch.empty_like(rows))  # fmt: skip
-    configs = _configs(d, dv, q.dtype)
+    configs = _configs(d, dv, q.dtype, kind)
     factor = t if s is None else s.float()
     (t_arg, r1_arg, r2_arg), common, flags = _common_args(q, k, factor, mask, bias, kind, r1, r2, opt, none)
     flags.update(T_FROM_S=s is not None, QK_SCALED=_qk_scaled(kind, opt.scale))
