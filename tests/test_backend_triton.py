@@ -574,6 +574,30 @@ def test_relative_bias_in_half_precision(normalizer):
 
 
 @needs_kernels
+@pytest.mark.parametrize("normalizer", NORMALIZERS)
+def test_causal_alibi_in_half_precision(normalizer):
+    """float16, causal, ALiBi with L != S: the bulk tiles fold the bias's row part into their per-row constants
+    (``triton_kernels._alibi_apart``: float32 inputs and sa keep x whole); the FlashAttention rule against
+    float64 eager."""
+    from sasoftmax import RelativeBias
+
+    shape = (1, 4, 2, 37, 53, 16, 16)
+    inputs = make_inputs(shape, seed=22)
+    slopes = torch.tensor([0.5, 0.25, 0.125, 0.0625])
+    kwargs = {"normalizer": normalizer, "causal": True}
+
+    def bias_in(dtype):
+        return RelativeBias.alibi(slopes.to(DEVICE, dtype))
+
+    got = run(inputs, torch.float16, "triton", bias=bias_in(torch.float32), **kwargs)
+    ref = run(inputs, torch.float64, "eager", bias=bias_in(torch.float64), **kwargs)
+    base = run(inputs, torch.float16, "plain", bias=bias_in(torch.float32), **kwargs)
+    for name, a, p, r in zip(["out", "dq", "dk", "dv"], got, base, ref):
+        err, err_plain = (a.double() - r).abs().max().item(), (p.double() - r).abs().max().item()
+        assert err <= 2 * err_plain + 1e-5, f"{name}: error {err:.3g} > 2 × plain float16's {err_plain:.3g}"
+
+
+@needs_kernels
 def test_layouts_need_no_copies():
     """o comes in (B, L, H, D) memory order, as SDPA's CUDA kernels return it, so a model's
     o.transpose(1, 2).reshape(B, L, H·D) is a view; q, k, v that are (B, L, H, D) views get their gradients in

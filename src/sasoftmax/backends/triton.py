@@ -436,7 +436,8 @@ def _forward(q, k, v, o, t, mask, bias, kind, r1, r2, opt: _Options, s: Tensor |
             "row_extrema", (triton.cdiv(lq, cfg.block_m), b * hq), cfg,
             q, k, t_arg, mu, low, inv_delta, argmin, argmax, r1_arg, r2_arg,
             *_strides(q), *_strides(k), *common, opt.eps, MIN_AND_ARGS=opt.norm == 2,
-            RAW_QK=kind == NO_BIAS and (factor is None or opt.norm == 2) and _power_of_two(opt.scale), **flags,
+            RAW_QK=kind == NO_BIAS and (factor is None or opt.norm == 2) and _power_of_two(opt.scale), EXACT=exact,
+            **flags,
         )  # fmt: skip
     cfg = configs["fwd"]
     _launch(

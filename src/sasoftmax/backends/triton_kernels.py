@@ -188,6 +188,28 @@ def _relative_bias_grad_factors(r1, BIAS: tl.constexpr):
 
 
 @triton.jit
+def _alibi_apart(qk, rows, c, ref, pos0, scale, r1):
+    """An ALiBi tile whose pairs are all allowed under causal masking (j <= i + pos0): x = scale·qk − r1·(i + pos0
+    − j) as y + a_i, with y = scale·qk + r1·(j − ref) per pair and a_i = −r1·(i + pos0 − ref) per row. Returns y,
+    y·log₂e and a (1-D over ``rows``); callers fold a into their per-row constants (the shift, sa_norm's m), so
+    that a pair pays one instruction for the bias (y's add) instead of the distance's subtraction and the bias's
+    FFMA. ``ref`` is the key on the diagonal of the tile's first row, so that near the diagonal, where the
+    probabilities are, y is as small and as precise as scale·qk, and a stays the same from tile to tile (the
+    forward and dq fix their rows, dk/dv's tiles start on rows a multiple of BLOCK_M apart: compiled, per-row values
+    that changed per tile went through shared memory each time, or spilled). ``c`` broadcastable to the tile."""
+    y = qk * scale + (c - ref).to(tl.float32) * r1
+    return y, y * LOG2E, (rows + pos0 - ref).to(tl.float32) * -r1
+
+
+@triton.constexpr_function
+def _rows_apart(bias, causal, masked, norm, has_ssmax, exact):
+    """Whether a loop's tiles take ``_alibi_apart``: ALiBi's bulk tiles under causal masking with 16-bit inputs
+    (float32 forms x once, for ``_pin_extremes``), softmax or sa_norm (sa's p·x needs x itself), without SSMax (its
+    dL/dt needs z)."""
+    return bias == ALIBI and causal and not masked and norm != 1 and not has_ssmax and not exact
+
+
+@triton.jit
 def _exp_shifted(x, x2, shift, ok, MASKED: tl.constexpr, EXACT: tl.constexpr):
     """e^{x − shift}, 0 where ``ok`` is false (MASKED): exp2(x2 − shift·log₂e) on the special-function unit, x2 =
     x·log₂e from ``_logits`` (one FFMA per element with the multiply of x2 where there is no additive bias), or
@@ -399,26 +421,32 @@ def _fwd_tiles(
     HAS_SSMAX: tl.constexpr, PRECISION: tl.constexpr, EXACT: tl.constexpr,
     BLOCK_N: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, DV: tl.constexpr, DV_PAD: tl.constexpr,
 ):  # fmt: skip
+    ref = tl.min(rows, 0) + pos0  # (for _alibi_apart: the key on the block's first row's diagonal)
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
         kt = _load_t(k_base, cols, S, skn, offs_d, skd, D, D_PAD, MASKED)
         v = _load(v_base, cols, S, svn, offs_dv, svd, DV, DV_PAD, MASKED)
         qk = tl.dot(q, kt, input_precision=PRECISION)
-        _, x, x2, ok = _logits(
-            qk, rows[:, None], cols[None, :], L, S, pos0, scale, t[:, None], mask_base, sml, sms,
-            bias_base, sbl, sbs, r1, r2, MASKED, CAUSAL, HAS_MASK, BIAS, HAS_SSMAX,
-        )  # fmt: skip
+        if _rows_apart(BIAS, CAUSAL, MASKED, NORM, HAS_SSMAX, EXACT):  # x holds x − a_i, a_i folded per row
+            x, x2, a = _alibi_apart(qk, rows, cols[None, :], ref, pos0, scale, r1)
+            ok = x == x  # (unused: every pair of a bulk tile is allowed)
+        else:
+            _, x, x2, ok = _logits(
+                qk, rows[:, None], cols[None, :], L, S, pos0, scale, t[:, None], mask_base, sml, sms,
+                bias_base, sbl, sbs, r1, r2, MASKED, CAUSAL, HAS_MASK, BIAS, HAS_SSMAX,
+            )  # fmt: skip
+            a = tl.zeros_like(mu)
         if NORM == 2 or EXACT:  # μ is the row's final max (from row_extrema): no rescaling
             if NORM == 2 and EXACT:
                 x = _pin_extremes(x, cols[None, :], arg_hi[:, None], arg_lo[:, None], mu[:, None], low[:, None])
-            p = _exp_shifted(x, x2, mu[:, None], ok, MASKED, EXACT)
+            p = _exp_shifted(x, x2, (mu - a)[:, None], ok, MASKED, EXACT)
             total += tl.sum(p, 1)
             if NORM == 2 and not MASKED and BIAS == NO_BIAS and not EXACT:
                 # x − m as one FFMA off q·kᵀ with per-row factors (x itself is not needed here; with SSMax it
                 # would cost a second multiply per element)
                 p = p * (qk * (t * scale)[:, None] - low[:, None])
             elif NORM == 2:
-                p = p * (x - low[:, None])
+                p = p * (x - (low - a)[:, None])
             elif NORM == 1:
                 p = p * x
             acc += tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
@@ -426,11 +454,11 @@ def _fwd_tiles(
             # (masked before: the row max needs x masked anyway, and so compiled the loop is shorter)
             x_hi = tl.where(ok, x, float("-inf")) if MASKED else x
             x2_hi = tl.where(ok, x2, float("-inf")) if MASKED else x2
-            new_mu = tl.maximum(mu, tl.max(x_hi, 1))
+            new_mu = tl.maximum(mu, tl.max(x_hi, 1) + a)
             # A row with no allowed key so far has μ = −inf; shift it by 0 so no inf − inf appears.
             shift = tl.where(new_mu == float("-inf"), 0.0, new_mu)
             alpha = _exp_shifted(mu, mu * LOG2E, shift, mu, False, EXACT)
-            p = _exp_shifted(x_hi, x2_hi, shift[:, None], ok, False, EXACT)
+            p = _exp_shifted(x_hi, x2_hi, (shift - a)[:, None], ok, False, EXACT)
             total = total * alpha + tl.sum(p, 1)
             if NORM == 1:  # x is finite where masked (z of a −inf bias is 0), so p·x is 0 there
                 p = p * x
@@ -442,23 +470,30 @@ def _fwd_tiles(
 @triton.jit
 def _extrema_tiles(
     q, hi_x, lo_x, hi_at, lo_at, lo, hi, k_base, skn, skd, rows, offs_n, offs_d, t, L, S, pos0, scale,
-    mask_base, sml, sms, bias_base, sbl, sbs, r1, r2,
+    mask_base, sml, sms, bias_base, sbl, sbs, r1, r2, a, ref,
     MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, BIAS: tl.constexpr,
-    HAS_SSMAX: tl.constexpr, MIN_AND_ARGS: tl.constexpr, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
-    D: tl.constexpr, D_PAD: tl.constexpr,
+    HAS_SSMAX: tl.constexpr, MIN_AND_ARGS: tl.constexpr, APART: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
 ):  # fmt: skip
     """Running extrema per slot of the (rows, keys) tile, not per row: slot (i, j) keeps the max (and min) of
     x_i over the keys j, j + BLOCK_N, … and, in hi_at/lo_at, the start of the tile that first attained it (a tile
     replaces it only if strictly beyond, so ties keep the earlier key). No reduction across threads per tile:
-    ``row_extrema`` reduces the slots once at the end."""
+    ``row_extrema`` reduces the slots once at the end. APART: the slots keep x − a_i (``_alibi_apart``, with the
+    row's a_i and key ``ref``), which ``row_extrema`` adds back per row."""
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
         kt = _load_t(k_base, cols, S, skn, offs_d, skd, D, D_PAD, MASKED)
         qk = tl.dot(q, kt, input_precision=PRECISION)
-        _, x, _, ok = _logits(
-            qk, rows[:, None], cols[None, :], L, S, pos0, scale, t[:, None], mask_base, sml, sms,
-            bias_base, sbl, sbs, r1, r2, MASKED, CAUSAL, HAS_MASK, BIAS, HAS_SSMAX,
-        )  # fmt: skip
+        if APART and not MASKED:
+            x, _, _ = _alibi_apart(qk, rows, cols[None, :], ref, pos0, scale, r1)
+            ok = x == x  # (unused: every pair of a bulk tile is allowed)
+        else:
+            _, x, _, ok = _logits(
+                qk, rows[:, None], cols[None, :], L, S, pos0, scale, t[:, None], mask_base, sml, sms,
+                bias_base, sbl, sbs, r1, r2, MASKED, CAUSAL, HAS_MASK, BIAS, HAS_SSMAX,
+            )  # fmt: skip
+            if APART:
+                x = x - a[:, None]
         x_hi = tl.where(ok, x, float("-inf")) if MASKED else x
         if MIN_AND_ARGS:
             x_lo = tl.where(ok, x, float("inf")) if MASKED else x
@@ -481,8 +516,8 @@ def row_extrema(
     H, GROUPS, L, S, pos0, scale, eps,
     CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, BIAS_KIND: tl.constexpr, HAS_SSMAX: tl.constexpr,
     T_FROM_S: tl.constexpr, ALL_MASKED: tl.constexpr, MIN_AND_ARGS: tl.constexpr, PRECISION: tl.constexpr,
-    RAW_QK: tl.constexpr, QK_SCALED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    D: tl.constexpr, D_PAD: tl.constexpr,
+    RAW_QK: tl.constexpr, QK_SCALED: tl.constexpr, EXACT: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
 ):  # fmt: skip
     start_m = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)  # offsets can pass 2**31
@@ -515,15 +550,22 @@ def row_extrema(
         tile_scale = 1.0
     elif QK_SCALED:
         q, tile_scale = _scaled_operand(q, scale)
+    # ALiBi under causal masking: the slots keep x − a_i, the bulk tiles one add per pair (_alibi_apart)
+    ref = start_m * BLOCK_M + pos0
+    a = tl.zeros([BLOCK_M], tl.float32)
+    if _rows_apart(BIAS_KIND, CAUSAL, False, 2, HAS_SSMAX, EXACT):
+        a = (rows + pos0 - ref).to(tl.float32) * -r1
     hi_x, lo_x, hi_at, lo_at = _extrema_tiles(
         q, hi_x, lo_x, hi_at, lo_at, 0, full_end, k_base, skn, skd, rows, offs_n, offs_d, t, L, S, pos0, tile_scale,
-        mask_base, sml, sms, bias_base, sbl, sbs, r1, r2,
-        False, CAUSAL, HAS_MASK, BIAS_KIND, HAS_SSMAX and not RAW_QK, MIN_AND_ARGS, PRECISION, BLOCK_N, D, D_PAD,
+        mask_base, sml, sms, bias_base, sbl, sbs, r1, r2, a, ref, False, CAUSAL, HAS_MASK, BIAS_KIND,
+        HAS_SSMAX and not RAW_QK, MIN_AND_ARGS, _rows_apart(BIAS_KIND, CAUSAL, False, 2, HAS_SSMAX, EXACT),
+        PRECISION, BLOCK_N, D, D_PAD,
     )  # fmt: skip
     hi_x, lo_x, hi_at, lo_at = _extrema_tiles(
         q, hi_x, lo_x, hi_at, lo_at, full_end, end, k_base, skn, skd, rows, offs_n, offs_d, t, L, S, pos0,
-        tile_scale, mask_base, sml, sms, bias_base, sbl, sbs, r1, r2,
-        True, CAUSAL, HAS_MASK, BIAS_KIND, HAS_SSMAX and not RAW_QK, MIN_AND_ARGS, PRECISION, BLOCK_N, D, D_PAD,
+        tile_scale, mask_base, sml, sms, bias_base, sbl, sbs, r1, r2, a, ref, True, CAUSAL, HAS_MASK, BIAS_KIND,
+        HAS_SSMAX and not RAW_QK, MIN_AND_ARGS, _rows_apart(BIAS_KIND, CAUSAL, False, 2, HAS_SSMAX, EXACT),
+        PRECISION, BLOCK_N, D, D_PAD,
     )  # fmt: skip
     # The slots' extrema reduced per row; the first key attaining each (the documented tie rule) is the least
     # key among the slots that hold the row's extremum.
@@ -542,6 +584,9 @@ def row_extrema(
     elif RAW_QK:
         hi_x = hi_x * scale
         lo_x = lo_x * scale
+    if _rows_apart(BIAS_KIND, CAUSAL, False, 2, HAS_SSMAX, EXACT):  # the slots kept x − a_i (∓inf, no key, stays)
+        hi_x += a
+        lo_x += a
     tl.store(MU + stat, hi_x, mask=row_ok)
     if MIN_AND_ARGS:
         m = tl.minimum(lo_x, 0.0)  # +inf (no key) -> 0
@@ -668,19 +713,25 @@ def _dq_tiles(
     HAS_SSMAX: tl.constexpr, DX_FP32: tl.constexpr, PRECISION: tl.constexpr, EXACT: tl.constexpr,
     BLOCK_N: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, DV: tl.constexpr, DV_PAD: tl.constexpr,
 ):  # fmt: skip
+    ref = tl.min(rows, 0) + pos0  # (for _alibi_apart: the key on the block's first row's diagonal)
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
         kt = _load_t(k_base, cols, S, skn, offs_d, skd, D, D_PAD, MASKED)
         vt = _load_t(v_base, cols, S, svn, offs_dv, svd, DV, DV_PAD, MASKED)
         qk = tl.dot(q, kt, input_precision=PRECISION)
-        z, x, x2, ok = _logits(
-            qk, rows[:, None], cols[None, :], L, S, pos0, scale, t[:, None], mask_base, sml, sms,
-            bias_base, sbl, sbs, r1, r2, MASKED, CAUSAL, HAS_MASK, BIAS, HAS_SSMAX,
-        )  # fmt: skip
+        if _rows_apart(BIAS, CAUSAL, MASKED, NORM, HAS_SSMAX, EXACT):  # x holds x − a_i, a_i folded per row
+            x, x2, a = _alibi_apart(qk, rows, cols[None, :], ref, pos0, scale, r1)
+            z, ok = x, x == x  # (unused: no SSMax, and every pair of a bulk tile is allowed)
+        else:
+            z, x, x2, ok = _logits(
+                qk, rows[:, None], cols[None, :], L, S, pos0, scale, t[:, None], mask_base, sml, sms,
+                bias_base, sbl, sbs, r1, r2, MASKED, CAUSAL, HAS_MASK, BIAS, HAS_SSMAX,
+            )  # fmt: skip
+            a = tl.zeros_like(shift)
         if NORM == 2 and EXACT:  # (shift is μ, the row max, for float32)
             x = _pin_extremes(x, cols[None, :], arg_hi[:, None], arg_lo[:, None], shift[:, None], low[:, None])
         # (masked inside, before exp: a masked logit may lie far above the row's logsumexp)
-        p = _probs(x, x2, shift[:, None], inv_l[:, None], ok, MASKED, EXACT)
+        p = _probs(x, x2, (shift - a)[:, None], inv_l[:, None], ok, MASKED, EXACT)
         dw = tl.dot(do, vt, input_precision=PRECISION)
         if NORM == 2 and not MASKED and BIAS == NO_BIAS and not EXACT:
             # dx's c + s = c·(1 + x − m) as one FFMA off q·kᵀ (x = qk·scale·t) with per-row factors, which this
@@ -688,7 +739,7 @@ def _dq_tiles(
             dx = p * (dw * (qk * cs_qk[:, None] + cs_one[:, None]) - d_o[:, None])
         else:
             _, dx = _dx(
-                x, p, dw, d_o[:, None], low[:, None], inv_delta[:, None], NORM,
+                x, p, dw, d_o[:, None], (low - a)[:, None], inv_delta[:, None], NORM,
                 (MASKED or BIAS != NO_BIAS) and not EXACT,
             )  # fmt: skip
         if NORM == 2:
@@ -901,10 +952,15 @@ def _dkdv_tiles(
             if HAS_SSMAX:
                 t = t_bits.to(tl.float32, bitcast=True)
         qk = tl.dot(k, qt, input_precision=PRECISION)
-        z, x, x2, ok = _logits(
-            qk, rows[None, :], cols[:, None], L, S, pos0, scale, t[None, :], mask_base, sml, sms,
-            bias_base, sbl, sbs, r1, r2, MASKED, CAUSAL, HAS_MASK, BIAS, HAS_SSMAX,
-        )  # fmt: skip
+        if _rows_apart(BIAS, CAUSAL, MASKED, NORM, HAS_SSMAX, EXACT):  # x holds x − a_i, a_i folded per row
+            x, x2, a = _alibi_apart(qk, rows, cols[:, None], start_m + pos0, pos0, scale, r1)
+            ok = x == x  # (unused: every pair of a bulk tile is allowed)
+        else:
+            _, x, x2, ok = _logits(
+                qk, rows[None, :], cols[:, None], L, S, pos0, scale, t[None, :], mask_base, sml, sms,
+                bias_base, sbl, sbs, r1, r2, MASKED, CAUSAL, HAS_MASK, BIAS, HAS_SSMAX,
+            )  # fmt: skip
+            a = tl.zeros_like(shift)
         if NORM == 2 and EXACT:  # (shift is μ, the row max, for float32; the pairs the terms below read too)
             low, inv_delta = _row_pair(ROWS, LOW_C, pairs, stat, row_ok, MASKED)
             arg_lo, g_lo = _row_pair(ROWS, ARGMIN_GLOW, pairs, stat, row_ok, MASKED)
@@ -912,7 +968,7 @@ def _dkdv_tiles(
                 x, cols[:, None], arg_hi[None, :], arg_lo[None, :], shift[None, :],
                 low.to(tl.float32, bitcast=True)[None, :],
             )  # fmt: skip
-        p = _probs(x, x2, shift[None, :], inv_l[None, :], ok, MASKED, EXACT)
+        p = _probs(x, x2, (shift - a)[None, :], inv_l[None, :], ok, MASKED, EXACT)
         dw = tl.dot(v, tl.trans(do), input_precision=PRECISION)
         if NORM == 2:
             if not EXACT:
@@ -927,7 +983,7 @@ def _dkdv_tiles(
                 dx = p * (dw * (inv_delta[None, :] + s) - d_o[None, :])
             else:
                 w, dx = _dx(
-                    x, p, dw, d_o[None, :], low[None, :], inv_delta[None, :], NORM,
+                    x, p, dw, d_o[None, :], (low - a)[None, :], inv_delta[None, :], NORM,
                     (MASKED or BIAS != NO_BIAS) and not EXACT,
                 )  # fmt: skip
             # (rows past L read argmax = argmin = 0, but their terms are 0 too: d_o, c and g_lo read 0)
