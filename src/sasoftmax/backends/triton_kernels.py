@@ -362,6 +362,28 @@ def _logits(
 
 
 @triton.jit
+def _tile_logits(
+    qk, rows, r, c, ref, L, S, pos0, scale, t, mask_ptr, sml, sms, bias_ptr, sbl, sbs, r1, r2,
+    APART: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, BIAS: tl.constexpr,
+    HAS_SSMAX: tl.constexpr,
+):  # fmt: skip
+    """``_logits`` of a tile, or with APART (``_rows_apart``) ``_alibi_apart``'s: (z, x, x2, ok, a), where x and
+    x2 hold x − a_i and x·log₂e − a_i·log₂e for the 1-D per-row ``a`` over ``rows`` (0 without APART; ``r`` is
+    ``rows`` broadcast as the tile's rows). APART tiles return x for z (no caller reads z there) and ok unused."""
+    if APART:
+        x, x2, a = _alibi_apart(qk, rows, c, ref, pos0, scale, r1)
+        z = x
+        ok = x == x
+    else:
+        z, x, x2, ok = _logits(
+            qk, r, c, L, S, pos0, scale, t, mask_ptr, sml, sms, bias_ptr, sbl, sbs, r1, r2,
+            MASKED, CAUSAL, HAS_MASK, BIAS, HAS_SSMAX,
+        )  # fmt: skip
+        a = tl.zeros_like(rows).to(tl.float32)
+    return z, x, x2, ok, a
+
+
+@triton.jit
 def _load(ptr, idx, n, stride_n, offs_d, stride_d, D: tl.constexpr, D_PAD: tl.constexpr, CHECK: tl.constexpr):
     """Rows ``idx`` of a (n, D) matrix as an (len(idx), D_PAD) tile, zero outside it (bounds checked only
     where CHECK says rows may pass n, or D is padded)."""
@@ -427,15 +449,11 @@ def _fwd_tiles(
         kt = _load_t(k_base, cols, S, skn, offs_d, skd, D, D_PAD, MASKED)
         v = _load(v_base, cols, S, svn, offs_dv, svd, DV, DV_PAD, MASKED)
         qk = tl.dot(q, kt, input_precision=PRECISION)
-        if _rows_apart(BIAS, CAUSAL, MASKED, NORM, HAS_SSMAX, EXACT):  # x holds x − a_i, a_i folded per row
-            x, x2, a = _alibi_apart(qk, rows, cols[None, :], ref, pos0, scale, r1)
-            ok = x == x  # (unused: every pair of a bulk tile is allowed)
-        else:
-            _, x, x2, ok = _logits(
-                qk, rows[:, None], cols[None, :], L, S, pos0, scale, t[:, None], mask_base, sml, sms,
-                bias_base, sbl, sbs, r1, r2, MASKED, CAUSAL, HAS_MASK, BIAS, HAS_SSMAX,
-            )  # fmt: skip
-            a = tl.zeros_like(mu)
+        _, x, x2, ok, a = _tile_logits(  # (a: see _alibi_apart, folded into the per-row constants)
+            qk, rows, rows[:, None], cols[None, :], ref, L, S, pos0, scale, t[:, None], mask_base, sml, sms,
+            bias_base, sbl, sbs, r1, r2, _rows_apart(BIAS, CAUSAL, MASKED, NORM, HAS_SSMAX, EXACT), MASKED,
+            CAUSAL, HAS_MASK, BIAS, HAS_SSMAX,
+        )  # fmt: skip
         if NORM == 2 or EXACT:  # μ is the row's final max (from row_extrema): no rescaling
             if NORM == 2 and EXACT:
                 x = _pin_extremes(x, cols[None, :], arg_hi[:, None], arg_lo[:, None], mu[:, None], low[:, None])
@@ -484,16 +502,12 @@ def _extrema_tiles(
         cols = start_n + offs_n
         kt = _load_t(k_base, cols, S, skn, offs_d, skd, D, D_PAD, MASKED)
         qk = tl.dot(q, kt, input_precision=PRECISION)
-        if APART and not MASKED:
-            x, _, _ = _alibi_apart(qk, rows, cols[None, :], ref, pos0, scale, r1)
-            ok = x == x  # (unused: every pair of a bulk tile is allowed)
-        else:
-            _, x, _, ok = _logits(
-                qk, rows[:, None], cols[None, :], L, S, pos0, scale, t[:, None], mask_base, sml, sms,
-                bias_base, sbl, sbs, r1, r2, MASKED, CAUSAL, HAS_MASK, BIAS, HAS_SSMAX,
-            )  # fmt: skip
-            if APART:
-                x = x - a[:, None]
+        _, x, _, ok, _ = _tile_logits(
+            qk, rows, rows[:, None], cols[None, :], ref, L, S, pos0, scale, t[:, None], mask_base, sml, sms,
+            bias_base, sbl, sbs, r1, r2, APART and not MASKED, MASKED, CAUSAL, HAS_MASK, BIAS, HAS_SSMAX,
+        )  # fmt: skip
+        if APART and MASKED:  # (masked tiles form x whole)
+            x = x - a[:, None]
         x_hi = tl.where(ok, x, float("-inf")) if MASKED else x
         if MIN_AND_ARGS:
             x_lo = tl.where(ok, x, float("inf")) if MASKED else x
@@ -719,15 +733,11 @@ def _dq_tiles(
         kt = _load_t(k_base, cols, S, skn, offs_d, skd, D, D_PAD, MASKED)
         vt = _load_t(v_base, cols, S, svn, offs_dv, svd, DV, DV_PAD, MASKED)
         qk = tl.dot(q, kt, input_precision=PRECISION)
-        if _rows_apart(BIAS, CAUSAL, MASKED, NORM, HAS_SSMAX, EXACT):  # x holds x − a_i, a_i folded per row
-            x, x2, a = _alibi_apart(qk, rows, cols[None, :], ref, pos0, scale, r1)
-            z, ok = x, x == x  # (unused: no SSMax, and every pair of a bulk tile is allowed)
-        else:
-            z, x, x2, ok = _logits(
-                qk, rows[:, None], cols[None, :], L, S, pos0, scale, t[:, None], mask_base, sml, sms,
-                bias_base, sbl, sbs, r1, r2, MASKED, CAUSAL, HAS_MASK, BIAS, HAS_SSMAX,
-            )  # fmt: skip
-            a = tl.zeros_like(shift)
+        z, x, x2, ok, a = _tile_logits(  # (a: see _alibi_apart, folded into the per-row constants)
+            qk, rows, rows[:, None], cols[None, :], ref, L, S, pos0, scale, t[:, None], mask_base, sml, sms,
+            bias_base, sbl, sbs, r1, r2, _rows_apart(BIAS, CAUSAL, MASKED, NORM, HAS_SSMAX, EXACT), MASKED,
+            CAUSAL, HAS_MASK, BIAS, HAS_SSMAX,
+        )  # fmt: skip
         if NORM == 2 and EXACT:  # (shift is μ, the row max, for float32)
             x = _pin_extremes(x, cols[None, :], arg_hi[:, None], arg_lo[:, None], shift[:, None], low[:, None])
         # (masked inside, before exp: a masked logit may lie far above the row's logsumexp)
@@ -952,15 +962,11 @@ def _dkdv_tiles(
             if HAS_SSMAX:
                 t = t_bits.to(tl.float32, bitcast=True)
         qk = tl.dot(k, qt, input_precision=PRECISION)
-        if _rows_apart(BIAS, CAUSAL, MASKED, NORM, HAS_SSMAX, EXACT):  # x holds x − a_i, a_i folded per row
-            x, x2, a = _alibi_apart(qk, rows, cols[:, None], start_m + pos0, pos0, scale, r1)
-            ok = x == x  # (unused: every pair of a bulk tile is allowed)
-        else:
-            _, x, x2, ok = _logits(
-                qk, rows[None, :], cols[:, None], L, S, pos0, scale, t[None, :], mask_base, sml, sms,
-                bias_base, sbl, sbs, r1, r2, MASKED, CAUSAL, HAS_MASK, BIAS, HAS_SSMAX,
-            )  # fmt: skip
-            a = tl.zeros_like(shift)
+        _, x, x2, ok, a = _tile_logits(  # (a: see _alibi_apart, folded into the per-row constants)
+            qk, rows, rows[None, :], cols[:, None], start_m + pos0, L, S, pos0, scale, t[None, :], mask_base, sml,
+            sms, bias_base, sbl, sbs, r1, r2, _rows_apart(BIAS, CAUSAL, MASKED, NORM, HAS_SSMAX, EXACT), MASKED,
+            CAUSAL, HAS_MASK, BIAS, HAS_SSMAX,
+        )  # fmt: skip
         if NORM == 2 and EXACT:  # (shift is μ, the row max, for float32; the pairs the terms below read too)
             low, inv_delta = _row_pair(ROWS, LOW_C, pairs, stat, row_ok, MASKED)
             arg_lo, g_lo = _row_pair(ROWS, ARGMIN_GLOW, pairs, stat, row_ok, MASKED)
