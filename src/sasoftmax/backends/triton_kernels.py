@@ -63,7 +63,7 @@ ARGMAX_T = tl.constexpr(2)  # (argmax, t): sa_norm's argmax, SSMax's t
 ARGMIN_GLOW = tl.constexpr(3)  # sa_norm: (argmin, the min-term weight g_m)
 
 
-# Two element-wise functions differ between the GPU and Triton's interpreter (which has no libdevice):
+# Four element-wise functions differ between the GPU and Triton's interpreter (which has no libdevice nor PTX):
 # - log2 for the Kerple biases: tl.log/tl.log2 compile to libdevice's accurate logf, ~40 instructions per element
 #   (that made Kerple 2.5× the bias-free time on an H200); fast_log2f is one lg2.approx on the special-function
 #   unit, like the exp2 of the probabilities (absolute error ~2^-22, far below the logits' own rounding).
@@ -72,6 +72,9 @@ ARGMIN_GLOW = tl.constexpr(3)  # sa_norm: (argmin, the min-term weight g_m)
 # - division in Kerple log's dL/dr2: `/` compiles to the IEEE division, a reciprocal, four FFMAs, a range check and
 #   a slow path per element; fast_dividef is the reciprocal and a multiply (within 2 ulp, for a gradient summed
 #   over the whole head).
+# - the load of a table bias's entries (``_load_uncopied``): an ld.global.nc of its own, as inline PTX, because
+#   Triton's pipeliner stages every tl.load in a loop that feeds a dot through shared memory, one 4-byte copy per
+#   score here, which doubled the forward's shared memory (see docs/triton.md).
 if triton.knobs.runtime.interpret:
 
     @triton.jit
