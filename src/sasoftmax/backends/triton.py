@@ -332,8 +332,9 @@ def _power_of_two(scale: float) -> bool:
 def _qk_scaled(kind: int, scale: float) -> bool:
     """Whether ``row_extrema``, ``fwd`` and ``bwd_dq`` take q times the scale into q·kᵀ (``QK_SCALED``): with an
     ALiBi or Kerple bias and a power-of-two scale, where that saves a multiply per score (sm_90, D = 64, bulk loops:
-    ~1 instruction per score element in each of the three). Not for tables, whose forward spilled more with it, nor
-    ``bwd_dkdv`` (k scaled in registers cost it more than the multiply)."""
+    ~1 instruction per score element in each of the three). Not for tables (their bulk loops gain as much, but the
+    forward's masked loop then spills ~120 values per iteration: the diagonal tiles, and every tile of a head
+    whose table holds a −inf), nor ``bwd_dkdv`` (k scaled in registers cost it more than the multiply)."""
     return kind in PARAMETRIC and _power_of_two(scale)
 
 
@@ -376,9 +377,9 @@ def _diagonal_index(n: int, lq: int, lk: int, pos0: int, device: torch.device) -
 
 def _diagonal_table(table: Tensor, lq: int, lk: int, pos0: int) -> Tensor:
     """A table bias (Hq, n) as the kernels read it: P (Hq, L + S) float32 with one entry per diagonal of the call,
-    P[h, i − j + S − 1] = table[h, min(|i + pos0 − j|, n − 1)] (so a pair costs the kernels one 64-bit add and no
-    clamp), and P[h, L + S − 1] = 1 where head h's entries hold a −inf (its tiles then all take the masked path:
-    ``triton_kernels._table_masks``), else 0."""
+    P[h, i − j + S − 1] = table[h, min(|i + pos0 − j|, n − 1)] (so that the kernels index it without an absolute
+    value or a clamp per pair), and P[h, L + S − 1] = 1 where head h's entries hold a −inf (its tiles then all
+    take the masked path: ``triton_kernels._table_masks``), else 0."""
     entries = table.detach().float()[:, _diagonal_index(table.shape[1], lq, lk, pos0, table.device)]
     return torch.cat([entries, torch.isneginf(entries).any(1, keepdim=True).float()], 1)
 
