@@ -207,6 +207,54 @@ def test_bool_masks(normalizer, causal, kind):
     assert_matches_eager(MASKED_SHAPE, torch.float32, normalizer=normalizer, causal=causal, mask=mask)
 
 
+def causal_padding_mask(b, lq, lk, lengths):
+    """Causality folded into a key-padding mask, as transformers builds them: (B, 1, L, S) bool on DEVICE."""
+    causal = torch.arange(lk)[None, :] <= torch.arange(lk - lq, lk)[:, None]
+    padding = torch.arange(lk)[None, :] < torch.tensor(lengths)[:, None]
+    return (causal[None] & padding[:, None, :]).unsqueeze(1).to(DEVICE)
+
+
+@needs_kernels
+@pytest.mark.parametrize("normalizer", NORMALIZERS)
+def test_mask_within_the_causal_pattern(normalizer, monkeypatch):
+    """A mask that lies within the causal pattern, passed without causal=True (transformers' way): the launcher
+    says so to the kernels (MASK_CAUSAL), which skip the tiles a causal call would; outputs match eager."""
+    from kernel_capture import Capture
+    from sasoftmax.backends import triton_kernels
+
+    fwd = Capture(triton_kernels.fwd)
+    monkeypatch.setattr(triton_kernels, "fwd", fwd)
+    shape = (2, 2, 1, 29, 40, 16, 16)
+    mask = causal_padding_mask(2, 29, 40, [40, 23])
+    assert_matches_eager(shape, torch.float32, normalizer=normalizer, causal=False, mask=mask)
+    assert fwd.args["MASK_CAUSAL"].item() == 1
+    assert_matches_eager(MASKED_SHAPE, torch.float32, normalizer=normalizer, causal=False,
+                         mask=make_masks(MASKED_SHAPE, seed=1)["dense"])  # fmt: skip
+    assert fwd.args["MASK_CAUSAL"].item() == 0
+
+
+@needs_kernels
+def test_mask_within_the_causal_pattern_skips_tiles(monkeypatch):
+    """The skipped tiles are not read. With 16×16 tiles and L = S = 40, rows 0–15 see keys 0–15 only: NaN values at
+    keys 16–39 (which rows 16–39 attend, and turn NaN) must leave rows 0–15's output and dq finite, and a NaN dO at
+    rows 0–15 must leave dk, dv of keys 16–39 finite; without the skipping, p = 0 times a NaN reaches them."""
+    monkeypatch.setenv("SASOFTMAX_TRITON_TILES", ",".join(f"{k}:16x16x4x1" for k in ("fwd", "extrema", "dq", "dkdv")))
+    mask = causal_padding_mask(1, 40, 40, [40])
+    for poisoned in ("v", "do"):
+        q, k, v, do = (t.float().to(DEVICE) for t in make_inputs((1, 2, 2, 40, 40, 16, 16), seed=3))
+        if poisoned == "v":
+            v[:, :, 16:] = float("nan")
+        else:
+            do[:, :, :16] = float("nan")
+        q, k, v = (t.requires_grad_() for t in (q, k, v))
+        out = attention(q, k, v, mask=mask, normalizer="sa_norm", backend="triton")
+        dq, dk, dv = torch.autograd.grad(out, [q, k, v], do)
+        if poisoned == "v":
+            assert torch.isfinite(out[:, :, :16]).all() and torch.isfinite(dq[:, :, :16]).all()
+        else:
+            assert torch.isfinite(dk[:, :, 16:]).all() and torch.isfinite(dv[:, :, 16:]).all()
+
+
 @needs_kernels
 @pytest.mark.parametrize("kind", ["alibi", "random"])
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])

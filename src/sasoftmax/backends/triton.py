@@ -363,11 +363,26 @@ def _common_args(q, k, t, mask, bias, kind, r1, r2, opt: _Options, none: Tensor)
         bias_args = _broadcast_args(bias, q)
     r1_arg = none if r1 is None else r1.float().contiguous()
     r2_arg = none if r2 is None else r2.float().contiguous()
-    views = (*_broadcast_args(mask, q), *bias_args, hq, hq // k.shape[1], lq, k.shape[2])
+    mask_causal = none if mask is None or opt.causal else _mask_within_causal(mask, opt.pos0)
+    views = (*_broadcast_args(mask, q), mask_causal, *bias_args, hq, hq // k.shape[1], lq, k.shape[2])
     flags = {"CAUSAL": opt.causal, "HAS_MASK": mask is not None, "BIAS_KIND": kind, "HAS_SSMAX": t is not None}
     all_masked = mask is not None or kind == BIAS_TENSOR  # a bias tensor's −inf entries mask (a table's: per head)
     flags.update(ALL_MASKED=all_masked, PRECISION=_precision(k), D=d, D_PAD=_pad(d))
     return (t_arg, r1_arg, r2_arg), (*views, opt.pos0, opt.scale), flags
+
+
+def _mask_within_causal(mask: Tensor, pos0: int) -> Tensor:
+    """(1,) int32 on the mask's device, 1 where no query i may attend a key j > i + pos0 (the mask lies within the
+    causal pattern: transformers folds causality into its masks), so that the kernels skip the tiles a causal call
+    would (``triton_kernels._mask_causal_end``). ``mask`` is the kernels' (B, Hq, L, S) view; its broadcast axes
+    are read once, not expanded. No host sync."""
+    *_, lq, lk = mask.shape
+    if mask.stride(-2) == 0 and lq > 1:  # one row of keys for every query (key padding) cannot lie within it
+        return torch.zeros(1, device=mask.device, dtype=torch.int32)
+    index = tuple(slice(0, 1) if st == 0 else slice(None) for st in mask.stride()[:2])
+    rows = torch.arange(lq, device=mask.device)[:, None] + pos0
+    future = torch.arange(lk, device=mask.device)[None, :] > rows
+    return (~(mask[index].bool() & future).any()).to(torch.int32).reshape(1)
 
 
 def _diagonal_index(n: int, lq: int, lk: int, pos0: int, device: torch.device) -> Tensor:

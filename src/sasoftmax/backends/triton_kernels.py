@@ -424,6 +424,17 @@ def _key_blocks(start_m, L, S, pos0, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexp
 
 
 @triton.jit
+def _mask_causal_end(end, start_m, L, S, pos0, MASK_CAUSAL, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr):  # fmt: skip
+    """``end`` of ``_key_blocks``, or where a call without causal masking has a mask that lies within the causal
+    pattern (MASK_CAUSAL, one int32 the launcher computes on the device: transformers folds causality into its
+    masks) the causal end: the key blocks past it hold no allowed pair, so the call skips them as a causal one."""
+    if HAS_MASK and not CAUSAL:
+        end = tl.where(tl.load(MASK_CAUSAL) != 0, _key_blocks(start_m, L, S, pos0, BLOCK_M, BLOCK_N, True)[1], end)
+    return end
+
+
+@triton.jit
 def _pin_extremes(x, cols, arg_hi, arg_lo, hi, low):
     """float32 sa_norm: x at the row's argmax and argmin keys replaced by the max and min ``row_extrema`` saved.
 
@@ -529,7 +540,7 @@ def _extrema_tiles(
 def row_extrema(
     Q, K, T, MU, LOW, INV_DELTA, ARGMIN, ARGMAX, R1, R2,
     sqb, sqh, sqn, sqd, skb, skh, skn, skd,
-    MASK, smb, smh, sml, sms, BIAS, sbb, sbh, sbl, sbs,
+    MASK, smb, smh, sml, sms, MASK_CAUSAL, BIAS, sbb, sbh, sbl, sbs,
     H, GROUPS, L, S, pos0, scale, eps,
     CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, BIAS_KIND: tl.constexpr, HAS_SSMAX: tl.constexpr,
     T_FROM_S: tl.constexpr, ALL_MASKED: tl.constexpr, MIN_AND_ARGS: tl.constexpr, PRECISION: tl.constexpr,
@@ -556,6 +567,7 @@ def row_extrema(
     hi_at = tl.zeros([BLOCK_M, BLOCK_N], tl.int32)
     lo_at = tl.zeros([BLOCK_M, BLOCK_N], tl.int32)
     full_end, end = _key_blocks(start_m, L, S, pos0, BLOCK_M, BLOCK_N, CAUSAL)
+    end = _mask_causal_end(end, start_m, L, S, pos0, MASK_CAUSAL, BLOCK_M, BLOCK_N, CAUSAL, HAS_MASK)
     if ALL_MASKED:
         full_end = 0
     elif BIAS_KIND == TABLE:
@@ -618,7 +630,7 @@ def row_extrema(
 def fwd(
     Q, K, V, OUT, SHIFT, INV_L, T, T_ROWS, MU, LOW, INV_DELTA, ARGMAX, ARGMIN, R1, R2,
     sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, son, sod,
-    MASK, smb, smh, sml, sms, BIAS, sbb, sbh, sbl, sbs,
+    MASK, smb, smh, sml, sms, MASK_CAUSAL, BIAS, sbb, sbh, sbl, sbs,
     H, GROUPS, L, S, pos0, scale,
     NORM: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, BIAS_KIND: tl.constexpr,
     HAS_SSMAX: tl.constexpr, T_FROM_S: tl.constexpr, ALL_MASKED: tl.constexpr, QK_SCALED: tl.constexpr,
@@ -663,6 +675,7 @@ def fwd(
     mask_base = MASK + b * smb + h * smh
     bias_base = BIAS + b * sbb + h * sbh
     full_end, end = _key_blocks(start_m, L, S, pos0, BLOCK_M, BLOCK_N, CAUSAL)
+    end = _mask_causal_end(end, start_m, L, S, pos0, MASK_CAUSAL, BLOCK_M, BLOCK_N, CAUSAL, HAS_MASK)
     if ALL_MASKED:
         full_end = 0
     elif BIAS_KIND == TABLE:
@@ -778,7 +791,7 @@ def bwd_dq(
     Q, K, V, OUT, DO, DQ, SHIFT, INV_L, T, LOW, INV_DELTA, ARGMIN, ARGMAX, ROWS, DT, DK_LOW, R1, R2, DR,
     DBIAS, sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
     sob, soh, son, sdob, sdoh, sdon, sdqb, sdqh, sdqn,
-    MASK, smb, smh, sml, sms, BIAS, sbb, sbh, sbl, sbs,
+    MASK, smb, smh, sml, sms, MASK_CAUSAL, BIAS, sbb, sbh, sbl, sbs,
     H, GROUPS, L, S, pos0, scale,
     NORM: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, BIAS_KIND: tl.constexpr,
     BIAS_GRAD: tl.constexpr, HAS_SSMAX: tl.constexpr, DS_PARTIALS: tl.constexpr, LOW_SCATTER: tl.constexpr,
@@ -840,6 +853,7 @@ def bwd_dq(
     e_sum = tl.zeros([BLOCK_M], tl.float32)
     r_sum = tl.zeros([BLOCK_M], tl.float32)
     full_end, end = _key_blocks(start_m, L, S, pos0, BLOCK_M, BLOCK_N, CAUSAL)
+    end = _mask_causal_end(end, start_m, L, S, pos0, MASK_CAUSAL, BLOCK_M, BLOCK_N, CAUSAL, HAS_MASK)
     if ALL_MASKED:
         full_end = 0
     elif BIAS_KIND == TABLE:
@@ -1037,7 +1051,7 @@ def bwd_dkdv(
     Q, K, V, DO, DK, DV_OUT, ROWS, INV_L, DK_LOW, R1, R2, DR, DBIAS,
     sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
     sdob, sdoh, sdon, sdkb, sdkh, sdkn, sdvb, sdvh, sdvn,
-    MASK, smb, smh, sml, sms, BIAS, sbb, sbh, sbl, sbs,
+    MASK, smb, smh, sml, sms, MASK_CAUSAL, BIAS, sbb, sbh, sbl, sbs,
     H, GROUPS, L, S, pos0, scale,
     NORM: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, BIAS_KIND: tl.constexpr,
     BIAS_GRAD: tl.constexpr, HAS_SSMAX: tl.constexpr, LOW_SCATTER: tl.constexpr, ALL_MASKED: tl.constexpr,
@@ -1074,6 +1088,8 @@ def bwd_dkdv(
         full = tl.minimum(tl.maximum(start_n + BLOCK_N - 1 - pos0, 0), L)
         full = (full + BLOCK_M - 1) // BLOCK_M * BLOCK_M
         full = tl.maximum(full, lo)
+    elif HAS_MASK:  # a mask within the causal pattern skips the query blocks a causal call would (_mask_causal_end)
+        lo = tl.where(tl.load(MASK_CAUSAL) != 0, tl.maximum(start_n - pos0, 0) // BLOCK_M * BLOCK_M, lo)
     if ALL_MASKED:
         full = start_n * 0 + L
     if start_n + BLOCK_N > S:  # the last, partial key block
