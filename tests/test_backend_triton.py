@@ -207,8 +207,9 @@ def test_bool_masks(normalizer, causal, kind):
     assert_matches_eager(MASKED_SHAPE, torch.float32, normalizer=normalizer, causal=causal, mask=mask)
 
 
-def causal_padding_mask(b, lq, lk, lengths):
-    """Causality folded into a key-padding mask, as transformers builds them: (B, 1, L, S) bool on DEVICE."""
+def causal_padding_mask(lq, lk, lengths):
+    """Causality folded into a key-padding mask, as transformers builds them: (len(lengths), 1, L, S) bool on
+    DEVICE."""
     causal = torch.arange(lk)[None, :] <= torch.arange(lk - lq, lk)[:, None]
     padding = torch.arange(lk)[None, :] < torch.tensor(lengths)[:, None]
     return (causal[None] & padding[:, None, :]).unsqueeze(1).to(DEVICE)
@@ -225,7 +226,7 @@ def test_mask_within_the_causal_pattern(normalizer, monkeypatch):
     fwd = Capture(triton_kernels.fwd)
     monkeypatch.setattr(triton_kernels, "fwd", fwd)
     shape = (2, 2, 1, 29, 40, 16, 16)
-    mask = causal_padding_mask(2, 29, 40, [40, 23])
+    mask = causal_padding_mask(29, 40, [40, 23])
     assert_matches_eager(shape, torch.float32, normalizer=normalizer, causal=False, mask=mask)
     assert fwd.args["MASK_CAUSAL"].item() == 1
     assert_matches_eager(MASKED_SHAPE, torch.float32, normalizer=normalizer, causal=False,
@@ -239,7 +240,7 @@ def test_mask_within_the_causal_pattern_skips_tiles(monkeypatch):
     keys 16–39 (which rows 16–39 attend, and turn NaN) must leave rows 0–15's output and dq finite, and a NaN dO at
     rows 0–15 must leave dk, dv of keys 16–39 finite; without the skipping, p = 0 times a NaN reaches them."""
     monkeypatch.setenv("SASOFTMAX_TRITON_TILES", ",".join(f"{k}:16x16x4x1" for k in ("fwd", "extrema", "dq", "dkdv")))
-    mask = causal_padding_mask(1, 40, 40, [40])
+    mask = causal_padding_mask(40, 40, [40])
     for poisoned in ("v", "do"):
         q, k, v, do = (t.float().to(DEVICE) for t in make_inputs((1, 2, 2, 40, 40, 16, 16), seed=3))
         if poisoned == "v":
