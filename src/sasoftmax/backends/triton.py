@@ -374,7 +374,7 @@ def _common_args(q, k, t, mask, bias, kind, r1, r2, opt: _Options, none: Tensor)
 def _mask_within_causal(mask: Tensor, pos0: int) -> Tensor:
     """(1,) int32 on the mask's device, 1 where no query i may attend a key j > i + pos0 (the mask lies within the
     causal pattern: transformers folds causality into its masks), so that the kernels skip the tiles a causal call
-    would (``triton_kernels._mask_causal_end``). ``mask`` is the kernels' (B, Hq, L, S) view; its broadcast axes
+    would (``triton_kernels._visited_keys``). ``mask`` is the kernels' (B, Hq, L, S) view; its broadcast axes
     are read once, not expanded. No host sync."""
     *_, lq, lk = mask.shape
     if mask.stride(-2) == 0 and lq > 1:  # one row of keys for every query (key padding) cannot lie within it

@@ -201,7 +201,13 @@ def _alibi_apart(qk, rows, c, ref, pos0, scale, r1):
     forward and dq fix their rows, dk/dv's tiles start on rows a multiple of BLOCK_M apart: compiled, per-row values
     that changed per tile went through shared memory each time, or spilled). ``c`` broadcastable to the tile."""
     y = qk * scale + (c - ref).to(tl.float32) * r1
-    return y, y * LOG2E, (rows + pos0 - ref).to(tl.float32) * -r1
+    return y, y * LOG2E, _alibi_rows(rows, ref, pos0, r1)
+
+
+@triton.jit
+def _alibi_rows(rows, ref, pos0, r1):
+    """``_alibi_apart``'s per-row part, a_i = −r1·(i + pos0 − ref)."""
+    return (rows + pos0 - ref).to(tl.float32) * -r1
 
 
 @triton.constexpr_function
@@ -424,14 +430,23 @@ def _key_blocks(start_m, L, S, pos0, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexp
 
 
 @triton.jit
-def _mask_causal_end(end, start_m, L, S, pos0, MASK_CAUSAL, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                     CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr):  # fmt: skip
-    """``end`` of ``_key_blocks``, or where a call without causal masking has a mask that lies within the causal
-    pattern (MASK_CAUSAL, one int32 the launcher computes on the device: transformers folds causality into its
-    masks) the causal end: the key blocks past it hold no allowed pair, so the call skips them as a causal one."""
+def _visited_keys(
+    start_m, L, S, pos0, MASK_CAUSAL, bias_base, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
+    HAS_MASK: tl.constexpr, ALL_MASKED: tl.constexpr, BIAS: tl.constexpr,
+):  # fmt: skip
+    """``_key_blocks`` of a query block as the row kernels walk it: every block masked where a mask or bias tensor
+    may mask anywhere (ALL_MASKED) or the head's table holds a −inf (``_table_masks``); and where a call without
+    causal masking has a mask that lies within the causal pattern (MASK_CAUSAL, one int32 the launcher computes on
+    the device: transformers folds causality into its masks), the causal end: the key blocks past it hold no
+    allowed pair, so the call skips them as a causal one."""
+    full_end, end = _key_blocks(start_m, L, S, pos0, BLOCK_M, BLOCK_N, CAUSAL)
     if HAS_MASK and not CAUSAL:
         end = tl.where(tl.load(MASK_CAUSAL) != 0, _key_blocks(start_m, L, S, pos0, BLOCK_M, BLOCK_N, True)[1], end)
-    return end
+    if ALL_MASKED:
+        full_end = 0
+    elif BIAS == TABLE:
+        full_end = tl.where(_table_masks(bias_base, L, S), 0, full_end)
+    return full_end, end
 
 
 @triton.jit
@@ -566,12 +581,9 @@ def row_extrema(
     lo_x = tl.full([BLOCK_M, BLOCK_N], float("inf"), tl.float32)
     hi_at = tl.zeros([BLOCK_M, BLOCK_N], tl.int32)
     lo_at = tl.zeros([BLOCK_M, BLOCK_N], tl.int32)
-    full_end, end = _key_blocks(start_m, L, S, pos0, BLOCK_M, BLOCK_N, CAUSAL)
-    end = _mask_causal_end(end, start_m, L, S, pos0, MASK_CAUSAL, BLOCK_M, BLOCK_N, CAUSAL, HAS_MASK)
-    if ALL_MASKED:
-        full_end = 0
-    elif BIAS_KIND == TABLE:
-        full_end = tl.where(_table_masks(bias_base, L, S), 0, full_end)
+    full_end, end = _visited_keys(
+        start_m, L, S, pos0, MASK_CAUSAL, bias_base, BLOCK_M, BLOCK_N, CAUSAL, HAS_MASK, ALL_MASKED, BIAS_KIND
+    )
     # RAW_QK: x = (scale·t_i)·q·kᵀ with a power-of-two scale, so scale·t_i is exact and x's extrema are those of
     # q·kᵀ times it (t_i >= 0), bit for bit as the other kernels round x: found on q·kᵀ, scaled after
     tile_scale = scale
@@ -580,21 +592,20 @@ def row_extrema(
     elif QK_SCALED:
         q, tile_scale = _scaled_operand(q, scale)
     # ALiBi under causal masking: the slots keep x − a_i, the bulk tiles one add per pair (_alibi_apart)
+    APART: tl.constexpr = _rows_apart(BIAS_KIND, CAUSAL, False, 2, HAS_SSMAX, EXACT)
     ref = start_m * BLOCK_M + pos0
     a = tl.zeros([BLOCK_M], tl.float32)
-    if _rows_apart(BIAS_KIND, CAUSAL, False, 2, HAS_SSMAX, EXACT):
-        a = (rows + pos0 - ref).to(tl.float32) * -r1
+    if APART:
+        a = _alibi_rows(rows, ref, pos0, r1)
     hi_x, lo_x, hi_at, lo_at = _extrema_tiles(
         q, hi_x, lo_x, hi_at, lo_at, 0, full_end, k_base, skn, skd, rows, offs_n, offs_d, t, L, S, pos0, tile_scale,
         mask_base, sml, sms, bias_base, sbl, sbs, r1, r2, a, ref, False, CAUSAL, HAS_MASK, BIAS_KIND,
-        HAS_SSMAX and not RAW_QK, MIN_AND_ARGS, _rows_apart(BIAS_KIND, CAUSAL, False, 2, HAS_SSMAX, EXACT),
-        PRECISION, BLOCK_N, D, D_PAD,
+        HAS_SSMAX and not RAW_QK, MIN_AND_ARGS, APART, PRECISION, BLOCK_N, D, D_PAD,
     )  # fmt: skip
     hi_x, lo_x, hi_at, lo_at = _extrema_tiles(
         q, hi_x, lo_x, hi_at, lo_at, full_end, end, k_base, skn, skd, rows, offs_n, offs_d, t, L, S, pos0,
         tile_scale, mask_base, sml, sms, bias_base, sbl, sbs, r1, r2, a, ref, True, CAUSAL, HAS_MASK, BIAS_KIND,
-        HAS_SSMAX and not RAW_QK, MIN_AND_ARGS, _rows_apart(BIAS_KIND, CAUSAL, False, 2, HAS_SSMAX, EXACT),
-        PRECISION, BLOCK_N, D, D_PAD,
+        HAS_SSMAX and not RAW_QK, MIN_AND_ARGS, APART, PRECISION, BLOCK_N, D, D_PAD,
     )  # fmt: skip
     # The slots' extrema reduced per row; the first key attaining each (the documented tie rule) is the least
     # key among the slots that hold the row's extremum.
@@ -613,7 +624,7 @@ def row_extrema(
     elif RAW_QK:
         hi_x = hi_x * scale
         lo_x = lo_x * scale
-    if _rows_apart(BIAS_KIND, CAUSAL, False, 2, HAS_SSMAX, EXACT):  # the slots kept x − a_i (∓inf, no key, stays)
+    if APART:  # the slots kept x − a_i (∓inf, no key, stays)
         hi_x += a
         lo_x += a
     tl.store(MU + stat, hi_x, mask=row_ok)
@@ -674,12 +685,9 @@ def fwd(
     v_base = V + b * svb + hk * svh
     mask_base = MASK + b * smb + h * smh
     bias_base = BIAS + b * sbb + h * sbh
-    full_end, end = _key_blocks(start_m, L, S, pos0, BLOCK_M, BLOCK_N, CAUSAL)
-    end = _mask_causal_end(end, start_m, L, S, pos0, MASK_CAUSAL, BLOCK_M, BLOCK_N, CAUSAL, HAS_MASK)
-    if ALL_MASKED:
-        full_end = 0
-    elif BIAS_KIND == TABLE:
-        full_end = tl.where(_table_masks(bias_base, L, S), 0, full_end)
+    full_end, end = _visited_keys(
+        start_m, L, S, pos0, MASK_CAUSAL, bias_base, BLOCK_M, BLOCK_N, CAUSAL, HAS_MASK, ALL_MASKED, BIAS_KIND
+    )
     tile_scale = scale
     if QK_SCALED:
         q, tile_scale = _scaled_operand(q, scale)
@@ -852,12 +860,9 @@ def bwd_dq(
     dq = tl.zeros([BLOCK_M, D_PAD], tl.float32)
     e_sum = tl.zeros([BLOCK_M], tl.float32)
     r_sum = tl.zeros([BLOCK_M], tl.float32)
-    full_end, end = _key_blocks(start_m, L, S, pos0, BLOCK_M, BLOCK_N, CAUSAL)
-    end = _mask_causal_end(end, start_m, L, S, pos0, MASK_CAUSAL, BLOCK_M, BLOCK_N, CAUSAL, HAS_MASK)
-    if ALL_MASKED:
-        full_end = 0
-    elif BIAS_KIND == TABLE:
-        full_end = tl.where(_table_masks(bias_base, L, S), 0, full_end)
+    full_end, end = _visited_keys(
+        start_m, L, S, pos0, MASK_CAUSAL, bias_base, BLOCK_M, BLOCK_N, CAUSAL, HAS_MASK, ALL_MASKED, BIAS_KIND
+    )
     tile_scale = scale
     if QK_SCALED:  # (q itself is read again below where it is needed)
         q, tile_scale = _scaled_operand(q, scale)
@@ -1083,13 +1088,14 @@ def bwd_dkdv(
     # from `full` on, every row sees every key of it (if the key block lies inside S).
     lo = start_n * 0  # int32 scalars, so that the branches below assign one type
     full = start_n * 0
+    causal_lo = tl.maximum(start_n - pos0, 0) // BLOCK_M * BLOCK_M
     if CAUSAL:
-        lo = tl.maximum(start_n - pos0, 0) // BLOCK_M * BLOCK_M
+        lo = causal_lo
         full = tl.minimum(tl.maximum(start_n + BLOCK_N - 1 - pos0, 0), L)
         full = (full + BLOCK_M - 1) // BLOCK_M * BLOCK_M
         full = tl.maximum(full, lo)
-    elif HAS_MASK:  # a mask within the causal pattern skips the query blocks a causal call would (_mask_causal_end)
-        lo = tl.where(tl.load(MASK_CAUSAL) != 0, tl.maximum(start_n - pos0, 0) // BLOCK_M * BLOCK_M, lo)
+    elif HAS_MASK:  # a mask within the causal pattern skips the query blocks a causal call would (_visited_keys)
+        lo = tl.where(tl.load(MASK_CAUSAL) != 0, causal_lo, lo)
     if ALL_MASKED:
         full = start_n * 0 + L
     if start_n + BLOCK_N > S:  # the last, partial key block
