@@ -210,6 +210,52 @@ def test_attention_passes_fire_as_a_table_up_to_its_threshold_and_as_a_function_
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("backend", ["eager", "cpu"])
+@pytest.mark.parametrize("lq, lk", [(12, 12), (5, 12), (12, 15), (16, 9)])
+def test_attention_splits_a_causal_fire_call_at_its_threshold(backend, lq, lk, monkeypatch):
+    """FIRE trained at its length once its learnt threshold moved below it (L = 9.6 here): the causal call's rows
+    below L take the table, the others the bias function, which is evaluated for those rows only; outputs and
+    gradients (q, k, v and every FIRE parameter) equal attention with the module's bias materialised."""
+    torch.manual_seed(0)
+    fire = FIRE(2, train_len=12, width=8).double()
+    with torch.no_grad():
+        fire.threshold_multiplier.fill_(0.8)
+    q = torch.randn(1, 2, lq, 8, dtype=torch.float64, requires_grad=True)
+    k, v = (torch.randn(1, 2, lk, 8, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    leaves = [q, k, v, *fire.parameters()]
+    q_pos, k_pos = positions(lq, lk)
+    want = attention(q, k, v, bias=fire(q_pos, k_pos), causal=True, normalizer="sa_norm", backend="eager")
+    grads_want = torch.autograd.grad(want.square().sum(), leaves)
+    rows = fire.relative_bias_rows(lq, lk)
+    assert rows == max(0, min(lq, 10 - (lk - lq)))
+    evaluated = []
+    per_pair = FIRE._per_pair
+    monkeypatch.setattr(FIRE, "_per_pair", lambda self, qp, *a: evaluated.append(qp) or per_pair(self, qp, *a))
+    got = attention(q, k, v, bias=fire, causal=True, normalizer="sa_norm", backend=backend)
+    grads_got = torch.autograd.grad(got.square().sum(), leaves)
+    torch.testing.assert_close(got, want)
+    for a, b in zip(grads_got, grads_want):
+        torch.testing.assert_close(a, b)
+    assert all(bool((qp >= 9.6).all()) for qp in evaluated), "rows below L took the per-pair form"
+    assert bool(evaluated) == (rows < lq)  # (16, 9): every query lies below L, the whole call takes the table
+
+
+def test_fire_reads_its_threshold_once_until_it_changes(monkeypatch):
+    """threshold_value() reads L to the host (a device sync on CUDA) only after the parameter changed in place (an
+    optimiser step) or was replaced, not at every call."""
+    fire = FIRE(2, train_len=8, width=4)
+    reads = []
+    threshold = FIRE.threshold
+    monkeypatch.setattr(FIRE, "threshold", lambda self: reads.append(1) or threshold(self))
+    assert fire.threshold_value() == 8.0 and fire.relative_bias_rows(8, 8) == 8
+    assert len(reads) == 1
+    with torch.no_grad():  # as an optimiser's step changes it
+        fire.threshold_multiplier.mul_(0.5)
+    assert fire.threshold_value() == 4.0 and len(reads) == 2
+    fire.load_state_dict({**fire.state_dict(), "threshold_multiplier": torch.tensor(0.75)})
+    assert fire.threshold_value() == 6.0 and fire.relative_bias_rows(8, 8) == 6
+
+
 def test_rope_depends_only_on_relative_position_and_aligns_lower_right():
     torch.manual_seed(0)
     rope = RoPE(8)

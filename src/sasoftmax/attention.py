@@ -48,8 +48,10 @@ def attention(
             :class:`sasoftmax.RelativeBias` (ALiBi, Kerple: evaluated and differentiated inside fused
             kernels; a ``table`` of the bias per distance), an object with a ``relative_bias(q_len, k_len)``
             method returning one (``positional.ALiBi``, ``Kerple``, ``FIRE``: called once per call, so gradients
-            reach the module's parameters; None makes the object a bias function for that call), or a bias
-            function ``bias(q_pos, k_pos)`` evaluated per tile (see :data:`sasoftmax.backends.BiasFunction`).
+            reach the module's parameters; None makes the object a bias function for that call; one that also
+            has ``relative_bias_rows(q_len, k_len)``, FIRE, has a causal call split where its first rows take the
+            RelativeBias and the rest the function), or a bias function ``bias(q_pos, k_pos)`` evaluated per
+            tile (see :data:`sasoftmax.backends.BiasFunction`).
         scale: logit scale, default 1/√D.
         ssmax: Scalable-Softmax s: None (off), a float > 0 for every head, or a (Hq,) tensor (learnable).
             Logits become x = s_h · ln(n_i) · z with n_i the number of keys row i may attend.
@@ -62,7 +64,48 @@ def attention(
         allowed key are zero and pass zero gradients.
     """
     call = make_call(q, k, v, normalizer, causal, mask, bias, scale, ssmax, eps, dropout_p)
+    rows = _relative_bias_rows(call)
+    if rows:
+        return _split_rows(call, rows, backend)
     return backends.load(choose_backend(call, backend)).attention(call)
+
+
+def _relative_bias_rows(call: AttentionCall) -> int:
+    """For a causal call whose bias is a function that is a RelativeBias for its first rows only (``FIRE`` trained
+    at its length once its learnt threshold moved below it), how many rows those are; 0 where the call is not
+    split (the first rows would see no key, or there are no such rows)."""
+    rows_of = getattr(call.bias, "relative_bias_rows", None)
+    if not call.causal or rows_of is None or isinstance(call.bias, (Tensor, RelativeBias)):
+        return 0
+    lq, lk = call.q.shape[2], call.k.shape[2]
+    rows = rows_of(lq, lk)
+    if isinstance(rows, bool) or not isinstance(rows, int):
+        raise TypeError(f"bias.relative_bias_rows(q_len, k_len) must return an int; got {type(rows).__name__}")
+    return rows if 0 < rows < lq and lk - lq + rows > 0 else 0
+
+
+def _split_rows(call: AttentionCall, rows: int, backend: str) -> Tensor:
+    """``call`` as two calls along its query rows: rows 0 … ``rows`` − 1 with the keys they can see (causal), whose
+    bias is a RelativeBias there, and the others with the bias function. Rows are independent in attention, so
+    the outputs are the call's; the first part's positions stay those of the whole call (lower-right aligned over
+    fewer keys)."""
+    q, k, v, mask = call.q, call.k, call.v, call.mask
+    keys = k.shape[2] - q.shape[2] + rows
+    head, tail = slice(None, rows), slice(rows, None)
+    common = dict(normalizer=call.normalizer, causal=True, bias=call.bias, scale=call.scale, ssmax=call.ssmax,
+                  eps=call.eps, dropout_p=call.dropout_p, backend=backend)  # fmt: skip
+    first = attention(q[:, :, head], k[:, :, :keys], v[:, :, :keys], mask=_mask_part(mask, head, keys), **common)
+    rest = attention(q[:, :, tail], k, v, mask=_mask_part(mask, tail, None), **common)
+    return torch.cat([first, rest], dim=2)
+
+
+def _mask_part(mask: Tensor | None, rows: slice, keys: int | None) -> Tensor | None:
+    """The part of a mask broadcastable to (B, Hq, L, S) for ``rows`` and the first ``keys`` keys (all: None),
+    slicing only its axes that do not broadcast."""
+    if mask is None:
+        return None
+    mask = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))
+    return mask[:, :, rows if mask.shape[2] > 1 else slice(None), slice(keys) if mask.shape[3] > 1 else slice(None)]
 
 
 def choose_backend(call: AttentionCall, backend: str) -> str:

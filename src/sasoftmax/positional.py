@@ -164,7 +164,10 @@ class FIRE(nn.Module):
     gives it as a :class:`~sasoftmax.RelativeBias` table (the MLP run once per distance), which fused kernels read
     and differentiate per tile; passing the module as ``bias=`` uses it. From the threshold on (extrapolation) the
     module is a bias function of (q_pos, k_pos). (A query exactly at L takes the per-pair form, whose max(L, i)
-    passes half of its gradient to L, as the reference code's ``torch.max`` does.)
+    passes half of its gradient to L, as the reference code's ``torch.max`` does.) A causal call whose first rows
+    lie below the threshold and the rest at or past it (training at ``train_len`` once the learnt L has moved
+    below it: one Adam step at N = 4096) runs as two calls, the table for the first rows
+    (:meth:`relative_bias_rows`), the function for the others.
     """
 
     def __init__(self, num_heads: int, train_len: int, width: int = 32, c: float = 0.1, eps: float = 1e-6) -> None:
@@ -174,19 +177,36 @@ class FIRE(nn.Module):
         self.register_buffer("init_threshold", torch.tensor(float(train_len)))
         self.threshold_multiplier = nn.Parameter(torch.tensor(1.0))
         self.eps = eps
+        self._threshold_read: tuple[tuple[int, ...], float] | None = None
 
     def threshold(self) -> Tensor:
         """L, the learnt threshold (a 0-d tensor)."""
         return (self.threshold_multiplier * self.init_threshold).abs()
 
+    def threshold_value(self) -> float:
+        """L as a Python float. Reading a CUDA tensor waits for the device, so the value is kept until the tensors
+        it comes from change (their storage, or their in-place version counter: an optimiser step, a
+        ``load_state_dict``): a model whose layers share the module reads it once per step, not once per layer."""
+        try:
+            key = tuple(n for t in (self.threshold_multiplier, self.init_threshold) for n in (t.data_ptr(), t._version))
+        except RuntimeError:  # inference tensors have no version counter: read every time
+            return self.threshold().item()
+        if self._threshold_read is None or self._threshold_read[0] != key:
+            self._threshold_read = (key, self.threshold().item())
+        return self._threshold_read[1]
+
     def relative_bias(self, q_len: int, k_len: int) -> RelativeBias | None:
         """The bias of a call of ``q_len`` queries aligned lower-right to ``k_len`` keys (query positions
         k_len − q_len … k_len − 1) as a RelativeBias table over the distances 0 … max(q_len, k_len) − 1, or None
-        where the last query does not lie below the threshold. Reads the threshold to the host (one number)."""
-        threshold = self.threshold()
-        if q_len < 1 or k_len < 1 or k_len - 1 >= threshold.item():
+        where the last query does not lie below the threshold (:meth:`threshold_value`)."""
+        if q_len < 1 or k_len < 1 or k_len - 1 >= self.threshold_value():
             return None
-        return RelativeBias.table(self._table(max(q_len, k_len), threshold))
+        return RelativeBias.table(self._table(max(q_len, k_len), self.threshold()))
+
+    def relative_bias_rows(self, q_len: int, k_len: int) -> int:
+        """How many of a call's first query rows lie below the threshold (positions k_len − q_len + i < L): a
+        causal call takes :meth:`relative_bias` for them (``sasoftmax.attention`` splits it there)."""
+        return max(0, min(q_len, math.ceil(self.threshold_value()) - (k_len - q_len)))
 
     def forward(self, q_pos: Tensor, k_pos: Tensor) -> Tensor:
         """(1, H, Lt, St). Where every query sits below the threshold the MLP runs once per distance and the
