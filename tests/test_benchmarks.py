@@ -86,14 +86,20 @@ def test_training_benchmark_smoke(tmp_path):
     assert refused["status"] == "error" and "softmax attention only" in refused["note"]
 
 
-def test_training_benchmark_profile(tmp_path):
-    """--profile adds, per row at the first length, the operators (kernels on CUDA) with the most time per step."""
+def test_training_benchmark_profile(tmp_path, monkeypatch):
+    """--profile adds, per row at the first length, the operators (kernels on CUDA) with the most time per step,
+    profiled after every row was timed (a profiler session must not precede a timing)."""
     argv = ["--smoke", "--out", str(tmp_path), "--rows", "cpu:sa_norm", "--warmup", "0", "--steps", "1"]
+    calls = []
+    train_row = gpu_train.train_row
+    monkeypatch.setattr(gpu_train, "train_row", lambda *a: calls.append(a[3] if len(a) > 3 else 0) or train_row(*a))
     assert gpu_train.main([*argv, "--profile", "1", "--seqs", "16", "8"]) == 0
+    assert calls == [0, 0, 0, 0, 1, 1]  # 2 rows (with the baseline) × 2 lengths timed, then 2 rows profiled
     markdown, result = read(tmp_path, "train")
     by = {(r["row"], r["seq"]): r for r in result["rows"]}
     assert "profile" not in by[("cpu:sa_norm", 8)]  # the first length only
     prof = by[("cpu:sa_norm", 16)]["profile"]
+    assert by[("cpu:sa_norm", 16)]["tokens_per_s"] > 0  # the timing stays
     assert prof["steps"] == 1 and prof["wall_ms"] > 0 and 0 < len(prof["top"]) <= gpu_train.PROFILE_TOP
     times = [e["ms_per_step"] for e in prof["top"]]
     assert times == sorted(times, reverse=True) and times[0] > 0
