@@ -8,9 +8,10 @@ unless a row says otherwise) trained as ``sasoftmax train`` does: bf16 autocast 
 harness's parameter groups, gradient clipping at 1.0. Each step is one batch of --tokens tokens (B = tokens
 / seq, random tokens: throughput does not depend on the data). Per row and sequence length: --warmup
 steps, then --steps timed steps (CUDA synchronised around each); it reports the median step's tokens/s,
-the peak memory allocated during the timed steps (all of it, and the part above the model and optimizer
-state held before them), the loss after the last step (a NaN shows a broken kernel), and the ratio of
-tokens/s to the baseline row (default ``sdpa:softmax``: the same model with PyTorch's
+the median time the host took to issue a step (until the step's Python returns: close to the step's time,
+the host sets the pace), the peak memory allocated during the timed steps (all of it, and the part above the
+model and optimizer state held before them), the loss after the last step (a NaN shows a broken kernel), and
+the ratio of tokens/s to the baseline row (default ``sdpa:softmax``: the same model with PyTorch's
 ``scaled_dot_product_attention``, via sasoftmax's ``sdpa`` backend) and, for a row with another positional
 encoding, to the same row with RoPE.
 
@@ -19,7 +20,8 @@ normalizer softmax/sa/sa_norm, ``+ssmax`` a learnable SSMax scale (s = 0.43), ``
 encoding of the harness (default rope; e.g. ``@kerple``). A row that fails (out of memory, a call the
 backend does not serve) is recorded with its error and the run goes on. Results are rewritten after every
 row into --out/<prefix>.md and --out/<prefix>.json. ``--profile STEPS`` adds, per row at the first length, a
-table of the kernels with the most device time per step (torch.profiler), to find where a row's time goes.
+table of the kernels with the most device time per step (torch.profiler), to find where a row's time goes;
+those rows are profiled after every row is timed.
 """
 
 from __future__ import annotations
@@ -124,8 +126,8 @@ def train_row(args: argparse.Namespace, row: str, seq: int, profile_steps: int =
     backend, normalizer, ssmax, pos = parse_row(row)
     device = args.device
     batch = max(1, args.tokens // seq)
-    result = {"row": row, "seq": seq, "batch": batch, "tokens_per_s": None, "step_ms": None, "peak_gib": None,
-              "extra_gib": None, "loss": None, "status": "ok", "note": ""}  # fmt: skip
+    result = {"row": row, "seq": seq, "batch": batch, "tokens_per_s": None, "step_ms": None, "host_ms": None,
+              "peak_gib": None, "extra_gib": None, "loss": None, "status": "ok", "note": ""}  # fmt: skip
     try:
         torch.manual_seed(0)
         config = GPTConfig(
@@ -158,14 +160,18 @@ def train_row(args: argparse.Namespace, row: str, seq: int, profile_steps: int =
         before = torch.cuda.memory_allocated() if device == "cuda" else 0
         if device == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        times = []
+        times, issued = [], []
         for _ in range(args.steps):
             start = time.perf_counter()
             loss = step()
+            issued.append(time.perf_counter() - start)
             common.synchronize(device)
             times.append(time.perf_counter() - start)
         median = statistics.median(times)
-        result.update(tokens_per_s=batch * seq / median, step_ms=median * 1e3, loss=float(loss))
+        # host ms: until step() returns, i.e. the CPU's time to issue the step. The GPU runs behind it, so host ms
+        # close to step ms says the host sets the pace (or something in the step waits for the device).
+        result.update(tokens_per_s=batch * seq / median, step_ms=median * 1e3, loss=float(loss),
+                      host_ms=statistics.median(issued) * 1e3)  # fmt: skip
         if device == "cuda":
             peak = torch.cuda.max_memory_allocated()
             result.update(peak_gib=peak / 2**30, extra_gib=(peak - before) / 2**30)
@@ -244,16 +250,17 @@ def add_ratios(results: list[dict], baseline: str) -> None:
 
 def table(results: list[dict], baseline: str) -> str:
     lines = [
-        f"| seq | B | row | tokens/s | × {baseline} | × same with rope | step ms | peak GiB | × {baseline} | "
+        f"| seq | B | row | tokens/s | × {baseline} | × same with rope | step ms | host ms | peak GiB | × {baseline} | "
         "extra GiB | loss | note |",
-        "| ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+        "| ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     for r in results:
         note = r["note"] if r["status"] == "ok" else f"{r['status']}: {r['note']}"
         tps = "–" if r["tokens_per_s"] is None else f"{r['tokens_per_s']:.0f}"
         lines.append(
             f"| {r['seq']} | {r['batch']} | {r['row']} | {tps} | {common.fmt(r['x baseline'])} | "
-            f"{common.fmt(r['x rope'])} | {common.fmt(r['step_ms'], 1)} | {common.fmt(r['peak_gib'])} | "
+            f"{common.fmt(r['x rope'])} | {common.fmt(r['step_ms'], 1)} | {common.fmt(r.get('host_ms'), 1)} | "
+            f"{common.fmt(r['peak_gib'])} | "
             f"{common.fmt(r['memory x baseline'])} | {common.fmt(r['extra_gib'])} | {common.fmt(r['loss'], 3)} | "
             f"{note.replace('|', '/')} |"
         )
