@@ -206,7 +206,11 @@ def profile(step, steps: int, device: str) -> dict:
         events = list(prof.key_averages())
         self_us = {e.key: e.self_cpu_time_total for e in events}
     calls = {e.key: e.count for e in events}
-    busy_ms = sum(self_us.values()) / 1e3 / steps if device == "cuda" else None
+    busy_ms = None
+    if device == "cuda":  # the kernels' own entries: an operator's self device time counts its kernels again
+        from torch.autograd import DeviceType
+
+        busy_ms = sum(e.self_device_time_total for e in events if e.device_type == DeviceType.CUDA) / 1e3 / steps
     top = sorted(self_us, key=self_us.get, reverse=True)[:PROFILE_TOP]
     return {
         "steps": steps, "wall_ms": wall_ms, "device_busy_ms": busy_ms,
