@@ -186,7 +186,7 @@ class FIRE(nn.Module):
     def threshold_value(self) -> float:
         """L as a Python float. Reading a CUDA tensor waits for the device, so the value is kept until the tensors
         it comes from change (their storage, or their in-place version counter: an optimiser step, a
-        ``load_state_dict``): a model whose layers share the module reads it once per step, not once per layer."""
+        ``load_state_dict``): a training step reads it once per layer, not at every call that asks."""
         try:
             key = tuple(n for t in (self.threshold_multiplier, self.init_threshold) for n in (t.data_ptr(), t._version))
         except RuntimeError:  # inference tensors have no version counter: read every time
