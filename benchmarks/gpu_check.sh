@@ -3,9 +3,9 @@
 # working directory): versions, the Triton kernels the benchmarks use compiled in parallel processes (Triton caches
 # them on disk), the kernel benchmark (without and with positional biases), the GPT training benchmark (with a
 # profile of its rows at the first length), the Triton tests on CUDA (last: they must not run beside a timing)
-# and, when asked (TUNE_S > 0), the tile tuning. Every step has a time limit (the whole script ends within 9 minutes with the defaults) and a failing
-# step does not stop the next; a step that runs out of time is interrupted (SIGINT), so pytest still prints its
-# summary of the failures so far.
+# and, when asked (TUNE_S > 0), the tile tuning. Every step has a time limit (the whole script ends within 9.5
+# minutes with the defaults) and a failing step does not stop the next; a step that runs out of time is
+# interrupted (SIGINT), so pytest still prints its summary of the failures so far.
 #
 #   benchmarks/gpu_check.sh OUT_DIR
 #

@@ -297,8 +297,9 @@ def run(args: argparse.Namespace) -> list[dict]:
             done = f"{r['tokens_per_s']:.0f} tokens/s" if r["status"] == "ok" else f"{r['status']}: {r['note']}"
             print(f"seq={seq} {row}: {done}", flush=True)
             write()
-    # Profiled after every row is timed: a profiler session leaves state behind (the H200's seq-1k rows timed after
-    # profiled ones ran 20-65% slower than when nothing was profiled), so it must not precede a timing.
+    # Profiled after every row is timed, so that no profiler session precedes a timing: on the H200 the seq-1k
+    # rows timed after profiled ones ran 20-66% slower than an unprofiled run of older code (suspected, not
+    # established, to be the profiler's after-effects).
     for r in [r for r in results if args.profile and r["seq"] == args.seqs[0]]:
         r["profile"] = train_row(args, r["row"], r["seq"], args.profile).get("profile")
         gc.collect()

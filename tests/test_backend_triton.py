@@ -585,9 +585,9 @@ def test_biases_and_their_gradients(kind, causal, case, monkeypatch):
     if kind in ("fire", "function"):  # the table, or the module called per block of rows
         assert (bias.relative_bias(shape[3], shape[4]) is None) == (kind == "function")
         # causal "function" calls are split: the rows below FIRE's threshold take its table, the others the
-        # function; eager gets the module as a plain function, unsplit
+        # function; eager gets the module's forward, a plain function, unsplit
         assert (bias.relative_bias_rows(shape[3], shape[4]) < shape[3]) == (kind == "function")
-        reference = lambda q_pos, k_pos: bias(q_pos, k_pos)  # noqa: E731
+        reference = bias.forward
     ssmax = None
     if "ssmax" in options:
         ssmax = torch.tensor([0.3, 0.5, 0.8, 1.2][: shape[1]], device=DEVICE).requires_grad_()

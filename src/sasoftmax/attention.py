@@ -75,7 +75,7 @@ def _relative_bias_rows(call: AttentionCall) -> int:
     at its length once its learnt threshold moved below it), how many rows those are; 0 where the call is not
     split (the first rows would see no key, or there are no such rows)."""
     rows_of = getattr(call.bias, "relative_bias_rows", None)
-    if not call.causal or rows_of is None or isinstance(call.bias, (Tensor, RelativeBias)):
+    if not call.causal or rows_of is None:
         return 0
     lq, lk = call.q.shape[2], call.k.shape[2]
     rows = rows_of(lq, lk)
