@@ -9,8 +9,10 @@ harness's parameter groups, gradient clipping at 1.0. Each step is one batch of 
 / seq, random tokens: throughput does not depend on the data). Per row and sequence length: --warmup
 steps, then --steps timed steps (CUDA synchronised around each); it reports the median step's tokens/s,
 the median time the host took to issue a step (until the step's Python returns: close to the step's time,
-the host sets the pace), the peak memory allocated during the timed steps (all of it, and the part above the
-model and optimizer state held before them), the loss after the last step (a NaN shows a broken kernel), and
+the host sets the pace), on CUDA how many times one more step waited for the device in an operation that
+PyTorch knows to synchronise (``torch.cuda.set_sync_debug_mode``: a host read of a device value), the peak
+memory allocated during the timed steps (all of it, and the part above the model and optimizer state held
+before them), the loss after the last step (a NaN shows a broken kernel), and
 the ratio of tokens/s to the baseline row (default ``sdpa:softmax``: the same model with PyTorch's
 ``scaled_dot_product_attention``, via sasoftmax's ``sdpa`` backend) and, for a row with another positional
 encoding, to the same row with RoPE.
@@ -33,6 +35,7 @@ import math
 import statistics
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import gpu_common as common
@@ -127,7 +130,7 @@ def train_row(args: argparse.Namespace, row: str, seq: int, profile_steps: int =
     device = args.device
     batch = max(1, args.tokens // seq)
     result = {"row": row, "seq": seq, "batch": batch, "tokens_per_s": None, "step_ms": None, "host_ms": None,
-              "peak_gib": None, "extra_gib": None, "loss": None, "status": "ok", "note": ""}  # fmt: skip
+              "syncs": None, "peak_gib": None, "extra_gib": None, "loss": None, "status": "ok", "note": ""}  # fmt: skip
     try:
         torch.manual_seed(0)
         config = GPTConfig(
@@ -174,12 +177,27 @@ def train_row(args: argparse.Namespace, row: str, seq: int, profile_steps: int =
                       host_ms=statistics.median(issued) * 1e3)  # fmt: skip
         if device == "cuda":
             peak = torch.cuda.max_memory_allocated()
-            result.update(peak_gib=peak / 2**30, extra_gib=(peak - before) / 2**30)
+            result.update(peak_gib=peak / 2**30, extra_gib=(peak - before) / 2**30, syncs=count_syncs(step))
         if not math.isfinite(result["loss"]):
             result.update(status="error", note="the loss is not finite")
     except Exception as err:  # noqa: BLE001 - a failing row is a result, never the end of the run
         result.update(status="error", note=common.error_text(err))
     return result  # the caller frees the model's memory once this frame is gone
+
+
+def count_syncs(step) -> int:
+    """How many operations of one call of ``step`` waited for the device in a way PyTorch reports
+    (``torch.cuda.set_sync_debug_mode``: ``.item()``, a host copy, ``nonzero``…; not Triton's launches)."""
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+    return sum("synchroniz" in str(w.message) for w in caught)
 
 
 PROFILE_TOP = 12
@@ -254,9 +272,9 @@ def add_ratios(results: list[dict], baseline: str) -> None:
 
 def table(results: list[dict], baseline: str) -> str:
     lines = [
-        f"| seq | B | row | tokens/s | × {baseline} | × same with rope | step ms | host ms | peak GiB | × {baseline} | "
-        "extra GiB | loss | note |",
-        "| ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+        f"| seq | B | row | tokens/s | × {baseline} | × same with rope | step ms | host ms | syncs | peak GiB | "
+        f"× {baseline} | extra GiB | loss | note |",
+        "| ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     for r in results:
         note = r["note"] if r["status"] == "ok" else f"{r['status']}: {r['note']}"
@@ -264,7 +282,7 @@ def table(results: list[dict], baseline: str) -> str:
         lines.append(
             f"| {r['seq']} | {r['batch']} | {r['row']} | {tps} | {common.fmt(r['x baseline'])} | "
             f"{common.fmt(r['x rope'])} | {common.fmt(r['step_ms'], 1)} | {common.fmt(r.get('host_ms'), 1)} | "
-            f"{common.fmt(r['peak_gib'])} | "
+            f"{'–' if r.get('syncs') is None else r['syncs']} | {common.fmt(r['peak_gib'])} | "
             f"{common.fmt(r['memory x baseline'])} | {common.fmt(r['extra_gib'])} | {common.fmt(r['loss'], 3)} | "
             f"{note.replace('|', '/')} |"
         )

@@ -4,7 +4,9 @@
     PYTHONPATH=src python3 benchmarks/triton_attention.py --smoke --out /tmp/smoke  # tiny, on CPU (tests)
 
 Layout of FlashAttention's benchmarks: model dim H·D = --model-dim (2048), --tokens (16384) tokens per
-batch, so B = tokens / N and H = model-dim / D; Lq = Lk = N, bf16 by default. For every (N, D, causal,
+batch, so B = tokens / N and H = model-dim / D; Lq = Lk = N, bf16 by default. q, k, v and the output's
+gradient are contiguous (B, H, N, D) tensors, or with ``--layout bnhd`` (B, H, N, D) views of (B, N, H, D)
+ones, the layout a model's head split gives (the harness GPT's, ``sasoftmax.nn``'s). For every (N, D, causal,
 bias, mode) and provider it reports the median ms (``triton.testing.do_bench``), TFLOP/s in the
 FlashAttention convention (4·B·H·N²·D, half of it when causal, ×3.5 for forward+backward; SA-Softmax's
 extra work shows as lower TFLOP/s), the ratio of its time to each baseline of the same run (by default
@@ -87,6 +89,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rep-ms", type=float, default=60, help="do_bench measuring time (ms)")
     parser.add_argument("--repeats", type=int, default=3, help="timed calls per row on CPU (median)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    parser.add_argument(
+        "--layout", choices=("bhnd", "bnhd"), default="bhnd",
+        help="q, k, v, dO contiguous as (B, H, N, D) (default) or views of (B, N, H, D) tensors, as in a model",
+    )  # fmt: skip
     parser.add_argument("--dry-run", action="store_true", help="check the arguments, print the plan, measure nothing")
     args = parser.parse_args(argv)
     cpu = args.smoke or args.device == "cpu"
@@ -377,6 +383,15 @@ def tables(rows: list[dict], baselines: list[str]) -> str:
     return "\n".join(out)
 
 
+def make_input(layout: str, shape: tuple[int, int, int, int], gen: torch.Generator, dtype, grad: bool = False):
+    """A standard normal (B, H, N, D) tensor, contiguous ("bhnd") or a transposed view of a (B, N, H, D) one ("bnhd"),
+    whose gradient flows to a leaf when ``grad``."""
+    b, h, n, d = shape
+    base_shape = shape if layout == "bhnd" else (b, n, h, d)
+    base = torch.randn(base_shape, generator=gen, device=gen.device, dtype=dtype).requires_grad_(grad)
+    return base if layout == "bhnd" else base.transpose(1, 2)
+
+
 def run(args: argparse.Namespace) -> list[dict]:
     """Measure every row, rewriting the results after each; returns the rows."""
     device, dtype = args.device, DTYPES[args.dtype]
@@ -385,7 +400,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     info = common.header(
         device, dtype=args.dtype, model_dim=args.model_dim, tokens=args.tokens,
         timing="triton.testing.do_bench median" if device == "cuda" else f"wall clock median of {args.repeats}",
-        flash_attn="installed" if flash_attn_func() is not None else "not installed",
+        flash_attn="installed" if flash_attn_func() is not None else "not installed", layout=args.layout,
     )  # fmt: skip
     out = Path(args.out)
     rows: list[dict] = []
@@ -408,10 +423,8 @@ def run(args: argparse.Namespace) -> list[dict]:
             for d in args.head_dims:
                 heads, batch = args.model_dim // d, max(1, args.tokens // n)
                 gen = torch.Generator(device=device).manual_seed(0)
-                qkv = [torch.randn(batch, heads, n, d, generator=gen, device=device, dtype=dtype) for _ in range(3)]
-                for t in qkv:
-                    t.requires_grad_()
-                grad_out = torch.randn(batch, heads, n, d, generator=gen, device=device, dtype=dtype)
+                qkv = [make_input(args.layout, (batch, heads, n, d), gen, dtype, grad=True) for _ in range(3)]
+                grad_out = make_input(args.layout, (batch, heads, n, d), gen, dtype)
                 for causal in causals:
                     shape = Shape(n, batch, heads, d, causal, dtype, device)
                     biases = Biases(shape)

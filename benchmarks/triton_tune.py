@@ -11,13 +11,20 @@ of ``sasoftmax.backends.triton._configs`` is always a candidate. A candidate tha
 (shared memory, registers) is recorded with its error. The report gives the median ms per candidate, its ratio
 to the default and the best per kernel; the best tiles go into ``_configs`` by hand once the full benchmark
 (triton_attention.py) confirms them. Results are rewritten after every row into --out/<prefix>.md/.json.
+
+Each candidate is a kernel variant Triton compiles on its first launch (seconds each, one at a time per process):
+``--compile-workers W`` first launches every candidate once in W processes at a time, each a share of the plan
+(``--compile-only I/W``, nothing timed or written), so that the timing run finds them in Triton's disk cache.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import subprocess
 import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import gpu_common as common
@@ -53,7 +60,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup-ms", type=float, default=10, help="do_bench warm-up (ms)")
     parser.add_argument("--rep-ms", type=float, default=40, help="do_bench measuring time (ms)")
     parser.add_argument("--dry-run", action="store_true", help="check the arguments, print the plan, time nothing")
+    parser.add_argument(
+        "--compile-workers", type=int, default=0, metavar="W",
+        help="first compile every candidate in W processes at a time (default 0: each compiles as it is timed)",
+    )  # fmt: skip
+    parser.add_argument("--compile-only", metavar="I/W", help=argparse.SUPPRESS)  # one compiling process's share
     args = parser.parse_args(argv)
+    if args.compile_workers < 0:
+        parser.error(f"--compile-workers must be >= 0; got {args.compile_workers}")
+    args.share = None
+    if args.compile_only is not None:
+        index, _, workers = args.compile_only.partition("/")
+        if not (index.isdigit() and workers.isdigit() and int(index) < int(workers)):
+            parser.error(f"--compile-only expects I/W with 0 <= I < W; got {args.compile_only!r}")
+        args.share = (int(index), int(workers))
     smoke = args.smoke
     args.device = args.device or ("cpu" if smoke else "cuda")
     args.length = args.length or (32 if smoke else 4096)
@@ -69,9 +89,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def time_candidate(args, kernel: str, spec: str, q, k, v, do, normalizer: str, causal: bool) -> float:
+def time_candidate(args, kernel: str, spec: str, q, k, v, do, normalizer: str, causal: bool) -> float | None:
     """Median ms of the forward (fwd, extrema) or the backward (dq, dkdv) with ``kernel``'s tiles set to ``spec``,
-    the other kernels' at their defaults."""
+    the other kernels' at their defaults; with ``--compile-only``, one untimed launch (None)."""
     from sasoftmax import attention
 
     before = os.environ.get("SASOFTMAX_TRITON_TILES")
@@ -83,8 +103,14 @@ def time_candidate(args, kernel: str, spec: str, q, k, v, do, normalizer: str, c
 
         if kernel in ("fwd", "extrema"):
             with torch.no_grad():
+                if args.share:
+                    forward()
+                    return None
                 return common.median_ms(forward, args.device, args.warmup_ms, args.rep_ms)
         out = forward()
+        if args.share:
+            torch.autograd.grad(out, (q, k, v), do)
+            return None
         return common.median_ms(
             lambda: torch.autograd.grad(out, (q, k, v), do, retain_graph=True), args.device, args.warmup_ms, args.rep_ms
         )
@@ -136,6 +162,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     rows: list[dict] = []
     gen = torch.Generator(device=args.device).manual_seed(0)
     inputs = {}
+    launched = 0  # candidates in plan order, for --compile-only's share
     for d, causal, normalizer, kernel, candidates in plan(args):
         if d not in inputs:
             inputs.clear()  # one head dim's tensors at a time (the plan alternates them)
@@ -147,6 +174,9 @@ def run(args: argparse.Namespace) -> list[dict]:
         default = default_spec(kernel, d, dtype)
         group = []
         for spec in dict.fromkeys([default] + candidates):
+            launched += 1
+            if args.share and (launched - 1) % args.share[1] != args.share[0]:
+                continue
             row = {"d": d, "causal": causal, "normalizer": normalizer, "kernel": kernel, "tiles": spec,
                    "default": spec == default, "ms": None, "x default": None, "note": ""}  # fmt: skip
             try:
@@ -154,6 +184,9 @@ def run(args: argparse.Namespace) -> list[dict]:
             except Exception as err:  # noqa: BLE001 - a candidate that does not fit is a result
                 row["note"] = common.error_text(err)
             common.release(args.device)
+            if args.share:
+                print(f"compiled D={d} causal={causal} {normalizer} {kernel} {spec} {row['note']}", flush=True)
+                continue
             group.append(row)
             rows.append(row)
             for r in group:
@@ -161,8 +194,41 @@ def run(args: argparse.Namespace) -> list[dict]:
             print(f"D={d} causal={causal} {normalizer} {kernel} {spec}: {common.fmt(row['ms'], 3)} ms {row['note']}",
                   flush=True)  # fmt: skip
             common.write_results(out, args.prefix, "Triton tile tuning", info, rows, table(rows))
-    print(f"\nwrote {out / (args.prefix + '.md')} and {out / (args.prefix + '.json')}")
+    if not args.share:
+        print(f"\nwrote {out / (args.prefix + '.md')} and {out / (args.prefix + '.json')}")
     return rows
+
+
+def compile_all(args: argparse.Namespace, argv: list[str]) -> None:
+    """Launch every candidate of the plan once, in ``--compile-workers`` processes at a time (each this script with
+    ``--compile-only I/W``), so that Triton's disk cache holds them before anything is timed. A failing process
+    is reported and the timing goes on (it compiles what is missing itself). SIGINT (gpu_check.sh's time limit)
+    stops every process."""
+    workers = args.compile_workers
+    base = [sys.executable, str(Path(__file__).resolve()), *argv, "--compile-workers", "0"]
+    running: list[subprocess.Popen] = []
+
+    def compile_share(index: int) -> int:
+        command = [*base, "--compile-only", f"{index}/{workers}"]
+        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        running.append(process)
+        _, err = process.communicate()
+        if process.returncode:
+            print(f"compiling share {index}/{workers} failed ({process.returncode}):\n{err[-2000:]}", flush=True)
+        return process.returncode
+
+    start = time.perf_counter()
+    pool = ThreadPoolExecutor(workers)
+    try:
+        codes = list(pool.map(compile_share, range(workers)))
+    except KeyboardInterrupt:
+        for process in running:
+            process.kill()
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown()
+    print(f"compiled the candidates in {workers} processes in {time.perf_counter() - start:.0f} s; "
+          f"{sum(map(bool, codes))} failed", flush=True)  # fmt: skip
 
 
 def plan(args: argparse.Namespace) -> list[tuple]:
@@ -189,6 +255,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{args.device}: N={args.length}, D {args.head_dims}, {args.normalizers}, {args.kernels}; nothing timed"
         )
         return 0
+    if args.compile_workers and not args.share:
+        compile_all(args, sys.argv[1:] if argv is None else argv)
     return common.run_rows("triton_tune.py", run, args)
 
 

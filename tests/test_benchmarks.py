@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
@@ -58,6 +59,17 @@ def test_kernel_benchmark_smoke(tmp_path):
     kerple = by["cpu:sa_norm+ssmax", "kerple", "fwd+bwd"]
     assert kerple["status"] == "ok"
     assert kerple["x no bias"] == pytest.approx(kerple["ms"] / by["cpu:sa_norm+ssmax", "none", "fwd+bwd"]["ms"])
+
+
+def test_kernel_benchmark_in_a_models_layout(tmp_path):
+    inputs = triton_attention.make_input("bnhd", (2, 3, 5, 4), torch.Generator().manual_seed(0), torch.float32, True)
+    assert inputs.shape == (2, 3, 5, 4) and inputs.stride() == (60, 4, 12, 1) and inputs.requires_grad
+    providers = ["sdpa-math", "cpu:sa_norm", *TRITON]
+    argv = ["--smoke", "--out", str(tmp_path), "--providers", *providers, "--causal", "yes", "--repeats", "1"]
+    assert triton_attention.main([*argv, "--layout", "bnhd", "--modes", "fwd+bwd"]) == 0
+    _, result = read(tmp_path, "kernels")
+    assert result["header"]["layout"] == "bnhd"
+    assert [r["status"] for r in result["rows"]] == ["ok"] * len(providers)
 
 
 def test_kernel_benchmark_rejects_unknown_providers(capsys):
@@ -108,9 +120,10 @@ def test_training_benchmark_profile(tmp_path, monkeypatch):
 
 
 @pytest.mark.skipif(not TRITON_ON_CPU, reason="the tuning times Triton kernels (here: in the interpreter)")
-def test_tile_tuning_smoke(tmp_path):
+def test_tile_tuning_smoke(tmp_path, capsys):
     argv = ["--smoke", "--out", str(tmp_path), "--kernels", "fwd", "dkdv", "--causal", "yes", "--normalizers", "sa"]
-    assert triton_tune.main(argv) == 0
+    assert triton_tune.main([*argv, "--compile-workers", "2"]) == 0
+    assert "; 0 failed" in capsys.readouterr().out  # compiled first, in 2 processes
     markdown, result = read(tmp_path, "tune")
     rows = result["rows"]
     assert [(r["kernel"], r["tiles"]) for r in rows] == [
@@ -121,6 +134,22 @@ def test_tile_tuning_smoke(tmp_path):
         assert r["ms"] > 0 and r["note"] == ""
     assert rows[1]["x default"] == pytest.approx(rows[1]["ms"] / rows[0]["ms"])
     assert markdown.count("**") == 4  # the fastest of each kernel in bold
+
+
+@pytest.mark.skipif(not TRITON_ON_CPU, reason="the tuning launches Triton kernels (here: in the interpreter)")
+def test_tile_tuning_compiles_each_share_of_the_candidates_untimed(tmp_path, capsys):
+    argv = ["--smoke", "--out", str(tmp_path), "--kernels", "fwd", "dkdv", "--causal", "yes", "--normalizers", "sa"]
+    shares = []
+    for index in range(2):
+        assert triton_tune.main([*argv, "--compile-only", f"{index}/2"]) == 0
+        lines = capsys.readouterr().out.splitlines()
+        shares.append([line.split()[-1] for line in lines if line.startswith("compiled")])
+    assert shares == [["16x16x4x1", "16x16x4x1"], ["32x16x4x1", "32x16x4x1"]]  # every candidate once, in turn
+    assert not list(tmp_path.iterdir())  # nothing timed, nothing written
+    for bad in ("2/2", "a/2", "1"):
+        with pytest.raises(SystemExit):
+            triton_tune.parse_args([*argv, "--compile-only", bad])
+    assert "--compile-only expects I/W" in capsys.readouterr().err
 
 
 def test_tile_tuning_dry_run_and_arguments(capsys):
