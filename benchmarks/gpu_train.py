@@ -21,15 +21,17 @@ Rows (``--rows``) are ``<backend>:<normalizer>[+ssmax][@<pos>]``: backend sdpa/t
 normalizer softmax/sa/sa_norm, ``+ssmax`` a learnable SSMax scale (s = 0.43), ``@pos`` a positional
 encoding of the harness (default rope; e.g. ``@kerple``). A row that fails (out of memory, a call the
 backend does not serve) is recorded with its error and the run goes on. Results are rewritten after every
-row into --out/<prefix>.md and --out/<prefix>.json. ``--profile STEPS`` adds, per row at the first length, a
-table of the kernels with the most device time per step (torch.profiler), to find where a row's time goes;
-those rows are profiled after every row is timed.
+row into --out/<prefix>.md and --out/<prefix>.json. ``--profile STEPS`` adds, per row at the first length,
+tables of where a row's time goes: the kernels with the most device time per step and the host entries (operators,
+CUDA runtime and driver calls) with the most CPU time per step (torch.profiler), and the Python functions with the
+most own time per step (cProfile, as many steps again); those rows are profiled after every row is timed.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import cProfile
 import gc
 import math
 import statistics
@@ -230,15 +232,40 @@ def profile(step, steps: int, device: str) -> dict:
 
         busy_ms = sum(e.self_device_time_total for e in events if e.device_type == DeviceType.CUDA) / 1e3 / steps
     top = sorted(self_us, key=self_us.get, reverse=True)[:PROFILE_TOP]
+    host = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)[:PROFILE_TOP]
     return {
         "steps": steps, "wall_ms": wall_ms, "device_busy_ms": busy_ms,
         "top": [{"name": k, "ms_per_step": self_us[k] / 1e3 / steps, "calls_per_step": calls[k] / steps}
                 for k in top],
+        "host_top": [{"name": e.key, "ms_per_step": e.self_cpu_time_total / 1e3 / steps,
+                      "calls_per_step": e.count / steps} for e in host],
+        "python_top": python_profile(step, steps, device),
     }  # fmt: skip
 
 
+def python_profile(step, steps: int, device: str) -> list[dict]:
+    """``steps`` calls of ``step`` under cProfile: the functions with the most own time per step (a C function's
+    own time includes any wait inside it, e.g. a launch blocked by a full queue)."""
+    import pstats
+
+    profiler = cProfile.Profile()
+    common.synchronize(device)
+    profiler.enable()
+    for _ in range(steps):
+        step()
+    common.synchronize(device)
+    profiler.disable()
+    stats = pstats.Stats(profiler).stats  # {(file, line, name): (primitive calls, calls, own s, cumulative s, …)}
+    top = sorted(stats.items(), key=lambda item: item[1][2], reverse=True)[:PROFILE_TOP]
+    return [
+        {"name": f"{Path(file).name}:{line}({name})", "ms_per_step": own * 1e3 / steps, "calls_per_step": calls / steps}
+        for (file, line, name), (_, calls, own, *_) in top
+    ]
+
+
 def profile_tables(results: list[dict]) -> str:
-    """One table per profiled row: the kernels with the most device time per step."""
+    """Three tables per profiled row: the kernels with the most device time per step, the host entries and the
+    Python functions with the most CPU time per step."""
     parts = []
     for r in results:
         prof = r.get("profile")
@@ -251,10 +278,14 @@ def profile_tables(results: list[dict]) -> str:
             "| kernel / operator | ms per step | calls per step |",
             "| --- | ---: | ---: |",
         ]
-        for e in prof["top"]:
-            name = e["name"].replace("|", "/")
-            name = name if len(name) <= 90 else name[:89] + "…"
-            parts.append(f"| `{name}` | {e['ms_per_step']:.2f} | {e['calls_per_step']:g} |")
+        for title, key in (("kernel / operator", "top"), ("host: operator or call (self CPU)", "host_top"),
+                           ("host: Python function (own time, cProfile)", "python_top")):  # fmt: skip
+            if key != "top":
+                parts += ["", f"| {title} | ms per step | calls per step |", "| --- | ---: | ---: |"]
+            for e in prof.get(key, []):
+                name = e["name"].replace("|", "/")
+                name = name if len(name) <= 90 else name[:89] + "…"
+                parts.append(f"| `{name}` | {e['ms_per_step']:.2f} | {e['calls_per_step']:g} |")
     return "\n".join(parts)
 
 

@@ -59,6 +59,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dtype", choices=list(DTYPES), help="default bfloat16 (smoke float32)")
     parser.add_argument("--warmup-ms", type=float, default=10, help="do_bench warm-up (ms)")
     parser.add_argument("--rep-ms", type=float, default=40, help="do_bench measuring time (ms)")
+    parser.add_argument(
+        "--candidates", nargs="+", metavar="KERNEL:BMxBNxWxS",
+        help="these candidates instead of the built-in ones, for the kernels they name (e.g. dq:64x32x4x4)",
+    )  # fmt: skip
     parser.add_argument("--dry-run", action="store_true", help="check the arguments, print the plan, time nothing")
     parser.add_argument(
         "--compile-workers", type=int, default=0, metavar="W",
@@ -68,6 +72,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.compile_workers < 0:
         parser.error(f"--compile-workers must be >= 0; got {args.compile_workers}")
+    args.candidate_specs = {}
+    for item in args.candidates or []:
+        kernel, _, spec = item.partition(":")
+        numbers = spec.split("x")
+        if kernel not in KERNELS or len(numbers) != 4 or not all(n.isdigit() and int(n) > 0 for n in numbers):
+            parser.error(f"--candidates expects KERNEL:BMxBNxWARPSxSTAGES with KERNEL in {KERNELS}; got {item!r}")
+        args.candidate_specs.setdefault(kernel, []).append(spec)
     args.share = None
     if args.compile_only is not None:
         index, _, workers = args.compile_only.partition("/")
@@ -234,7 +245,7 @@ def compile_all(args: argparse.Namespace, argv: list[str]) -> None:
 def plan(args: argparse.Namespace) -> list[tuple]:
     """(D, causal, normalizer, kernel, candidates) in the order they are timed; ``run`` puts the kernel's default
     tiles before the candidates (the dry run imports no sasoftmax, so it counts one more per group)."""
-    candidates = SMOKE_CANDIDATES if args.smoke else CANDIDATES
+    candidates = {**(SMOKE_CANDIDATES if args.smoke else CANDIDATES), **args.candidate_specs}
     causal_values = {"both": (True, False), "yes": (True,), "no": (False,)}[args.causal]
     return [  # causal first: what training runs, in case a time limit cuts the run short
         (d, causal, normalizer, kernel, candidates[kernel])

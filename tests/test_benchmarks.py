@@ -114,8 +114,11 @@ def test_training_benchmark_profile(tmp_path, monkeypatch):
     timed = by[("cpu:sa_norm", 16)]
     assert timed["tokens_per_s"] > 0 and 0 < timed["host_ms"] <= timed["step_ms"]  # the timing stays
     assert prof["steps"] == 1 and prof["wall_ms"] > 0 and 0 < len(prof["top"]) <= gpu_train.PROFILE_TOP
-    times = [e["ms_per_step"] for e in prof["top"]]
-    assert times == sorted(times, reverse=True) and times[0] > 0
+    for key in ("top", "host_top", "python_top"):  # device (here: operators), host, Python functions
+        times = [e["ms_per_step"] for e in prof[key]]
+        assert 0 < len(times) <= gpu_train.PROFILE_TOP and times == sorted(times, reverse=True) and times[0] > 0
+    assert "host: Python function (own time, cProfile)" in markdown
+    assert timed["syncs"] is None  # counted on CUDA only
     assert "### Profile: cpu:sa_norm at seq 16" in markdown and f"`{prof['top'][0]['name']}`" in markdown
 
 
@@ -157,6 +160,11 @@ def test_tile_tuning_dry_run_and_arguments(capsys):
     assert "16 kernel groups" in capsys.readouterr().out  # 2 head dims × causal both × (fwd, extrema, dq, dkdv)
     assert triton_tune.main(["--dry-run", "--normalizers", "softmax"]) == 0
     assert "12 kernel groups" in capsys.readouterr().out  # row_extrema is sa_norm's only
+    assert triton_tune.main(["--dry-run", "--candidates", "dq:64x32x4x4", "dq:64x64x4x3"]) == 0
+    assert "up to 84 candidates" in capsys.readouterr().out  # dq's 2 (+ default) replace its 5: 4 × (6 + 6 + 3 + 6)
+    with pytest.raises(SystemExit):
+        triton_tune.parse_args(["--candidates", "dx:64x32x4x4"])
+    assert "--candidates expects KERNEL:BMxBNxWARPSxSTAGES" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_info:
         triton_tune.parse_args(["--head-dims", "96", "--model-dim", "2048"])
     assert exit_info.value.code == 2 and "multiple of every head dim" in capsys.readouterr().err
