@@ -132,10 +132,11 @@ def time_candidate(args, kernel: str, spec: str, q, k, v, do, normalizer: str, c
             os.environ["SASOFTMAX_TRITON_TILES"] = before
 
 
-def default_spec(kernel: str, d: int, dtype: torch.dtype) -> str:
+def default_spec(kernel: str, d: int, dtype: torch.dtype, normalizer: str) -> str:
+    from sasoftmax import NORMALIZERS
     from sasoftmax.backends.triton import _configs
 
-    c = _configs(d, d, dtype)[kernel]
+    c = _configs(d, d, dtype, norm=NORMALIZERS.index(normalizer))[kernel]
     return f"{c.block_m}x{c.block_n}x{c.num_warps}x{c.num_stages}"
 
 
@@ -182,7 +183,7 @@ def run(args: argparse.Namespace) -> list[dict]:
             for t in inputs[d][:3]:
                 t.requires_grad_()
         q, k, v, do = inputs[d]
-        default = default_spec(kernel, d, dtype)
+        default = default_spec(kernel, d, dtype, normalizer)
         group = []
         for spec in dict.fromkeys([default] + candidates):
             launched += 1

@@ -72,7 +72,7 @@ def test_fullgraph_compile_of_the_sdpa_backend():
 def test_fullgraph_compile_of_the_triton_kernels():
     """The Triton kernels are custom operators too (run here by Triton's interpreter on CPU tensors): with a
     mask, a bias tensor, SSMax and RelativeBias forms (ALiBi; a table with SSMax), compiled outputs and gradients
-    equal the uncompiled ones."""
+    (the operators) equal the uncompiled ones (their autograd.Function twin)."""
     from sasoftmax.backends import triton as triton_backend
 
     if not triton_backend.INTERPRET and not torch.cuda.is_available():
@@ -115,6 +115,26 @@ def test_compiled_auto_backend_takes_the_custom_operator():
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, atol=0, rtol=0)
     assert "sasoftmax.cpu_fused_forward" in graphs[0].code
+
+
+@pytest.mark.parametrize("strict", [True, False], ids=["strict", "non-strict"])
+def test_export_holds_the_triton_operator(strict):
+    """A traced call takes the Triton operator (an eager one its autograd.Function twin, with equal outputs)."""
+    from sasoftmax.backends import triton as triton_backend
+
+    if not triton_backend.INTERPRET and not torch.cuda.is_available():
+        pytest.skip("no CUDA and Triton's interpreter is off")
+
+    class Layer(torch.nn.Module):
+        def forward(self, q, k, v):
+            return sasoftmax.attention(q, k, v, normalizer="sa_norm", causal=True, backend="triton")
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    (q, k, v, _), *_ = leaves(torch.float32, head_dim=16)
+    q, k, v = (t.detach().to(device) for t in (q, k, v))
+    program = torch.export.export(Layer(), (q, k, v), strict=strict)
+    assert "sasoftmax.triton_forward" in str(program.graph)
+    torch.testing.assert_close(program.module()(q, k, v), Layer()(q, k, v), atol=0, rtol=0)
 
 
 @needs_fused

@@ -241,10 +241,11 @@ def test_min_term_scattered_through_dq(case, monkeypatch):
     check_against_twins(case, monkeypatch)
 
 
-def gpu_tiles(dtype: torch.dtype, d: int, dv: int, monkeypatch) -> str:
-    """The tiles a GPU launches for these head dims and dtype, as ``SASOFTMAX_TRITON_TILES`` (one stage)."""
+def gpu_tiles(dtype: torch.dtype, d: int, dv: int, monkeypatch, norm: int = 0) -> str:
+    """The tiles a GPU launches for these head dims, dtype and normalizer, as ``SASOFTMAX_TRITON_TILES`` (one
+    stage)."""
     monkeypatch.setattr(tb, "INTERPRET", False)
-    configs = tb._configs(d, dv, dtype)
+    configs = tb._configs(d, dv, dtype, norm=norm)
     monkeypatch.setattr(tb, "INTERPRET", True)
     return ",".join(f"{name}:{c.block_m}x{c.block_n}x{c.num_warps}x1" for name, c in configs.items())
 
@@ -258,6 +259,19 @@ def test_float32_sa_norm_with_the_gpus_tiles(case, monkeypatch):
     with x = 0.003 put 3–6e-5 relative error in dk and dv here, 2e-3 in dq on an H100."""
     _, _, _, _, _, d, dv = case.shape
     monkeypatch.setenv("SASOFTMAX_TRITON_TILES", gpu_tiles(torch.float32, d, dv, monkeypatch))
+    check_against_twins(case, monkeypatch)
+
+
+@pytest.mark.skipif(CUDA, reason="on a GPU every test takes the GPU's tiles")
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("case", [c for c in CASES if c.norm == 2], ids=str)
+def test_sa_norm_with_the_gpus_tuned_tiles(case, head_dim, monkeypatch):
+    """The tiles a GPU takes for 16-bit sa_norm without a bias (tuned, ``triton._SA_NORM_TUNED``: row_extrema
+    64×32, dq 64×32, dk/dv 64×64 or 32×64), on these float32 problems: the tiles' bounds, not the dtype, are
+    what is checked (the interpreter's bfloat16 arithmetic is wrong)."""
+    tiles = gpu_tiles(torch.bfloat16, head_dim, head_dim, monkeypatch, norm=2)
+    assert "extrema:64x32x4x1" in tiles and ("dkdv:64x64x4x1" if head_dim == 64 else "dkdv:32x64x4x1") in tiles
+    monkeypatch.setenv("SASOFTMAX_TRITON_TILES", tiles)
     check_against_twins(case, monkeypatch)
 
 

@@ -20,6 +20,7 @@ Importing this module raises ImportError when triton is not installed.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from dataclasses import dataclass, replace
@@ -98,7 +99,10 @@ def attention(call: AttentionCall) -> Tensor:
     kind, r1, r2 = (NO_BIAS if bias is None else BIAS_TENSOR), None, None
     if isinstance(bias, RelativeBias):
         kind, r1, r2, bias = 2 + RELATIVE_BIAS_KINDS.index(bias.kind), bias.r1, bias.r2, None
-    o, *_ = triton_forward(
+    # Traced (torch.compile, torch.export): the operator. Eager: its autograd.Function twin, the same functions
+    # without the operator's dispatch and autograd glue, which cost the host more than the Triton launches.
+    forward = triton_forward if torch.compiler.is_compiling() else _EagerAttention.apply
+    o, *_ = forward(
         call.q, call.k, call.v, t, s, call.mask, bias, kind, r1, r2, options.norm, call.causal, call.scale, call.eps,
         options.pos0,
     )  # fmt: skip
@@ -199,17 +203,38 @@ class _Config:
                 "num_stages": self.num_stages, "enable_fp_fusion": True}  # fmt: skip
 
 
-def _configs(d: int, dv: int, dtype: torch.dtype, kind: int = NO_BIAS) -> dict[str, _Config]:
+def _configs(d: int, dv: int, dtype: torch.dtype, kind: int = NO_BIAS, norm: int = 0) -> dict[str, _Config]:
     """Tiles per kernel (``extrema`` is sa_norm's row_extrema pass). 16×16 in the interpreter (many partial
     blocks, fast enough). On a GPU, tiles for Hopper after Triton's fused-attention tutorial and
     FlashAttention-2 (forward: 128 query rows; dq: 128 rows × 32 keys; dk/dv: 32 rows × 128 keys, 64 × 128 at 8
     warps with a Kerple bias (``kind``) at head dims up to 64, 32 × 64 with a table; the forward at 2 stages with
-    a bias tensor at head dims up to 64), smaller for wide heads and float32 (which stages twice the bytes).
+    a bias tensor at head dims up to 64), smaller for wide heads and float32 (which stages twice the bytes);
+    bias-free sa_norm (``norm`` 2) takes the tiles timed fastest on an H200 (``_SA_NORM_TUNED``).
     ``SASOFTMAX_TRITON_TILES=fwd:BMxBNxWxS,dq:...`` (names fwd, extrema, dq, dkdv) overrides them, in the
     interpreter too; benchmarks/triton_tune.py times candidates that way."""
+    return dict(_tiles(d, dv, dtype, kind, norm, os.environ.get("SASOFTMAX_TRITON_TILES", ""), INTERPRET))
+
+
+# Bias-free sa_norm, 16-bit inputs, by head dim: benchmarks/triton_tune.py on an H200 (2026-11-26, N = 4096, bf16,
+# causal and not, docs/gpu/2026-11-26-H200-15c93a2/tune*.md), each kernel's time ÷ the tiles before: row_extrema
+# 64×32 at 4 warps 0.85–0.91 (128×64 at 8 before); dq 64×32 at 4 warps 0.95–0.96 (D = 64) and 0.86–0.88 (D = 128);
+# dk/dv 64×64 at 4 warps 0.95–0.96 (D = 64), 32×64 at 4 warps 0.88–0.91 (D = 128). The forward kept its tiles.
+_SA_NORM_TUNED = {
+    64: {"extrema": _Config(64, 32, 4, 3), "dq": _Config(64, 32, 4, 3), "dkdv": _Config(64, 64, 4, 3)},
+    128: {"extrema": _Config(64, 32, 4, 3), "dq": _Config(64, 32, 4, 3), "dkdv": _Config(32, 64, 4, 3)},
+}
+
+
+@functools.lru_cache(maxsize=256)
+def _tiles(
+    d: int, dv: int, dtype: torch.dtype, kind: int, norm: int, override: str, interpret: bool
+) -> tuple[tuple[str, _Config], ...]:
+    """``_configs`` as (name, config) pairs, cached per call signature, ``SASOFTMAX_TRITON_TILES`` value and
+    ``interpret`` (INTERPRET: the tests switch it) (a call asks twice, forward and backward; building them cost a
+    few µs of the host's time per layer and step)."""
     widest = max(d, dv)
     wide = dtype == torch.float32
-    if INTERPRET:
+    if interpret:
         tile = _Config(16, 16, 4, 1)
         configs = {"fwd": tile, "dq": tile, "dkdv": tile}
     elif widest <= 64 and not wide:
@@ -220,17 +245,17 @@ def _configs(d: int, dv: int, dtype: torch.dtype, kind: int = NO_BIAS) -> dict[s
         configs = {"fwd": _Config(64, 32, 4, 2), "dq": _Config(64, 32, 4, 2), "dkdv": _Config(32, 64, 4, 2)}
     else:
         configs = {"fwd": _Config(64, 32, 4, 2), "dq": _Config(64, 16, 4, 2), "dkdv": _Config(16, 64, 4, 2)}
-    if kind in (KERPLE_LOG, KERPLE_POWER) and widest <= 64 and not wide and not INTERPRET:
+    if kind in (KERPLE_LOG, KERPLE_POWER) and widest <= 64 and not wide and not interpret:
         # dk/dv with a Kerple bias and its r1, r2 gradients holds the bias's per-pair values besides dk, dv, k, v:
         # 32×128 at 4 warps spilled 212–348 values per iteration (sm_90, sa_norm, D = 64), 64×128 at 8 warps
         # 8–62, in 10–15% fewer instructions (compiled, not timed; ALiBi and bias-free calls spill ≤ 6 and keep
         # the default, which counts fewer there)
         configs["dkdv"] = _Config(64, 128, 8, 2)
-    if kind == BIAS_TENSOR and widest <= 64 and not wide and not INTERPRET:
+    if kind == BIAS_TENSOR and widest <= 64 and not wide and not interpret:
         # the forward stages the bias tensor's (rows × keys) float32 tile with k and v: at 3 stages it needed 128 KiB
         # of shared memory, one program per SM where registers allow two; 2 stages take 80 KiB (sm_90, not timed)
         configs["fwd"] = _Config(128, 64, 4, 2)
-    if kind == TABLE and widest <= 128 and not wide and not INTERPRET:
+    if kind == TABLE and widest <= 128 and not wide and not interpret:
         # a table's gradient sums each tile's diagonals through a gather across the tile: 32 rows × 64 keys at 4
         # warps counted 44 / 50 instructions per score element at D = 64 / 128 (sm_90, sa_norm, bulk loop)
         # against the default's 54 / 60 (compiled, not timed)
@@ -238,8 +263,10 @@ def _configs(d: int, dv: int, dtype: torch.dtype, kind: int = NO_BIAS) -> dict[s
     # row_extrema keeps four running values per tile slot (see triton_kernels._extrema_tiles): the forward's 128×64
     # tile at 4 warps (head dims up to 64) would spill them; at 8 warps it holds them (compiled for sm_90: no
     # spills, fewer instructions per score element than 128×16, 64×32 or 128×32 tiles).
-    configs["extrema"] = _Config(128, 64, 8, 3) if widest <= 128 and not wide and not INTERPRET else configs["fwd"]
-    for part in filter(None, os.environ.get("SASOFTMAX_TRITON_TILES", "").split(",")):
+    configs["extrema"] = _Config(128, 64, 8, 3) if widest <= 128 and not wide and not interpret else configs["fwd"]
+    if norm == 2 and kind == NO_BIAS and not wide and not interpret:
+        configs.update(_SA_NORM_TUNED.get(64 if widest <= 64 else 128 if widest <= 128 else 0, {}))
+    for part in filter(None, override.split(",")):
         name, _, spec = part.partition(":")
         numbers = spec.split("x")
         if name not in configs or len(numbers) != 4 or not all(n.isdigit() and int(n) > 0 for n in numbers):
@@ -248,7 +275,7 @@ def _configs(d: int, dv: int, dtype: torch.dtype, kind: int = NO_BIAS) -> dict[s
                 f"{sorted(configs)} and positive integers; got {part!r}"
             )
         configs[name] = _Config(*(int(n) for n in numbers))
-    return configs
+    return tuple(configs.items())
 
 
 _STAGES_THAT_FIT: dict[tuple[str, int, _Config], int] = {}
@@ -276,7 +303,13 @@ def _launch(name: str, grid: tuple[int, ...], cfg: _Config, *args, **kwargs) -> 
 
 
 def _pad(dim: int) -> int:
-    return max(16, triton.next_power_of_2(dim))
+    """The power of two from 16 up that holds ``dim`` (a tile's width for a head dim)."""
+    return max(16, 1 << (dim - 1).bit_length())
+
+
+def _cdiv(a: int, b: int) -> int:
+    """⌈a / b⌉ (triton.cdiv, a constexpr function since triton 3.5, cost ~4 µs a call of the host's time)."""
+    return -(-a // b)
 
 
 def _strides(t: Tensor) -> tuple[int, ...]:
@@ -432,7 +465,7 @@ def _forward(q, k, v, o, t, mask, bias, kind, r1, r2, opt: _Options, s: Tensor |
     saved = _Saved(torch.empty_like(rows), torch.empty_like(rows) if exact else none.clone(), none.clone(),
                    none.clone(), none.int(), none.int(),
                    none.clone() if s is None else torch.empty_like(rows))  # fmt: skip
-    configs = _configs(d, dv, q.dtype, kind)
+    configs = _configs(d, dv, q.dtype, kind, opt.norm)
     factor = t if s is None else s.float()
     (t_arg, r1_arg, r2_arg), common, flags = _common_args(q, k, factor, mask, bias, kind, r1, r2, opt, none)
     flags.update(T_FROM_S=s is not None, QK_SCALED=_qk_scaled(kind, opt.scale))
@@ -449,7 +482,7 @@ def _forward(q, k, v, o, t, mask, bias, kind, r1, r2, opt: _Options, s: Tensor |
             saved.low, saved.inv_delta, saved.argmin, saved.argmax = low, inv_delta, argmin, argmax
         cfg = configs["extrema"]
         _launch(
-            "row_extrema", (triton.cdiv(lq, cfg.block_m), b * hq), cfg,
+            "row_extrema", (_cdiv(lq, cfg.block_m), b * hq), cfg,
             q, k, t_arg, mu, low, inv_delta, argmin, argmax, r1_arg, r2_arg,
             *_strides(q), *_strides(k), *common, opt.eps, MIN_AND_ARGS=opt.norm == 2,
             RAW_QK=kind == NO_BIAS and (factor is None or opt.norm == 2) and _power_of_two(opt.scale), EXACT=exact,
@@ -457,7 +490,7 @@ def _forward(q, k, v, o, t, mask, bias, kind, r1, r2, opt: _Options, s: Tensor |
         )  # fmt: skip
     cfg = configs["fwd"]
     _launch(
-        "fwd", (triton.cdiv(lq, cfg.block_m), b * hq), cfg,
+        "fwd", (_cdiv(lq, cfg.block_m), b * hq), cfg,
         q, k, v, o, saved.shift, saved.inv_l, t_arg, saved.t_rows, mu, low, inv_delta, saved.argmax, saved.argmin,
         r1_arg, r2_arg,
         *_strides(q), *_strides(k), *_strides(v), *_strides(o), *common,
@@ -491,10 +524,10 @@ def _backward(
     dq, dk, dv in the memory order of q, k, v (``_gradient_like``)."""
     b, hq, lq, d = q.shape
     hkv, lk, dv = k.shape[1], k.shape[2], v.shape[3]
-    configs = _configs(d, dv, q.dtype, kind)
+    configs = _configs(d, dv, q.dtype, kind, opt.norm)
     none = torch.empty(0, device=q.device, dtype=torch.float32)
     rows = torch.empty(len(ROW_PAIRS), b * hq * lq, device=q.device, dtype=torch.int64)  # bwd_dq -> bwd_dkdv
-    query_blocks = triton.cdiv(lq, configs["dq"].block_m)
+    query_blocks = _cdiv(lq, configs["dq"].block_m)
     # dL/dt per row, or with ``ds`` one partial Σ_i dL/dt_i·ln(n_i) per dq program
     dt = none
     if t is not None:
@@ -511,7 +544,7 @@ def _backward(
     cfg_dq, cfg = configs["dq"], configs["dkdv"]
     if kind == TABLE and cfg.block_m > cfg.block_n:
         raise ValueError(f"SASOFTMAX_TRITON_TILES: a table bias needs dkdv tiles with BLOCK_M <= BLOCK_N; got {cfg}")
-    key_blocks = triton.cdiv(lk, cfg.block_n)
+    key_blocks = _cdiv(lk, cfg.block_n)
     # Scattered, bwd_dq adds the min terms' part of dk into dk_low, which bwd_dkdv adds to its own (float32, zeroed).
     dk_low = torch.zeros(b, hkv, lk, d, device=q.device, dtype=torch.float32) if scatter else none
     # ALiBi/Kerple's dL/dr1, dL/dr2: one partial sum per dk/dv program and head, and, scattered, one per dq program
@@ -596,11 +629,11 @@ def _reduce_to(grad: Tensor, like: Tensor) -> Tensor:
     return grad.view(like.shape).to(like.dtype)
 
 
-# The kernels as PyTorch custom operators: torch.compile (fullgraph too), torch.export and CUDA graphs see one
-# opaque operator per direction, with fake (meta) implementations for tracing and the forward's autograd formula
-# calling the backward operator (which has none: a double backward raises).
-@torch.library.custom_op("sasoftmax::triton_forward", mutates_args=())
-def triton_forward(
+# The kernels as PyTorch custom operators: torch.compile (fullgraph too) and torch.export see one opaque operator
+# per direction, with fake (meta) implementations for tracing and the forward's autograd formula calling the
+# backward operator (which has none: a double backward raises). Eager calls take ``_EagerAttention``, which runs
+# the same two functions (``_forward_op``, ``_backward_op``) and the same autograd formula (``_gradients``).
+def _forward_op(
     q: Tensor,
     k: Tensor,
     v: Tensor,
@@ -629,6 +662,9 @@ def triton_forward(
     return o, saved.shift, saved.inv_l, saved.low, saved.inv_delta, saved.argmin, saved.argmax, saved.t_rows
 
 
+triton_forward = torch.library.custom_op("sasoftmax::triton_forward", _forward_op, mutates_args=())
+
+
 @triton_forward.register_fake
 def _(q, k, v, t, s, mask, bias, kind, r1, r2, norm, causal, scale, eps, pos0):
     b, hq, lq, _ = q.shape
@@ -641,8 +677,7 @@ def _(q, k, v, t, s, mask, bias, kind, r1, r2, norm, causal, scale, eps, pos0):
     return o, shift, inv_l, *stats, t_rows
 
 
-@torch.library.custom_op("sasoftmax::triton_backward", mutates_args=())
-def triton_backward(
+def _backward_op(
     q: Tensor,
     k: Tensor,
     v: Tensor,
@@ -697,6 +732,9 @@ def triton_backward(
     return dq, dk, dv, (dt if dt is not None else empty()), dbias, dr1, dr2
 
 
+triton_backward = torch.library.custom_op("sasoftmax::triton_backward", _backward_op, mutates_args=())
+
+
 @triton_backward.register_fake
 def _(q, k, v, t, s, mask, bias, kind, r1, r2, norm, causal, scale, eps, pos0, o, grad_out, shift, inv_l, low,
       inv_delta, argmin, argmax, t_rows, bias_grad):  # fmt: skip
@@ -723,13 +761,14 @@ def _setup_context(ctx, inputs: tuple, output: tuple) -> None:
     ctx.kind, ctx.options = kind, options
 
 
-def _backward_formula(ctx, grad_out: Tensor, *_unused_stat_grads) -> tuple:
+def _gradients(ctx, grad_out: Tensor | None, backward) -> tuple:
+    """The gradients of the forward's 15 inputs, from ``backward`` (the operator, or ``_backward_op`` itself)."""
     q, k, v, t, s, mask, bias, r1, r2, o, *stats = ctx.saved_tensors
     kind, need = ctx.kind, ctx.needs_input_grad
     bias_grad = (kind == BIAS_TENSOR and need[6]) or (kind > BIAS_TENSOR and (need[8] or need[9]))
     if grad_out is None:
         grad_out = torch.zeros_like(o)
-    dq, dk, dv, dt, dbias, dr1, dr2 = torch.ops.sasoftmax.triton_backward(
+    dq, dk, dv, dt, dbias, dr1, dr2 = backward(
         q, k, v, t, s, mask, bias, kind, r1, r2, *ctx.options, o, grad_out, *stats, bias_grad
     )
     return (dq, dk, dv, dt if t is not None else None, dt if s is not None else None, None,
@@ -739,7 +778,47 @@ def _backward_formula(ctx, grad_out: Tensor, *_unused_stat_grads) -> tuple:
             None, None, None, None, None)  # fmt: skip
 
 
+def _backward_formula(ctx, grad_out: Tensor | None, *_unused_stat_grads) -> tuple:
+    return _gradients(ctx, grad_out, torch.ops.sasoftmax.triton_backward)
+
+
 triton_forward.register_autograd(_backward_formula, setup_context=_setup_context)
+
+
+class _EagerAttention(torch.autograd.Function):
+    """``triton_forward`` and its autograd formula for eager calls, without the operator's dispatch and autograd
+    glue. Through the operator the harness GPT at seq 1k was host-bound on an H200 machine (2026-11-26: a step's
+    host time equalled its 64 ms with the device busy 46–49 ms of them; the SDPA model's host took 41 ms), and
+    under torch.profiler the operator's autograd node took 0.6–0.9 ms of CPU time of its own per layer and
+    backward, the backward operator 0.6 ms (all driver launches of a step: 2.5 ms). On a development CPU, launches
+    stubbed out, a sa_norm call's forward and backward took 222 µs through the operator, 121 µs through this.
+    Outputs and gradients are the operator's: the same functions run."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        outputs = _forward_op(*inputs)
+        _setup_context(ctx, inputs, outputs)
+        return outputs
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor | None, *_unused_stat_grads):
+        # Under create_graph the gradients get a node that refuses a double backward, as the operator's do.
+        return _gradients(ctx, grad_out, _EagerBackward.apply if torch.is_grad_enabled() else _backward_op)
+
+
+class _EagerBackward(torch.autograd.Function):
+    """``_backward_op`` with a backward that raises: the kernels' gradients are not differentiable."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        return _backward_op(*inputs)
+
+    @staticmethod
+    def backward(ctx, *_grads):
+        raise RuntimeError(
+            "sasoftmax's triton backward is not differentiable: no autograd formula was registered for a double "
+            "backward (use backend='eager' for higher-order gradients)"
+        )
 
 
 def _views(q: Tensor, k: Tensor, mask: Tensor | None, bias: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
