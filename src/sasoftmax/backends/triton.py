@@ -216,12 +216,15 @@ def _configs(d: int, dv: int, dtype: torch.dtype, kind: int = NO_BIAS, norm: int
 
 
 # Bias-free sa_norm, 16-bit inputs, by head dim: benchmarks/triton_tune.py on an H200 (2026-11-26, N = 4096, bf16,
-# causal and not, docs/gpu/2026-11-26-H200-15c93a2/tune*.md), each kernel's time ÷ the tiles before: row_extrema
-# 64×32 at 4 warps 0.85–0.91 (128×64 at 8 before); dq 64×32 at 4 warps 0.95–0.96 (D = 64) and 0.86–0.88 (D = 128);
-# dk/dv 64×64 at 4 warps 0.95–0.96 (D = 64), 32×64 at 4 warps 0.88–0.91 (D = 128). The forward kept its tiles.
+# causal and not, docs/gpu/2026-11-26-H200-15c93a2/tune*.md), the forward's or backward's time with one kernel's
+# tiles changed ÷ with the tiles before: row_extrema 64×32 at 4 warps 0.85–0.91 (128×64 at 8 before); fwd at D = 128
+# 64×64 at 4 warps 0.95–0.98 (at D = 64 no candidate beat 128×64 in both causal and not); dq 64×32 at 4 warps
+# 0.95–0.96 (D = 64) and 0.86–0.88 (D = 128); dk/dv 64×64 at 4 warps 0.95–0.96 (D = 64), 32×64 at 4 warps 0.88–0.91
+# (D = 128).
 _SA_NORM_TUNED = {
     64: {"extrema": _Config(64, 32, 4, 3), "dq": _Config(64, 32, 4, 3), "dkdv": _Config(64, 64, 4, 3)},
-    128: {"extrema": _Config(64, 32, 4, 3), "dq": _Config(64, 32, 4, 3), "dkdv": _Config(32, 64, 4, 3)},
+    128: {"extrema": _Config(64, 32, 4, 3), "fwd": _Config(64, 64, 4, 3), "dq": _Config(64, 32, 4, 3),
+          "dkdv": _Config(32, 64, 4, 3)},  # fmt: skip
 }
 
 
