@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # One command for a fresh GPU machine (torch and triton installed, nothing else; the repository root as the
-# working directory): versions, the Triton kernels the benchmarks use compiled in parallel processes (Triton caches
-# them on disk), the kernel benchmark (without and with positional biases), the GPT training benchmark (with a
-# profile of its rows at the first length), the Triton tests on CUDA (last: they must not run beside a timing)
-# and, when asked (TUNE_S > 0), the tile tuning. Every step has a time limit (the whole script ends within 9.5
-# minutes with the defaults) and a failing step does not stop the next; a step that runs out of time is
-# interrupted (SIGINT), so pytest still prints its summary of the failures so far.
+# working directory): versions, the Triton kernels the benchmarks and the training rows use compiled in parallel
+# processes (Triton caches them on disk), the kernel benchmark (without and with positional biases), the GPT
+# training benchmark (with, when asked, a profile of its rows at the first length), the Triton tests on CUDA (last:
+# they must not run beside a timing) and, when asked (TUNE_S > 0), the tile tuning. Every step has a time limit
+# (the whole script ends within 8 minutes with the defaults) and a failing step does not stop the next; a step
+# that runs out of time is interrupted (SIGINT), so pytest still prints its summary of the failures so far.
 #
 #   benchmarks/gpu_check.sh OUT_DIR
 #
@@ -25,16 +25,16 @@
 # Budget (environment variables; seconds):
 #   GPU_CHECK_QUICK=1    fewer sizes: N 1024 4096, head dim 128, fwd+bwd only, train seq 1024, 5 timed steps;
 #                        the tuning at head dim 64, causal
-#   VERSIONS_S=10 WARM_S=90 KERNELS_S=110 BIAS_S=60 TRAIN_S=140 TESTS_S=150 TUNE_S=0   limits of the steps (0
-#   skips a step). On an H200 (2026-11-26, c3ac99c) the warm step took 61 s, kernels 81 s, bias 19 s, the training
-#   rows ~65 s per length; the tests, cold, ran out of 150 s at 55% and took 151 s with Triton's cache warm: to
-#   see them all, run them in a second call (every other limit 0, TESTS_S=300). The tuning (TUNE_S) needs ~300 s
-#   for its 96 timings (each compiles)
-#   PROFILE_STEPS=2      profiled training steps per row (0: none)
+#   VERSIONS_S=5 WARM_S=80 KERNELS_S=80 BIAS_S=20 TRAIN_S=85 TESTS_S=210 TUNE_S=0   limits of the steps (0
+#   skips a step; 480 s in all). On an H200 (2026-11-26, c3ac99c) the warm step took 61 s without the training
+#   rows (26-31 s for them alone, session 11), kernels 81 s, bias 19 s; the tests, cold, 198 s (e9fd073). The
+#   tuning (TUNE_S) compiles its 96 candidates in WARM_WORKERS processes first: 48 s in all on an H200
+#   PROFILE_STEPS=0      profiled training steps per row (~5 s a row; the profile tables of gpu_train.py)
 #   PRESET_S=0           limit of the compare step (skipped by default)
 #   EAGER_MAX_LEN=1024   largest N of the eager (materialised) rows in the kernel table
 #   TEST_WORKERS=14      pytest-xdist workers (if pytest-xdist is installed; 0 runs the tests in one process)
-#   WARM_WORKERS=12      processes compiling the benchmarks' kernels at once (benchmarks/triton_warm.py)
+#   WARM_WORKERS=12      processes compiling the benchmarks' kernels at once (benchmarks/triton_warm.py), and the
+#                        tuning's candidates
 #   GPU_CHECK_SMOKE=1    tiny sizes on CPU: runs every step's code path anywhere (numbers meaningless)
 #   GPU_CHECK_DRY=1      the benchmarks only check their arguments and print their plan (tests/test_benchmarks.py)
 # Exit status: 0 when every step exited 0, else 1 (the files are written either way).
@@ -56,17 +56,17 @@ export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH}
 export PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
 QUICK=${GPU_CHECK_QUICK:-0}
-VERSIONS_S=${VERSIONS_S:-10}
-WARM_S=${WARM_S:-90}
-TESTS_S=${TESTS_S:-150}
-KERNELS_S=${KERNELS_S:-110}
+VERSIONS_S=${VERSIONS_S:-5}
+WARM_S=${WARM_S:-80}
+TESTS_S=${TESTS_S:-210}
+KERNELS_S=${KERNELS_S:-80}
 EAGER_MAX_LEN=${EAGER_MAX_LEN:-1024}
-BIAS_S=${BIAS_S:-60}
-TRAIN_S=${TRAIN_S:-140}
+BIAS_S=${BIAS_S:-20}
+TRAIN_S=${TRAIN_S:-85}
 TUNE_S=${TUNE_S:-0}
 PRESET_S=${PRESET_S:-0}
 PRESET_ARGS=${PRESET_ARGS:---seeds 0 --steps 200}
-PROFILE_STEPS=${PROFILE_STEPS:-2}
+PROFILE_STEPS=${PROFILE_STEPS:-0}
 TEST_WORKERS=${TEST_WORKERS:-14}
 WARM_WORKERS=${WARM_WORKERS:-12}
 FAILED=0
@@ -117,18 +117,21 @@ if [ "${GPU_CHECK_SMOKE:-0}" = 1 ]; then
     BIAS_SIZES=(--smoke --causal yes)
     BIAS_PROVIDERS=(sdpa-math cpu:sa_norm cpu:sa_norm+ssmax)
     TRAIN_SIZES=(--smoke --rows sdpa:softmax cpu:sa_norm)
+    TRAIN_WARM=()  # (the smoke rows run on CPU: nothing to compile)
     TUNE_SIZES=(--smoke --kernels fwd --causal yes)
     PRESET=smoke
 elif [ "$QUICK" = 1 ]; then
     KERNEL_SIZES=(--lengths 1024 4096 --head-dims 128 --modes fwd+bwd)
     BIAS_SIZES=(--lengths 4096 --head-dims 128 --causal yes)
     TRAIN_SIZES=(--seqs 1024 --steps 5 --warmup 2)
+    TRAIN_WARM=(--train-seqs 1024)
     TUNE_SIZES=(--head-dims 64 --causal yes)  # the harness GPT's head dim
     PRESET=gpu
 else
     KERNEL_SIZES=(--lengths 1024 4096 16384 --head-dims 64 128)
     BIAS_SIZES=(--lengths 4096 --head-dims 64 128 --causal yes)
     TRAIN_SIZES=(--seqs 1024 4096)
+    TRAIN_WARM=(--train-seqs 1024 4096)
     TUNE_SIZES=()
     PRESET=gpu
 fi
@@ -138,6 +141,7 @@ BIAS_ARGS=(--modes fwd+bwd --bias none alibi kerple kerple-table fire --provider
     "${BIAS_SIZES[@]}")
 # The benchmarks' Triton kernels compiled in parallel processes first, into Triton's cache (tests compile their own)
 step warm "$WARM_S" "$LOG" "$PY" benchmarks/triton_warm.py --workers "$WARM_WORKERS" ${DRY[@]+"${DRY[@]}"} \
+    ${TRAIN_WARM[@]+"${TRAIN_WARM[@]}"} \
     -- --eager-max-len "$EAGER_MAX_LEN" "${KERNEL_SIZES[@]}" -- "${BIAS_ARGS[@]}"
 
 step kernels "$KERNELS_S" "$LOG" "$PY" benchmarks/triton_attention.py --out "$OUT" --prefix kernels \
@@ -156,7 +160,7 @@ step tests "$TESTS_S" "$OUT/tests.log" "$PY" -m pytest tests/test_backend_triton
     -rfE --tb=short \
     -p no:cacheprovider ${XDIST[@]+"${XDIST[@]}"}
 [ -f "$OUT/tests.log" ] && tail -n 3 "$OUT/tests.log" | sed 's/^/   /' | tee -a "$LOG"
-step tune "$TUNE_S" "$LOG" "$PY" benchmarks/triton_tune.py --out "$OUT" --prefix tune \
+step tune "$TUNE_S" "$LOG" "$PY" benchmarks/triton_tune.py --out "$OUT" --prefix tune --compile-workers "$WARM_WORKERS" \
     ${TUNE_SIZES[@]+"${TUNE_SIZES[@]}"} ${DRY[@]+"${DRY[@]}"}
 
 # The comparison's own folder (checkpoints, plots) stays out of OUT: its log and results.json are what count.

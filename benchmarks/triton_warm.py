@@ -1,13 +1,17 @@
-"""Compile the Triton kernels a run of ``triton_attention.py`` will launch, in parallel processes, before it runs.
+"""Compile the Triton kernels that runs of ``triton_attention.py`` and ``gpu_train.py`` will launch, in parallel
+processes, before they run.
 
 Triton compiles a kernel variant on its first launch, one at a time per process, and caches it on disk; a cold
 H100 (2026-11-26) ran out of the benchmarks' time limits compiling. This runs ``triton_attention.py`` with the
 given arguments split into one process per (head dim, causal, bias), each on tiny problems that launch the same
 compiled variants (same head dim, dtype, flags and tiles; lengths divisible by 16 like the real ones; N = 256 and,
 where the given lengths reach sa_norm's scattered min term, ``MIN_TERM_SCATTER_KEYS`` keys), and discards their
-timings. Only the sasoftmax providers are run. Nothing here measures anything.
+timings. Only the sasoftmax providers are run. With ``--train-seqs``, each triton row of the training benchmark
+(``gpu_train.GPU_ROWS``, or ``--train-rows``) also trains one step of a one-layer model at those lengths in a
+process of its own (the same kernel variants as the 12-layer model's). Nothing here measures anything.
 
-    PYTHONPATH=src python3 benchmarks/triton_warm.py --workers 12 -- --head-dims 64 128 -- --bias kerple --causal yes
+    PYTHONPATH=src python3 benchmarks/triton_warm.py --workers 12 --train-seqs 1024 4096 \
+        -- --head-dims 64 128 -- --bias kerple --causal yes
 
 (each ``--`` starts the arguments of one benchmark run, as ``triton_attention.py`` takes them).
 """
@@ -24,6 +28,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import gpu_train
 import triton_attention
 
 
@@ -47,6 +52,17 @@ def commands(bench: argparse.Namespace, out: str) -> list[list[str]]:
     ]  # fmt: skip
 
 
+def train_commands(rows: list[str], seqs: list[int], out: str) -> list[list[str]]:
+    """One gpu_train.py command line per triton row: a one-layer model, one step per length (its own baseline, so
+    that no SDPA row runs)."""
+    script = str(Path(__file__).with_name("gpu_train.py"))
+    return [
+        [sys.executable, script, "--out", out, "--prefix", f"warm-train-{index}", "--rows", row, "--baseline", row,
+         "--seqs", *map(str, seqs), "--layers", "1", "--warmup", "1", "--steps", "1"]
+        for index, row in enumerate(rows) if row.startswith("triton:")
+    ]  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     groups: list[list[str]] = [[]]  # its own arguments, then one list per benchmark run, each after a "--"
@@ -58,13 +74,22 @@ def main(argv: list[str] | None = None) -> int:
     own, runs = groups[0], groups[1:] or [[]]
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workers", type=int, default=12, help="processes at a time (default 12)")
+    parser.add_argument("--train-seqs", type=int, nargs="+", default=[], help="training lengths to compile for")
+    parser.add_argument("--train-rows", nargs="+", default=gpu_train.GPU_ROWS, help="training rows (default: all)")
     parser.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     args = parser.parse_args(own)
     if args.workers < 1:
         parser.error(f"--workers must be >= 1; got {args.workers}")
     benches = [triton_attention.parse_args(run) for run in runs]
+    for row in args.train_rows:
+        try:
+            gpu_train.parse_row(row)
+        except ValueError as err:
+            parser.error(str(err))
     with tempfile.TemporaryDirectory(prefix="triton-warm-") as out:
-        todo = list(dict.fromkeys(tuple(c) for bench in benches for c in commands(bench, out)))
+        # the training rows first: each compiles several lengths' kernels one after another, the longest jobs
+        todo = [tuple(c) for c in train_commands(args.train_rows, args.train_seqs, out)] if args.train_seqs else []
+        todo += list(dict.fromkeys(tuple(c) for bench in benches for c in commands(bench, out)))
         if args.dry_run:
             print("\n".join(" ".join(c) for c in todo))
             return 0

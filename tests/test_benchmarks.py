@@ -184,9 +184,13 @@ def test_gpu_check_passes_valid_arguments(tmp_path):
         assert f"== {step}: exit 0" in log
     # the warm step compiles the kernels of each (head dim, causal, bias) of both runs, sasoftmax providers only
     assert log.count("triton_attention.py --out") == 4 + 2 * 5 + 2  # + the kernels and bias steps' own lines
-    warm = [line for line in log.splitlines() if "--prefix warm-" in line]
+    warm = [line for line in log.splitlines() if "--prefix warm-" in line and "triton_attention.py" in line]
     assert len(warm) == 4 + 2 * 5 and not any("sdpa" in line for line in warm)
     assert any("--prefix warm-64-yes-kerple " in line and "--lengths 256 4096 " in line for line in warm)
+    # and one process per triton training row (a one-layer model, both lengths)
+    train_warm = [line for line in log.splitlines() if "--prefix warm-train-" in line]
+    assert len(train_warm) == sum(row.startswith("triton:") for row in gpu_train.GPU_ROWS)
+    assert all("--seqs 1024 4096 --layers 1" in line for line in train_warm)
     assert "== tune: skipped (limit 0)" in log  # the tuning runs only when asked (TUNE_S > 0)
     assert "== preset: skipped (limit 0)" in log  # so does the comparison (PRESET_S > 0)
     assert "216 rows on cuda" in log and "14 rows on cuda" in log
