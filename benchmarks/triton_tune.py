@@ -29,6 +29,7 @@ from pathlib import Path
 
 import gpu_common as common
 import torch
+import triton_attention
 
 KERNELS = ("fwd", "extrema", "dq", "dkdv")
 # BLOCK_M x BLOCK_N x warps x stages for 16-bit inputs on Hopper: around the defaults, Triton's fused-attention
@@ -41,6 +42,7 @@ CANDIDATES = {
 }
 SMOKE_CANDIDATES = {name: ["16x16x4x1", "32x16x4x1"] for name in KERNELS}
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+BIASES = ("none", "alibi", "kerple", "fire")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -55,6 +57,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tokens", type=int, help="B·N tokens (default 16384; smoke 64)")
     parser.add_argument("--causal", choices=("both", "yes", "no"), default="both")
     parser.add_argument("--normalizers", nargs="+", default=["sa_norm"], choices=("softmax", "sa", "sa_norm"))
+    parser.add_argument(
+        "--bias", choices=BIASES, default="none",
+        help="a positional bias in every call (as triton_attention.py's rows; r1, r2 and FIRE's MLP take gradients)",
+    )  # fmt: skip
     parser.add_argument("--kernels", nargs="+", default=list(KERNELS), choices=KERNELS)
     parser.add_argument("--dtype", choices=list(DTYPES), help="default bfloat16 (smoke float32)")
     parser.add_argument("--warmup-ms", type=float, default=10, help="do_bench warm-up (ms)")
@@ -100,9 +106,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def time_candidate(args, kernel: str, spec: str, q, k, v, do, normalizer: str, causal: bool) -> float | None:
-    """Median ms of the forward (fwd, extrema) or the backward (dq, dkdv) with ``kernel``'s tiles set to ``spec``,
-    the other kernels' at their defaults; with ``--compile-only``, one untimed launch (None)."""
+def time_candidate(
+    args, kernel: str, spec: str, q, k, v, do, normalizer: str, causal: bool, bias=None, params=()
+) -> float | None:
+    """Median ms of the forward (fwd, extrema) or the backward (dq, dkdv, also of ``params``) with ``kernel``'s tiles
+    set to ``spec``, the other kernels' at their defaults; with ``--compile-only``, one untimed launch (None)."""
     from sasoftmax import attention
 
     before = os.environ.get("SASOFTMAX_TRITON_TILES")
@@ -110,7 +118,7 @@ def time_candidate(args, kernel: str, spec: str, q, k, v, do, normalizer: str, c
     try:
 
         def forward():
-            return attention(q, k, v, normalizer=normalizer, causal=causal, backend="triton")
+            return attention(q, k, v, normalizer=normalizer, causal=causal, bias=bias, backend="triton")
 
         if kernel in ("fwd", "extrema"):
             with torch.no_grad():
@@ -119,11 +127,12 @@ def time_candidate(args, kernel: str, spec: str, q, k, v, do, normalizer: str, c
                     return None
                 return common.median_ms(forward, args.device, args.warmup_ms, args.rep_ms)
         out = forward()
+        inputs = (q, k, v, *params)
         if args.share:
-            torch.autograd.grad(out, (q, k, v), do)
+            torch.autograd.grad(out, inputs, do)
             return None
         return common.median_ms(
-            lambda: torch.autograd.grad(out, (q, k, v), do, retain_graph=True), args.device, args.warmup_ms, args.rep_ms
+            lambda: torch.autograd.grad(out, inputs, do, retain_graph=True), args.device, args.warmup_ms, args.rep_ms
         )
     finally:  # whatever the environment had before
         if before is None:
@@ -132,11 +141,12 @@ def time_candidate(args, kernel: str, spec: str, q, k, v, do, normalizer: str, c
             os.environ["SASOFTMAX_TRITON_TILES"] = before
 
 
-def default_spec(kernel: str, d: int, dtype: torch.dtype, normalizer: str) -> str:
+def default_spec(kernel: str, d: int, dtype: torch.dtype, normalizer: str, bias: str = "none") -> str:
     from sasoftmax import NORMALIZERS
-    from sasoftmax.backends.triton import _configs
+    from sasoftmax.backends import triton as backend
 
-    c = _configs(d, d, dtype, norm=NORMALIZERS.index(normalizer))[kernel]
+    kinds = {"none": backend.NO_BIAS, "alibi": backend.ALIBI, "kerple": backend.KERPLE_LOG, "fire": backend.TABLE}
+    c = backend._configs(d, d, dtype, kinds[bias], NORMALIZERS.index(normalizer))[kernel]
     return f"{c.block_m}x{c.block_n}x{c.num_warps}x{c.num_stages}"
 
 
@@ -167,7 +177,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     dtype = DTYPES[args.dtype]
     batch = args.tokens // args.length
     info = common.header(
-        args.device, N=args.length, batch=batch, model_dim=args.model_dim, dtype=args.dtype,
+        args.device, N=args.length, batch=batch, model_dim=args.model_dim, dtype=args.dtype, bias=args.bias,
         timing="triton.testing.do_bench median" if args.device == "cuda" else "wall clock (interpreter)",
     )  # fmt: skip
     out = Path(args.out)
@@ -183,7 +193,12 @@ def run(args: argparse.Namespace) -> list[dict]:
             for t in inputs[d][:3]:
                 t.requires_grad_()
         q, k, v, do = inputs[d]
-        default = default_spec(kernel, d, dtype, normalizer)
+        bias, params = None, []
+        if args.bias != "none":  # the bias and its parameters (r1, r2, FIRE's MLP), fresh for each kernel's group
+            shape = triton_attention.Shape(args.length, batch, args.model_dim // d, d, causal, dtype, args.device)
+            biases = triton_attention.Biases(shape)
+            bias, params = biases.forms[args.bias], biases.parameters[args.bias]
+        default = default_spec(kernel, d, dtype, normalizer, args.bias)
         group = []
         for spec in dict.fromkeys([default] + candidates):
             launched += 1
@@ -192,7 +207,7 @@ def run(args: argparse.Namespace) -> list[dict]:
             row = {"d": d, "causal": causal, "normalizer": normalizer, "kernel": kernel, "tiles": spec,
                    "default": spec == default, "ms": None, "x default": None, "note": ""}  # fmt: skip
             try:
-                row["ms"] = time_candidate(args, kernel, spec, q, k, v, do, normalizer, causal)
+                row["ms"] = time_candidate(args, kernel, spec, q, k, v, do, normalizer, causal, bias, params)
             except Exception as err:  # noqa: BLE001 - a candidate that does not fit is a result
                 row["note"] = common.error_text(err)
             common.release(args.device)
@@ -264,7 +279,8 @@ def main(argv: list[str] | None = None) -> int:
         groups = plan(args)
         print(
             f"dry run: {len(groups)} kernel groups, up to {sum(len(g[-1]) + 1 for g in groups)} candidates on "
-            f"{args.device}: N={args.length}, D {args.head_dims}, {args.normalizers}, {args.kernels}; nothing timed"
+            f"{args.device}: N={args.length}, D {args.head_dims}, {args.normalizers}, {args.kernels}, bias "
+            f"{args.bias}; nothing timed"
         )
         return 0
     if args.compile_workers and not args.share:

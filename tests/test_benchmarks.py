@@ -139,6 +139,16 @@ def test_tile_tuning_smoke(tmp_path, capsys):
     assert markdown.count("**") == 4  # the fastest of each kernel in bold
 
 
+@pytest.mark.skipif(not TRITON_ON_CPU, reason="the tuning times Triton kernels (here: in the interpreter)")
+def test_tile_tuning_with_a_bias(tmp_path):
+    argv = ["--smoke", "--out", str(tmp_path), "--kernels", "dkdv", "--causal", "yes", "--normalizers", "sa_norm"]
+    assert triton_tune.main([*argv, "--bias", "kerple"]) == 0
+    _, result = read(tmp_path, "tune")
+    assert result["header"]["bias"] == "kerple"
+    rows = result["rows"]
+    assert [r["tiles"] for r in rows] == ["16x16x4x1", "32x16x4x1"] and all(r["ms"] > 0 for r in rows)
+
+
 @pytest.mark.skipif(not TRITON_ON_CPU, reason="the tuning launches Triton kernels (here: in the interpreter)")
 def test_tile_tuning_compiles_each_share_of_the_candidates_untimed(tmp_path, capsys):
     argv = ["--smoke", "--out", str(tmp_path), "--kernels", "fwd", "dkdv", "--causal", "yes", "--normalizers", "sa"]
