@@ -28,7 +28,7 @@
 #   VERSIONS_S=5 WARM_S=80 KERNELS_S=80 BIAS_S=20 TRAIN_S=85 TESTS_S=210 TUNE_S=0   limits of the steps (0
 #   skips a step; 480 s in all). On an H200 (2026-11-26, c3ac99c) the warm step took 61 s without the training
 #   rows (26-31 s for them alone, session 11), kernels 81 s, bias 19 s; the tests, cold, 198 s (e9fd073). The
-#   tuning (TUNE_S) compiles its 96 candidates in WARM_WORKERS processes first: 48 s in all on an H200
+#   tuning (TUNE_S) compiles its candidates in WARM_WORKERS processes first: 96 took 48 s in all on an H200
 #   PROFILE_STEPS=0      profiled training steps per row (~5 s a row; the profile tables of gpu_train.py)
 #   PRESET_S=0           limit of the compare step (skipped by default)
 #   EAGER_MAX_LEN=1024   largest N of the eager (materialised) rows in the kernel table

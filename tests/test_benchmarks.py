@@ -171,7 +171,7 @@ def test_tile_tuning_dry_run_and_arguments(capsys):
     assert triton_tune.main(["--dry-run", "--normalizers", "softmax"]) == 0
     assert "12 kernel groups" in capsys.readouterr().out  # row_extrema is sa_norm's only
     assert triton_tune.main(["--dry-run", "--candidates", "dq:64x32x4x4", "dq:64x64x4x3"]) == 0
-    assert "up to 84 candidates" in capsys.readouterr().out  # dq's 2 (+ default) replace its 5: 4 × (6 + 6 + 3 + 6)
+    assert "up to 120 candidates" in capsys.readouterr().out  # dq's 2 (+ default) replace its 8: 4 × (9 + 9 + 3 + 9)
     with pytest.raises(SystemExit):
         triton_tune.parse_args(["--candidates", "dx:64x32x4x4"])
     assert "--candidates expects KERNEL:BMxBNxWARPSxSTAGES" in capsys.readouterr().err
