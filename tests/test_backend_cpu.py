@@ -400,16 +400,29 @@ def test_empty_inputs():
             assert all((g == 0).all() and g.shape == p.shape for g, p in zip(grads, rb.parameters))
 
 
-def test_fused_backward_launches_nothing_for_the_row_statistics(monkeypatch):
+def traced_path(monkeypatch) -> None:
+    """Make the cpu backend take the path of a traced call (its custom operators) in eager mode."""
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+
+
+@pytest.mark.parametrize("path", ["eager", "operator"])
+def test_fused_backward_launches_nothing_for_the_row_statistics(path, monkeypatch):
     """The fused forward's saved statistics get no gradients: autograd makes no zeros for them, and a backward
-    from the output alone runs only our operator."""
+    from the output alone runs only our operator (traced calls' path) or, besides the kernels' call, only
+    allocations (the dq accumulator's zeros among them), views and its small argument tensors (eager)."""
     monkeypatch.setenv("SASOFTMAX_CPU_KERNELS", "1")
+    if path == "operator":
+        traced_path(monkeypatch)
     q, k, v = (t.detach().float().requires_grad_() for t in inputs(1, 4, 2, 33, 33)[:3])
     out = attention(q, k, v, normalizer="sa_norm", causal=True, backend="cpu")
     do = torch.randn_like(out)
     with OperatorLog() as log:
         out.backward(do)
-    assert log.names == ["sasoftmax.cpu_fused_backward.default"]
+    if path == "operator":
+        assert log.names == ["sasoftmax.cpu_fused_backward.default"]
+    else:
+        allowed = ("aten.empty", "aten.new_empty", "aten.lift_fresh", "aten.unbind", "aten.select", "aten.squeeze")
+        assert [n for n in log.names if not n.startswith(allowed)] == ["aten.zeros_like.default"], log.names
 
 
 def test_dropout_is_refused_and_auto_falls_back():
@@ -484,12 +497,15 @@ def test_benchmark_sdpa_and_sasoftmax_compute_the_same(causal, bias, kv_heads, q
         assert not torch.allclose(got, benchmark.operation(no_bias)(q, k, v))
 
 
-def test_double_backward_raises():
+@pytest.mark.parametrize("path", ["eager", "operator"])
+def test_double_backward_raises(path, monkeypatch):
+    if path == "operator":
+        traced_path(monkeypatch)
     q, k, v, *_ = inputs(1, 2, 2, 5, 7)
     out = attention(q, k, v, backend="cpu")
-    (gq,) = torch.autograd.grad(out.sum(), q, create_graph=True)
+    (gq,) = torch.autograd.grad(out.sum(), q, create_graph=True)  # first-order gradients still flow
     with pytest.raises(RuntimeError):
-        gq.sum().backward()
+        (gq.square().sum() + q.sum()).backward()  # never a silently missing second-order part
 
 
 # ---- Relative positional biases (RelativeBias: ALiBi, Kerple log and power, a table per distance), evaluated

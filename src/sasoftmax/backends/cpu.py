@@ -15,8 +15,9 @@ never copying them per query head.
 
 Calls without a bias function or a bias that needs a gradient run whole in C++ (``cpu_kernels.cpp``, the
 "fused" path): one parallel region in which each thread computes blocks of :data:`FUSED_ROWS` query rows (of
-the query heads of one kv head) with the BLAS gemm torch uses and the row loops in between, called as the custom
-operators of ``cpu_ops`` (so torch.compile and torch.export keep it as one op). A
+the query heads of one kv head) with the BLAS gemm torch uses and the row loops in between, called through
+``cpu_ops``: its custom operators where a call is traced (torch.compile and torch.export keep each as one op),
+their eager twin otherwise (the same functions without the operators' dispatch and autograd glue). A
 :class:`~sasoftmax.RelativeBias` (ALiBi, Kerple, a table per distance) runs there too: the kernels evaluate it
 from its per-head parameters and return their gradients, reduced per head (a table's per offset, folded into its
 entries by ``cpu_native.fold_offsets``). Calls with another bias function or a bias that needs
@@ -38,7 +39,7 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from ..normalizers import compute_dtype
-from . import cpu_native, cpu_ops  # noqa: F401 (cpu_ops registers the torch.ops.sasoftmax operators)
+from . import cpu_native, cpu_ops
 from .call import AttentionCall, BiasFunction, evaluate_bias_function, query_positions
 from .relative_bias import RelativeBias
 
@@ -110,7 +111,7 @@ def attention(call: AttentionCall) -> Tensor:
         return call.q.new_zeros(b, hq, lq, call.v.shape[-1]) + zero
     if _fusable(call):
         kind, r1, r2 = _relative(call.bias)
-        out, _, _ = torch.ops.sasoftmax.cpu_fused_forward(
+        out, _, _ = cpu_ops.fused_attention(
             call.q, call.k, call.v, call.mask, None if bias is None else bias.detach(), call.ssmax, call.scale,
             call.eps, call.causal, call.normalizer,
             max(1, min(FUSED_ROWS, FUSED_TILE_ELEMENTS // lk)),  # rows per block, over stacked heads: not capped by L

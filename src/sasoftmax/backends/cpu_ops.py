@@ -3,8 +3,9 @@
 ``sasoftmax::cpu_fused_forward`` and ``sasoftmax::cpu_fused_backward`` wrap :func:`cpu_native.fused_forward`
 and :func:`cpu_native.fused_backward`; each has a fake (meta) implementation, and the forward has its autograd
 formula registered, which calls the backward operator. So ``torch.compile`` (also with ``fullgraph=True``) and
-``torch.export`` see one opaque operator per direction instead of tracing into ctypes, and eager autograd
-works as before. The backward operator has no derivative of its own: a double backward raises.
+``torch.export`` see one opaque operator per direction instead of tracing into ctypes. Eager calls take
+:func:`fused_attention`'s twin of the two (``eager_twin``: the same functions and formula without the operators'
+dispatch and autograd glue). The backward has no derivative of its own: a double backward raises.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from torch import Tensor
 
 from ..normalizers import compute_dtype
 from . import cpu_native
+from .eager_twin import eager_twin
 
 
 def _as_4d(t: Tensor) -> Tensor:
@@ -38,8 +40,7 @@ def _native_arguments(q, k, v, mask, bias, ssmax):
     return lib, qc, kc, vc, mask, bias, ssmax
 
 
-@torch.library.custom_op("sasoftmax::cpu_fused_forward", mutates_args=(), device_types="cpu")
-def fused_forward(
+def _fused_forward(
     q: Tensor,
     k: Tensor,
     v: Tensor,
@@ -71,6 +72,10 @@ def fused_forward(
     )
 
 
+fused_forward = torch.library.custom_op("sasoftmax::cpu_fused_forward", _fused_forward, mutates_args=(),
+                                        device_types="cpu")  # fmt: skip
+
+
 def _relative(kind: str, r1: Tensor | None, r2: Tensor | None, dtype: torch.dtype) -> cpu_native.Relative | None:
     """(kind, r1, r2) in the compute dtype as the native entries take it, or None for kind ""."""
     if not kind:
@@ -87,8 +92,7 @@ def _fused_forward_fake(q, k, v, mask, bias, ssmax, scale, eps, causal, normaliz
     return out, q.new_empty((4, b, hq, lq), dtype=dtype), q.new_empty((2, b, hq, lq), dtype=torch.long)
 
 
-@torch.library.custom_op("sasoftmax::cpu_fused_backward", mutates_args=(), device_types="cpu")
-def fused_backward(
+def _fused_backward(
     q: Tensor,
     k: Tensor,
     v: Tensor,
@@ -126,6 +130,10 @@ def fused_backward(
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), ds, dr
 
 
+fused_backward = torch.library.custom_op("sasoftmax::cpu_fused_backward", _fused_backward, mutates_args=(),
+                                         device_types="cpu")  # fmt: skip
+
+
 @fused_backward.register_fake
 def _fused_backward_fake(q, k, v, mask, bias, ssmax, scale, eps, causal, normalizer, rows, grad_out, out, stats,
                          arg, want_ds, rel_kind, r1, r2, want_dr):  # fmt: skip
@@ -145,13 +153,13 @@ def _setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
     ctx.rel_kind = rel_kind
 
 
-def _backward(ctx: Any, grad_out: Tensor | None, _grad_stats, _grad_arg) -> tuple:
+def _gradients(ctx: Any, grad_out: Tensor | None, backward) -> tuple:
+    """The gradients of the forward's 14 inputs, from ``backward`` (the operator, or ``_fused_backward`` itself)."""
     q, k, v, mask, bias, ssmax, out, stats, arg, r1, r2 = ctx.saved_tensors
     if grad_out is None:
         grad_out = torch.zeros_like(out)
     need = ctx.needs_input_grad
     want_ds, want_dr = bool(need[5]), bool(need[12] or need[13])
-    backward = torch.ops.sasoftmax.cpu_fused_backward
     dq, dk, dv, ds, dr = backward(
         q, k, v, mask, bias, ssmax, *ctx.options, grad_out, out, stats, arg, want_ds, ctx.rel_kind, r1, r2, want_dr
     )
@@ -161,4 +169,15 @@ def _backward(ctx: Any, grad_out: Tensor | None, _grad_stats, _grad_arg) -> tupl
             ds if want_ds else None, None, None, None, None, None, None, dr1, dr2)  # fmt: skip
 
 
+def _backward(ctx: Any, grad_out: Tensor | None, _grad_stats, _grad_arg) -> tuple:
+    return _gradients(ctx, grad_out, torch.ops.sasoftmax.cpu_fused_backward)
+
+
 fused_forward.register_autograd(_backward, setup_context=_setup_context)
+_EagerFused = eager_twin("CpuFusedAttention", _fused_forward, _fused_backward, _setup_context, _gradients)
+
+
+def fused_attention(*inputs) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`fused_forward`'s arguments and outputs, differentiable: the operator where the call is traced
+    (torch.compile, torch.export), its eager twin otherwise."""
+    return fused_forward(*inputs) if torch.compiler.is_compiling() else _EagerFused.apply(*inputs)

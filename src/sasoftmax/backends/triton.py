@@ -38,6 +38,7 @@ except ImportError as err:  # reported by sasoftmax.backends.unavailable("triton
 from ..normalizers import NORMALIZERS
 from . import triton_kernels as kernels
 from .call import AttentionCall, evaluate_bias_function, query_positions
+from .eager_twin import eager_twin
 from .relative_bias import RELATIVE_BIAS_KINDS, RelativeBias
 
 # The kernels' BIAS_KIND (``triton_kernels``): none, a tensor, then the RelativeBias kinds in their order.
@@ -788,40 +789,13 @@ def _backward_formula(ctx, grad_out: Tensor | None, *_unused_stat_grads) -> tupl
 triton_forward.register_autograd(_backward_formula, setup_context=_setup_context)
 
 
-class _EagerAttention(torch.autograd.Function):
-    """``triton_forward`` and its autograd formula for eager calls, without the operator's dispatch and autograd
-    glue. Through the operator the harness GPT at seq 1k was host-bound on an H200 machine (2026-11-26: a step's
-    host time equalled its 64 ms with the device busy 46–49 ms of them; the SDPA model's host took 41 ms), and
-    under torch.profiler the operator's autograd node took 0.6–0.9 ms of CPU time of its own per layer and
-    backward, the backward operator 0.6 ms (all driver launches of a step: 2.5 ms). On a development CPU, launches
-    stubbed out, a sa_norm call's forward and backward took 222 µs through the operator, 107 µs through this.
-    Outputs and gradients are the operator's: the same functions run."""
-
-    @staticmethod
-    def forward(ctx, *inputs):
-        outputs = _forward_op(*inputs)
-        _setup_context(ctx, inputs, outputs)
-        return outputs
-
-    @staticmethod
-    def backward(ctx, grad_out: Tensor | None, *_unused_stat_grads):
-        # Under create_graph the gradients get a node that refuses a double backward, as the operator's do.
-        return _gradients(ctx, grad_out, _EagerBackward.apply if torch.is_grad_enabled() else _backward_op)
-
-
-class _EagerBackward(torch.autograd.Function):
-    """``_backward_op`` with a backward that raises: the kernels' gradients are not differentiable."""
-
-    @staticmethod
-    def forward(ctx, *inputs):
-        return _backward_op(*inputs)
-
-    @staticmethod
-    def backward(ctx, *_grads):
-        raise RuntimeError(
-            "sasoftmax's triton backward is not differentiable: no autograd formula was registered for a double "
-            "backward (use backend='eager' for higher-order gradients)"
-        )
+# Eager calls: the same functions and formula without the operators' dispatch and autograd glue. Through the
+# operators the harness GPT at seq 1k was host-bound on an H200 machine (2026-11-26: a step's host time equalled its
+# 64 ms with the device busy 46–49 ms of them; the SDPA model's host took 41 ms), and under torch.profiler the
+# forward operator's autograd node took 0.6–0.9 ms of CPU time of its own per layer and backward, the backward
+# operator 0.6 ms (all driver launches of a step: 2.5 ms). On a development CPU, launches stubbed out, a sa_norm
+# call's forward and backward took 222 µs through the operators, 107 µs through this.
+_EagerAttention = eager_twin("TritonAttention", _forward_op, _backward_op, _setup_context, _gradients)
 
 
 def _views(q: Tensor, k: Tensor, mask: Tensor | None, bias: Tensor | None) -> tuple[Tensor | None, Tensor | None]:

@@ -1,0 +1,57 @@
+"""An eager twin of a fused backend's two custom operators: the same functions, without the operators' dispatch.
+
+A backend's kernels are PyTorch custom operators (``torch.library``) so that ``torch.compile`` and ``torch.export``
+keep each direction as one opaque node. Called eagerly, an operator adds its dispatch, its aliasing checks and its
+autograd glue (``torch._library.autograd``: argument defaults rebuilt per call) to every call: on an H200 machine
+that glue set the pace of the harness GPT's training at seq 1k, ~1 ms of host time per layer and step (docs/triton.md,
+session 11). :func:`eager_twin` builds the ``torch.autograd.Function`` that eager calls take instead: it runs the
+operators' own forward and backward functions, sets up its context as the operator's autograd registration does
+and returns the same gradients, so outputs and gradients are the operator's. Traced calls keep the operators
+(the backends choose by ``torch.compiler.is_compiling()``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+DOUBLE_BACKWARD = (
+    "no autograd formula was registered for a double backward through sasoftmax's fused kernels (their gradients are "
+    "not differentiable); use backend='eager' for higher-order gradients"
+)
+
+
+def eager_twin(
+    name: str,
+    forward_op: Callable[..., tuple],
+    backward_op: Callable[..., tuple],
+    setup_context: Callable[[Any, tuple, tuple], None],
+    gradients: Callable[[Any, Any, Callable[..., tuple]], tuple],
+) -> type[torch.autograd.Function]:
+    """A ``torch.autograd.Function`` named ``name`` (its graph nodes: ``<name>Backward``) whose forward is
+    ``forward_op(*inputs)`` followed by ``setup_context(ctx, inputs, outputs)`` and whose backward is
+    ``gradients(ctx, grad_out, backward)``, ``backward`` being ``backward_op`` (or, under ``create_graph``,
+    ``backward_op`` behind a node that raises on a double backward, as the operators do: never a silently missing
+    second-order term). ``grad_out`` is the gradient of the first output (the others are row statistics without
+    gradients)."""
+
+    def twin_forward(ctx, *inputs):
+        outputs = forward_op(*inputs)
+        setup_context(ctx, inputs, outputs)
+        return outputs
+
+    def twin_backward(ctx, grad_out, *_unused_stat_grads):
+        return gradients(ctx, grad_out, refusing.apply if torch.is_grad_enabled() else backward_op)
+
+    def refuse(ctx, *_grads):
+        raise RuntimeError(DOUBLE_BACKWARD)
+
+    # Built with type(): autograd names a Function's graph node after the class when the class is created.
+    refusing = type(f"{name}Gradients", (torch.autograd.Function,), {
+        "forward": staticmethod(lambda ctx, *inputs: backward_op(*inputs)), "backward": staticmethod(refuse),
+    })  # fmt: skip
+    return type(name, (torch.autograd.Function,), {
+        "forward": staticmethod(twin_forward), "backward": staticmethod(twin_backward),
+    })  # fmt: skip
