@@ -117,6 +117,30 @@ def test_compiled_auto_backend_takes_the_custom_operator():
     assert "sasoftmax.cpu_fused_forward" in graphs[0].code
 
 
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_torch_func_grad_through_the_fused_paths(backend):
+    """torch.func.grad takes the fused kernels' eager path (their autograd.Function twin), as it takes eager's ops."""
+    from sasoftmax import backends
+
+    if backends.unavailable(backend):
+        pytest.skip(backends.unavailable(backend))
+    dtype = torch.float64 if backend == "cpu" else torch.float32
+    (q, k, v, s), *_ = leaves(dtype, head_dim=16)
+    q, k, v, s = (t.detach() for t in (q, k, v, s))
+
+    weights = torch.randn(*q.shape[:3], v.shape[-1], generator=torch.Generator().manual_seed(1), dtype=dtype)
+
+    def loss(q, s, backend):
+        kv = (k.to(q.dtype), v.to(q.dtype))
+        out = sasoftmax.attention(q, *kv, normalizer="sa_norm", causal=True, ssmax=s, backend=backend)
+        return (out * weights.to(out.dtype)).sum()
+
+    got = torch.func.grad(loss, argnums=(0, 1))(q, s, backend)
+    want = torch.func.grad(loss, argnums=(0, 1))(q.double(), s.double(), "eager")
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a.double(), b, atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.parametrize("strict", [True, False], ids=["strict", "non-strict"])
 def test_export_holds_the_triton_operator(strict):
     """A traced call takes the Triton operator (an eager one its autograd.Function twin, with equal outputs)."""

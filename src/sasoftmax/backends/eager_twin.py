@@ -37,10 +37,8 @@ def eager_twin(
     second-order term). ``grad_out`` is the gradient of the first output (the others are row statistics without
     gradients)."""
 
-    def twin_forward(ctx, *inputs):
-        outputs = forward_op(*inputs)
-        setup_context(ctx, inputs, outputs)
-        return outputs
+    def twin_forward(*inputs):
+        return forward_op(*inputs)
 
     def twin_backward(ctx, grad_out, *_unused_stat_grads):
         return gradients(ctx, grad_out, refusing.apply if torch.is_grad_enabled() else backward_op)
@@ -49,9 +47,12 @@ def eager_twin(
         raise RuntimeError(DOUBLE_BACKWARD)
 
     # Built with type(): autograd names a Function's graph node after the class when the class is created.
+    # (A separate setup_context, as torch.func's transforms require of a Function: torch.func.grad takes the twin.)
     refusing = type(f"{name}Gradients", (torch.autograd.Function,), {
-        "forward": staticmethod(lambda ctx, *inputs: backward_op(*inputs)), "backward": staticmethod(refuse),
+        "forward": staticmethod(backward_op), "setup_context": staticmethod(lambda ctx, inputs, output: None),
+        "backward": staticmethod(refuse),
     })  # fmt: skip
     return type(name, (torch.autograd.Function,), {
-        "forward": staticmethod(twin_forward), "backward": staticmethod(twin_backward),
+        "forward": staticmethod(twin_forward), "setup_context": staticmethod(setup_context),
+        "backward": staticmethod(twin_backward),
     })  # fmt: skip
