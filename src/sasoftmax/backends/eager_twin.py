@@ -31,14 +31,11 @@ def eager_twin(
     gradients: Callable[[Any, Any, Callable[..., tuple]], tuple],
 ) -> type[torch.autograd.Function]:
     """A ``torch.autograd.Function`` named ``name`` (its graph nodes: ``<name>Backward``) whose forward is
-    ``forward_op(*inputs)`` followed by ``setup_context(ctx, inputs, outputs)`` and whose backward is
-    ``gradients(ctx, grad_out, backward)``, ``backward`` being ``backward_op`` (or, under ``create_graph``,
-    ``backward_op`` behind a node that raises on a double backward, as the operators do: never a silently missing
-    second-order term). ``grad_out`` is the gradient of the first output (the others are row statistics without
-    gradients)."""
-
-    def twin_forward(*inputs):
-        return forward_op(*inputs)
+    ``forward_op(*inputs)``, with ``setup_context(ctx, inputs, outputs)``, and whose backward is
+    ``gradients(ctx, grad_out, backward)``, ``backward`` being ``backward_op`` (or, where the backward itself is
+    recorded — ``create_graph``, ``torch.func.grad`` — ``backward_op`` behind a node that raises on a double backward,
+    as the operators do: never a silently missing second-order term). ``grad_out`` is the gradient of the first
+    output (the others are row statistics without gradients)."""
 
     def twin_backward(ctx, grad_out, *_unused_stat_grads):
         return gradients(ctx, grad_out, refusing.apply if torch.is_grad_enabled() else backward_op)
@@ -53,6 +50,6 @@ def eager_twin(
         "backward": staticmethod(refuse),
     })  # fmt: skip
     return type(name, (torch.autograd.Function,), {
-        "forward": staticmethod(twin_forward), "setup_context": staticmethod(setup_context),
+        "forward": staticmethod(forward_op), "setup_context": staticmethod(setup_context),
         "backward": staticmethod(twin_backward),
     })  # fmt: skip
