@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 import sasoftmax.backends.cpu as cpu
-from operator_log import OperatorLog
+from operator_log import OperatorLog, traced_path
 from sasoftmax import RelativeBias, benchmark
 from sasoftmax.attention import attention, choose_backend, make_call
 from sasoftmax.backends import cpu_native
@@ -398,11 +398,6 @@ def test_empty_inputs():
             q, k, v, *_ = inputs(1, 2, 2, lq, lk)
             grads = torch.autograd.grad(attention(q, k, v, bias=rb, backend="cpu").sum(), rb.parameters)
             assert all((g == 0).all() and g.shape == p.shape for g, p in zip(grads, rb.parameters))
-
-
-def traced_path(monkeypatch) -> None:
-    """Make the cpu backend take the path of a traced call (its custom operators) in eager mode."""
-    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
 
 
 @pytest.mark.parametrize("path", ["eager", "operator"])

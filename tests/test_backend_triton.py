@@ -18,7 +18,7 @@ import torch
 # Triton ships wheels for Linux only; elsewhere (macOS, Windows) there is nothing to run these kernels with.
 pytest.importorskip("triton", reason="triton is not installed (it has wheels for Linux only)")
 
-from operator_log import OperatorLog  # noqa: E402
+from operator_log import OperatorLog, traced_path  # noqa: E402
 from sasoftmax import attention, backends  # noqa: E402
 from sasoftmax.attention import choose_backend, make_call  # noqa: E402
 from sasoftmax.backends import triton as triton_backend  # noqa: E402
@@ -401,11 +401,6 @@ def test_huge_logits_and_rows_without_keys_stay_finite(dtype):
         assert (out[:, :, empty] == 0).all() and (dq[:, :, empty] == 0).all()
         ref = run(inputs, dtype, "eager", normalizer=normalizer, causal=True)[0].float()
         torch.testing.assert_close(out.float(), ref, rtol=0.02, atol=0.02 * ref.abs().max().item())
-
-
-def traced_path(monkeypatch) -> None:
-    """Make the triton backend take the path of a traced call (its custom operators) in eager mode."""
-    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
 
 
 @needs_kernels
