@@ -12,9 +12,12 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -193,3 +196,35 @@ def fmt(x: float | None, digits: int = 2) -> str:
 
 def ratio(a: float | None, b: float | None) -> float | None:
     return None if a is None or not b else a / b
+
+
+def run_processes(commands: Sequence[Sequence[str]], workers: int) -> list[int]:
+    """Run ``commands`` in ``workers`` processes at a time, their output discarded (a failing one's command and the
+    tail of its stderr printed); their exit statuses. On KeyboardInterrupt (a caller's time limit sends SIGINT) no
+    further process starts, the running ones are killed, and the interrupt propagates: none outlives the caller."""
+    running: list[subprocess.Popen] = []
+    lock, stopping = threading.Lock(), threading.Event()
+
+    def run(command: Sequence[str]) -> int:
+        with lock:  # no process starts once the interrupt has stopped the rest
+            if stopping.is_set():
+                return 1
+            process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            running.append(process)
+        _, err = process.communicate()
+        if process.returncode and not stopping.is_set():
+            print(f"failed ({process.returncode}): {' '.join(command[2:])}\n{err[-2000:]}", flush=True)
+        return process.returncode
+
+    pool = ThreadPoolExecutor(workers)
+    try:
+        codes = list(pool.map(run, commands))
+    except KeyboardInterrupt:
+        with lock:
+            stopping.set()
+            for process in running:
+                process.kill()
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown()
+    return codes

@@ -21,10 +21,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import gpu_common as common
@@ -238,27 +236,8 @@ def compile_all(args: argparse.Namespace, argv: list[str]) -> None:
     stops every process."""
     workers = args.compile_workers
     base = [sys.executable, str(Path(__file__).resolve()), *argv, "--compile-workers", "0"]
-    running: list[subprocess.Popen] = []
-
-    def compile_share(index: int) -> int:
-        command = [*base, "--compile-only", f"{index}/{workers}"]
-        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        running.append(process)
-        _, err = process.communicate()
-        if process.returncode:
-            print(f"compiling share {index}/{workers} failed ({process.returncode}):\n{err[-2000:]}", flush=True)
-        return process.returncode
-
     start = time.perf_counter()
-    pool = ThreadPoolExecutor(workers)
-    try:
-        codes = list(pool.map(compile_share, range(workers)))
-    except KeyboardInterrupt:
-        for process in running:
-            process.kill()
-        pool.shutdown(wait=False, cancel_futures=True)
-        raise
-    pool.shutdown()
+    codes = common.run_processes([[*base, "--compile-only", f"{index}/{workers}"] for index in range(workers)], workers)
     print(f"compiled the candidates in {workers} processes in {time.perf_counter() - start:.0f} s; "
           f"{sum(map(bool, codes))} failed", flush=True)  # fmt: skip
 

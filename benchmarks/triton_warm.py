@@ -20,14 +20,12 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import subprocess
 import sys
 import tempfile
-import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import gpu_common as common
 import gpu_train
 import triton_attention
 
@@ -93,33 +91,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.dry_run:
             print("\n".join(" ".join(c) for c in todo))
             return 0
-        running: list[subprocess.Popen] = []
-        lock, stopping = threading.Lock(), threading.Event()
-
-        def run(command: tuple[str, ...]) -> int:
-            with lock:  # no process starts once the caller's time limit has stopped the rest
-                if stopping.is_set():
-                    return 1
-                process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-                running.append(process)
-            _, err = process.communicate()
-            if process.returncode and not stopping.is_set():
-                print(f"failed ({process.returncode}): {' '.join(command[2:])}\n{err[-2000:]}", flush=True)
-            return process.returncode
-
         start = time.perf_counter()
-        pool = ThreadPoolExecutor(args.workers)
         try:
-            codes = list(pool.map(run, todo))
-        except KeyboardInterrupt:  # the caller's time limit (SIGINT): no compiling process may outlive it
-            with lock:
-                stopping.set()
-                for process in running:
-                    process.kill()
-            pool.shutdown(wait=False, cancel_futures=True)
+            codes = common.run_processes(todo, args.workers)
+        except KeyboardInterrupt:  # the caller's time limit (SIGINT): no compiling process outlives it
             print(f"interrupted after {time.perf_counter() - start:.0f} s; the compiling processes stopped", flush=True)
             return 130
-        pool.shutdown()
         failed = sum(map(bool, codes))
         print(f"compiled the kernels of {len(todo)} groups in {time.perf_counter() - start:.0f} s; {failed} failed")
         return 1 if failed else 0
