@@ -272,16 +272,13 @@ def profile_tables(results: list[dict]) -> str:
         if not prof:
             continue
         busy = "" if prof["device_busy_ms"] is None else f", device busy {prof['device_busy_ms']:.1f} ms"
-        parts += [
+        parts.append(
             f"\n### Profile: {r['row']} at seq {r['seq']} ({prof['steps']} steps; {prof['wall_ms']:.1f} ms per step "
-            f"under the profiler{busy})\n",
-            "| kernel / operator | ms per step | calls per step |",
-            "| --- | ---: | ---: |",
-        ]
+            f"under the profiler{busy})"
+        )
         for title, key in (("kernel / operator", "top"), ("host: operator or call (self CPU)", "host_top"),
                            ("host: Python function (own time, cProfile)", "python_top")):  # fmt: skip
-            if key != "top":
-                parts += ["", f"| {title} | ms per step | calls per step |", "| --- | ---: | ---: |"]
+            parts += ["", f"| {title} | ms per step | calls per step |", "| --- | ---: | ---: |"]
             for e in prof.get(key, []):
                 name = e["name"].replace("|", "/")
                 name = name if len(name) <= 90 else name[:89] + "…"
