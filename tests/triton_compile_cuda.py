@@ -133,14 +133,19 @@ def record(
     """Compile every kernel launch of one forward and backward; {kernel: result} (see Recorder for ``keep``).
     ``min_term``: sa_norm's way for its min term, "tile" or "scatter" (``SASOFTMAX_TRITON_MIN_TERM``), else by
     length."""
+    from triton.runtime.driver import driver
+
     from sasoftmax.attention import make_call
     from sasoftmax.backends import triton as backend
     from sasoftmax.backends import triton_kernels as kernels
+    from triton_fake_driver import FakeDriver
 
     results: dict = {}
     originals = {name: getattr(kernels, name) for name in KERNELS}
     backend.INTERPRET = False  # the GPU tiles and code paths
     forced = {} if min_term is None else {"SASOFTMAX_TRITON_MIN_TERM": min_term}
+    active = driver._active
+    driver.set_active(FakeDriver())  # the backend asks Triton's driver for the current device
     try:
         for name, kernel in originals.items():
             setattr(kernels, name, Recorder(kernel, results, keep))
@@ -150,6 +155,7 @@ def record(
         with mock.patch.dict(os.environ, forced):
             backend.attention(call).sum().backward()
     finally:
+        driver._active = active
         for name, kernel in originals.items():
             setattr(kernels, name, kernel)
     return results

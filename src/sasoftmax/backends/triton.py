@@ -285,18 +285,73 @@ def _tiles(
 _STAGES_THAT_FIT: dict[tuple[str, int, _Config], int] = {}
 """Pipeline stages that fit the GPU's shared memory, per (kernel, device, configuration) that needed fewer."""
 
+_COMPILED: dict[tuple, tuple[object, tuple]] = {}
+"""Triton's compiled kernels on GPUs and the values of their constexpr parameters, by ``_launch``'s key: a launch
+Triton compiled before goes straight to the compiled kernel's own launcher."""
+
 
 def _launch(name: str, grid: tuple[int, ...], cfg: _Config, *args, **kwargs) -> None:
-    """``kernels.<name>[grid](*args, **kwargs)`` with ``cfg``'s tiles, warps and stages, or with fewer stages where
-    the GPU's shared memory cannot hold them: the tiles are tuned for Hopper (228 KiB per SM); Ampere has 164,
-    consumer cards ~100. The pipelining depth is all that is given up (tiles, and so the grid, stay); the number
-    that fits is remembered. Triton raises OutOfResources when it loads the compiled kernel, before running it."""
-    device = args[0].device.index if args[0].is_cuda else -1
+    """``kernels.<name>[grid](*args, **kwargs)`` with ``cfg``'s tiles, warps and stages (fewer stages where the GPU's
+    shared memory cannot hold them, see ``_jit_launch``).
+
+    On a GPU, from the second launch of a kernel with the same specialization on, without Triton's JIT launch path:
+    its binder specialises every argument (~50 here) and keys its cache at each launch, ~15–21 µs of the host's time
+    per launch on a development CPU (triton 3.6, tests/triton_fake_driver.py), ~10 of them more than this key and
+    the compiled kernel's launcher. A call's forward and backward launch 3–4 kernels, and at seq 1k the harness GPT's
+    training steps waited for the host (docs/triton.md). The key holds what Triton specialises on (``_specialized``)
+    and the constexprs; the arguments reach the compiled kernel's launcher as Triton's own launch passes them."""
+    kernel = getattr(kernels, name)
+    if INTERPRET:
+        _jit_launch(kernel, name, -1, grid, cfg, args, kwargs)
+        return
+    driver = triton.runtime.driver.active
+    device = driver.get_current_device()
+    key = (name, device, cfg, *kwargs.items(), *map(_specialized, args))
+    found = _COMPILED.get(key)
+    if found is None:
+        compiled = _jit_launch(kernel, name, device, grid, cfg, args, kwargs)
+        if hasattr(compiled, "function") and not hasattr(compiled, "result"):  # not an asynchronous compilation
+            # Triton's launch passes every parameter, the constexprs too (its launcher skips them): those after
+            # the positional arguments are in the key, so the same for every launch that finds this entry.
+            named = {**kwargs, "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n}
+            _COMPILED[key] = compiled, tuple(named[param.name] for param in kernel.params[len(args) :])
+        return
+    compiled, constexprs = found
+    values = (*args, *constexprs)
+    stream = driver.get_current_stream(device)
+    hooks = triton.knobs.runtime
+    enter = hooks.launch_enter_hook
+    metadata = None if enter is None else compiled.launch_metadata(grid, stream, *values)
+    grid_1 = grid[1] if len(grid) > 1 else 1
+    grid_2 = grid[2] if len(grid) > 2 else 1
+    compiled.run(grid[0], grid_1, grid_2, stream, compiled.function, compiled.packed_metadata, metadata, enter,
+                 hooks.launch_exit_hook, *values)  # fmt: skip
+
+
+def _specialized(arg) -> object:
+    """What Triton's launcher specialises a kernel argument on (triton 3.6–3.9, checked against its binder by
+    tests/triton_fake_driver.py): a tensor's dtype and whether its address is 16-byte aligned; an integer's value
+    where it is 1 (then a constant), else whether it is divisible by 16 and its type (i32, i64 or u64 by range);
+    the type of anything else (floats are not specialised, None is a constant)."""
+    kind = type(arg)  # (compared before isinstance: most arguments are integers, and this runs ~50 times a launch)
+    if kind is int:
+        return 1 if arg == 1 else (arg & 15 == 0, -(2**31) <= arg < 2**31, arg < 2**63)
+    if kind is Tensor or isinstance(arg, Tensor):
+        return arg.dtype, arg.data_ptr() & 15 == 0
+    return kind
+
+
+def _jit_launch(kernel, name: str, device: int, grid: tuple[int, ...], cfg: _Config, args: tuple, kwargs: dict):
+    """Launch through Triton's JIT (compiling on a first launch), returning its compiled kernel; with fewer pipeline
+    stages where the GPU's shared memory cannot hold ``cfg``'s: the tiles are tuned for Hopper (228 KiB per SM);
+    Ampere has 164, consumer cards ~100. The pipelining depth is all that is given up (tiles, and so the grid,
+    stay); the number that fits is remembered. Triton raises OutOfResources when it loads the compiled kernel,
+    before running it."""
     key = (name, device, cfg)
     stages = _STAGES_THAT_FIT.get(key, cfg.num_stages)
     while True:
         try:
-            getattr(kernels, name)[grid](*args, **kwargs, **replace(cfg, num_stages=stages).launch())
+            compiled = kernel[grid](*args, **kwargs, **replace(cfg, num_stages=stages).launch())
             break
         except OutOfResources as err:
             if stages == 1 or err.name != "shared memory":
@@ -304,6 +359,7 @@ def _launch(name: str, grid: tuple[int, ...], cfg: _Config, *args, **kwargs) -> 
             stages -= 1
     if stages != cfg.num_stages:
         _STAGES_THAT_FIT[key] = stages
+    return compiled
 
 
 def _pad(dim: int) -> int:
@@ -462,41 +518,40 @@ def _forward(q, k, v, o, t, mask, bias, kind, r1, r2, opt: _Options, s: Tensor |
     """
     b, hq, lq, d = q.shape
     dv = v.shape[3]
-    rows = torch.empty(b * hq, lq, device=q.device, dtype=torch.float32)
-    none = torch.empty(0, device=q.device, dtype=torch.float32)
-    exact = _exact(q)
-    # Distinct empty tensors where nothing is saved (operator outputs must not alias each other).
-    saved = _Saved(torch.empty_like(rows), torch.empty_like(rows) if exact else none.clone(), none.clone(),
-                   none.clone(), none.int(), none.int(),
-                   none.clone() if s is None else torch.empty_like(rows))  # fmt: skip
+    exact, sa_norm = _exact(q), opt.norm == 2
+
+    def per_row(needed: bool, dtype: torch.dtype = torch.float32) -> Tensor:
+        """(B·Hq, L), or an empty placeholder where not ``needed``: a distinct tensor either way (operator outputs
+        must not alias each other)."""
+        return torch.empty((b * hq, lq) if needed else (0,), device=q.device, dtype=dtype)
+
+    saved = _Saved(per_row(True), per_row(exact), per_row(sa_norm), per_row(sa_norm), per_row(sa_norm, torch.int32),
+                   per_row(sa_norm, torch.int32), per_row(s is not None))  # fmt: skip
+    none = per_row(False)  # where a kernel's pointer argument has nothing to point to
     configs = _configs(d, dv, q.dtype, kind, opt.norm)
     factor = t if s is None else s.float()
     (t_arg, r1_arg, r2_arg), common, flags = _common_args(q, k, factor, mask, bias, kind, r1, r2, opt, none)
     flags.update(T_FROM_S=s is not None, QK_SCALED=_qk_scaled(kind, opt.scale))
-    mu, low, inv_delta = none, saved.low, saved.inv_delta
-    if opt.norm == 2 or exact:
+    mu = none
+    if sa_norm or exact:
         # sa_norm needs the row's max and min before its weights are known. float32 inputs of every normalizer
         # take the max first too, so that ℓ is summed without rescaling, as torch.softmax sums it: the
         # backward's p are divided by this ℓ, and its rounding moves all p of a row alike (~5 ulps online).
-        mu = torch.empty_like(rows)
-        argmin, argmax = none.int(), none.int()
-        if opt.norm == 2:  # the min and the argmin/argmax too (MIN_AND_ARGS)
-            low, inv_delta = torch.empty_like(rows), torch.empty_like(rows)
-            argmin, argmax = (torch.empty_like(rows, dtype=torch.int32) for _ in range(2))
-            saved.low, saved.inv_delta, saved.argmin, saved.argmax = low, inv_delta, argmin, argmax
+        # sa_norm's min and argmin/argmax too (MIN_AND_ARGS).
+        mu = per_row(True)
         cfg = configs["extrema"]
         _launch(
             "row_extrema", (_cdiv(lq, cfg.block_m), b * hq), cfg,
-            q, k, t_arg, mu, low, inv_delta, argmin, argmax, r1_arg, r2_arg,
-            *_strides(q), *_strides(k), *common, opt.eps, MIN_AND_ARGS=opt.norm == 2,
+            q, k, t_arg, mu, saved.low, saved.inv_delta, saved.argmin, saved.argmax, r1_arg, r2_arg,
+            *_strides(q), *_strides(k), *common, opt.eps, MIN_AND_ARGS=sa_norm,
             RAW_QK=kind == NO_BIAS and (factor is None or opt.norm == 2) and _power_of_two(opt.scale), EXACT=exact,
             **flags,
         )  # fmt: skip
     cfg = configs["fwd"]
     _launch(
         "fwd", (_cdiv(lq, cfg.block_m), b * hq), cfg,
-        q, k, v, o, saved.shift, saved.inv_l, t_arg, saved.t_rows, mu, low, inv_delta, saved.argmax, saved.argmin,
-        r1_arg, r2_arg,
+        q, k, v, o, saved.shift, saved.inv_l, t_arg, saved.t_rows, mu, saved.low, saved.inv_delta, saved.argmax,
+        saved.argmin, r1_arg, r2_arg,
         *_strides(q), *_strides(k), *_strides(v), *_strides(o), *common,
         NORM=opt.norm, EXACT=exact, DV=dv, DV_PAD=_pad(dv), **flags,
     )  # fmt: skip
