@@ -16,6 +16,7 @@
 #   bias.md      bias.json      the same with ALiBi, Kerple and FIRE biases (N = 4096 by default)
 #   train.md     train.json     GPT training tokens/s and peak memory against the SDPA-softmax model, and per
 #                               row the kernels taking the most device time per step (PROFILE_STEPS steps)
+#   host.md      host.json      host µs per attention call: our Python, Triton's JIT launches, direct launches
 #   tune.md      tune.json      (TUNE_S > 0 only) candidate tiles per kernel, timed (benchmarks/triton_tune.py)
 #   preset.log                  (PRESET_S > 0 only) `sasoftmax compare --preset gpu` on a fraction of its grid
 #                               (PRESET_ARGS, default one seed of three and 200 of 1000 steps), with the time
@@ -25,8 +26,8 @@
 # Budget (environment variables; seconds):
 #   GPU_CHECK_QUICK=1    fewer sizes: N 1024 4096, head dim 128, fwd+bwd only, train seq 1024, 5 timed steps;
 #                        the tuning at head dim 64, causal
-#   VERSIONS_S=5 WARM_S=80 KERNELS_S=80 BIAS_S=20 TRAIN_S=85 TESTS_S=210 TUNE_S=0   limits of the steps (0
-#   skips a step; 480 s in all). On an H200 (2026-11-26, c3ac99c) the warm step took 61 s without the training
+#   VERSIONS_S=5 WARM_S=80 KERNELS_S=80 BIAS_S=20 TRAIN_S=85 HOST_S=15 TESTS_S=195 TUNE_S=0   limits of the
+#   steps (0 skips a step; 480 s in all). On an H200 (2026-11-26, c3ac99c) the warm step took 61 s without the training
 #   rows (26-31 s for them alone, session 11), kernels 81 s, bias 19 s; the tests, cold, 198 s (e9fd073). The
 #   tuning (TUNE_S) compiles its candidates in WARM_WORKERS processes first: 96 took 48 s in all on an H200
 #   PROFILE_STEPS=0      profiled training steps per row (~5 s a row; the profile tables of gpu_train.py)
@@ -58,11 +59,12 @@ PY=${PYTHON:-python3}
 QUICK=${GPU_CHECK_QUICK:-0}
 VERSIONS_S=${VERSIONS_S:-5}
 WARM_S=${WARM_S:-80}
-TESTS_S=${TESTS_S:-210}
+TESTS_S=${TESTS_S:-195}
 KERNELS_S=${KERNELS_S:-80}
 EAGER_MAX_LEN=${EAGER_MAX_LEN:-1024}
 BIAS_S=${BIAS_S:-20}
 TRAIN_S=${TRAIN_S:-85}
+HOST_S=${HOST_S:-15}
 TUNE_S=${TUNE_S:-0}
 PRESET_S=${PRESET_S:-0}
 PRESET_ARGS=${PRESET_ARGS:---seeds 0 --steps 200}
@@ -119,6 +121,7 @@ if [ "${GPU_CHECK_SMOKE:-0}" = 1 ]; then
     TRAIN_SIZES=(--smoke --rows sdpa:softmax cpu:sa_norm)
     TRAIN_WARM=()  # (the smoke rows run on CPU: nothing to compile)
     TUNE_SIZES=(--smoke --kernels fwd --causal yes)
+    HOST=(env -u TRITON_INTERPRET "$PY" benchmarks/triton_host.py --smoke)  # Triton drives a faked GPU
     PRESET=smoke
 elif [ "$QUICK" = 1 ]; then
     KERNEL_SIZES=(--lengths 1024 4096 --head-dims 128 --modes fwd+bwd)
@@ -135,6 +138,7 @@ else
     TUNE_SIZES=()
     PRESET=gpu
 fi
+[ "${GPU_CHECK_SMOKE:-0}" = 1 ] || HOST=("$PY" benchmarks/triton_host.py --device cuda)
 DRY=()
 [ "${GPU_CHECK_DRY:-0}" = 1 ] && DRY=(--dry-run)
 BIAS_ARGS=(--modes fwd+bwd --bias none alibi kerple kerple-table fire --providers "${BIAS_PROVIDERS[@]}"
@@ -150,6 +154,7 @@ step bias "$BIAS_S" "$LOG" "$PY" benchmarks/triton_attention.py --out "$OUT" --p
     ${DRY[@]+"${DRY[@]}"}
 step train "$TRAIN_S" "$LOG" "$PY" benchmarks/gpu_train.py --out "$OUT" --prefix train "${TRAIN_SIZES[@]}" \
     --profile "$PROFILE_STEPS" ${DRY[@]+"${DRY[@]}"}
+step host "$HOST_S" "$LOG" "${HOST[@]}" --out "$OUT" ${DRY[@]+"${DRY[@]}"}
 # The tests after the timings: their 14 processes compile (cold, ~270 s on an H200) and must not share the machine
 # with a benchmark. No -x: one run has to show every failing test, not the first.
 XDIST=()

@@ -123,6 +123,26 @@ def test_training_benchmark_profile(tmp_path, monkeypatch):
 
 
 @pytest.mark.skipif(not TRITON_ON_CPU, reason="the tuning times Triton kernels (here: in the interpreter)")
+@pytest.mark.skipif(backends.unavailable("triton") is not None, reason="triton is not installed")
+def test_host_benchmark_smoke(tmp_path):
+    """benchmarks/triton_host.py on a faked GPU (tests/triton_fake_driver.py), in a process without the interpreter."""
+    from test_triton_compile import compile_env
+
+    script = [sys.executable, str(BENCHMARKS / "triton_host.py"), "--smoke", "--out", str(tmp_path)]
+    done = subprocess.run(script, env=compile_env(), capture_output=True, text=True, timeout=300, check=False)
+    if "cannot fake a GPU" in done.stderr:
+        pytest.skip(done.stderr.strip()[-200:])
+    assert done.returncode == 0, done.stderr[-3000:]
+    markdown, result = read(tmp_path, "host")
+    assert result["header"]["date"] in markdown and "faked sm_90" in markdown
+    import triton_host
+
+    assert [r["row"] for r in result["rows"]] == list(triton_host.ROWS)
+    for r in result["rows"]:
+        assert all(r[way] > 0 for way in triton_host.WAYS)
+        assert f"| {r['row']} | {r['python']:.1f} | {r['jit']:.1f} | {r['direct']:.1f} |" in markdown
+
+
 def test_tile_tuning_smoke(tmp_path, capsys):
     argv = ["--smoke", "--out", str(tmp_path), "--kernels", "fwd", "dkdv", "--causal", "yes", "--normalizers", "sa"]
     assert triton_tune.main([*argv, "--compile-workers", "2"]) == 0
@@ -190,7 +210,7 @@ def test_gpu_check_passes_valid_arguments(tmp_path):
     )  # fmt: skip
     log = (tmp_path / "run.log").read_text()
     assert proc.returncode == 0, log
-    for step in ("warm", "kernels", "bias", "train"):
+    for step in ("warm", "kernels", "bias", "train", "host"):
         assert f"== {step}: exit 0" in log
     # the warm step compiles the kernels of each (head dim, causal, bias) of both runs, sasoftmax providers only
     assert log.count("triton_attention.py --out") == 4 + 2 * 5 + 2  # + the kernels and bias steps' own lines
