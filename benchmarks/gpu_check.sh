@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # One command for a fresh GPU machine (torch and triton installed, nothing else; the repository root as the
 # working directory): versions, the Triton kernels the benchmarks and the training rows use compiled in parallel
-# processes (Triton caches them on disk), the kernel benchmark (without and with positional biases), the GPT
-# training benchmark (with, when asked, a profile of its rows at the first length), the Triton tests on CUDA (last:
-# they must not run beside a timing) and, when asked (TUNE_S > 0), the tile tuning. Every step has a time limit
-# (the whole script ends within 8 minutes with the defaults) and a failing step does not stop the next; a step
-# that runs out of time is interrupted (SIGINT), so pytest still prints its summary of the failures so far.
+# processes (Triton caches them on disk), the host time per attention call, the kernel benchmark (without and with
+# positional biases), the GPT training benchmark (with, when asked, a profile of its rows at the first length), the
+# Triton tests on CUDA (last: they must not run beside a timing) and, when asked (TUNE_S > 0), the tile tuning. Every
+# step has a time limit (the whole script ends within 8 minutes with the defaults) and a failing step does not stop
+# the next; a step that runs out of time is interrupted (SIGINT), so pytest still prints its summary of the failures
+# so far.
 #
 #   benchmarks/gpu_check.sh OUT_DIR
 #
@@ -148,13 +149,15 @@ step warm "$WARM_S" "$LOG" "$PY" benchmarks/triton_warm.py --workers "$WARM_WORK
     ${TRAIN_WARM[@]+"${TRAIN_WARM[@]}"} \
     -- --eager-max-len "$EAGER_MAX_LEN" "${KERNEL_SIZES[@]}" -- "${BIAS_ARGS[@]}"
 
+# Host time per call first (its kernels are the training rows', compiled above): it also checks that the direct
+# launches (triton._launch) compute what Triton's own launches do, bit for bit, before anything is timed with them
+step host "$HOST_S" "$LOG" "${HOST[@]}" --out "$OUT" ${DRY[@]+"${DRY[@]}"}
 step kernels "$KERNELS_S" "$LOG" "$PY" benchmarks/triton_attention.py --out "$OUT" --prefix kernels \
     --eager-max-len "$EAGER_MAX_LEN" "${KERNEL_SIZES[@]}" ${DRY[@]+"${DRY[@]}"}
 step bias "$BIAS_S" "$LOG" "$PY" benchmarks/triton_attention.py --out "$OUT" --prefix bias "${BIAS_ARGS[@]}" \
     ${DRY[@]+"${DRY[@]}"}
 step train "$TRAIN_S" "$LOG" "$PY" benchmarks/gpu_train.py --out "$OUT" --prefix train "${TRAIN_SIZES[@]}" \
     --profile "$PROFILE_STEPS" ${DRY[@]+"${DRY[@]}"}
-step host "$HOST_S" "$LOG" "${HOST[@]}" --out "$OUT" ${DRY[@]+"${DRY[@]}"}
 # The tests after the timings: their 14 processes compile (cold, ~270 s on an H200) and must not share the machine
 # with a benchmark. No -x: one run has to show every failing test, not the first.
 XDIST=()
