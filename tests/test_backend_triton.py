@@ -10,6 +10,7 @@ floor relative to the reference's magnitude, ``FLOAT32_FLOOR``).
 
 from __future__ import annotations
 
+import contextlib
 import sys
 
 import pytest
@@ -507,6 +508,29 @@ def test_auto_preference_for_cuda_tensors_without_a_gpu():
         call.q.as_subclass(_ClaimsCuda), call.k, call.v, "sa_norm", True, None, None, None, None, 1e-6, 0.1
     )
     assert choose_backend(with_dropout, "auto") == "eager"
+
+
+class _OnSecondGpu(_ClaimsCuda):
+    """A CPU tensor that reports living on cuda:1."""
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cuda", 1)
+
+
+@pytest.mark.parametrize("current", [0, 1])
+def test_calls_run_with_their_tensors_gpu_current(monkeypatch, current):
+    """Triton launches on the current device: a call whose tensors live on another GPU makes theirs current for the
+    call (a model spread over GPUs in one process), and leaves it alone where it already is (no GPU needed: the
+    decision is checked, with the current device stubbed)."""
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: current)
+    q = torch.zeros(1, 1, 1, 16).as_subclass(_OnSecondGpu)
+    guard = triton_backend._device_guard(q)
+    if current == 1:
+        assert isinstance(guard, contextlib.nullcontext)
+    else:
+        assert isinstance(guard, torch.cuda.device) and guard.idx == 1
+    assert isinstance(triton_backend._device_guard(torch.zeros(1)), contextlib.nullcontext)  # CPU tensors: none
 
 
 @needs_kernels

@@ -20,6 +20,7 @@ Importing this module raises ImportError when triton is not installed.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
@@ -81,6 +82,21 @@ def unsupported(call: AttentionCall) -> str | None:
 
 def attention(call: AttentionCall) -> Tensor:
     """Output (B, Hq, L, Dv) in the input dtype; differentiable in q, k, v, SSMax's s and the bias."""
+    with _device_guard(call.q):
+        return _attention(call)
+
+
+def _device_guard(q: Tensor) -> contextlib.AbstractContextManager:
+    """q's GPU made the current one where it is not: Triton launches on the current device (its stream, its loaded
+    kernels), and a model spread over GPUs in one process (transformers' ``device_map``) calls with tensors on
+    another, as FlashAttention's and flash-linear-attention's entry points guard against. The backward needs none:
+    autograd runs CUDA work on a thread per device, with that device current. (Compiled graphs: Inductor guards.)"""
+    if q.is_cuda and not torch.compiler.is_compiling() and q.device.index != torch.cuda.current_device():
+        return torch.cuda.device(q.device)
+    return contextlib.nullcontext()
+
+
+def _attention(call: AttentionCall) -> Tensor:
     b, hq, _, lq, lk, _ = call.shape
     options = _Options(
         norm=NORMALIZERS.index(call.normalizer), causal=call.causal, scale=call.scale, eps=call.eps, pos0=lk - lq
