@@ -31,14 +31,14 @@ ARCH = int(os.environ.get("SASOFTMAX_COMPILE_ARCH", "90"))  # compute capability
 
 
 def unavailable() -> str | None:
-    """Why this machine cannot compile for NVIDIA GPUs, or None."""
-    if os.environ.get("TRITON_INTERPRET"):
-        return "TRITON_INTERPRET is set: the kernels would be interpreted, not compiled"
-    try:
-        import triton
-        from triton.backends.nvidia import compiler  # noqa: F401
-    except ImportError as err:
-        return f"triton's NVIDIA backend is not available ({err})"
+    """Why this machine cannot compile for NVIDIA GPUs, or None: what a faked GPU needs, and ptxas."""
+    from triton_fake_driver import unavailable as no_fake_gpu
+
+    reason = no_fake_gpu()
+    if reason:
+        return reason
+    import triton
+
     ptxas = triton.knobs.nvidia.ptxas.path
     if not ptxas or not os.access(ptxas, os.X_OK):
         return f"ptxas is not available ({ptxas!r})"

@@ -28,7 +28,7 @@ import torch
 def unavailable() -> str | None:
     """Why this machine cannot fake a GPU for Triton, or None."""
     if os.environ.get("TRITON_INTERPRET"):
-        return "TRITON_INTERPRET is set: the kernels would be interpreted"
+        return "TRITON_INTERPRET is set: the kernels would be interpreted, not compiled"
     try:
         from triton.backends.nvidia import compiler  # noqa: F401
     except ImportError as err:
