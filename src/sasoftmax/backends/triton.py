@@ -311,11 +311,12 @@ def _launch(name: str, grid: tuple[int, ...], cfg: _Config, *args, **kwargs) -> 
     shared memory cannot hold them, see ``_jit_launch``).
 
     On a GPU, from the second launch of a kernel with the same specialization on, without Triton's JIT launch path:
-    its binder specialises every argument (~50 here) and keys its cache at each launch, ~15–21 µs of the host's time
-    per launch on a development CPU (triton 3.6, tests/triton_fake_driver.py), ~10 of them more than this key and
-    the compiled kernel's launcher. A call's forward and backward launch 3–4 kernels, and at seq 1k the harness GPT's
-    training steps waited for the host (docs/triton.md). The key holds what Triton specialises on (``_specialized``)
-    and the constexprs; the arguments reach the compiled kernel's launcher as Triton's own launch passes them."""
+    its binder specialises every argument (~50 here) and keys its cache at each launch, ~26 µs of the host's time per
+    launch on a development CPU (triton 3.6 and 3.9, benchmarks/triton_host.py on a faked GPU), against ~13 for this
+    key and the compiled kernel's launcher. A call's forward and backward launch 3–4 kernels, and at seq 1k the
+    harness GPT's training steps waited for the host (docs/triton.md, "Host time per call"). The key holds what
+    Triton specialises on (``_specialized``) and the constexprs; the arguments reach the compiled kernel's launcher
+    as Triton's own launch passes them."""
     kernel = getattr(kernels, name)
     if INTERPRET:
         _jit_launch(kernel, name, -1, grid, cfg, args, kwargs)
