@@ -27,7 +27,7 @@
 # Budget (environment variables; seconds):
 #   GPU_CHECK_QUICK=1    fewer sizes: N 1024 4096, head dim 128, fwd+bwd only, train seq 1024, 5 timed steps;
 #                        the tuning at head dim 64, causal
-#   VERSIONS_S=5 WARM_S=80 KERNELS_S=80 BIAS_S=20 TRAIN_S=85 HOST_S=15 TESTS_S=195 TUNE_S=0   limits of the
+#   VERSIONS_S=5 WARM_S=80 KERNELS_S=80 BIAS_S=20 TRAIN_S=85 HOST_S=25 TESTS_S=185 TUNE_S=0   limits of the
 #   steps (0 skips a step; 480 s in all). On an H200 (2026-11-26, c3ac99c) the warm step took 61 s without the training
 #   rows (26-31 s for them alone, session 11), kernels 81 s, bias 19 s; the tests, cold, 198 s (e9fd073). The
 #   tuning (TUNE_S) compiles its candidates in WARM_WORKERS processes first: 96 took 48 s in all on an H200
@@ -60,12 +60,12 @@ PY=${PYTHON:-python3}
 QUICK=${GPU_CHECK_QUICK:-0}
 VERSIONS_S=${VERSIONS_S:-5}
 WARM_S=${WARM_S:-80}
-TESTS_S=${TESTS_S:-195}
+TESTS_S=${TESTS_S:-185}
 KERNELS_S=${KERNELS_S:-80}
 EAGER_MAX_LEN=${EAGER_MAX_LEN:-1024}
 BIAS_S=${BIAS_S:-20}
 TRAIN_S=${TRAIN_S:-85}
-HOST_S=${HOST_S:-15}
+HOST_S=${HOST_S:-25}
 TUNE_S=${TUNE_S:-0}
 PRESET_S=${PRESET_S:-0}
 PRESET_ARGS=${PRESET_ARGS:---seeds 0 --steps 200}
