@@ -54,11 +54,9 @@ class AttentionCall:
 
 
 def broadcasts_to(shape: torch.Size | tuple[int, ...], full: tuple[int, ...]) -> bool:
-    """Whether a tensor of ``shape`` (at most 4-D) broadcasts to exactly ``full`` = (B, Hq, L, S)."""
-    try:
-        return len(shape) <= 4 and torch.broadcast_shapes(shape, full) == torch.Size(full)
-    except RuntimeError:
-        return False
+    """Whether a tensor of ``shape`` (at most 4-D) broadcasts to exactly ``full`` = (B, Hq, L, S): each of its
+    trailing sizes 1 or the same. (``torch.broadcast_shapes`` says the same at ~18 µs of the host's time a call.)"""
+    return len(shape) <= 4 and all(n == 1 or n == f for n, f in zip(reversed(shape), reversed(full)))
 
 
 def evaluate_bias_function(fn: BiasFunction, q_pos: Tensor, k_pos: Tensor, batch: int, heads: int) -> Tensor:

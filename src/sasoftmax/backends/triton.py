@@ -485,14 +485,13 @@ def _mask_within_causal(mask: Tensor, pos0: int) -> Tensor:
     """(1,) int32 on the mask's device, 1 where no query i may attend a key j > i + pos0 (the mask lies within the
     causal pattern: transformers folds causality into its masks), so that the kernels skip the tiles a causal call
     would (``triton_kernels._visited_keys``). ``mask`` is the kernels' (B, Hq, L, S) view; its broadcast axes
-    are read once, not expanded. No host sync."""
+    are read once, not expanded. No host sync; four small kernels (a forward and a backward compute it: on the
+    host's side each costs what a kernel launch does)."""
     *_, lq, lk = mask.shape
     if mask.stride(-2) == 0 and lq > 1:  # one row of keys for every query (key padding) cannot lie within it
         return torch.zeros(1, device=mask.device, dtype=torch.int32)
     index = tuple(slice(0, 1) if st == 0 else slice(None) for st in mask.stride()[:2])
-    rows = torch.arange(lq, device=mask.device)[:, None] + pos0
-    future = torch.arange(lk, device=mask.device)[None, :] > rows
-    return (~(mask[index].bool() & future).any()).to(torch.int32).reshape(1)
+    return mask[index].triu(pos0 + 1).any().logical_not().int().reshape(1)
 
 
 def _diagonal_index(n: int, lq: int, lk: int, pos0: int, device: torch.device) -> Tensor:
