@@ -28,11 +28,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # triton_fake_driver
 
-ROWS = {  # name: (normalizer, ssmax, backward)
-    "softmax": ("softmax", False, True),
-    "sa_norm": ("sa_norm", False, True),
-    "sa_norm + SSMax": ("sa_norm", True, True),
-    "sa_norm decoding step": ("sa_norm", False, False),
+ROWS = {  # name: (normalizer, ssmax, backward, transformers' mask)
+    "softmax": ("softmax", False, True, False),
+    "sa_norm": ("sa_norm", False, True, False),
+    "sa_norm + SSMax": ("sa_norm", True, True, False),
+    "sa_norm, a causal bool mask": ("sa_norm", False, True, True),
+    "sa_norm decoding step": ("sa_norm", False, False, False),
 }
 WAYS = ("python", "jit", "direct")
 IDENTICAL = {True: "yes", False: "**no**", None: "–"}
@@ -57,10 +58,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def layer_call(row: str, device: str, dtype: torch.dtype):
     """One layer's attention call of the harness GPT (B = 2, H = 12, N = 64, D = 64, (B, N, H, D) views,
-    causal), forward and backward (a decoding step: one query over 64 keys, forward only, no grad)."""
+    causal), forward and backward (a decoding step: one query over 64 keys, forward only, no grad); with a mask, the
+    causal pattern as transformers passes it instead of ``causal=True``: a (B, 1, N, N) bool mask."""
     import sasoftmax
 
-    normalizer, ssmax, backward = ROWS[row]
+    normalizer, ssmax, backward, masked = ROWS[row]
     b, h, d = 2, 12, 64
     lq = 64 if backward else 1
 
@@ -71,11 +73,14 @@ def layer_call(row: str, device: str, dtype: torch.dtype):
     s = torch.full((h,), 0.4, device=device, requires_grad=True) if ssmax else None
     grad = torch.randn(b, lq, h, d, device=device, dtype=dtype).transpose(1, 2)
     inputs = (q, k, v) if s is None else (q, k, v, s)
+    mask = torch.ones(lq, 64, device=device, dtype=torch.bool).tril(64 - lq).expand(b, 1, lq, 64) if masked else None
 
     def call() -> tuple[torch.Tensor, ...]:
         """The output and (with a backward) the gradients of q, k, v (and s)."""
         with torch.set_grad_enabled(backward):
-            out = sasoftmax.attention(q, k, v, normalizer=normalizer, causal=True, ssmax=s, backend="triton")
+            out = sasoftmax.attention(
+                q, k, v, normalizer=normalizer, causal=not masked, mask=mask, ssmax=s, backend="triton"
+            )
             return (out, *torch.autograd.grad(out, inputs, grad)) if backward else (out,)
 
     return call
