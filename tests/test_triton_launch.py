@@ -34,5 +34,9 @@ def test_direct_launches_match_tritons_jit():
     assert report["specialization"] == [], "the backend's key and Triton's binder tell arguments apart differently"
     assert report["mismatches"] == [], "a direct launch took another compiled kernel or arguments than Triton's JIT"
     # every call runs twice: its second forward and backward find their kernels (the first ones of calls with the
-    # same specialization, too)
-    assert report["launches"] >= 60 and report["direct"] >= report["launches"] // 2
+    # same specialization, too); triton versions the direct path was not checked for launch through Triton's JIT
+    assert report["launches"] >= 60
+    if report["direct_launch"]:
+        assert report["direct"] >= report["launches"] // 2
+    else:
+        assert report["direct"] == 0

@@ -11,7 +11,7 @@ calls (dtypes, head dims, GQA, masks, biases, SSMax, lengths 1..320, inputs misa
 launched again through Triton's JIT, which must pick the same compiled kernel and hand its launcher the same
 arguments; and the backend's key of an argument (``_specialized``) must tell apart exactly the values Triton's
 binder does. Prints one JSON object: ``{"skip": reason}`` where triton's NVIDIA backend is missing, else
-``{"launches": n, "direct": n, "mismatches": [...], "specialization": [...]}``.
+``{"launches": n, "direct": n, "mismatches": [...], "direct_launch": bool, "specialization": [...]}``.
 """
 
 from __future__ import annotations
@@ -158,16 +158,18 @@ def check_launches() -> tuple[int, int, list[str]]:
 
     launches: list[Launch] = []
     mismatches: list[str] = []
-    counts = [0, 0]
-    launch = backend._launch
+    counts = {"launches": 0, "jit": 0}
+    launch, jit_launch = backend._launch, backend._jit_launch
+
+    def counted_jit_launch(*args):
+        counts["jit"] += 1
+        return jit_launch(*args)
 
     def checked(name, grid, cfg, *args, **kwargs):
-        known = len(backend._COMPILED)
         launches.clear()
         launch(name, grid, cfg, *args, **kwargs)
         ours = launches[-1]
-        counts[0] += 1
-        counts[1] += len(backend._COMPILED) == known  # found, not added: the direct path
+        counts["launches"] += 1
         launches.clear()
         stages = backend._STAGES_THAT_FIT.get((name, 0, cfg), cfg.num_stages)
         getattr(kernels, name)[grid](*args, **kwargs, **backend.replace(cfg, num_stages=stages).launch())
@@ -178,7 +180,7 @@ def check_launches() -> tuple[int, int, list[str]]:
         if ours.kernel is not theirs.kernel or ours.grid != theirs.grid or not same_values:
             mismatches.append(f"{name}: ours {ours.kernel.key[:200]} / Triton's {theirs.kernel.key[:200]}")
 
-    backend._launch = checked
+    backend._launch, backend._jit_launch = checked, counted_jit_launch
     try:
         with fake_gpu(launches):
             for spec in calls().values():
@@ -186,8 +188,8 @@ def check_launches() -> tuple[int, int, list[str]]:
                 run_call(spec)
                 run_call(spec)
     finally:
-        backend._launch = launch
-    return counts[0], counts[1], mismatches
+        backend._launch, backend._jit_launch = launch, jit_launch
+    return counts["launches"], counts["launches"] - counts["jit"], mismatches
 
 
 def check_specialization() -> list[str]:
@@ -225,8 +227,10 @@ def main() -> None:
     if reason:
         print(json.dumps({"skip": reason}))
         return
+    from sasoftmax.backends.triton import DIRECT_LAUNCH
+
     launches, direct, mismatches = check_launches()
-    report = {"launches": launches, "direct": direct, "mismatches": mismatches}
+    report = {"launches": launches, "direct": direct, "mismatches": mismatches, "direct_launch": DIRECT_LAUNCH}
     report["specialization"] = check_specialization()
     print(json.dumps(report))
 

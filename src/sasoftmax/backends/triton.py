@@ -24,6 +24,7 @@ import contextlib
 import functools
 import math
 import os
+import re
 from dataclasses import dataclass, replace
 
 import torch
@@ -301,6 +302,12 @@ def _tiles(
 _STAGES_THAT_FIT: dict[tuple[str, int, _Config], int] = {}
 """Pipeline stages that fit the GPU's shared memory, per (kernel, device, configuration) that needed fewer."""
 
+_TRITON_VERSION = tuple(int(n) for n in re.findall(r"\d+", triton.__version__)[:2])
+DIRECT_LAUNCH: bool = (3, 6) <= _TRITON_VERSION <= (3, 9)
+"""Whether ``_launch`` may hand launches to Triton's compiled kernels itself: it relies on Triton's internals (its
+specialisation rules, the compiled kernel's launcher and its arguments), checked for triton 3.6–3.9 only
+(tests/triton_fake_driver.py); other versions launch every kernel through Triton's JIT."""
+
 _COMPILED: dict[tuple, tuple[object, tuple]] = {}
 """Triton's compiled kernels on GPUs and the values of their constexpr parameters, by ``_launch``'s key: a launch
 Triton compiled before goes straight to the compiled kernel's own launcher."""
@@ -318,8 +325,9 @@ def _launch(name: str, grid: tuple[int, ...], cfg: _Config, *args, **kwargs) -> 
     Triton specialises on (``_specialized``) and the constexprs; the arguments reach the compiled kernel's launcher
     as Triton's own launch passes them."""
     kernel = getattr(kernels, name)
-    if INTERPRET:
-        _jit_launch(kernel, name, -1, grid, cfg, args, kwargs)
+    if INTERPRET or not DIRECT_LAUNCH:
+        _jit_launch(kernel, name, -1 if INTERPRET else triton.runtime.driver.active.get_current_device(), grid, cfg,
+                    args, kwargs)  # fmt: skip
         return
     driver = triton.runtime.driver.active
     device = driver.get_current_device()
