@@ -120,7 +120,7 @@ if [ "${GPU_CHECK_SMOKE:-0}" = 1 ]; then
     BIAS_SIZES=(--smoke --causal yes)
     BIAS_PROVIDERS=(sdpa-math cpu:sa_norm cpu:sa_norm+ssmax)
     TRAIN_SIZES=(--smoke --rows sdpa:softmax cpu:sa_norm)
-    TRAIN_WARM=()  # (the smoke rows run on CPU: nothing to compile)
+    TRAIN_WARM=()  # (the smoke rows run on CPU: nothing to compile; nor do the host step's on a faked GPU)
     TUNE_SIZES=(--smoke --kernels fwd --causal yes)
     HOST=(env -u TRITON_INTERPRET "$PY" benchmarks/triton_host.py --smoke)  # Triton drives a faked GPU
     PRESET=smoke
@@ -128,14 +128,14 @@ elif [ "$QUICK" = 1 ]; then
     KERNEL_SIZES=(--lengths 1024 4096 --head-dims 128 --modes fwd+bwd)
     BIAS_SIZES=(--lengths 4096 --head-dims 128 --causal yes)
     TRAIN_SIZES=(--seqs 1024 --steps 5 --warmup 2)
-    TRAIN_WARM=(--train-seqs 1024)
+    TRAIN_WARM=(--train-seqs 1024 --host cuda)
     TUNE_SIZES=(--head-dims 64 --causal yes)  # the harness GPT's head dim
     PRESET=gpu
 else
     KERNEL_SIZES=(--lengths 1024 4096 16384 --head-dims 64 128)
     BIAS_SIZES=(--lengths 4096 --head-dims 64 128 --causal yes)
     TRAIN_SIZES=(--seqs 1024 4096)
-    TRAIN_WARM=(--train-seqs 1024 4096)
+    TRAIN_WARM=(--train-seqs 1024 4096 --host cuda)
     TUNE_SIZES=()
     PRESET=gpu
 fi
@@ -149,7 +149,7 @@ step warm "$WARM_S" "$LOG" "$PY" benchmarks/triton_warm.py --workers "$WARM_WORK
     ${TRAIN_WARM[@]+"${TRAIN_WARM[@]}"} \
     -- --eager-max-len "$EAGER_MAX_LEN" "${KERNEL_SIZES[@]}" -- "${BIAS_ARGS[@]}"
 
-# Host time per call first (its kernels are the training rows', compiled above): it also checks that the direct
+# Host time per call first (its calls' kernels compiled above, --host): it also checks that the direct
 # launches (triton._launch) compute what Triton's own launches do, bit for bit, before anything is timed with them
 step host "$HOST_S" "$LOG" "${HOST[@]}" --out "$OUT" ${DRY[@]+"${DRY[@]}"}
 step kernels "$KERNELS_S" "$LOG" "$PY" benchmarks/triton_attention.py --out "$OUT" --prefix kernels \

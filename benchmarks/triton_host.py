@@ -46,6 +46,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--calls", type=int, default=100, help="calls per timed batch")
     parser.add_argument("--repeats", type=int, default=7, help="timed batches per row and way")
     parser.add_argument("--dtype", choices=("bfloat16", "float16"), default="bfloat16")
+    parser.add_argument("--rows", nargs="+", choices=list(ROWS), default=list(ROWS), help="calls to time (default all)")
     parser.add_argument("--smoke", action="store_true", help="5 calls per batch, 2 batches: the code path only")
     parser.add_argument("--dry-run", action="store_true", help="check the arguments, print the plan, time nothing")
     args = parser.parse_args(argv)
@@ -137,7 +138,7 @@ def run(args: argparse.Namespace) -> list[dict]:
         gpu="real" if args.device == "cuda" else "faked sm_90 (tests/triton_fake_driver.py)",
     )  # fmt: skip
     rows = []
-    for row in ROWS:
+    for row in args.rows:
         torch.manual_seed(0)
         call = layer_call(row, args.device, dtype)
         result = {"row": row}
@@ -170,7 +171,8 @@ def run(args: argparse.Namespace) -> list[dict]:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.dry_run:
-        print(f"{len(ROWS)} rows × {len(WAYS)} ways on {args.device}, {args.repeats} batches of {args.calls} calls")
+        plan = f"{len(args.rows)} rows × {len(WAYS)} ways on {args.device}"
+        print(f"{plan}, {args.repeats} batches of {args.calls} calls")
         return
     if args.device == "cuda":
         if not all(r["identical"] for r in run(args)):  # (True on a GPU)

@@ -8,7 +8,8 @@ compiled variants (same head dim, dtype, flags and tiles; lengths divisible by 1
 where the given lengths reach sa_norm's scattered min term, ``MIN_TERM_SCATTER_KEYS`` keys), and discards their
 timings. Only the sasoftmax providers are run. With ``--train-seqs``, each triton row of the training benchmark
 (``gpu_train.GPU_ROWS``, or ``--train-rows``) also trains one step of a one-layer model at those lengths in a
-process of its own (the same kernel variants as the 12-layer model's). Nothing here measures anything.
+process of its own (the same kernel variants as the 12-layer model's); with ``--host``, each call of
+``triton_host.py`` in a process of its own. Nothing here measures anything.
 
     PYTHONPATH=src python3 benchmarks/triton_warm.py --workers 12 --train-seqs 1024 4096 \
         -- --head-dims 64 128 -- --bias kerple --causal yes
@@ -61,6 +62,15 @@ def train_commands(rows: list[str], seqs: list[int], out: str) -> list[list[str]
     ]  # fmt: skip
 
 
+def host_commands(device: str, out: str) -> list[list[str]]:
+    """One triton_host.py command line per row (its smoke size: every way runs a few calls)."""
+    import triton_host
+
+    script = str(Path(__file__).with_name("triton_host.py"))
+    return [[sys.executable, script, "--device", device, "--smoke", "--rows", row, "--out", f"{out}/host-{index}"]
+            for index, row in enumerate(triton_host.ROWS)]  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     groups: list[list[str]] = [[]]  # its own arguments, then one list per benchmark run, each after a "--"
@@ -74,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=12, help="processes at a time (default 12)")
     parser.add_argument("--train-seqs", type=int, nargs="+", default=[], help="training lengths to compile for")
     parser.add_argument("--train-rows", nargs="+", default=gpu_train.GPU_ROWS, help="training rows (default: all)")
+    parser.add_argument("--host", choices=("cuda", "cpu"), help="also triton_host.py's calls, on this device")
     parser.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     args = parser.parse_args(own)
     if args.workers < 1:
@@ -87,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="triton-warm-") as out:
         # the training rows first: each compiles several lengths' kernels one after another, the longest jobs
         todo = [tuple(c) for c in train_commands(args.train_rows, args.train_seqs, out)] if args.train_seqs else []
+        todo += [tuple(c) for c in host_commands(args.host, out)] if args.host else []
         todo += list(dict.fromkeys(tuple(c) for bench in benches for c in commands(bench, out)))
         if args.dry_run:
             print("\n".join(" ".join(c) for c in todo))

@@ -221,6 +221,11 @@ def test_gpu_check_passes_valid_arguments(tmp_path):
     train_warm = [line for line in log.splitlines() if "--prefix warm-train-" in line]
     assert len(train_warm) == sum(row.startswith("triton:") for row in gpu_train.GPU_ROWS)
     assert all("--seqs 1024 4096 --layers 1" in line for line in train_warm)
+    # and one per call of the host step (its masked and decoding calls compile kernels of their own)
+    import triton_host
+
+    host_warm = [line for line in log.splitlines() if "triton_host.py --device cuda --smoke --rows" in line]
+    assert len(host_warm) == len(triton_host.ROWS)
     assert "== tune: skipped (limit 0)" in log  # the tuning runs only when asked (TUNE_S > 0)
     assert "== preset: skipped (limit 0)" in log  # so does the comparison (PRESET_S > 0)
     assert "216 rows on cuda" in log and "14 rows on cuda" in log
