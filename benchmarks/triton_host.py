@@ -93,11 +93,10 @@ def way(name: str):
     import triton
 
     from sasoftmax.backends import triton as backend
-    from sasoftmax.backends import triton_kernels as kernels
 
     def jit(name, grid, cfg, *args, **kwargs):
         device = triton.runtime.driver.active.get_current_device()
-        backend._jit_launch(getattr(kernels, name), name, device, grid, cfg, args, kwargs)
+        backend._jit_launch(name, device, grid, cfg, args, kwargs)
 
     launch = backend._launch
     if name == "python":

@@ -324,22 +324,24 @@ def _launch(name: str, grid: tuple[int, ...], cfg: _Config, *args, **kwargs) -> 
     harness GPT's training steps waited for the host (docs/triton.md, "Host time per call"). The key holds what
     Triton specialises on (``_specialized``) and the constexprs; the arguments reach the compiled kernel's launcher
     as Triton's own launch passes them."""
-    kernel = getattr(kernels, name)
-    if INTERPRET or not DIRECT_LAUNCH:
-        _jit_launch(kernel, name, -1 if INTERPRET else triton.runtime.driver.active.get_current_device(), grid, cfg,
-                    args, kwargs)  # fmt: skip
+    if INTERPRET:
+        _jit_launch(name, -1, grid, cfg, args, kwargs)
         return
     driver = triton.runtime.driver.active
     device = driver.get_current_device()
+    if not DIRECT_LAUNCH:
+        _jit_launch(name, device, grid, cfg, args, kwargs)
+        return
     key = (name, device, cfg, *kwargs.items(), *map(_specialized, args))
     found = _COMPILED.get(key)
     if found is None:
-        compiled = _jit_launch(kernel, name, device, grid, cfg, args, kwargs)
+        compiled = _jit_launch(name, device, grid, cfg, args, kwargs)
         if hasattr(compiled, "function") and not hasattr(compiled, "result"):  # not an asynchronous compilation
             # Triton's launch passes every parameter, the constexprs too (its launcher skips them): those after
             # the positional arguments are in the key, so the same for every launch that finds this entry.
             named = {**kwargs, "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n}
-            _COMPILED[key] = compiled, tuple(named[param.name] for param in kernel.params[len(args) :])
+            params = getattr(kernels, name).params[len(args) :]
+            _COMPILED[key] = compiled, tuple(named[param.name] for param in params)
         return
     compiled, constexprs = found
     values = (*args, *constexprs)
@@ -366,17 +368,17 @@ def _specialized(arg) -> object:
     return kind
 
 
-def _jit_launch(kernel, name: str, device: int, grid: tuple[int, ...], cfg: _Config, args: tuple, kwargs: dict):
-    """Launch through Triton's JIT (compiling on a first launch), returning its compiled kernel; with fewer pipeline
-    stages where the GPU's shared memory cannot hold ``cfg``'s: the tiles are tuned for Hopper (228 KiB per SM);
-    Ampere has 164, consumer cards ~100. The pipelining depth is all that is given up (tiles, and so the grid,
-    stay); the number that fits is remembered. Triton raises OutOfResources when it loads the compiled kernel,
-    before running it."""
+def _jit_launch(name: str, device: int, grid: tuple[int, ...], cfg: _Config, args: tuple, kwargs: dict):
+    """Launch ``kernels.<name>`` through Triton's JIT (compiling on a first launch), returning its compiled kernel;
+    with fewer pipeline stages where the GPU's shared memory cannot hold ``cfg``'s: the tiles are tuned for Hopper
+    (228 KiB per SM); Ampere has 164, consumer cards ~100. The pipelining depth is all that is given up (tiles, and
+    so the grid, stay); the number that fits is remembered per ``device`` (the current one; -1 in the interpreter).
+    Triton raises OutOfResources when it loads the compiled kernel, before running it."""
     key = (name, device, cfg)
     stages = _STAGES_THAT_FIT.get(key, cfg.num_stages)
     while True:
         try:
-            compiled = kernel[grid](*args, **kwargs, **replace(cfg, num_stages=stages).launch())
+            compiled = getattr(kernels, name)[grid](*args, **kwargs, **replace(cfg, num_stages=stages).launch())
             break
         except OutOfResources as err:
             if stages == 1 or err.name != "shared memory":
