@@ -33,6 +33,7 @@ def test_direct_launches_match_tritons_jit():
         pytest.skip(report["skip"])
     assert report["specialization"] == [], "the backend's key and Triton's binder tell arguments apart differently"
     assert report["mismatches"] == [], "a direct launch took another compiled kernel or arguments than Triton's JIT"
+    assert report["stand_in_launches"] == 2, "a test's stand-in for a kernel must see every launch"
     # every call runs twice: its second forward and backward find their kernels (the first ones of calls with the
     # same specialization, too); triton versions the direct path was not checked for launch through Triton's JIT
     assert report["launches"] >= 60

@@ -192,6 +192,34 @@ def check_launches() -> tuple[int, int, list[str]]:
     return counts["launches"], counts["launches"] - counts["jit"], mismatches
 
 
+class CountingStandIn:
+    """Stands in for a kernel as tests do to watch its launches (tests/kernel_capture.py): counts them, launches it."""
+
+    def __init__(self, kernel):
+        self.kernel, self.launches = kernel, 0
+
+    def __getitem__(self, grid):
+        self.launches += 1
+        return self.kernel[grid]
+
+
+def check_stand_ins() -> int:
+    """Launches that a stand-in for the forward kernel saw over two equal calls (each one's: the direct path is
+    for Triton's own kernels; on an H100 it had bypassed the tests' stand-ins from a call's second launch on)."""
+    from sasoftmax.backends import triton_kernels as kernels
+
+    fwd = kernels.fwd
+    kernels.fwd = stand_in = CountingStandIn(fwd)
+    try:
+        with fake_gpu(None):
+            spec = calls()["bf16 softmax"]
+            run_call(spec)
+            run_call(spec)
+    finally:
+        kernels.fwd = fwd
+    return stand_in.launches
+
+
 def check_specialization() -> list[str]:
     """Pairs of arguments that the backend's key (``_specialized``) and Triton's binder tell apart differently."""
     import triton
@@ -232,6 +260,7 @@ def main() -> None:
     launches, direct, mismatches = check_launches()
     report = {"launches": launches, "direct": direct, "mismatches": mismatches, "direct_launch": DIRECT_LAUNCH}
     report["specialization"] = check_specialization()
+    report["stand_in_launches"] = check_stand_ins()
     print(json.dumps(report))
 
 

@@ -33,6 +33,7 @@ from torch.autograd.function import once_differentiable
 
 try:
     import triton
+    from triton.runtime import JITFunction
     from triton.runtime.errors import OutOfResources
 except ImportError as err:  # reported by sasoftmax.backends.unavailable("triton")
     raise ImportError("triton is not installed (pip install 'sasoftmax[triton]')") from err
@@ -329,7 +330,8 @@ def _launch(name: str, grid: tuple[int, ...], cfg: _Config, *args, **kwargs) -> 
         return
     driver = triton.runtime.driver.active
     device = driver.get_current_device()
-    if not DIRECT_LAUNCH:
+    if not DIRECT_LAUNCH or not isinstance(getattr(kernels, name), JITFunction):
+        # (a stand-in for a kernel, as tests put in place to watch its launches, must see every launch)
         _jit_launch(name, device, grid, cfg, args, kwargs)
         return
     key = (name, device, cfg, *kwargs.items(), *map(_specialized, args))
