@@ -120,6 +120,8 @@ def variants() -> dict[str, dict]:
             bias=RelativeBias.table(torch.randn(heads, 300, requires_grad=True)), min_term="scatter",
         ),
         "bf16 D=128 sa_norm (tuned tiles)": dict(dtype=torch.bfloat16, d=128, normalizer="sa_norm", causal=False),
+        "bf16 D=128 softmax causal (tuned tiles)": dict(dtype=torch.bfloat16, d=128, normalizer="softmax", causal=True),
+        "bf16 D=64 softmax (tuned tiles)": dict(dtype=torch.bfloat16, d=64, normalizer="softmax", causal=False),
         "bf16 D=64 sa_norm causal ssmax (tuned tiles), min term scattered": dict(
             dtype=torch.bfloat16, d=64, normalizer="sa_norm", causal=True, ssmax=torch.full((heads,), 0.5),
             min_term="scatter",

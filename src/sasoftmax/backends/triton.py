@@ -228,23 +228,37 @@ def _configs(d: int, dv: int, dtype: torch.dtype, kind: int = NO_BIAS, norm: int
     FlashAttention-2 (forward: 128 query rows; dq: 128 rows × 32 keys; dk/dv: 32 rows × 128 keys, 64 × 128 at 8
     warps with a Kerple bias (``kind``) at head dims up to 64, 32 × 64 with a table; the forward at 2 stages with
     a bias tensor at head dims up to 64), smaller for wide heads and float32 (which stages twice the bytes);
-    bias-free sa_norm (``norm`` 2) takes the tiles timed fastest on an H200 (``_SA_NORM_TUNED``).
+    bias-free softmax (``norm`` 0) and sa_norm (``norm`` 2, also with ALiBi or Kerple) take the tiles timed fastest
+    on an H100 or H200 (``_TUNED``).
     ``SASOFTMAX_TRITON_TILES=fwd:BMxBNxWxS,dq:...`` (names fwd, extrema, dq, dkdv) overrides them, in the
     interpreter too; benchmarks/triton_tune.py times candidates that way."""
     return dict(_tiles(d, dv, dtype, kind, norm, os.environ.get("SASOFTMAX_TRITON_TILES", ""), INTERPRET))
 
 
-# Bias-free sa_norm, 16-bit inputs, by head dim: benchmarks/triton_tune.py on an H200 (2026-11-26, N = 4096, bf16,
-# causal and not, docs/gpu/2026-11-26-H200-15c93a2/tune*.md), the forward's or backward's time with one kernel's
-# tiles changed ÷ with the tiles before: row_extrema 64×32 at 4 warps 0.85–0.91 (128×64 at 8 before); fwd at D = 128
-# 64×64 at 4 warps 0.95–0.98 (at D = 64 no candidate beat 128×64 in both causal and not); dq 64×32 at 4 warps
-# 0.95–0.96 (D = 64) and 0.86–0.88 (D = 128); dk/dv 64×64 at 4 warps 0.95–0.96 (D = 64), 32×64 at 4 warps 0.88–0.91
-# (D = 128).
+# Tiles timed fastest by benchmarks/triton_tune.py (N = 4096, bf16, causal and not; the forward's or backward's time
+# with one kernel's tiles changed ÷ with the tiles before), 16-bit inputs, by head dim.
+# sa_norm without a bias, on an H200 (2026-11-26, docs/gpu/2026-11-26-H200-15c93a2/tune*.md): fwd at D = 128 64×64 at
+# 4 warps 0.95–0.98 (at D = 64 no candidate beat 128×64 in both causal and not); dq 64×32 at 4 warps 0.95–0.96
+# (D = 64) and 0.86–0.88 (D = 128); dk/dv 64×64 at 4 warps 0.95–0.96 (D = 64), 32×64 at 4 warps 0.88–0.91
+# (D = 128). On an H100 (2026-11-27, docs/gpu/2026-11-27-H100-c0d165b/tune*.md): row_extrema 64×16 at 4 warps 0.83
+# of 64×32 (non-causal, D = 64; 128×64 at 8 warps before that: 64×32 was 0.85–0.91 of it on the H200); with a Kerple
+# bias, causal, the same tiles won against the Kerple defaults (row_extrema 64×16 0.76 / 0.84 at D = 64 / 128, dq
+# 64×32 0.97 / 0.86, dk/dv 0.92 / 0.92, fwd 64×64 0.98 / 0.97): ALiBi and Kerple calls take them too (ALiBi's not
+# timed; it adds less to each score than Kerple).
 _SA_NORM_TUNED = {
-    64: {"extrema": _Config(64, 32, 4, 3), "dq": _Config(64, 32, 4, 3), "dkdv": _Config(64, 64, 4, 3)},
-    128: {"extrema": _Config(64, 32, 4, 3), "fwd": _Config(64, 64, 4, 3), "dq": _Config(64, 32, 4, 3),
+    64: {"extrema": _Config(64, 16, 4, 3), "dq": _Config(64, 32, 4, 3), "dkdv": _Config(64, 64, 4, 3)},
+    128: {"extrema": _Config(64, 16, 4, 3), "fwd": _Config(64, 64, 4, 3), "dq": _Config(64, 32, 4, 3),
           "dkdv": _Config(32, 64, 4, 3)},  # fmt: skip
 }
+# softmax without a bias, on an H100 (2026-11-27, docs/gpu/2026-11-27-H100-c0d165b/tune-softmax.md; causal / not):
+# D = 64: fwd 128×64 at 8 warps 0.93 / 0.86, dq 64×64 at 4 warps 0.94 / 0.97, dk/dv 64×64 at 4 warps 0.84 / 0.96;
+# D = 128: fwd 64×64 at 4 warps 0.91 / 1.01, dq 128×64 at 8 warps 0.77 / 0.78, dk/dv 32×64 at 4 warps 0.90 / 0.84.
+_SOFTMAX_TUNED = {
+    64: {"fwd": _Config(128, 64, 8, 3), "dq": _Config(64, 64, 4, 3), "dkdv": _Config(64, 64, 4, 3)},
+    128: {"fwd": _Config(64, 64, 4, 3), "dq": _Config(128, 64, 8, 3), "dkdv": _Config(32, 64, 4, 3)},
+}
+_TUNED = {(0, NO_BIAS): _SOFTMAX_TUNED, **{(2, k): _SA_NORM_TUNED for k in (NO_BIAS, ALIBI, KERPLE_LOG, KERPLE_POWER)}}
+"""Tuned tiles by (normalizer index, bias kind), then head dim (up to 64, up to 128)."""
 
 
 @functools.lru_cache(maxsize=256)
@@ -286,8 +300,8 @@ def _tiles(
     # tile at 4 warps (head dims up to 64) would spill them; at 8 warps it holds them (compiled for sm_90: no
     # spills, fewer instructions per score element than 128×16, 64×32 or 128×32 tiles).
     configs["extrema"] = _Config(128, 64, 8, 3) if widest <= 128 and not wide and not interpret else configs["fwd"]
-    if norm == 2 and kind == NO_BIAS and not wide and not interpret:
-        configs.update(_SA_NORM_TUNED.get(64 if widest <= 64 else 128 if widest <= 128 else 0, {}))
+    if (norm, kind) in _TUNED and not wide and not interpret:
+        configs.update(_TUNED[norm, kind].get(64 if widest <= 64 else 128 if widest <= 128 else 0, {}))
     for part in filter(None, override.split(",")):
         name, _, spec = part.partition(":")
         numbers = spec.split("x")
