@@ -27,9 +27,11 @@
 # Budget (environment variables; seconds):
 #   GPU_CHECK_QUICK=1    fewer sizes: N 1024 4096, head dim 128, fwd+bwd only, train seq 1024, 5 timed steps;
 #                        the tuning at head dim 64, causal
-#   VERSIONS_S=5 WARM_S=80 KERNELS_S=80 BIAS_S=20 TRAIN_S=85 HOST_S=25 TESTS_S=185 TUNE_S=0   limits of the
-#   steps (0 skips a step; 480 s in all). On an H200 (2026-11-26, c3ac99c) the warm step took 61 s without the training
-#   rows (26-31 s for them alone, session 11), kernels 81 s, bias 19 s; the tests, cold, 198 s (e9fd073). The
+#   VERSIONS_S=10 WARM_S=75 KERNELS_S=75 BIAS_S=20 TRAIN_S=80 HOST_S=25 TESTS_S=195 TUNE_S=0   limits of the
+#   steps (0 skips a step; 480 s in all). On an H100 (2026-11-27, c0d165b) the warm step took 63 s with the training
+#   rows, kernels 66 s, bias 18 s, the training rows 112 s with one profiled step each (PROFILE_STEPS=1), the
+#   versions over 5 s (torch's import) and the host step over 25 s at 100 calls × 7 batches; the tests, cold, 190 s
+#   (eec5951; 198 s on an H200 at e9fd073). The
 #   tuning (TUNE_S) compiles its candidates in WARM_WORKERS processes first: 96 took 48 s in all on an H200
 #   PROFILE_STEPS=0      profiled training steps per row (~5 s a row; the profile tables of gpu_train.py)
 #   PRESET_S=0           limit of the compare step (skipped by default)
@@ -58,13 +60,13 @@ export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH}
 export PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
 QUICK=${GPU_CHECK_QUICK:-0}
-VERSIONS_S=${VERSIONS_S:-5}
-WARM_S=${WARM_S:-80}
-TESTS_S=${TESTS_S:-185}
-KERNELS_S=${KERNELS_S:-80}
+VERSIONS_S=${VERSIONS_S:-10}
+WARM_S=${WARM_S:-75}
+TESTS_S=${TESTS_S:-195}
+KERNELS_S=${KERNELS_S:-75}
 EAGER_MAX_LEN=${EAGER_MAX_LEN:-1024}
 BIAS_S=${BIAS_S:-20}
-TRAIN_S=${TRAIN_S:-85}
+TRAIN_S=${TRAIN_S:-80}
 HOST_S=${HOST_S:-25}
 TUNE_S=${TUNE_S:-0}
 PRESET_S=${PRESET_S:-0}
@@ -139,7 +141,7 @@ else
     TUNE_SIZES=()
     PRESET=gpu
 fi
-[ "${GPU_CHECK_SMOKE:-0}" = 1 ] || HOST=("$PY" benchmarks/triton_host.py --device cuda)
+[ "${GPU_CHECK_SMOKE:-0}" = 1 ] || HOST=("$PY" benchmarks/triton_host.py --device cuda --calls 50 --repeats 5)
 DRY=()
 [ "${GPU_CHECK_DRY:-0}" = 1 ] && DRY=(--dry-run)
 BIAS_ARGS=(--modes fwd+bwd --bias none alibi kerple kerple-table fire --providers "${BIAS_PROVIDERS[@]}"
