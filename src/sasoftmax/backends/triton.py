@@ -226,9 +226,9 @@ def _configs(d: int, dv: int, dtype: torch.dtype, kind: int = NO_BIAS, norm: int
     """Tiles per kernel (``extrema`` is sa_norm's row_extrema pass). 16×16 in the interpreter (many partial
     blocks, fast enough). On a GPU, tiles for Hopper after Triton's fused-attention tutorial and
     FlashAttention-2 (forward: 128 query rows; dq: 128 rows × 32 keys; dk/dv: 32 rows × 128 keys, 64 × 128 at 8
-    warps with a Kerple bias (``kind``) at head dims up to 64, 32 × 64 with a table; the forward at 2 stages with
+    warps with a Kerple bias (``kind``) at head dims up to 64 for sa, 32 × 64 with a table; the forward at 2 stages with
     a bias tensor at head dims up to 64), smaller for wide heads and float32 (which stages twice the bytes);
-    bias-free softmax (``norm`` 0) and sa_norm (``norm`` 2, also with ALiBi or Kerple) take the tiles timed fastest
+    softmax (``norm`` 0) and sa_norm (``norm`` 2), bias-free or with ALiBi or Kerple, take the tiles timed fastest
     on an H100 or H200 (``_TUNED``).
     ``SASOFTMAX_TRITON_TILES=fwd:BMxBNxWxS,dq:...`` (names fwd, extrema, dq, dkdv) overrides them, in the
     interpreter too; benchmarks/triton_tune.py times candidates that way."""
@@ -243,8 +243,7 @@ def _configs(d: int, dv: int, dtype: torch.dtype, kind: int = NO_BIAS, norm: int
 # (D = 128). On an H100 (2026-11-27, docs/gpu/2026-11-27-H100-c0d165b/tune*.md): row_extrema 64×16 at 4 warps 0.83
 # of 64×32 (non-causal, D = 64; 128×64 at 8 warps before that: 64×32 was 0.85–0.91 of it on the H200); with a Kerple
 # bias, causal, the same tiles won against the Kerple defaults (row_extrema 64×16 0.76 / 0.84 at D = 64 / 128, dq
-# 64×32 0.97 / 0.86, dk/dv 0.92 / 0.92, fwd 64×64 0.98 / 0.97): ALiBi and Kerple calls take them too (ALiBi's not
-# timed; it adds less to each score than Kerple).
+# 64×32 0.97 / 0.86, dk/dv 0.92 / 0.92, fwd 64×64 0.98 / 0.97).
 _SA_NORM_TUNED = {
     64: {"extrema": _Config(64, 16, 4, 3), "dq": _Config(64, 32, 4, 3), "dkdv": _Config(64, 64, 4, 3)},
     128: {"extrema": _Config(64, 16, 4, 3), "fwd": _Config(64, 64, 4, 3), "dq": _Config(64, 32, 4, 3),
@@ -257,8 +256,16 @@ _SOFTMAX_TUNED = {
     64: {"fwd": _Config(128, 64, 8, 3), "dq": _Config(64, 64, 4, 3), "dkdv": _Config(64, 64, 4, 3)},
     128: {"fwd": _Config(64, 64, 4, 3), "dq": _Config(128, 64, 8, 3), "dkdv": _Config(32, 64, 4, 3)},
 }
-_TUNED = {(0, NO_BIAS): _SOFTMAX_TUNED, **{(2, k): _SA_NORM_TUNED for k in (NO_BIAS, ALIBI, KERPLE_LOG, KERPLE_POWER)}}
-"""Tuned tiles by (normalizer index, bias kind), then head dim (up to 64, up to 128)."""
+_TUNED = {
+    (norm, kind): tuned
+    for norm, tuned in ((0, _SOFTMAX_TUNED), (2, _SA_NORM_TUNED))
+    for kind in (NO_BIAS, ALIBI, KERPLE_LOG, KERPLE_POWER)
+}
+"""Tuned tiles by (normalizer index, bias kind), then head dim (up to 64, up to 128). A per-head bias (ALiBi,
+Kerple) takes its normalizer's bias-free tiles: with Kerple, sa_norm's won against the Kerple defaults in every
+kernel (above); softmax's with either bias and sa_norm's with ALiBi were not timed (compiled for sm_90, softmax with
+Kerple on its tuned tiles spills nothing in its loops and counts within 5% of the instructions per element of the
+tiles before, fewer in dq at D = 128)."""
 
 
 @functools.lru_cache(maxsize=256)
@@ -285,7 +292,7 @@ def _tiles(
         # dk/dv with a Kerple bias and its r1, r2 gradients holds the bias's per-pair values besides dk, dv, k, v:
         # 32×128 at 4 warps spilled 212–348 values per iteration (sm_90, sa_norm, D = 64), 64×128 at 8 warps
         # 8–62, in 10–15% fewer instructions (compiled, not timed; ALiBi and bias-free calls spill ≤ 6 and keep
-        # the default, which counts fewer there)
+        # the default, which counts fewer there). Only sa keeps this: softmax and sa_norm take _TUNED.
         configs["dkdv"] = _Config(64, 128, 8, 2)
     if kind == BIAS_TENSOR and widest <= 64 and not wide and not interpret:
         # the forward stages the bias tensor's (rows × keys) float32 tile with k and v: at 3 stages it needed 128 KiB
