@@ -34,6 +34,7 @@
 #   (eec5951; 198 s on an H200 at e9fd073). The
 #   tuning (TUNE_S) compiles its candidates in WARM_WORKERS processes first: 96 took 48 s in all on an H200
 #   PROFILE_STEPS=0      profiled training steps per row (~5 s a row; the profile tables of gpu_train.py)
+#   PROFILE_SEQ=         the training length profiled (default the first, 1024)
 #   PRESET_S=0           limit of the compare step (skipped by default)
 #   EAGER_MAX_LEN=1024   largest N of the eager (materialised) rows in the kernel table
 #   TEST_WORKERS=14      pytest-xdist workers (if pytest-xdist is installed; 0 runs the tests in one process)
@@ -72,6 +73,7 @@ TUNE_S=${TUNE_S:-0}
 PRESET_S=${PRESET_S:-0}
 PRESET_ARGS=${PRESET_ARGS:---seeds 0 --steps 200}
 PROFILE_STEPS=${PROFILE_STEPS:-0}
+PROFILE_SEQ=${PROFILE_SEQ:-}
 TEST_WORKERS=${TEST_WORKERS:-14}
 WARM_WORKERS=${WARM_WORKERS:-12}
 FAILED=0
@@ -159,7 +161,7 @@ step kernels "$KERNELS_S" "$LOG" "$PY" benchmarks/triton_attention.py --out "$OU
 step bias "$BIAS_S" "$LOG" "$PY" benchmarks/triton_attention.py --out "$OUT" --prefix bias "${BIAS_ARGS[@]}" \
     ${DRY[@]+"${DRY[@]}"}
 step train "$TRAIN_S" "$LOG" "$PY" benchmarks/gpu_train.py --out "$OUT" --prefix train "${TRAIN_SIZES[@]}" \
-    --profile "$PROFILE_STEPS" ${DRY[@]+"${DRY[@]}"}
+    --profile "$PROFILE_STEPS" ${PROFILE_SEQ:+--profile-seq "$PROFILE_SEQ"} ${DRY[@]+"${DRY[@]}"}
 # The tests after the timings: their 14 processes compile (cold, ~270 s on an H200) and must not share the machine
 # with a benchmark. No -x: one run has to show every failing test, not the first.
 XDIST=()

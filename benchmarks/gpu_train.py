@@ -21,7 +21,8 @@ Rows (``--rows``) are ``<backend>:<normalizer>[+ssmax][@<pos>]``: backend sdpa/t
 normalizer softmax/sa/sa_norm, ``+ssmax`` a learnable SSMax scale (s = 0.43), ``@pos`` a positional
 encoding of the harness (default rope; e.g. ``@kerple``). A row that fails (out of memory, a call the
 backend does not serve) is recorded with its error and the run goes on. Results are rewritten after every
-row into --out/<prefix>.md and --out/<prefix>.json. ``--profile STEPS`` adds, per row at the first length,
+row into --out/<prefix>.md and --out/<prefix>.json. ``--profile STEPS`` adds, per row at the first length (or
+``--profile-seq``),
 tables of where a row's time goes: the kernels with the most device time per step and the host entries (operators,
 CUDA runtime and driver calls) with the most CPU time per step (torch.profiler), and the Python functions with the
 most own time per step (cProfile, as many steps again); those rows are profiled after every row is timed.
@@ -71,8 +72,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "refuses bfloat16)"
     )  # fmt: skip
     parser.add_argument(
-        "--profile", type=int, default=0, metavar="STEPS", help="after the timed steps at the first length, profile "
+        "--profile", type=int, default=0, metavar="STEPS", help="after the timed steps, at one length, profile "
         "STEPS more with torch.profiler: the kernels taking the most device time per step go into a second table"
+    )  # fmt: skip
+    parser.add_argument(
+        "--profile-seq", type=int, metavar="SEQ", help="the length whose rows --profile profiles (default the first)"
     )  # fmt: skip
     parser.add_argument("--dry-run", action="store_true", help="check the arguments, print the plan, train nothing")
     args = parser.parse_args(argv)
@@ -89,6 +93,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.amp = args.amp or ("none" if args.device == "cpu" else "bf16")
     if args.profile < 0:
         parser.error("--profile must be >= 0")
+    args.profile_seq = args.profile_seq or args.seqs[0]
+    if args.profile_seq not in args.seqs:
+        parser.error(f"--profile-seq must be one of --seqs {args.seqs}; got {args.profile_seq}")
     for name in ("seqs", "tokens", "layers", "width", "heads", "steps"):
         value = getattr(args, name)
         if any(x <= 0 for x in (value if isinstance(value, list) else [value])):
@@ -346,7 +353,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     # Profiled after every row is timed, so that no profiler session precedes a timing: on the H200 the seq-1k
     # rows timed after profiled ones ran 20-66% slower than an unprofiled run of older code (suspected, not
     # established, to be the profiler's after-effects).
-    for r in [r for r in results if args.profile and r["seq"] == args.seqs[0]]:
+    for r in [r for r in results if args.profile and r["seq"] == args.profile_seq]:
         r["profile"] = train_row(args, r["row"], r["seq"], args.profile).get("profile")
         gc.collect()
         common.release(args.device)

@@ -120,6 +120,13 @@ def test_training_benchmark_profile(tmp_path, monkeypatch):
     assert "host: Python function (own time, cProfile)" in markdown
     assert timed["syncs"] is None  # counted on CUDA only
     assert "### Profile: cpu:sa_norm at seq 16" in markdown and f"`{prof['top'][0]['name']}`" in markdown
+    calls.clear()  # --profile-seq picks the length profiled
+    assert gpu_train.main([*argv, "--profile", "1", "--seqs", "16", "8", "--profile-seq", "8"]) == 0
+    assert calls == [0, 0, 0, 0, 1, 1]
+    by = {(r["row"], r["seq"]): r for r in read(tmp_path, "train")[1]["rows"]}
+    assert "profile" in by[("cpu:sa_norm", 8)] and "profile" not in by[("cpu:sa_norm", 16)]
+    with pytest.raises(SystemExit):
+        gpu_train.parse_args([*argv, "--seqs", "16", "--profile-seq", "8"])
 
 
 @pytest.mark.skipif(not TRITON_ON_CPU, reason="the tuning times Triton kernels (here: in the interpreter)")
