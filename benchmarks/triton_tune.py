@@ -32,14 +32,16 @@ import triton_attention
 KERNELS = ("fwd", "extrema", "dq", "dkdv")
 # BLOCK_M x BLOCK_N x warps x stages for 16-bit inputs on Hopper: around the defaults of every normalizer (softmax's
 # 128-row tiles, sa_norm's tuned 64-row ones), Triton's fused-attention tutorial and FlashAttention-2's shapes. On an
-# H200 (session 11) sa_norm's smaller tiles won by 4–15%, so smaller ones are candidates too; compiled in parallel
+# H200 (session 11) sa_norm's smaller tiles won by 4–15%, so smaller ones are candidates too; on an H100 (session 13)
+# row_extrema's narrowest, 64×16, won, so narrower and fewer-warp ones are candidates now, and dq 128×64 at 8 warps
+# won for softmax at D = 128 where 32×32 never came within 1.5× of the best. Compiled in parallel
 # (--compile-workers), a candidate costs ~0.5 s.
 CANDIDATES = {
     "fwd": ["128x64x4x3", "128x64x8x3", "128x128x8x3", "128x32x4x4", "64x64x4x3", "64x64x4x4", "64x128x4x3",
             "64x32x4x4"],
-    "extrema": ["128x64x8x3", "64x32x4x3", "64x32x4x4", "64x16x4x3", "32x32x4x3", "64x64x4x3", "128x32x4x3",
-                "32x64x4x3"],
-    "dq": ["128x32x4x3", "64x32x4x3", "64x32x4x4", "64x64x4x3", "64x16x4x3", "32x32x4x3", "128x64x8x3", "128x32x8x2"],
+    "extrema": ["128x64x8x3", "64x32x4x3", "64x16x4x3", "32x32x4x3", "32x16x4x3", "128x16x4x3", "64x16x4x4",
+                "64x16x2x3"],
+    "dq": ["128x32x4x3", "64x32x4x3", "64x32x4x4", "64x64x4x3", "64x16x4x3", "128x64x4x3", "128x64x8x3", "128x32x8x2"],
     "dkdv": ["32x128x4x3", "64x64x4x3", "32x64x4x3", "64x128x8x3", "32x64x4x4", "64x64x4x4", "16x64x4x3",
              "32x128x8x2"],
 }  # fmt: skip
