@@ -261,11 +261,17 @@ _TUNED = {
     for norm, tuned in ((0, _SOFTMAX_TUNED), (2, _SA_NORM_TUNED))
     for kind in (NO_BIAS, ALIBI, KERPLE_LOG, KERPLE_POWER)
 }
+_TUNED.update(
+    {(norm, TABLE): {d: {k: c for k, c in tiles.items() if k != "dkdv"} for d, tiles in _TUNED[norm, NO_BIAS].items()}
+     for norm in (0, 2)}
+)  # fmt: skip
 """Tuned tiles by (normalizer index, bias kind), then head dim (up to 64, up to 128). A per-head bias (ALiBi,
 Kerple) takes its normalizer's bias-free tiles: with Kerple, sa_norm's won against the Kerple defaults in every
 kernel (above); softmax's with either bias and sa_norm's with ALiBi were not timed (compiled for sm_90, softmax with
 Kerple on its tuned tiles spills nothing in its loops and counts within 5% of the instructions per element of the
-tiles before, fewer in dq at D = 128)."""
+tiles before, fewer in dq at D = 128). A table (FIRE's) takes them too but for dk/dv, whose diagonal sums keep
+their own tiles (not timed: the bias-free call it is measured against got faster, and the table's kernels differ
+from it by one load per score element)."""
 
 
 @functools.lru_cache(maxsize=256)
