@@ -113,3 +113,22 @@ def test_bad_config(kwargs, match):
 def test_forward_rejects_bad_input():
     with pytest.raises(ValueError, match="idx must be an int64 tensor"):
         tiny()(torch.zeros(1, 4))
+
+
+def test_fire_thresholds_read_once_per_forward(monkeypatch):
+    """A GPT with FIRE reads every layer's learnt threshold to the host in one transfer per forward after they
+    change (an optimiser step), not once per layer: on a GPU each read waits for the device."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=3, n_embd=32, n_head=2, pos="fire", block_size=16, backend="eager"))
+    idx = torch.randint(0, 256, (2, 16))
+    model(idx)
+    with torch.no_grad():  # as an optimiser's step moves every layer's threshold
+        for block in model.blocks:
+            block.attn.pos.threshold_multiplier.mul_(1.01)
+    reads = []
+    tolist, item = torch.Tensor.tolist, torch.Tensor.item
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda self: reads.append(("tolist", self.numel())) or tolist(self))
+    monkeypatch.setattr(torch.Tensor, "item", lambda self: reads.append(("item", 1)) or item(self))
+    model(idx)
+    assert reads == [("tolist", 3)]
+    assert [block.attn.pos.threshold_value() for block in model.blocks] == [pytest.approx(16.16)] * 3

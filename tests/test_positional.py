@@ -19,6 +19,7 @@ from sasoftmax.positional import (
     alibi_slopes,
     check_positional,
     make_positional,
+    read_thresholds,
 )
 
 
@@ -254,6 +255,25 @@ def test_fire_reads_its_threshold_once_until_it_changes(monkeypatch):
     assert fire.threshold_value() == 4.0 and len(reads) == 2
     fire.load_state_dict({**fire.state_dict(), "threshold_multiplier": torch.tensor(0.75)})
     assert fire.threshold_value() == 6.0 and fire.relative_bias_rows(8, 8) == 6
+
+
+def test_fire_thresholds_read_together(monkeypatch):
+    """read_thresholds() reads the thresholds of several FIRE modules in one transfer (one device wait on a GPU,
+    not one per module), only those that changed; threshold_value() then reads nothing."""
+    fires = [FIRE(2, train_len=8, width=4) for _ in range(3)]
+    transfers, reads = [], []
+    tolist, threshold = torch.Tensor.tolist, FIRE.threshold
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda self: transfers.append(self.numel()) or tolist(self))
+    read_thresholds(fires)
+    assert transfers == [3]
+    monkeypatch.setattr(FIRE, "threshold", lambda self: reads.append(1) or threshold(self))
+    assert [fire.threshold_value() for fire in fires] == [8.0, 8.0, 8.0] and reads == []
+    with torch.no_grad():  # as an optimiser's step changes one of them
+        fires[1].threshold_multiplier.mul_(0.5)
+    read_thresholds(fires)
+    assert transfers == [3, 1] and fires[1].threshold_value() == 4.0 and fires[1].relative_bias_rows(8, 8) == 4
+    read_thresholds(fires)  # nothing changed: nothing read
+    assert transfers == [3, 1] and len(reads) == 1
 
 
 def test_rope_depends_only_on_relative_position_and_aligns_lower_right():

@@ -18,6 +18,7 @@ The normalizer's SA factor and SSMax act on the final logits, positional bias in
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
@@ -186,14 +187,23 @@ class FIRE(nn.Module):
     def threshold_value(self) -> float:
         """L as a Python float. Reading a CUDA tensor waits for the device, so the value is kept until the tensors
         it comes from change (their storage, or their in-place version counter: an optimiser step, a
-        ``load_state_dict``): a training step reads it once per layer, not at every call that asks."""
-        try:
-            key = tuple(n for t in (self.threshold_multiplier, self.init_threshold) for n in (t.data_ptr(), t._version))
-        except RuntimeError:  # inference tensors have no version counter: read every time
+        ``load_state_dict``): a training step reads it once per layer, not at every call that asks
+        (:func:`read_thresholds` reads a model's layers' at once)."""
+        key = self._threshold_key()
+        if key is None:  # inference tensors have no version counter: read every time
             return self.threshold().item()
         if self._threshold_read is None or self._threshold_read[0] != key:
             self._threshold_read = (key, self.threshold().item())
         return self._threshold_read[1]
+
+    def _threshold_key(self) -> tuple[int, ...] | None:
+        """What the kept value of L is valid for (storages and version counters of the tensors L comes from), or
+        None for inference tensors."""
+        try:
+            tensors = (self.threshold_multiplier, self.init_threshold)
+            return tuple(n for t in tensors for n in (t.data_ptr(), t._version))
+        except RuntimeError:
+            return None
 
     def relative_bias(self, q_len: int, k_len: int) -> RelativeBias | None:
         """The bias of a call of ``q_len`` queries aligned lower-right to ``k_len`` keys (query positions
@@ -237,6 +247,25 @@ class FIRE(nn.Module):
         normaliser = torch.maximum(q_pos.to(dtype), threshold)[:, None]
         normalised = self._normalised(distance.to(dtype), normaliser)
         return self.mlp(normalised.unsqueeze(-1)).permute(2, 0, 1).unsqueeze(0)
+
+
+def read_thresholds(modules: Iterable[FIRE]) -> None:
+    """Read the thresholds L of several :class:`FIRE` modules (a model's layers') to the host in one transfer per
+    device, for their :meth:`FIRE.threshold_value`: on a GPU each read waits for the device, and a training step
+    of a model with a FIRE per layer waited once per layer (after every optimiser step L changes), holding the host
+    back from queueing the next layers' work. Modules whose kept value is still valid, and calls under
+    ``torch.compile`` (which cannot read device values while tracing), are left alone."""
+    if torch.compiler.is_compiling():
+        return
+    stale: dict[torch.device, list[tuple[FIRE, tuple[int, ...]]]] = {}
+    for module in modules:
+        key = module._threshold_key()
+        if key is not None and (module._threshold_read is None or module._threshold_read[0] != key):
+            stale.setdefault(module.init_threshold.device, []).append((module, key))
+    for found in stale.values():
+        values = torch.stack([module.threshold().detach().double() for module, _ in found]).tolist()
+        for (module, key), value in zip(found, values):
+            module._threshold_read = (key, value)
 
 
 class ScoreBias(nn.Module):

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from ..nn import MultiheadAttention
 from ..normalizers import check_normalizer
-from ..positional import SCORE_DEPENDENT, RoPE, ScoreBias, check_positional, make_positional
+from ..positional import FIRE, SCORE_DEPENDENT, RoPE, ScoreBias, check_positional, make_positional, read_thresholds
 
 
 @dataclass
@@ -158,6 +158,8 @@ class GPT(nn.Module):
     def forward(self, idx: Tensor, targets: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
         if idx.dim() != 2 or idx.dtype != torch.long:
             raise ValueError(f"idx must be an int64 tensor (B, T); got {idx.dtype} of shape {tuple(idx.shape)}")
+        if self.config.pos == "fire":  # every layer's learnt threshold read at once, not one device wait per layer
+            read_thresholds(block.attn.pos for block in self.blocks if isinstance(block.attn.pos, FIRE))
         x = self.drop(self.wte(idx))
         for block in self.blocks:
             x = block(x)
