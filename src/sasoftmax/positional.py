@@ -192,7 +192,7 @@ class FIRE(nn.Module):
         key = self._threshold_key()
         if key is None:  # inference tensors have no version counter: read every time
             return self.threshold().item()
-        if self._threshold_read is None or self._threshold_read[0] != key:
+        if not self._threshold_kept(key):
             self._threshold_read = (key, self.threshold().item())
         return self._threshold_read[1]
 
@@ -204,6 +204,10 @@ class FIRE(nn.Module):
             return tuple(n for t in tensors for n in (t.data_ptr(), t._version))
         except RuntimeError:
             return None
+
+    def _threshold_kept(self, key: tuple[int, ...]) -> bool:
+        """Whether the value of L kept from the last read is valid for ``key`` (:meth:`_threshold_key`)."""
+        return self._threshold_read is not None and self._threshold_read[0] == key
 
     def relative_bias(self, q_len: int, k_len: int) -> RelativeBias | None:
         """The bias of a call of ``q_len`` queries aligned lower-right to ``k_len`` keys (query positions
@@ -260,7 +264,7 @@ def read_thresholds(modules: Iterable[FIRE]) -> None:
     stale: dict[torch.device, list[tuple[FIRE, tuple[int, ...]]]] = {}
     for module in modules:
         key = module._threshold_key()
-        if key is not None and (module._threshold_read is None or module._threshold_read[0] != key):
+        if key is not None and not module._threshold_kept(key):
             stale.setdefault(module.init_threshold.device, []).append((module, key))
     for found in stale.values():
         values = torch.stack([module.threshold().detach().double() for module, _ in found]).tolist()

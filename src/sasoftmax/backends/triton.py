@@ -354,7 +354,8 @@ def _launch(name: str, grid: tuple[int, ...], cfg: _Config, *args, **kwargs) -> 
         return
     driver = triton.runtime.driver.active
     device = driver.get_current_device()
-    if not DIRECT_LAUNCH or not isinstance(getattr(kernels, name), JITFunction):
+    kernel = getattr(kernels, name)
+    if not DIRECT_LAUNCH or not isinstance(kernel, JITFunction):
         # (a stand-in for a kernel, as tests put in place to watch its launches, must see every launch)
         _jit_launch(name, device, grid, cfg, args, kwargs)
         return
@@ -366,8 +367,7 @@ def _launch(name: str, grid: tuple[int, ...], cfg: _Config, *args, **kwargs) -> 
             # Triton's launch passes every parameter, the constexprs too (its launcher skips them): those after
             # the positional arguments are in the key, so the same for every launch that finds this entry.
             named = {**kwargs, "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n}
-            params = getattr(kernels, name).params[len(args) :]
-            _COMPILED[key] = compiled, tuple(named[param.name] for param in params)
+            _COMPILED[key] = compiled, tuple(named[param.name] for param in kernel.params[len(args) :])
         return
     compiled, constexprs = found
     values = (*args, *constexprs)
