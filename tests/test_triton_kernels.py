@@ -18,6 +18,9 @@ import torch
 
 pytest.importorskip("triton", reason="triton is not installed (it has wheels for Linux only)")
 
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
 import triton_naive as naive  # noqa: E402
 from kernel_capture import Capture  # noqa: E402
 from sasoftmax.backends import triton as tb  # noqa: E402
@@ -428,3 +431,60 @@ def test_extrema_ties_go_to_the_first_key(causal, monkeypatch):
     assert (expected["argmax"] >= 0).any() and (expected["argmin"] >= 0).any()
     for name in ("argmax", "argmin"):
         assert torch.equal(actual[name], expected[name]), name
+
+
+@triton.jit
+def _schedule_probe(OUT, SECTION, HEAVY_LAST: tl.constexpr, SCHEDULED: tl.constexpr):
+    """Stores the (block, head) ``_scheduled`` gives each program at the program's place in launch order."""
+    block, head = kernels._scheduled(SECTION, HEAVY_LAST, SCHEDULED)
+    order = tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)
+    tl.store(OUT + 2 * order, block)
+    tl.store(OUT + 2 * order + 1, head)
+
+
+@pytest.mark.parametrize("scheduled", [True, False], ids=["scheduled", "grid-order"])
+@pytest.mark.parametrize("heavy_last", [True, False], ids=["query-blocks", "key-blocks"])
+@pytest.mark.parametrize("grid", [(1, 1), (4, 1), (1, 5), (3, 8), (5, 7)], ids=lambda g: "x".join(map(str, g)))
+def test_causal_schedule_matches_its_twin(grid, heavy_last, scheduled):
+    """Every program's (block, head) under the causal schedule, for sections of 1, 2, 3 (a shorter last one), as
+    many and more heads than the grid has, as ``naive.schedule`` orders them; unscheduled, the grid's order."""
+    blocks, heads = grid
+    for section in (1, 2, 3, heads, 16):
+        out = torch.empty(blocks * heads, 2, dtype=torch.int32, device=DEVICE)
+        _schedule_probe[grid](out, section, HEAVY_LAST=heavy_last, SCHEDULED=scheduled)
+        expected = naive.schedule(blocks, heads, section if scheduled else 0, heavy_last)
+        assert [tuple(pair) for pair in out.tolist()] == expected, f"section {section}"
+
+
+SCHEDULED_CASES = [c for c in CASES if c.causal and c.grouped]
+
+
+@pytest.mark.parametrize("section", [0, 1, 3])
+@pytest.mark.parametrize("case", SCHEDULED_CASES, ids=str)
+def test_kernels_in_sections_of_heads(case, section, monkeypatch):
+    """The kernels with the causal schedule's sections set small (``SASOFTMAX_TRITON_SECTION_HEADS``): 1, and 3,
+    which leaves a shorter last section, so that every program still finds its block and head, and writes its
+    partial sums (SSMax's, ALiBi/Kerple's, with sa_norm's min term scattered through dq too) to its own slot; 0,
+    the grid's order. (Without the variable the interpreter's sections hold every head: the other tests.)"""
+    monkeypatch.setenv(tb.SECTION_HEADS_VARIABLE, str(section))
+    if case.norm == 2:
+        monkeypatch.setenv("SASOFTMAX_TRITON_MIN_TERM", "scatter")
+    check_against_twins(case, monkeypatch)
+
+
+@pytest.mark.parametrize("per_head, section", [(1, 2**25), (2**20, 32), (3 * 2**20, 16), (50 * 2**20, 1), (2**30, 1)])
+def test_sections_fit_the_l2_cache(per_head, section, monkeypatch):
+    """A section takes the largest power of two of heads whose bytes fit 50 MiB of L2 (the H100's and H200's; on
+    a GPU its own), at least one and at most the grid's heads; ``SASOFTMAX_TRITON_SECTION_HEADS`` overrides it
+    (0: grid order), and is checked."""
+    cpu = torch.device("cpu")
+    monkeypatch.delenv(tb.SECTION_HEADS_VARIABLE, raising=False)
+    assert tb._section_heads(per_head, 2**30, cpu) == section
+    assert tb._section_heads(per_head, 12, cpu) == min(section, 12)
+    for value, expected in (("0", 0), ("3", 3), ("100", 12)):
+        monkeypatch.setenv(tb.SECTION_HEADS_VARIABLE, value)
+        assert tb._section_heads(per_head, 12, cpu) == expected
+    for bad in ("-1", "two", "1.5"):
+        monkeypatch.setenv(tb.SECTION_HEADS_VARIABLE, bad)
+        with pytest.raises(ValueError, match=tb.SECTION_HEADS_VARIABLE):
+            tb._section_heads(per_head, 12, cpu)

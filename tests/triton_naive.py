@@ -241,3 +241,18 @@ def bwd_dkdv(p: Problem, s: Logits, f: Forward, back: BackwardDq, do: Tensor) ->
         _, d_r1, d_r2 = relative_bias_and_partials(p)
         dr = ((dz * d_r1).sum((0, 2, 3)), (dz * d_r2).sum((0, 2, 3)))
     return BackwardDkdv(dk, dv, dbias, dr)
+
+
+def schedule(blocks: int, heads: int, section: int, heavy_last: bool) -> list[tuple[int, int]]:
+    """The (block, head) each program of a (blocks, heads) grid works on, in launch order (axis 0 fastest), under
+    the causal schedule (``triton_kernels._scheduled``): heads in sections of ``section`` (the last one holds the
+    rest), and within a section the heaviest block of every head first (the last block with ``heavy_last``, else
+    the first), then the next; ``section`` 0: the grid's order."""
+    if section == 0:
+        return [(block, head) for head in range(heads) for block in range(blocks)]
+    order = []
+    for first in range(0, heads, section):
+        for rank in range(blocks):
+            block = blocks - 1 - rank if heavy_last else rank
+            order += [(block, head) for head in range(first, min(first + section, heads))]
+    return order

@@ -324,6 +324,44 @@ def _tiles(
     return tuple(configs.items())
 
 
+SECTION_HEADS_VARIABLE = "SASOFTMAX_TRITON_SECTION_HEADS"
+"""Environment variable: heads per section of the causal schedule (``triton_kernels._scheduled``) for every kernel,
+0 for grid order; unset, sized to the GPU's L2 cache (``_section_heads``). For benchmarks and tests."""
+
+
+def _section_heads(per_head: int, heads: int, device: torch.device) -> int:
+    """How many of a grid's ``heads`` (batch·heads) with ``per_head`` bytes each (what each of a head's programs
+    reads: its k and v, or q and dO) a section of the causal schedule takes (``triton_kernels._scheduled``): the
+    largest power of two whose bytes fit the GPU's L2 cache, as FlashAttention's LPT scheduler sizes its sections,
+    so that the programs running at a time find them there; at least 1, at most ``heads`` (one section).
+    ``SASOFTMAX_TRITON_SECTION_HEADS`` overrides it."""
+    override = os.environ.get(SECTION_HEADS_VARIABLE, "")
+    if override:
+        if not override.isdigit():
+            raise ValueError(f"{SECTION_HEADS_VARIABLE}: expected an integer >= 0 (0: grid order); got {override!r}")
+        return min(int(override), heads)
+    return min(_l2_section(per_head, device.index if device.type == "cuda" else None), heads)
+
+
+@functools.lru_cache(maxsize=256)
+def _l2_section(per_head: int, device_index: int | None) -> int:
+    """``_section_heads`` without an override, cached per size and device (an H100's or H200's 50 MiB of L2 where
+    the tensors are not on a GPU: the interpreter, the compile tests)."""
+    l2 = 50 * 2**20 if device_index is None else torch.cuda.get_device_properties(device_index).L2_cache_size
+    return 1 << (max(l2 // max(per_head, 1), 1).bit_length() - 1)
+
+
+def _kv_bytes(q: Tensor, k: Tensor, v: Tensor) -> int:
+    """Bytes of k and v per query head, which every program of the head's query blocks reads (a group's heads
+    share them)."""
+    return k.shape[2] * (k.shape[3] + v.shape[3]) * k.element_size() * k.shape[1] // q.shape[1]
+
+
+def _query_bytes(q: Tensor, dv: int) -> int:
+    """Bytes per query head that every program of bwd_dkdv's key blocks reads: q, dO and the row pairs."""
+    return q.shape[2] * ((q.shape[3] + dv) * q.element_size() + 8 * len(ROW_PAIRS))
+
+
 _STAGES_THAT_FIT: dict[tuple[str, int, _Config], int] = {}
 """Pipeline stages that fit the GPU's shared memory, per (kernel, device, configuration) that needed fewer."""
 
@@ -584,6 +622,9 @@ def _forward(q, k, v, o, t, mask, bias, kind, r1, r2, opt: _Options, s: Tensor |
     factor = t if s is None else s.float()
     (t_arg, r1_arg, r2_arg), common, flags = _common_args(q, k, factor, mask, bias, kind, r1, r2, opt, none)
     flags.update(T_FROM_S=s is not None, QK_SCALED=_qk_scaled(kind, opt.scale))
+    # the causal schedule (triton_kernels._scheduled) for causal calls and masked ones (which may be causal)
+    section = _section_heads(_kv_bytes(q, k, v), b * hq, q.device) if opt.causal or mask is not None else 0
+    flags.update(SCHEDULED=section > 0)
     mu = none
     if sa_norm or exact:
         # sa_norm needs the row's max and min before its weights are known. float32 inputs of every normalizer
@@ -595,7 +636,7 @@ def _forward(q, k, v, o, t, mask, bias, kind, r1, r2, opt: _Options, s: Tensor |
         _launch(
             "row_extrema", (_cdiv(lq, cfg.block_m), b * hq), cfg,
             q, k, t_arg, mu, saved.low, saved.inv_delta, saved.argmin, saved.argmax, r1_arg, r2_arg,
-            *_strides(q), *_strides(k), *common, opt.eps, MIN_AND_ARGS=sa_norm,
+            *_strides(q), *_strides(k), *common, opt.eps, section, MIN_AND_ARGS=sa_norm,
             RAW_QK=kind == NO_BIAS and (factor is None or opt.norm == 2) and _power_of_two(opt.scale), EXACT=exact,
             **flags,
         )  # fmt: skip
@@ -604,7 +645,7 @@ def _forward(q, k, v, o, t, mask, bias, kind, r1, r2, opt: _Options, s: Tensor |
         "fwd", (_cdiv(lq, cfg.block_m), b * hq), cfg,
         q, k, v, o, saved.shift, saved.inv_l, t_arg, saved.t_rows, mu, saved.low, saved.inv_delta, saved.argmax,
         saved.argmin, r1_arg, r2_arg,
-        *_strides(q), *_strides(k), *_strides(v), *_strides(o), *common,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(o), *common, section,
         NORM=opt.norm, EXACT=exact, DV=dv, DV_PAD=_pad(dv), **flags,
     )  # fmt: skip
     return saved
@@ -669,17 +710,22 @@ def _backward(
         dbias = torch.zeros(b, hq, lq, lk, device=q.device, dtype=torch.float32)
     elif bias_grad and kind == TABLE:  # along the diagonals (_diagonal_table), folded onto the table below
         dbias = torch.zeros(b, hq, lq + lk, device=q.device, dtype=torch.float32)
+    kv_section = q_section = 0  # (the causal schedule, as in _forward)
+    if opt.causal or mask is not None:
+        kv_section = _section_heads(_kv_bytes(q, k, v), b * hq, q.device)
+        q_section = _section_heads(_query_bytes(q, dv) * (hq // hkv), b * hkv, q.device)
+    flags.update(SCHEDULED=kv_section > 0)
     _launch(
         "bwd_dq", (query_blocks, b * hq), cfg_dq,
         q, k, v, o, do, dq, saved.shift, saved.inv_l, t_arg, saved.low, saved.inv_delta, saved.argmin, saved.argmax,
         rows, dt, dk_low, r1_arg, r2_arg, dr[key_blocks:] if parametric and scatter else none, dbias, *inputs,
-        *_row_strides(o), *_row_strides(do), *_row_strides(dq), *common, DS_PARTIALS=ds,
+        *_row_strides(o), *_row_strides(do), *_row_strides(dq), *common, kv_section, DS_PARTIALS=ds,
         QK_SCALED=_qk_scaled(kind, opt.scale), **flags,
     )  # fmt: skip
     _launch(
         "bwd_dkdv", (key_blocks, b * hkv), cfg,
         q, k, v, do, dk, dv_, rows, saved.inv_l, dk_low, r1_arg, r2_arg, dr, dbias, *inputs, *_row_strides(do),
-        *_row_strides(dk), *_row_strides(dv_), *common, **flags,
+        *_row_strides(dk), *_row_strides(dv_), *common, q_section, **flags,
     )  # fmt: skip
     bias_grads = None
     if bias_grad:

@@ -39,6 +39,7 @@ others three):
   ALiBi/Kerple's r1, r2 (Σ t·dx·∂bias/∂r per head, one partial sum per program), of a bias tensor, or of a
   table (each tile's diagonals summed in registers, then added to dL/dtable of its (batch, head) atomically).
 Loops over key (or query) blocks run in two parts: blocks needing no bounds or causal checks, then the rest.
+Causal and masked calls map their programs to blocks longest work first (``_scheduled``).
 """
 
 from __future__ import annotations
@@ -416,6 +417,33 @@ def _load_t(ptr, idx, n, stride_n, offs_d, stride_d, D: tl.constexpr, D_PAD: tl.
 
 
 @triton.jit
+def _scheduled(SECTION, HEAVY_LAST: tl.constexpr, SCHEDULED: tl.constexpr):
+    """(block, batch·head) of this program of a (blocks, batch·heads) grid. The GPU starts programs in launch order
+    (axis 0 fastest) as earlier ones finish, and under causal masking (or a mask, which may lie within it) a
+    block's work grows along axis 0 (query blocks: HEAVY_LAST) or shrinks (key blocks): in grid order a call
+    ends on the heaviest blocks of its last heads, with most of the GPU idle. SCHEDULED (the launcher sets it for
+    such calls): the longest work first, within sections of SECTION heads (the launcher sizes them to fit the L2
+    cache with what a head's programs all read: k and v, or q and dO): the heaviest block of each of the
+    section's heads, then the next, …, as FlashAttention 3/4 schedule causal attention; the last section holds
+    the remaining heads. Otherwise the grid's order."""
+    block = tl.program_id(0)
+    head = tl.program_id(1)
+    if SCHEDULED:
+        blocks = tl.num_programs(0).to(tl.int64)  # (int64: a grid's blocks × heads may pass 2**31)
+        order = head * blocks + block  # the launch order
+        section = order // (SECTION * blocks)
+        width = tl.minimum(SECTION, tl.num_programs(1) - section * SECTION)
+        within = order - section * SECTION * blocks
+        block = within // width
+        head = section * SECTION + within - block * width
+        if HEAVY_LAST:
+            block = blocks - 1 - block
+        block = block.to(tl.int32)
+        head = head.to(tl.int32)
+    return block, head
+
+
+@triton.jit
 def _key_blocks(start_m, L, S, pos0, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr):
     """(full_end, end): key blocks [0, full_end) need no bounds or causal checks for any row of the query
     block; [full_end, end) may. ``end`` is one past the last key any row of the block may attend."""
@@ -556,14 +584,14 @@ def row_extrema(
     Q, K, T, MU, LOW, INV_DELTA, ARGMIN, ARGMAX, R1, R2,
     sqb, sqh, sqn, sqd, skb, skh, skn, skd,
     MASK, smb, smh, sml, sms, MASK_CAUSAL, BIAS, sbb, sbh, sbl, sbs,
-    H, GROUPS, L, S, pos0, scale, eps,
+    H, GROUPS, L, S, pos0, scale, eps, SECTION, SCHEDULED: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, BIAS_KIND: tl.constexpr, HAS_SSMAX: tl.constexpr,
     T_FROM_S: tl.constexpr, ALL_MASKED: tl.constexpr, MIN_AND_ARGS: tl.constexpr, PRECISION: tl.constexpr,
     RAW_QK: tl.constexpr, QK_SCALED: tl.constexpr, EXACT: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
 ):  # fmt: skip
-    start_m = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)  # offsets can pass 2**31
+    start_m, bh = _scheduled(SECTION, True, SCHEDULED)
+    bh = bh.to(tl.int64)  # offsets can pass 2**31
     b = bh // H
     h = bh % H
     rows = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -642,14 +670,14 @@ def fwd(
     Q, K, V, OUT, SHIFT, INV_L, T, T_ROWS, MU, LOW, INV_DELTA, ARGMAX, ARGMIN, R1, R2,
     sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, son, sod,
     MASK, smb, smh, sml, sms, MASK_CAUSAL, BIAS, sbb, sbh, sbl, sbs,
-    H, GROUPS, L, S, pos0, scale,
+    H, GROUPS, L, S, pos0, scale, SECTION, SCHEDULED: tl.constexpr,
     NORM: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, BIAS_KIND: tl.constexpr,
     HAS_SSMAX: tl.constexpr, T_FROM_S: tl.constexpr, ALL_MASKED: tl.constexpr, QK_SCALED: tl.constexpr,
     PRECISION: tl.constexpr, EXACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     D: tl.constexpr, D_PAD: tl.constexpr, DV: tl.constexpr, DV_PAD: tl.constexpr,
 ):  # fmt: skip
-    start_m = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)  # offsets can pass 2**31
+    start_m, bh = _scheduled(SECTION, True, SCHEDULED)
+    bh = bh.to(tl.int64)  # offsets can pass 2**31
     b = bh // H
     h = bh % H
     hk = h // GROUPS
@@ -800,7 +828,7 @@ def bwd_dq(
     DBIAS, sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
     sob, soh, son, sdob, sdoh, sdon, sdqb, sdqh, sdqn,
     MASK, smb, smh, sml, sms, MASK_CAUSAL, BIAS, sbb, sbh, sbl, sbs,
-    H, GROUPS, L, S, pos0, scale,
+    H, GROUPS, L, S, pos0, scale, SECTION, SCHEDULED: tl.constexpr,
     NORM: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, BIAS_KIND: tl.constexpr,
     BIAS_GRAD: tl.constexpr, HAS_SSMAX: tl.constexpr, DS_PARTIALS: tl.constexpr, LOW_SCATTER: tl.constexpr,
     ALL_MASKED: tl.constexpr, QK_SCALED: tl.constexpr, DX_FP32: tl.constexpr, PRECISION: tl.constexpr,
@@ -816,8 +844,8 @@ def bwd_dq(
     DR[(query block · B·Hq + b·Hq + h) · 2 + i]; without, bwd_dkdv adds the term inside its tiles. ROWS: the
     (4, B·Hq·L) int64 row pairs bwd_dkdv reads (SHIFT_D … ARGMIN_GLOW; those its flags need).
     """
-    start_m = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)  # offsets can pass 2**31
+    start_m, bh = _scheduled(SECTION, True, SCHEDULED)
+    bh = bh.to(tl.int64)  # offsets can pass 2**31
     b = bh // H
     h = bh % H
     hk = h // GROUPS
@@ -1057,7 +1085,7 @@ def bwd_dkdv(
     sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
     sdob, sdoh, sdon, sdkb, sdkh, sdkn, sdvb, sdvh, sdvn,
     MASK, smb, smh, sml, sms, MASK_CAUSAL, BIAS, sbb, sbh, sbl, sbs,
-    H, GROUPS, L, S, pos0, scale,
+    H, GROUPS, L, S, pos0, scale, SECTION, SCHEDULED: tl.constexpr,
     NORM: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, BIAS_KIND: tl.constexpr,
     BIAS_GRAD: tl.constexpr, HAS_SSMAX: tl.constexpr, LOW_SCATTER: tl.constexpr, ALL_MASKED: tl.constexpr,
     DX_FP32: tl.constexpr, PRECISION: tl.constexpr, EXACT: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -1071,8 +1099,9 @@ def bwd_dkdv(
     A bias tensor: DBIAS, contiguous (B, Hq, L, S) float32, gets dL/dbias = t·dx; a table: DBIAS, zeroed (B, Hq,
     L + S) float32, gets dL/dtable along the diagonals (atomic adds; the last entry of a row is left alone).
     """
-    start_n = tl.program_id(0) * BLOCK_N
-    bhk = tl.program_id(1).to(tl.int64)
+    key_block, bhk = _scheduled(SECTION, False, SCHEDULED)
+    start_n = key_block * BLOCK_N
+    bhk = bhk.to(tl.int64)
     hkv = H // GROUPS
     b = bhk // hkv
     hk = bhk % hkv
@@ -1136,7 +1165,7 @@ def bwd_dkdv(
             BLOCK_M, BLOCK_N, D, D_PAD, DV, DV_PAD,
         )  # fmt: skip
         if BIAS_GRAD and BIAS_KIND >= ALIBI and BIAS_KIND <= KERPLE_POWER:
-            slot = (tl.program_id(0).to(tl.int64) * tl.num_programs(1) * GROUPS + bhk * GROUPS + g) * 2
+            slot = (key_block.to(tl.int64) * tl.num_programs(1) * GROUPS + bhk * GROUPS + g) * 2
             c1, c2 = _relative_bias_grad_factors(r1, BIAS_KIND)
             tl.store(DR + slot, tl.sum(dr1, 0) * c1)  # (tensor first: c1 may be a constexpr)
             tl.store(DR + slot + 1, tl.sum(dr2, 0) * c2)
