@@ -10,7 +10,7 @@
 #
 #   benchmarks/gpu_check.sh OUT_DIR
 #
-# Writes at most 12 files, flat, into OUT_DIR:
+# Writes at most 14 files, flat, into OUT_DIR:
 #   run.log      nvidia-smi, versions, each step's command, exit status and duration, the benchmarks' progress
 #   tests.log    pytest tests/test_backend_triton.py on CUDA
 #   kernels.md   kernels.json   attention kernels: ms, TFLOP/s, ratios to SDPA FlashAttention-2 / cuDNN, memory
@@ -19,6 +19,9 @@
 #                               row the kernels taking the most device time per step (PROFILE_STEPS steps)
 #   host.md      host.json      host µs per attention call: our Python, Triton's JIT launches, direct launches
 #   tune.md      tune.json      (TUNE_S > 0 only) candidate tiles per kernel, timed (benchmarks/triton_tune.py)
+#   grid-order.md grid-order.json  (GRID_ORDER_S > 0 only) kernels.md's causal rows with the programs in the grid's
+#                               order (SASOFTMAX_TRITON_SECTION_HEADS=0) instead of the causal schedule, compiled
+#                               first in WARM_WORKERS processes: the schedule's worth, against FA2 in both tables
 #   preset.log                  (PRESET_S > 0 only) `sasoftmax compare --preset gpu` on a fraction of its grid
 #                               (PRESET_ARGS, default one seed of three and 200 of 1000 steps), with the time
 #                               it took: the basis of an estimate of the full preset's time; and its
@@ -33,6 +36,7 @@
 #   versions over 5 s (torch's import) and the host step over 25 s at 100 calls × 7 batches; the tests, cold, 190 s
 #   (eec5951; 198 s on an H200 at e9fd073). The
 #   tuning (TUNE_S) compiles its candidates in WARM_WORKERS processes first: 96 took 48 s in all on an H200
+#   GRID_ORDER_S=0       limit of the grid-order step's compiling and of its timing, each (skipped by default)
 #   PROFILE_STEPS=0      profiled training steps per row (~5 s a row; the profile tables of gpu_train.py)
 #   PROFILE_SEQ=         the training length profiled (default the first, 1024)
 #   PRESET_S=0           limit of the compare step (skipped by default)
@@ -70,6 +74,7 @@ BIAS_S=${BIAS_S:-20}
 TRAIN_S=${TRAIN_S:-80}
 HOST_S=${HOST_S:-25}
 TUNE_S=${TUNE_S:-0}
+GRID_ORDER_S=${GRID_ORDER_S:-0}
 PRESET_S=${PRESET_S:-0}
 PRESET_ARGS=${PRESET_ARGS:---seeds 0 --steps 200}
 PROFILE_STEPS=${PROFILE_STEPS:-0}
@@ -126,6 +131,7 @@ if [ "${GPU_CHECK_SMOKE:-0}" = 1 ]; then
     TRAIN_SIZES=(--smoke --rows sdpa:softmax cpu:sa_norm)
     TRAIN_WARM=()  # (the smoke rows run on CPU: nothing to compile; nor do the host step's on a faked GPU)
     TUNE_SIZES=(--smoke --kernels fwd --causal yes)
+    GRID_ORDER_SIZES=(--smoke --causal yes --providers sdpa-math cpu:sa_norm)
     HOST=(env -u TRITON_INTERPRET "$PY" benchmarks/triton_host.py --smoke)  # Triton drives a faked GPU
     PRESET=smoke
 elif [ "$QUICK" = 1 ]; then
@@ -134,6 +140,7 @@ elif [ "$QUICK" = 1 ]; then
     TRAIN_SIZES=(--seqs 1024 --steps 5 --warmup 2)
     TRAIN_WARM=(--train-seqs 1024 --host cuda)
     TUNE_SIZES=(--head-dims 64 --causal yes)  # the harness GPT's head dim
+    GRID_ORDER_SIZES=(--lengths 4096 --head-dims 128 --causal yes --modes fwd+bwd)
     PRESET=gpu
 else
     KERNEL_SIZES=(--lengths 1024 4096 16384 --head-dims 64 128)
@@ -141,6 +148,7 @@ else
     TRAIN_SIZES=(--seqs 1024 4096)
     TRAIN_WARM=(--train-seqs 1024 4096 --host cuda)
     TUNE_SIZES=()
+    GRID_ORDER_SIZES=(--lengths 4096 16384 --head-dims 64 128 --causal yes --modes fwd+bwd)
     PRESET=gpu
 fi
 [ "${GPU_CHECK_SMOKE:-0}" = 1 ] || HOST=("$PY" benchmarks/triton_host.py --device cuda --calls 50 --repeats 5)
@@ -158,6 +166,15 @@ step warm "$WARM_S" "$LOG" "$PY" benchmarks/triton_warm.py --workers "$WARM_WORK
 step host "$HOST_S" "$LOG" "${HOST[@]}" --out "$OUT" ${DRY[@]+"${DRY[@]}"}
 step kernels "$KERNELS_S" "$LOG" "$PY" benchmarks/triton_attention.py --out "$OUT" --prefix kernels \
     --eager-max-len "$EAGER_MAX_LEN" "${KERNEL_SIZES[@]}" ${DRY[@]+"${DRY[@]}"}
+# The causal schedule's worth: the causal rows again with the programs in the grid's order (other kernels: compiled
+# first). Only where asked (GRID_ORDER_S > 0).
+GRID_ORDER_ARGS=(--providers sdpa-flash2 triton:softmax triton:sa_norm triton:sa_norm+ssmax --no-memory
+    "${GRID_ORDER_SIZES[@]}")
+[ "${GPU_CHECK_SMOKE:-0}" = 1 ] && GRID_ORDER_ARGS=(--no-memory "${GRID_ORDER_SIZES[@]}")
+step grid-order-warm "$GRID_ORDER_S" "$LOG" env SASOFTMAX_TRITON_SECTION_HEADS=0 "$PY" benchmarks/triton_warm.py \
+    --workers "$WARM_WORKERS" ${DRY[@]+"${DRY[@]}"} -- "${GRID_ORDER_ARGS[@]}"
+step grid-order "$GRID_ORDER_S" "$LOG" env SASOFTMAX_TRITON_SECTION_HEADS=0 "$PY" benchmarks/triton_attention.py \
+    --out "$OUT" --prefix grid-order "${GRID_ORDER_ARGS[@]}" ${DRY[@]+"${DRY[@]}"}
 step bias "$BIAS_S" "$LOG" "$PY" benchmarks/triton_attention.py --out "$OUT" --prefix bias "${BIAS_ARGS[@]}" \
     ${DRY[@]+"${DRY[@]}"}
 step train "$TRAIN_S" "$LOG" "$PY" benchmarks/gpu_train.py --out "$OUT" --prefix train "${TRAIN_SIZES[@]}" \

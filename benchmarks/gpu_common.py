@@ -47,7 +47,8 @@ def git_commit() -> str:
 
 
 def header(device: str, **settings: object) -> dict[str, object]:
-    """Date (UTC), device name, library versions, git commit, and the run's ``settings``."""
+    """Date (UTC), device name, library versions, git commit, the run's ``settings``, and the environment's
+    ``SASOFTMAX_TRITON_*`` variables (tiles, the min term's way, the causal schedule's sections) where set."""
     try:
         import triton
 
@@ -71,6 +72,7 @@ def header(device: str, **settings: object) -> dict[str, object]:
         "python": platform.python_version(),
         "commit": git_commit(),
         **settings,
+        **{name: value for name, value in os.environ.items() if name.startswith("SASOFTMAX_TRITON_")},
     }
 
 

@@ -236,3 +236,33 @@ def test_gpu_check_passes_valid_arguments(tmp_path):
     assert "== tune: skipped (limit 0)" in log  # the tuning runs only when asked (TUNE_S > 0)
     assert "== preset: skipped (limit 0)" in log  # so does the comparison (PRESET_S > 0)
     assert "216 rows on cuda" in log and "14 rows on cuda" in log
+
+
+@pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None, reason="needs bash and timeout")
+def test_gpu_check_times_the_grid_order_when_asked(tmp_path):
+    """GRID_ORDER_S > 0: the causal rows again with SASOFTMAX_TRITON_SECTION_HEADS=0, their kernels compiled first
+    (one process per head dim), into grid-order.md; skipped by default (the other test)."""
+    steps = {name: "0" for name in ("VERSIONS_S", "WARM_S", "HOST_S", "KERNELS_S", "BIAS_S", "TRAIN_S", "TESTS_S")}
+    env = dict(os.environ, GPU_CHECK_DRY="1", GRID_ORDER_S="60", **steps)
+    proc = subprocess.run(
+        ["bash", str(BENCHMARKS / "gpu_check.sh"), str(tmp_path)],
+        cwd=BENCHMARKS.parent, env=env, capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    log = (tmp_path / "run.log").read_text()
+    assert proc.returncode == 0, log
+    for step in ("grid-order-warm", "grid-order"):
+        assert f"== {step}: exit 0" in log
+        assert f"== {step} (limit 60s): env SASOFTMAX_TRITON_SECTION_HEADS=0 " in log
+    assert "--prefix grid-order " in log and "16 rows on cuda" in log and "causal yes" in log
+    assert sum("--prefix warm-" in line for line in log.splitlines()) == 2
+    assert "== kernels: skipped (limit 0)" in log
+
+
+def test_result_headers_name_the_triton_variables(monkeypatch):
+    """A table measured with a SASOFTMAX_TRITON_* variable set (tiles, the causal schedule's sections) says so."""
+    import gpu_common
+
+    monkeypatch.setenv("SASOFTMAX_TRITON_SECTION_HEADS", "0")
+    info = gpu_common.header("cpu", dtype="float32")
+    assert info["SASOFTMAX_TRITON_SECTION_HEADS"] == "0"
+    assert "dtype=float32, SASOFTMAX_TRITON_SECTION_HEADS=0" in gpu_common.describe(info)
