@@ -444,6 +444,23 @@ def test_backward_launches_nothing_for_the_row_statistics(path, ssmax, monkeypat
     assert not ssmax or s.grad is not None
 
 
+@needs_kernels
+def test_masks_are_checked_against_the_causal_pattern_once(monkeypatch):
+    """Whether a mask lies within the causal pattern (transformers' masks; four small kernels) is found once per
+    call, in the forward, which saves the flag for the backward (the operators' path hands it over the same way:
+    the operator's log shows no more than itself, ``test_compile`` runs it)."""
+    q, k, v, do = make_inputs((2, 2, 1, 29, 40, 16, 16))
+    q, k, v = (t.float().to(DEVICE).requires_grad_() for t in (q, k, v))
+    mask = causal_padding_mask(29, 40, [40, 23])
+    with OperatorLog() as forward:
+        out = attention(q, k, v, backend="triton", normalizer="sa_norm", mask=mask)
+    monkeypatch.setattr(triton_backend, "_launch", lambda *args, **kwargs: None)
+    with OperatorLog() as backward:
+        out.backward(do.float().to(DEVICE))
+    assert "aten.triu.default" in forward.names
+    assert not any(name.startswith(("aten.triu", "aten.any")) for name in backward.names), backward.names
+
+
 def supported_call(**kwargs):
     q, k, v, _ = make_inputs(SHAPES[1])
     args = {"normalizer": "sa_norm", "causal": True, "mask": None, "bias": None, "scale": None, "ssmax": None}

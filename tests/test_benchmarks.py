@@ -207,16 +207,23 @@ def test_tile_tuning_dry_run_and_arguments(capsys):
     assert exit_info.value.code == 2 and "multiple of every head dim" in capsys.readouterr().err
 
 
+def dry_gpu_check(out: Path, **limits: str) -> str:
+    """benchmarks/gpu_check.sh in dry-run mode (the benchmarks only parse the GPU run's arguments and print their
+    plans) with these step limits; its run.log, after asserting that it exited 0."""
+    env = dict(os.environ, GPU_CHECK_DRY="1", **limits)
+    proc = subprocess.run(
+        ["bash", str(BENCHMARKS / "gpu_check.sh"), str(out)],
+        cwd=BENCHMARKS.parent, env=env, capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    log = (out / "run.log").read_text()
+    assert proc.returncode == 0, log
+    return log
+
+
 @pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None, reason="needs bash and timeout")
 def test_gpu_check_passes_valid_arguments(tmp_path):
     """In dry-run mode the benchmarks only parse the GPU run's arguments (sizes, provider names) and exit."""
-    env = dict(os.environ, GPU_CHECK_DRY="1", VERSIONS_S="0", TESTS_S="0")
-    proc = subprocess.run(
-        ["bash", str(BENCHMARKS / "gpu_check.sh"), str(tmp_path)],
-        cwd=BENCHMARKS.parent, env=env, capture_output=True, text=True, timeout=120, check=False,
-    )  # fmt: skip
-    log = (tmp_path / "run.log").read_text()
-    assert proc.returncode == 0, log
+    log = dry_gpu_check(tmp_path, VERSIONS_S="0", TESTS_S="0")
     for step in ("warm", "kernels", "bias", "train", "host"):
         assert f"== {step}: exit 0" in log
     # the warm step compiles the kernels of each (head dim, causal, bias) of both runs, sasoftmax providers only
@@ -243,13 +250,7 @@ def test_gpu_check_times_the_grid_order_when_asked(tmp_path):
     """GRID_ORDER_S > 0: the causal rows again with SASOFTMAX_TRITON_SECTION_HEADS=0, their kernels compiled first
     (one process per head dim), into grid-order.md; skipped by default (the other test)."""
     steps = {name: "0" for name in ("VERSIONS_S", "WARM_S", "HOST_S", "KERNELS_S", "BIAS_S", "TRAIN_S", "TESTS_S")}
-    env = dict(os.environ, GPU_CHECK_DRY="1", GRID_ORDER_S="60", **steps)
-    proc = subprocess.run(
-        ["bash", str(BENCHMARKS / "gpu_check.sh"), str(tmp_path)],
-        cwd=BENCHMARKS.parent, env=env, capture_output=True, text=True, timeout=120, check=False,
-    )  # fmt: skip
-    log = (tmp_path / "run.log").read_text()
-    assert proc.returncode == 0, log
+    log = dry_gpu_check(tmp_path, GRID_ORDER_S="60", **steps)
     for step in ("grid-order-warm", "grid-order"):
         assert f"== {step}: exit 0" in log
         assert f"== {step} (limit 60s): env SASOFTMAX_TRITON_SECTION_HEADS=0 " in log

@@ -71,8 +71,9 @@ def test_fullgraph_compile_of_the_sdpa_backend():
 
 def test_fullgraph_compile_of_the_triton_kernels():
     """The Triton kernels are custom operators too (run here by Triton's interpreter on CPU tensors): with a
-    mask, a bias tensor, SSMax and RelativeBias forms (ALiBi; a table with SSMax), compiled outputs and gradients
-    (the operators) equal the uncompiled ones (their autograd.Function twin)."""
+    mask (with and without causal masking), a bias tensor, SSMax and RelativeBias forms (ALiBi; a table with
+    SSMax), compiled outputs and gradients (the operators) equal the uncompiled ones (their autograd.Function
+    twin)."""
     from sasoftmax.backends import triton as triton_backend
 
     if not triton_backend.INTERPRET and not torch.cuda.is_available():
@@ -88,6 +89,8 @@ def test_fullgraph_compile_of_the_triton_kernels():
         out = sasoftmax.attention(q, k, v, normalizer="sa_norm", causal=True, mask=mask, bias=bias, ssmax=s,
                                   backend="triton")  # fmt: skip
         out = out + sasoftmax.attention(q, k, v, bias=sasoftmax.RelativeBias.alibi(r1), backend="triton")
+        # not causal, masked: the forward operator also hands the backward whether the mask lies within causality
+        out = out + sasoftmax.attention(q, k, v, mask=mask, backend="triton")
         table_bias = sasoftmax.RelativeBias.table(table)
         return out + sasoftmax.attention(q, k, v, bias=table_bias, ssmax=s, causal=True, backend="triton")
 

@@ -533,10 +533,12 @@ def _precision(k: Tensor) -> str | None:
     return "ieee" if k.dtype == torch.float32 else None
 
 
-def _common_args(q, k, t, mask, bias, kind, r1, r2, opt: _Options, none: Tensor) -> tuple[tuple, tuple, dict]:
+def _common_args(
+    q, k, t, mask, mask_causal, bias, kind, r1, r2, opt: _Options, none: Tensor
+) -> tuple[tuple, tuple, dict]:
     """What every kernel takes: (t, r1, r2) as contiguous float32 tensors (``none`` where absent); the mask's and
-    bias's pointers and strides (a table's in the bias slots: see ``triton_kernels``), then H, GROUPS, L, S, POS0
-    and the scale; and the constexpr flags."""
+    bias's pointers and strides (a table's in the bias slots: see ``triton_kernels``), the forward's
+    ``_mask_within_causal`` flag, then H, GROUPS, L, S, POS0 and the scale; and the constexpr flags."""
     t_arg = none if t is None else t.contiguous()
     b, hq, lq, d = q.shape
     if kind == TABLE:
@@ -547,7 +549,6 @@ def _common_args(q, k, t, mask, bias, kind, r1, r2, opt: _Options, none: Tensor)
         bias_args = _broadcast_args(bias, q)
     r1_arg = none if r1 is None else r1.float().contiguous()
     r2_arg = none if r2 is None else r2.float().contiguous()
-    mask_causal = none if mask is None or opt.causal else _mask_within_causal(mask, opt.pos0)
     views = (*_broadcast_args(mask, q), mask_causal, *bias_args, hq, hq // k.shape[1], lq, k.shape[2])
     flags = {"CAUSAL": opt.causal, "HAS_MASK": mask is not None, "BIAS_KIND": kind, "HAS_SSMAX": t is not None}
     all_masked = mask is not None or kind == BIAS_TENSOR  # a bias tensor's −inf entries mask (a table's: per head)
@@ -559,8 +560,8 @@ def _mask_within_causal(mask: Tensor, pos0: int) -> Tensor:
     """(1,) int32 on the mask's device, 1 where no query i may attend a key j > i + pos0 (the mask lies within the
     causal pattern: transformers folds causality into its masks), so that the kernels skip the tiles a causal call
     would (``triton_kernels._visited_keys``). ``mask`` is the kernels' (B, Hq, L, S) view; its broadcast axes
-    are read once, not expanded. No host sync; four small kernels (a forward and a backward compute it: on the
-    host's side each costs what a kernel launch does)."""
+    are read once, not expanded. No host sync; four small kernels, once per call: the forward saves the flag for
+    the backward (``_Saved.mask_causal``)."""
     *_, lq, lk = mask.shape
     if mask.stride(-2) == 0 and lq > 1:  # one row of keys for every query (key padding) cannot lie within it
         return torch.zeros(1, device=mask.device, dtype=torch.int32)
@@ -587,7 +588,8 @@ class _Saved:
     """Per-row statistics of a forward, (B·Hq, L) each (empty placeholders where a normalizer or dtype needs
     none). The backward recomputes p = e^{x − shift}·inv_l: shift is the logsumexp and inv_l empty for 16-bit
     inputs; for float32 inputs shift is the row max μ and inv_l = 1/ℓ (see ``triton_kernels._probs``).
-    ``t_rows``: SSMax's t where the kernels computed it from s."""
+    ``t_rows``: SSMax's t where the kernels computed it from s. ``mask_causal``: ``_mask_within_causal``'s (1,)
+    int32 flag for a masked call without causal masking (empty otherwise), computed once for both directions."""
 
     shift: Tensor
     inv_l: Tensor
@@ -596,6 +598,7 @@ class _Saved:
     argmin: Tensor
     argmax: Tensor
     t_rows: Tensor
+    mask_causal: Tensor
 
 
 def _forward(q, k, v, o, t, mask, bias, kind, r1, r2, opt: _Options, s: Tensor | None = None) -> _Saved:
@@ -615,12 +618,16 @@ def _forward(q, k, v, o, t, mask, bias, kind, r1, r2, opt: _Options, s: Tensor |
         must not alias each other)."""
         return torch.empty((b * hq, lq) if needed else (0,), device=q.device, dtype=dtype)
 
+    masked = mask is not None and not opt.causal  # (a mask may lie within the causal pattern: transformers')
+    mask_causal = _mask_within_causal(mask, opt.pos0) if masked else per_row(False, torch.int32)
     saved = _Saved(per_row(True), per_row(exact), per_row(sa_norm), per_row(sa_norm), per_row(sa_norm, torch.int32),
-                   per_row(sa_norm, torch.int32), per_row(s is not None))  # fmt: skip
+                   per_row(sa_norm, torch.int32), per_row(s is not None), mask_causal)  # fmt: skip
     none = per_row(False)  # where a kernel's pointer argument has nothing to point to
     configs = _configs(d, dv, q.dtype, kind, opt.norm)
     factor = t if s is None else s.float()
-    (t_arg, r1_arg, r2_arg), common, flags = _common_args(q, k, factor, mask, bias, kind, r1, r2, opt, none)
+    (t_arg, r1_arg, r2_arg), common, flags = _common_args(
+        q, k, factor, mask, mask_causal, bias, kind, r1, r2, opt, none
+    )
     flags.update(T_FROM_S=s is not None, QK_SCALED=_qk_scaled(kind, opt.scale))
     # the causal schedule (triton_kernels._scheduled) for causal calls and masked ones (which may be causal)
     section = _section_heads(_kv_bytes(q, k, v), b * hq, q.device) if opt.causal or mask is not None else 0
@@ -687,7 +694,9 @@ def _backward(
     dq = _gradient_like(q)
     dk = _gradient_like(k, kv_grad_dtype)
     dv_ = _gradient_like(v, kv_grad_dtype)
-    (t_arg, r1_arg, r2_arg), common, flags = _common_args(q, k, t, mask, bias, kind, r1, r2, opt, none)
+    (t_arg, r1_arg, r2_arg), common, flags = _common_args(
+        q, k, t, mask, saved.mask_causal, bias, kind, r1, r2, opt, none
+    )
     inputs = (*_strides(q), *_strides(k), *_strides(v))
     # sa_norm's dx carries 1/(M − m + ε), up to 1/ε, beyond float16's range: its products run in float32.
     flags.update(NORM=opt.norm, DX_FP32=opt.norm == 2 and k.dtype == torch.float16, DV=dv, DV_PAD=_pad(dv))
@@ -806,17 +815,18 @@ def _forward_op(
     scale: float,
     eps: float,
     pos0: int,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """One forward. ``t`` (B, Hq, L) SSMax factors, or ``s`` (Hq,) SSMax's scale where the kernels may compute
     t themselves (``_counts_closed_form``), or neither; ``mask`` bool and ``bias`` (kind BIAS_TENSOR)
     broadcastable to (B, Hq, L, S); PARAMETRIC kinds read ``r1``, ``r2`` (Hq,), a TABLE ``r1`` (Hq, n). Returns
     o (B, Hq, L, Dv; ``_output``'s memory order) and the saved row statistics of ``_Saved``: shift, 1/ℓ, m, 1/δ
     (float32), argmin, argmax (int32) and t (float32, with ``s``), each (B·Hq, L) (empty where the normalizer,
-    dtype or SSMax needs none)."""
+    dtype or SSMax needs none), and whether the mask lies within the causal pattern (``_mask_within_causal``)."""
     o = _output(q, v.shape[3], v.dtype)
     opt = _Options(norm, causal, scale, eps, pos0)
     saved = _forward(q, k, v, o, t, *_views(q, k, mask, bias), kind, r1, r2, opt, s=s)
-    return o, saved.shift, saved.inv_l, saved.low, saved.inv_delta, saved.argmin, saved.argmax, saved.t_rows
+    return (o, saved.shift, saved.inv_l, saved.low, saved.inv_delta, saved.argmin, saved.argmax, saved.t_rows,
+            saved.mask_causal)  # fmt: skip
 
 
 triton_forward = torch.library.custom_op("sasoftmax::triton_forward", _forward_op, mutates_args=())
@@ -831,7 +841,8 @@ def _(q, k, v, t, s, mask, bias, kind, r1, r2, norm, causal, scale, eps, pos0):
     inv_l = q.new_empty((b * hq, lq) if _exact(q) else (0,), dtype=torch.float32)
     stats = [q.new_empty(rows, dtype=dtype) for dtype in (torch.float32, torch.float32, torch.int32, torch.int32)]
     t_rows = q.new_empty((b * hq, lq) if s is not None else (0,), dtype=torch.float32)
-    return o, shift, inv_l, *stats, t_rows
+    mask_causal = q.new_empty((1,) if mask is not None and not causal else (0,), dtype=torch.int32)
+    return o, shift, inv_l, *stats, t_rows, mask_causal
 
 
 def _backward_op(
@@ -859,6 +870,7 @@ def _backward_op(
     argmin: Tensor,
     argmax: Tensor,
     t_rows: Tensor,
+    mask_causal: Tensor,
     bias_grad: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The backward of :func:`triton_forward`: dq, dk, dv (the inputs' dtypes), dL/dt (t's shape) or dL/ds
@@ -867,7 +879,7 @@ def _backward_op(
     gradients) was not asked for with ``bias_grad``."""
     opt = _Options(norm, causal, scale, eps, pos0)
     do = _rows_contiguous(grad_out.to(v.dtype))
-    saved = _Saved(shift, inv_l, low, inv_delta, argmin, argmax, t_rows)
+    saved = _Saved(shift, inv_l, low, inv_delta, argmin, argmax, t_rows, mask_causal)
     if s is not None:
         t = t_rows.view(q.shape[0], q.shape[1], q.shape[2])
     dq, dk, dv, dt, bias_grads = _backward(
@@ -894,7 +906,7 @@ triton_backward = torch.library.custom_op("sasoftmax::triton_backward", _backwar
 
 @triton_backward.register_fake
 def _(q, k, v, t, s, mask, bias, kind, r1, r2, norm, causal, scale, eps, pos0, o, grad_out, shift, inv_l, low,
-      inv_delta, argmin, argmax, t_rows, bias_grad):  # fmt: skip
+      inv_delta, argmin, argmax, t_rows, mask_causal, bias_grad):  # fmt: skip
     def empty():
         return q.new_empty((0,), dtype=torch.float32)
 
