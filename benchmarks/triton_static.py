@@ -4,8 +4,9 @@
     pip install --no-deps --target /tmp/t36 triton==3.6.0                           # the GPU machines' triton
     PYTHONPATH=/tmp/t36:src python3 benchmarks/triton_static.py --out results
 
-Each kernel of one forward+backward (bf16, 4 query heads on 2 kv heads, N = 1024, the tiles of
-``sasoftmax.backends.triton._configs`` or each ``--tiles`` variant through ``SASOFTMAX_TRITON_TILES``) is compiled
+Each kernel of one forward+backward (bf16, 4 query heads on 2 kv heads, N = 1024, without a bias or with each
+``--bias``, learnable, the tiles of ``sasoftmax.backends.triton._configs`` or each ``--tiles`` variant through
+``SASOFTMAX_TRITON_TILES``) is compiled
 for ``--arch`` by the recorder of tests/triton_compile_cuda.py. ``cuobjdump -res-usage`` gives the registers and the
 stack frame per thread (where spilled registers go), ``nvdisasm`` the SASS, whose innermost loops (a backward
 branch) are counted per iteration: instructions, tensor-core instructions (HGMMA on Hopper, HMMA before), the
@@ -32,6 +33,7 @@ sys.path.insert(0, str(ROOT / "tests"))  # triton_compile_cuda: the recorder the
 
 KEY_OPS = ("HGMMA", "HMMA", "MUFU", "LDL", "STL", "SHFL")
 NORMALIZERS = ("softmax", "sa", "sa_norm")
+BIASES = ("none", "alibi", "kerple_log", "kerple_power")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -41,6 +43,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--head-dims", type=int, nargs="+", default=[64, 128])
     parser.add_argument("--causal", choices=("yes", "no"), default="yes")
     parser.add_argument("--ssmax", action="store_true", help="with a (H,) SSMax scale")
+    parser.add_argument("--bias", nargs="+", default=["none"], choices=BIASES, help="positional bias rows")
     parser.add_argument("--tiles", nargs="+", default=[""], help="SASOFTMAX_TRITON_TILES variants ('' = defaults)")
     parser.add_argument("--arch", type=int, default=90, help="compute capability (90 Hopper, 80 Ampere)")
     return parser.parse_args(argv)
@@ -98,7 +101,21 @@ def innermost_loops(sass: str) -> list[dict[str, int]]:
     return counted
 
 
-def analyse(normalizer: str, head_dim: int, causal: bool, ssmax: bool, tiles: str, arch: int) -> dict:
+def relative_bias(name: str, heads: int):
+    """The ``RelativeBias`` of a bias row (learnable r1, r2: their gradients are part of the backward), or None."""
+    import torch
+
+    from sasoftmax import RelativeBias
+
+    if name == "none":
+        return None
+    r1 = torch.full((heads,), 0.5, requires_grad=True)
+    if name == "alibi":
+        return RelativeBias.alibi(r1)
+    return RelativeBias(name, r1, torch.full((heads,), 0.3, requires_grad=True))
+
+
+def analyse(normalizer: str, head_dim: int, causal: bool, ssmax: bool, tiles: str, arch: int, bias: str) -> dict:
     """Compile one call's kernels and read what they became; {kernel: facts}."""
     import torch
 
@@ -109,7 +126,8 @@ def analyse(normalizer: str, head_dim: int, causal: bool, ssmax: bool, tiles: st
     scale = torch.full((compile_cuda.QUERY_HEADS,), 0.5, requires_grad=True) if ssmax else None
     try:
         recorded = compile_cuda.record(
-            torch.bfloat16, head_dim, normalizer, causal, ssmax=scale, length=1024, keep=True
+            torch.bfloat16, head_dim, normalizer, causal, ssmax=scale, length=1024, keep=True,
+            bias=relative_bias(bias, compile_cuda.QUERY_HEADS),
         )
     finally:
         os.environ.pop("SASOFTMAX_TRITON_TILES", None)
@@ -138,25 +156,26 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     for normalizer in args.normalizers:
         for head_dim in args.head_dims:
-            for tiles in args.tiles:
-                facts = analyse(normalizer, head_dim, args.causal == "yes", args.ssmax, tiles, args.arch)
-                for kernel, fact in sorted(facts.items()):
-                    rows.append({"normalizer": normalizer, "D": head_dim, "tiles": tiles or "default",
-                                 "kernel": kernel, **fact})  # fmt: skip
-                    print(json.dumps(rows[-1]), flush=True)
+            for bias in args.bias:
+                for tiles in args.tiles:
+                    facts = analyse(normalizer, head_dim, args.causal == "yes", args.ssmax, tiles, args.arch, bias)
+                    for kernel, fact in sorted(facts.items()):
+                        rows.append({"normalizer": normalizer, "D": head_dim, "bias": bias,
+                                     "tiles": tiles or "default", "kernel": kernel, **fact})  # fmt: skip
+                        print(json.dumps(rows[-1]), flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     header = (f"triton {triton.__version__}, sm_{args.arch}, bf16, causal {args.causal}, SSMax {args.ssmax}; "
               "per innermost loop, per iteration: instructions (per score element and thread) / HGMMA+HMMA / MUFU / "
               "LDL+STL (spilled registers)")  # fmt: skip
-    lines = [header, "", "| normalizer | D | tiles | kernel | tile | warps | registers | stack B | loops |",
-             "| --- | ---: | --- | --- | --- | ---: | ---: | ---: | --- |"]  # fmt: skip
+    lines = [header, "", "| normalizer | D | bias | tiles | kernel | tile | warps | registers | stack B | loops |",
+             "| --- | ---: | --- | --- | --- | --- | ---: | ---: | ---: | --- |"]  # fmt: skip
     for r in rows:
         loops = "; ".join(f"{x['instructions']} ({x['per_element']}) / {x['HGMMA'] + x['HMMA']} / {x['MUFU']} / "
                           f"{x['LDL'] + x['STL']}" for x in r.get("loops", []))  # fmt: skip
-        lines.append(f"| {r['normalizer']} | {r['D']} | {r['tiles']} | {r['kernel']} | {r.get('tile', '')} | "
-                     f"{r.get('warps', '')} | {r.get('registers', r.get('error', ''))} | {r.get('stack', '')} | "
-                     f"{loops} |")  # fmt: skip
+        lines.append(f"| {r['normalizer']} | {r['D']} | {r['bias']} | {r['tiles']} | {r['kernel']} | "
+                     f"{r.get('tile', '')} | {r.get('warps', '')} | {r.get('registers', r.get('error', ''))} | "
+                     f"{r.get('stack', '')} | {loops} |")  # fmt: skip
     (out / "static.md").write_text("\n".join(lines) + "\n")
     (out / "static.json").write_text(json.dumps({"header": header, "rows": rows}, indent=1) + "\n")
     print("\n".join(lines))

@@ -91,22 +91,32 @@ def test_kernels_compile(arch):
 
 def test_static_report_reads_registers_and_loops(tmp_path):
     """benchmarks/triton_static.py (what the kernels compile to, for sessions without a GPU): every kernel of a
-    softmax call with SSMax gets its registers and its tile loops, whose iterations hold the tensor-core
-    instructions."""
+    softmax call with SSMax, without a bias and with Kerple's, gets its registers and its tile loops, whose
+    iterations hold the tensor-core instructions, and with Kerple a logarithm per score element more."""
     reason = _compile_unavailable()
     if reason:
         pytest.skip(reason)
     script = Path(__file__).parents[1] / "benchmarks" / "triton_static.py"
     args = ["--out", str(tmp_path), "--normalizers", "softmax", "--head-dims", "64", "--ssmax"]
+    args += ["--bias", "none", "kerple_log"]
     run = subprocess.run(
         [sys.executable, str(script), *args], env=compile_env(), capture_output=True, text=True, timeout=TIMEOUT_S
     )
     assert run.returncode == 0, run.stderr[-3000:]
     rows = json.loads((tmp_path / "static.json").read_text())["rows"]
-    assert {row["kernel"] for row in rows} == {"fwd", "bwd_dq", "bwd_dkdv"}
+    found = {(row["bias"], row["kernel"]): row for row in rows}
+    assert set(found) == {(bias, k) for bias in ("none", "kerple_log") for k in ("fwd", "bwd_dq", "bwd_dkdv")}
     for row in rows:
         assert row["registers"] > 0 and row["tile"] and row["loops"], row
         assert all(loop["HGMMA"] > 0 and loop["MUFU"] > 0 for loop in row["loops"]), row  # sm_90: wgmma, exp2
+
+    def mufu_per_element(row):  # (the loops' tiles and warps are the row's)
+        return [loop["MUFU"] / loop["instructions"] * loop["per_element"] for loop in row["loops"]]
+
+    for kernel in ("fwd", "bwd_dq"):  # exp2 per element (and the forward's per row), with Kerple a lg2 too
+        plain, kerple = mufu_per_element(found["none", kernel]), mufu_per_element(found["kerple_log", kernel])
+        assert len(plain) == len(kerple)
+        assert all(b - a == pytest.approx(1.0, abs=0.1) for a, b in zip(plain, kerple)), (plain, kerple)
 
 
 def _compile_unavailable() -> str | None:
