@@ -488,3 +488,19 @@ def test_sections_fit_the_l2_cache(per_head, section, monkeypatch):
         monkeypatch.setenv(tb.SECTION_HEADS_VARIABLE, bad)
         with pytest.raises(ValueError, match=tb.SECTION_HEADS_VARIABLE):
             tb._section_heads(per_head, 12, cpu)
+
+
+@pytest.mark.parametrize("reported, section", [(40 * 2**20, 32), (None, 32), (6 * 2**20, 4)])
+def test_sections_take_the_gpus_own_l2_cache(reported, section, monkeypatch):
+    """On a GPU the sections fit its own L2 cache as torch reports it (an A100's 40 MiB, a small card's 6), or
+    an H100's 50 MiB where torch does not report it (before 2.5)."""
+    from types import SimpleNamespace
+
+    properties = SimpleNamespace() if reported is None else SimpleNamespace(L2_cache_size=reported)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: properties)
+    monkeypatch.delenv(tb.SECTION_HEADS_VARIABLE, raising=False)
+    tb._l2_section.cache_clear()
+    try:
+        assert tb._section_heads(2**20, 2**10, torch.device("cuda", 0)) == section
+    finally:
+        tb._l2_section.cache_clear()

@@ -343,11 +343,17 @@ def _section_heads(per_head: int, heads: int, device: torch.device) -> int:
     return min(_l2_section(per_head, device.index if device.type == "cuda" else None), heads)
 
 
+L2_BYTES = 50 * 2**20
+"""An H100's or H200's L2 cache: the size ``_section_heads`` assumes where the tensors are not on a GPU (the
+interpreter, the compile tests) or torch does not report it (before 2.5)."""
+
+
 @functools.lru_cache(maxsize=256)
 def _l2_section(per_head: int, device_index: int | None) -> int:
-    """``_section_heads`` without an override, cached per size and device (an H100's or H200's 50 MiB of L2 where
-    the tensors are not on a GPU: the interpreter, the compile tests)."""
-    l2 = 50 * 2**20 if device_index is None else torch.cuda.get_device_properties(device_index).L2_cache_size
+    """``_section_heads`` without an override, cached per size and device."""
+    l2 = L2_BYTES
+    if device_index is not None:
+        l2 = getattr(torch.cuda.get_device_properties(device_index), "L2_cache_size", 0) or L2_BYTES
     return 1 << (max(l2 // max(per_head, 1), 1).bit_length() - 1)
 
 
