@@ -122,6 +122,7 @@ def variants() -> dict[str, dict]:
         "bf16 D=128 sa_norm (tuned tiles)": dict(dtype=torch.bfloat16, d=128, normalizer="sa_norm", causal=False),
         "bf16 D=128 softmax causal (tuned tiles)": dict(dtype=torch.bfloat16, d=128, normalizer="softmax", causal=True),
         "bf16 D=64 softmax (tuned tiles)": dict(dtype=torch.bfloat16, d=64, normalizer="softmax", causal=False),
+        "bf16 D=64 sa causal (softmax's tuned tiles)": dict(dtype=torch.bfloat16, d=64, normalizer="sa", causal=True),
         "bf16 D=64 sa_norm causal ssmax (tuned tiles), min term scattered": dict(
             dtype=torch.bfloat16, d=64, normalizer="sa_norm", causal=True, ssmax=torch.full((heads,), 0.5),
             min_term="scatter",

@@ -259,10 +259,15 @@ _SOFTMAX_TUNED = {
 _TUNED = {
     **{(norm, kind): tuned for norm, tuned in ((0, _SOFTMAX_TUNED), (2, _SA_NORM_TUNED))
        for kind in (NO_BIAS, ALIBI, KERPLE_LOG, KERPLE_POWER)},
+    (1, NO_BIAS): _SOFTMAX_TUNED,
     **{(norm, TABLE): {d: {name: c for name, c in tiles.items() if name != "dkdv"} for d, tiles in tuned.items()}
        for norm, tuned in ((0, _SOFTMAX_TUNED), (2, _SA_NORM_TUNED))},
 }  # fmt: skip
-"""Tuned tiles by (normalizer index, bias kind), then head dim (up to 64, up to 128). A per-head bias (ALiBi,
+"""Tuned tiles by (normalizer index, bias kind), then head dim (up to 64, up to 128). sa without a bias takes
+softmax's (its loops are softmax's with a multiply or two per score element; not timed): compiled for sm_90 at
+D = 64, sa's own tiles spill in three of its loops (dk/dv 16 and 4 values per iteration, the forward's masked loop
+22) and softmax's in none, at −5…+8% of the instructions per score element; at D = 128 dq counts 25% fewer. A
+per-head bias (ALiBi,
 Kerple) takes its normalizer's bias-free tiles: with Kerple, sa_norm's won against the Kerple defaults in every
 kernel (above); softmax's with either bias and sa_norm's with ALiBi were not timed (compiled for sm_90, softmax with
 Kerple on its tuned tiles spills nothing in its loops; per score element it counts 3–10% more instructions than on
