@@ -229,7 +229,7 @@ def _configs(d: int, dv: int, dtype: torch.dtype, kind: int = NO_BIAS, norm: int
     warps with a Kerple bias (``kind``) at head dims up to 64 for sa, 32 × 64 with a table; the forward at 2 stages with
     a bias tensor at head dims up to 64), smaller for wide heads and float32 (which stages twice the bytes);
     softmax (``norm`` 0) and sa_norm (``norm`` 2), bias-free or with ALiBi or Kerple (or a table, but for dk/dv),
-    take the tiles timed fastest on an H100 or H200 (``_TUNED``).
+    take the tiles timed fastest on an H100 or H200 (``_TUNED``), bias-free sa (``norm`` 1) softmax's.
     ``SASOFTMAX_TRITON_TILES=fwd:BMxBNxWxS,dq:...`` (names fwd, extrema, dq, dkdv) overrides them, in the
     interpreter too; benchmarks/triton_tune.py times candidates that way."""
     return dict(_tiles(d, dv, dtype, kind, norm, os.environ.get("SASOFTMAX_TRITON_TILES", ""), INTERPRET))
