@@ -267,3 +267,19 @@ def test_result_headers_name_the_triton_variables(monkeypatch):
     info = gpu_common.header("cpu", dtype="float32")
     assert info["SASOFTMAX_TRITON_SECTION_HEADS"] == "0"
     assert "dtype=float32, SASOFTMAX_TRITON_SECTION_HEADS=0" in gpu_common.describe(info)
+
+
+def test_schedule_model(capsys):
+    """benchmarks/schedule_model.py (the causal schedule's expected worth): the longest-first order never finishes
+    later than the grid's in its model, and a grid of equal programs loses nothing either way."""
+    import schedule_model
+
+    schedule_model.main()
+    rows = [line.split("|") for line in capsys.readouterr().out.splitlines()[2:]]
+    assert len(rows) == 15
+    for row in rows:
+        grid, scheduled = float(row[3]), float(row[4])
+        assert 1.0 <= scheduled <= grid, row
+    assert schedule_model.finish([1.0] * 8, 4) == 2.0
+    assert schedule_model.order(3, 2, 0) == [0, 1, 2, 0, 1, 2]
+    assert schedule_model.order(3, 2, 2) == [2, 2, 1, 1, 0, 0]
