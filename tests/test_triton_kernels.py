@@ -9,6 +9,7 @@ normalizer × causal × grouped-query × mask × SSMax × bias kind (checked bel
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 from dataclasses import dataclass
@@ -291,6 +292,64 @@ def test_min_term_switch_is_checked(monkeypatch):
     monkeypatch.setenv("SASOFTMAX_TRITON_MIN_TERM", "atomics")
     with pytest.raises(ValueError, match="SASOFTMAX_TRITON_MIN_TERM must be 'tile' or 'scatter'"):
         tb._min_term_scattered(10)
+
+
+@contextlib.contextmanager
+def deterministic(warn_only: bool = False):
+    """``torch.use_deterministic_algorithms(True)`` for the block, then as before."""
+    before = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=warn_only)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+
+
+def test_deterministic_algorithms_keep_the_min_term_in_the_tiles(monkeypatch):
+    """Under ``torch.use_deterministic_algorithms(True)`` long rows' min term stays in bwd_dkdv's tiles (a fixed
+    order of summation) instead of bwd_dq's atomic adds, unless forced (the tile way against the twins: the other
+    tests)."""
+    monkeypatch.delenv("SASOFTMAX_TRITON_MIN_TERM", raising=False)
+    assert tb._min_term_scattered(tb.MIN_TERM_SCATTER_KEYS)
+    with deterministic():
+        assert not tb._min_term_scattered(tb.MIN_TERM_SCATTER_KEYS)
+        monkeypatch.setenv("SASOFTMAX_TRITON_MIN_TERM", "scatter")
+        assert tb._min_term_scattered(10)
+        monkeypatch.delenv("SASOFTMAX_TRITON_MIN_TERM")
+        monkeypatch.setattr(tb, "MIN_TERM_SCATTER_KEYS", 1)  # every call would scatter
+        p, do = make_problem(Case(2, "kerple_log", True, True, True, True), seed=0)
+        assert run_kernels(p, do, monkeypatch).dq_args["LOW_SCATTER"] is False
+
+
+@pytest.mark.parametrize("mode", ["off", "on", "warn_only"])
+def test_table_gradients_alert_under_deterministic_algorithms(mode):
+    """A table bias's gradient (FIRE's) is summed by atomic adds on a GPU: under
+    ``torch.use_deterministic_algorithms(True)`` that raises as PyTorch's own such operators do (warns with
+    ``warn_only=True``); the interpreter's adds run in order, so CPU tensors never alert."""
+    cuda = torch.device("cuda", 0)
+    tb._alert_not_deterministic("x", torch.device("cpu"))
+    if mode == "off":
+        tb._alert_not_deterministic("x", cuda)
+        return
+    with deterministic(warn_only=mode == "warn_only"):
+        tb._alert_not_deterministic("x", torch.device("cpu"))
+        if mode == "on":
+            with pytest.raises(RuntimeError, match="x does not have a deterministic implementation"):
+                tb._alert_not_deterministic("x", cuda)
+        else:
+            with pytest.warns(UserWarning, match="x does not have a deterministic implementation"):
+                tb._alert_not_deterministic("x", cuda)
+
+
+def test_table_gradients_ask_for_the_alert(monkeypatch):
+    """The backward of a table bias with its gradient goes through ``_alert_not_deterministic`` (which alerts on
+    CUDA tensors only), once per call; without the gradient it does not."""
+    calls = []
+    monkeypatch.setattr(tb, "_alert_not_deterministic", lambda caller, device: calls.append((caller, device.type)))
+    case = Case(1, "table", True, False, False, True)
+    p, do = make_problem(case, seed=1)
+    run_kernels(p, do, monkeypatch)
+    assert calls == [("sasoftmax's Triton backward of a table bias (FIRE's: atomic adds)", DEVICE)]
 
 
 def check_against_twins(case: Case, monkeypatch) -> None:

@@ -25,6 +25,7 @@ import functools
 import math
 import os
 import re
+import warnings
 from dataclasses import dataclass, replace
 
 import torch
@@ -729,6 +730,7 @@ def _backward(
     if bias_grad and kind == BIAS_TENSOR:
         dbias = torch.zeros(b, hq, lq, lk, device=q.device, dtype=torch.float32)
     elif bias_grad and kind == TABLE:  # along the diagonals (_diagonal_table), folded onto the table below
+        _alert_not_deterministic("sasoftmax's Triton backward of a table bias (FIRE's: atomic adds)", q.device)
         dbias = torch.zeros(b, hq, lq + lk, device=q.device, dtype=torch.float32)
     kv_section = q_section = 0  # (the causal schedule, as in _forward)
     if opt.causal or mask is not None:
@@ -790,11 +792,32 @@ against ~4 instructions per score element of the dk/dv loop, O(N²); an estimate
 
 
 def _min_term_scattered(keys: int) -> bool:
-    """Whether sa_norm's min term goes to dk through bwd_dq's atomics (see MIN_TERM_SCATTER_KEYS)."""
+    """Whether sa_norm's min term goes to dk through bwd_dq's atomics (see MIN_TERM_SCATTER_KEYS): never under
+    ``torch.use_deterministic_algorithms(True)`` unless forced (float32 atomic adds arrive in no fixed order, so dk's
+    last bits would vary from run to run; the tile way sums in a fixed order), as FlashAttention's backward takes
+    its deterministic way there."""
     forced = os.environ.get("SASOFTMAX_TRITON_MIN_TERM", "")
     if forced not in ("", "tile", "scatter"):
         raise ValueError(f"SASOFTMAX_TRITON_MIN_TERM must be 'tile' or 'scatter' (or unset); got {forced!r}")
-    return forced == "scatter" or (not forced and keys >= MIN_TERM_SCATTER_KEYS)
+    if forced:
+        return forced == "scatter"
+    return keys >= MIN_TERM_SCATTER_KEYS and not torch.are_deterministic_algorithms_enabled()
+
+
+def _alert_not_deterministic(caller: str, device: torch.device) -> None:
+    """What PyTorch's own operators do under ``torch.use_deterministic_algorithms(True)`` where they have no
+    deterministic way: raise (or with ``warn_only=True`` warn). On CUDA only: the interpreter adds in order."""
+    if device.type != "cuda" or not torch.are_deterministic_algorithms_enabled():
+        return
+    message = (
+        f"{caller} does not have a deterministic implementation, but you set "
+        "'torch.use_deterministic_algorithms(True)'. You can turn off determinism just for this operation, or "
+        "you can use the 'warn_only=True' option, if that's acceptable for your application."
+    )
+    if torch.is_deterministic_algorithms_warn_only_enabled():
+        warnings.warn(message, UserWarning, stacklevel=3)
+        return
+    raise RuntimeError(message)
 
 
 def _reduce_to(grad: Tensor, like: Tensor) -> Tensor:
