@@ -343,7 +343,7 @@ def test_table_gradients_alert_under_deterministic_algorithms(mode):
 
 def test_table_gradients_ask_for_the_alert(monkeypatch):
     """The backward of a table bias with its gradient goes through ``_alert_not_deterministic`` (which alerts on
-    CUDA tensors only), once per call; without the gradient it does not."""
+    CUDA tensors only), once per call."""
     calls = []
     monkeypatch.setattr(tb, "_alert_not_deterministic", lambda caller, device: calls.append((caller, device.type)))
     case = Case(1, "table", True, False, False, True)
