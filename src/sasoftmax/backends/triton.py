@@ -257,12 +257,12 @@ _SOFTMAX_TUNED = {
     64: {"fwd": _Config(128, 64, 8, 3), "dq": _Config(64, 64, 4, 3), "dkdv": _Config(64, 64, 4, 3)},
     128: {"fwd": _Config(64, 64, 4, 3), "dq": _Config(128, 64, 8, 3), "dkdv": _Config(32, 64, 4, 3)},
 }
+_TIMED = {0: _SOFTMAX_TUNED, 2: _SA_NORM_TUNED}  # normalizer index -> its tuned tiles
 _TUNED = {
-    **{(norm, kind): tuned for norm, tuned in ((0, _SOFTMAX_TUNED), (2, _SA_NORM_TUNED))
-       for kind in (NO_BIAS, ALIBI, KERPLE_LOG, KERPLE_POWER)},
-    (1, NO_BIAS): _SOFTMAX_TUNED,
+    **{(norm, kind): tuned for norm, tuned in _TIMED.items() for kind in (NO_BIAS, ALIBI, KERPLE_LOG, KERPLE_POWER)},
     **{(norm, TABLE): {d: {name: c for name, c in tiles.items() if name != "dkdv"} for d, tiles in tuned.items()}
-       for norm, tuned in ((0, _SOFTMAX_TUNED), (2, _SA_NORM_TUNED))},
+       for norm, tuned in _TIMED.items()},
+    (1, NO_BIAS): _SOFTMAX_TUNED,
 }  # fmt: skip
 """Tuned tiles by (normalizer index, bias kind), then head dim (up to 64, up to 128). sa without a bias takes
 softmax's (its loops are softmax's with a multiply or two per score element; not timed): compiled for sm_90 at
@@ -363,10 +363,15 @@ def _l2_section(per_head: int, device_index: int | None) -> int:
     return 1 << (max(l2 // max(per_head, 1), 1).bit_length() - 1)
 
 
-def _kv_bytes(q: Tensor, k: Tensor, v: Tensor) -> int:
-    """Bytes of k and v per query head, which every program of the head's query blocks reads (a group's heads
-    share them)."""
-    return k.shape[2] * (k.shape[3] + v.shape[3]) * k.element_size() * k.shape[1] // q.shape[1]
+def _query_block_section(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, opt: _Options) -> int:
+    """Heads per section for the kernels over query blocks (row_extrema, fwd, bwd_dq): the causal schedule for
+    causal calls and masked ones (a mask may lie within the causal pattern), each head's programs all reading its k
+    and v (a group's heads share theirs); 0, the grid's order, for the others. The call takes the schedule iff
+    this is not 0 (bwd_dkdv then too, ``_backward``)."""
+    if not opt.causal and mask is None:
+        return 0
+    kv_bytes = k.shape[2] * (k.shape[3] + v.shape[3]) * k.element_size() * k.shape[1] // q.shape[1]
+    return _section_heads(kv_bytes, q.shape[0] * q.shape[1], q.device)
 
 
 def _query_bytes(q: Tensor, dv: int) -> int:
@@ -641,8 +646,7 @@ def _forward(q, k, v, o, t, mask, bias, kind, r1, r2, opt: _Options, s: Tensor |
         q, k, factor, mask, mask_causal, bias, kind, r1, r2, opt, none
     )
     flags.update(T_FROM_S=s is not None, QK_SCALED=_qk_scaled(kind, opt.scale))
-    # the causal schedule (triton_kernels._scheduled) for causal calls and masked ones (which may be causal)
-    section = _section_heads(_kv_bytes(q, k, v), b * hq, q.device) if opt.causal or mask is not None else 0
+    section = _query_block_section(q, k, v, mask, opt)  # (the causal schedule: triton_kernels._scheduled)
     flags.update(SCHEDULED=section > 0)
     mu = none
     if sa_norm or exact:
@@ -732,10 +736,8 @@ def _backward(
     elif bias_grad and kind == TABLE:  # along the diagonals (_diagonal_table), folded onto the table below
         _alert_not_deterministic("sasoftmax's Triton backward of a table bias (FIRE's: atomic adds)", q.device)
         dbias = torch.zeros(b, hq, lq + lk, device=q.device, dtype=torch.float32)
-    kv_section = q_section = 0  # (the causal schedule, as in _forward)
-    if opt.causal or mask is not None:
-        kv_section = _section_heads(_kv_bytes(q, k, v), b * hq, q.device)
-        q_section = _section_heads(_query_bytes(q, dv) * (hq // hkv), b * hkv, q.device)
+    kv_section = _query_block_section(q, k, v, mask, opt)  # (the causal schedule, as in _forward)
+    q_section = _section_heads(_query_bytes(q, dv) * (hq // hkv), b * hkv, q.device) if kv_section else 0
     flags.update(SCHEDULED=kv_section > 0)
     _launch(
         "bwd_dq", (query_blocks, b * hq), cfg_dq,
