@@ -83,12 +83,14 @@ def make_bias(shape, seed=0):
     return {"alibi": alibi.to(DEVICE), "random": noise.to(DEVICE)}
 
 
-def run(inputs, dtype, backend, ssmax=None, **kwargs):
-    """Output and gradients (q, k, v, and SSMax's s if given) of ``attention`` in ``dtype``."""
+def run(inputs, dtype, backend, ssmax=None, params=(), **kwargs):
+    """Output and gradients (q, k, v, SSMax's s if given, then ``params``: leaves a bias depends on) of
+    ``attention`` in ``dtype``."""
     leaves = [t.to(DEVICE, dtype).detach().requires_grad_() for t in inputs[:3]]
     if ssmax is not None:
         ssmax = ssmax.to(DEVICE, torch.float32).detach().requires_grad_()
         leaves.append(ssmax)
+    leaves += list(params)
     if backend == "plain":  # the materialised way, every op in the input dtype (bias functions too)
         out = plain_attention(*leaves[:3], ssmax=ssmax, **_evaluated_bias(kwargs, *leaves[:2]))
     else:
@@ -679,6 +681,78 @@ def test_relative_bias_in_half_precision(normalizer):
     for name, a, p, r in zip(["out", "dq", "dk", "dv", "ds"], got, base, ref):
         err, err_plain = (a.double() - r).abs().max().item(), (p.double() - r).abs().max().item()
         assert err <= 2 * err_plain + 1e-5, f"{name}: error {err:.3g} > 2 × plain float16's {err_plain:.3g}"
+
+
+# Rows that one key dominates, or that have one key only (padding, causal row 0): there dx is small against the
+# terms that cancel in it (dW·x against D for sa, dW·c against D·c for sa_norm's max term), so D_i = dO_i·o_i must
+# be the sum over the weights the backward's tiles use (o's rounding residual, sa's split weights: bwd_dq, _weighted).
+SHARP_ROWS = {
+    "one-key": dict(shape=(1, 2, 1, 24, 1, 32, 16), q_times=4.0, mask=None, kerple=False, ssmax=False),
+    "padding-two-keys": dict(shape=(2, 2, 1, 17, 2, 32, 32), q_times=1.0, mask="padding", kerple=False, ssmax=False),
+    "padding-kerple-ssmax": dict(shape=(1, 3, 1, 5, 16, 64, 16), q_times=4.0, mask="padding", kerple=True, ssmax=True),
+    "causal-ssmax": dict(shape=(1, 2, 1, 31, 48, 40, 40), q_times=1.0, mask=None, kerple=True, ssmax=True, causal=True),
+}
+
+
+@needs_kernels
+@pytest.mark.parametrize("case", SHARP_ROWS, ids=str)
+@pytest.mark.parametrize("normalizer", NORMALIZERS)
+def test_half_precision_sharp_rows(normalizer, case):
+    """float16 where rows have one key or one dominant key (logits up to ~±30), with Kerple's parameters and SSMax's
+    s summing dx over whole rows: the FlashAttention rule against float64 eager, every gradient."""
+    from sasoftmax import RelativeBias
+
+    spec = SHARP_ROWS[case]
+    shape = spec["shape"]
+    q, k, v, do = make_inputs(shape, seed=23)
+    inputs = (q * spec["q_times"], k, v, do)
+    hq = shape[1]
+    kwargs = {"normalizer": normalizer, "causal": spec.get("causal", False)}
+    if spec["mask"]:
+        kwargs["mask"] = make_masks(shape, seed=3)[spec["mask"]]
+    ssmax = torch.linspace(0.3, 0.7, hq, dtype=torch.float64) if spec["ssmax"] else None
+    r1, r2 = torch.linspace(0.2, 1.5, hq, dtype=torch.float64), torch.linspace(0.1, 0.9, hq, dtype=torch.float64)
+
+    def outputs(backend, dtype):
+        """o and the gradients of q, k, v (and s, r1, r2) in ``dtype`` (Kerple's parameters in float32 but for
+        the float64 reference, as a model keeps them)."""
+        params = [t.to(DEVICE, torch.float64 if dtype == torch.float64 else torch.float32).requires_grad_()
+                  for t in ((r1, r2) if spec["kerple"] else ())]  # fmt: skip
+        bias = RelativeBias.kerple_power(*params) if params else None
+        return run(inputs, dtype, backend, ssmax, bias=bias, params=params, **kwargs)
+
+    got, ref, base = outputs("triton", torch.float16), outputs("eager", torch.float64), outputs("plain", torch.float16)
+    names = ["out", "dq", "dk", "dv"] + ["ds"] * spec["ssmax"] + ["dr1", "dr2"] * spec["kerple"]
+    assert len(got) == len(names)
+    for name, a, p, r in zip(names, got, base, ref):
+        err, err_plain = (a.double() - r).abs().max().item(), (p.double() - r).abs().max().item()
+        assert err <= 2 * err_plain + 1e-5, f"{name}: error {err:.3g} > 2 × plain float16's {err_plain:.3g}"
+
+
+@needs_kernels
+@pytest.mark.parametrize("ssmax", [False, True], ids=["plain", "ssmax"])
+@pytest.mark.parametrize("normalizer", NORMALIZERS)
+def test_half_precision_forward_saves_its_float32_output(normalizer, ssmax):
+    """A float16 forward that a backward follows saves o's rounding residual o_lo (``_Saved.o_lo``) where the
+    backward's D_i needs it (sa, sa_norm; softmax with SSMax or a relative bias), so that o + o_lo is the float32 o;
+    for sa, whose weights are split too (``triton_kernels._weighted``), within ~2⁻²⁰ of the float64 attention of the
+    same float16 inputs (the rounded weights alone: ~2⁻¹¹·|x|). A forward without a backward saves nothing."""
+    shape = (1, 2, 1, 19, 23, 16, 16)
+    q, k, v, _ = (t.to(DEVICE, torch.float16) for t in make_inputs(shape, seed=24))
+    q = q * 4  # logits up to ~±15: sa's weights p·x reach ~10
+    norm = NORMALIZERS.index(normalizer)
+    s = torch.tensor([0.4, 0.6], device=DEVICE) if ssmax else None
+    for grad in (False, True):
+        o, *_, o_lo = triton_backend._forward_op(
+            q, k, v, None, s, None, None, 0, None, None, norm, False, 0.25, 1e-6, 0, grad
+        )
+        assert o_lo.shape == ((2, 19, 16) if grad and (normalizer != "softmax" or ssmax) else (0,))
+    if normalizer == "sa":
+        want = attention(*(t.double() for t in (q, k, v)), normalizer="sa", scale=0.25, backend="eager",
+                         ssmax=None if s is None else s.double())  # fmt: skip
+        got = o.double() + o_lo.double().view(1, 2, 19, 16)
+        err = (got - want).abs().max().item()
+        assert err <= 2**-20 * want.abs().max().item(), f"o + o_lo: error {err:.3g} of {want.abs().max().item():.3g}"
 
 
 @needs_kernels

@@ -101,10 +101,11 @@ def _device_guard(q: Tensor) -> contextlib.AbstractContextManager:
 
 def _attention(call: AttentionCall) -> Tensor:
     b, hq, _, lq, lk, _ = call.shape
-    options = _Options(
-        norm=NORMALIZERS.index(call.normalizer), causal=call.causal, scale=call.scale, eps=call.eps, pos0=lk - lq
-    )
     bias = call.bias
+    options = _Options(
+        norm=NORMALIZERS.index(call.normalizer), causal=call.causal, scale=call.scale, eps=call.eps, pos0=lk - lq,
+        grad=torch.is_grad_enabled() and _requires_grad(call),
+    )
     if bias is not None and not isinstance(bias, (Tensor, RelativeBias)):
         mask, _ = _views(call.q, call.k, call.mask, None)
         params = tuple(p for p in bias.parameters() if p.requires_grad) if isinstance(bias, nn.Module) else ()
@@ -124,9 +125,19 @@ def _attention(call: AttentionCall) -> Tensor:
     forward = triton_forward if torch.compiler.is_compiling() else _EagerAttention.apply
     o, *_ = forward(
         call.q, call.k, call.v, t, s, call.mask, bias, kind, r1, r2, options.norm, call.causal, call.scale, call.eps,
-        options.pos0,
+        options.pos0, options.grad,
     )  # fmt: skip
     return o
+
+
+def _requires_grad(call: AttentionCall) -> bool:
+    """Whether any input of the call requires grad: q, k, v, SSMax's s, a bias tensor, a ``RelativeBias``'s
+    parameters or a bias function module's."""
+    bias = call.bias
+    params = bias.parameters if isinstance(bias, RelativeBias) else ()
+    if isinstance(bias, nn.Module):
+        params = tuple(bias.parameters())
+    return any(isinstance(x, Tensor) and x.requires_grad for x in (call.q, call.k, call.v, call.ssmax, bias, *params))
 
 
 def _counts_closed_form(call: AttentionCall) -> bool:
@@ -200,13 +211,15 @@ def _count_allowed(bias: Tensor, mask: Tensor | None, last: Tensor | None) -> Te
 
 @dataclass(frozen=True)
 class _Options:
-    """The call's constants: NORM index, causal, scale, ε, and POS0, the key position of query row 0."""
+    """The call's constants: NORM index, causal, scale, ε, POS0, the key position of query row 0, and whether a
+    backward will follow (``grad``: 16-bit forwards then save what its D_i needs, ``_Saved.o_lo``)."""
 
     norm: int
     causal: bool
     scale: float
     eps: float
     pos0: int
+    grad: bool = False
 
 
 @dataclass(frozen=True)
@@ -606,7 +619,10 @@ class _Saved:
     none). The backward recomputes p = e^{x − shift}·inv_l: shift is the logsumexp and inv_l empty for 16-bit
     inputs; for float32 inputs shift is the row max μ and inv_l = 1/ℓ (see ``triton_kernels._probs``).
     ``t_rows``: SSMax's t where the kernels computed it from s. ``mask_causal``: ``_mask_within_causal``'s (1,)
-    int32 flag for a masked call without causal masking (empty otherwise), computed once for both directions."""
+    int32 flag for a masked call without causal masking (empty otherwise), computed once for both directions.
+    ``o_lo``: (B·Hq, L, Dv) in o's dtype, o's rounding residual, for a 16-bit forward a backward follows (empty
+    otherwise): the backward's D_i = dO_i·o_i must be the float32 o's (``triton_kernels.bwd_dq``).
+    """
 
     shift: Tensor
     inv_l: Tensor
@@ -616,6 +632,16 @@ class _Saved:
     argmax: Tensor
     t_rows: Tensor
     mask_causal: Tensor
+    o_lo: Tensor
+
+
+def _saves_residual(grad: bool, dtype: torch.dtype, norm: int, ssmax: bool, kind: int) -> bool:
+    """Whether a forward saves o's rounding residual (``_Saved.o_lo``), for the backward's D_i = dO_i·o_i: 16-bit o
+    of sa and sa_norm, whose D the tiles' float32 w·dW cancel against (sa's o grows with x, sa_norm's min and max
+    terms multiply D by 1/(M − m + ε)), and of softmax where SSMax's s or a relative bias's parameters sum dx over
+    whole rows (D's error adds up there). Plain softmax does what FlashAttention does: D from the rounded o. Only
+    where a backward follows (``grad``)."""
+    return grad and dtype != torch.float32 and (norm != 0 or ssmax or kind in PARAMETRIC or kind == TABLE)
 
 
 def _forward(q, k, v, o, t, mask, bias, kind, r1, r2, opt: _Options, s: Tensor | None = None) -> _Saved:
@@ -637,8 +663,10 @@ def _forward(q, k, v, o, t, mask, bias, kind, r1, r2, opt: _Options, s: Tensor |
 
     masked = mask is not None and not opt.causal  # (a mask may lie within the causal pattern: transformers')
     mask_causal = _mask_within_causal(mask, opt.pos0) if masked else per_row(False, torch.int32)
+    residual = _saves_residual(opt.grad, o.dtype, opt.norm, t is not None or s is not None, kind)
+    o_lo = o.new_empty((b * hq, lq, dv) if residual else (0,))
     saved = _Saved(per_row(True), per_row(exact), per_row(sa_norm), per_row(sa_norm), per_row(sa_norm, torch.int32),
-                   per_row(sa_norm, torch.int32), per_row(s is not None), mask_causal)  # fmt: skip
+                   per_row(sa_norm, torch.int32), per_row(s is not None), mask_causal, o_lo)  # fmt: skip
     none = per_row(False)  # where a kernel's pointer argument has nothing to point to
     configs = _configs(d, dv, q.dtype, kind, opt.norm)
     factor = t if s is None else s.float()
@@ -666,10 +694,10 @@ def _forward(q, k, v, o, t, mask, bias, kind, r1, r2, opt: _Options, s: Tensor |
     cfg = configs["fwd"]
     _launch(
         "fwd", (_cdiv(lq, cfg.block_m), b * hq), cfg,
-        q, k, v, o, saved.shift, saved.inv_l, t_arg, saved.t_rows, mu, saved.low, saved.inv_delta, saved.argmax,
-        saved.argmin, r1_arg, r2_arg,
+        q, k, v, o, saved.o_lo, saved.shift, saved.inv_l, t_arg, saved.t_rows, mu, saved.low, saved.inv_delta,
+        saved.argmax, saved.argmin, r1_arg, r2_arg,
         *_strides(q), *_strides(k), *_strides(v), *_strides(o), *common, section,
-        NORM=opt.norm, EXACT=exact, DV=dv, DV_PAD=_pad(dv), **flags,
+        NORM=opt.norm, EXACT=exact, O_LO=residual, W_LO=residual and opt.norm == 1, DV=dv, DV_PAD=_pad(dv), **flags,
     )  # fmt: skip
     return saved
 
@@ -741,10 +769,10 @@ def _backward(
     flags.update(SCHEDULED=kv_section > 0)
     _launch(
         "bwd_dq", (query_blocks, b * hq), cfg_dq,
-        q, k, v, o, do, dq, saved.shift, saved.inv_l, t_arg, saved.low, saved.inv_delta, saved.argmin, saved.argmax,
-        rows, dt, dk_low, r1_arg, r2_arg, dr[key_blocks:] if parametric and scatter else none, dbias, *inputs,
-        *_row_strides(o), *_row_strides(do), *_row_strides(dq), *common, kv_section, DS_PARTIALS=ds,
-        QK_SCALED=_qk_scaled(kind, opt.scale), **flags,
+        q, k, v, o, saved.o_lo, do, dq, saved.shift, saved.inv_l, t_arg, saved.low, saved.inv_delta, saved.argmin,
+        saved.argmax, rows, dt, dk_low, r1_arg, r2_arg, dr[key_blocks:] if parametric and scatter else none, dbias,
+        *inputs, *_row_strides(o), *_row_strides(do), *_row_strides(dq), *common, kv_section, DS_PARTIALS=ds,
+        QK_SCALED=_qk_scaled(kind, opt.scale), O_LO=saved.o_lo.dim() == 3, **flags,
     )  # fmt: skip
     _launch(
         "bwd_dkdv", (key_blocks, b * hkv), cfg,
@@ -851,25 +879,27 @@ def _forward_op(
     scale: float,
     eps: float,
     pos0: int,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    grad: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """One forward. ``t`` (B, Hq, L) SSMax factors, or ``s`` (Hq,) SSMax's scale where the kernels may compute
     t themselves (``_counts_closed_form``), or neither; ``mask`` bool and ``bias`` (kind BIAS_TENSOR)
-    broadcastable to (B, Hq, L, S); PARAMETRIC kinds read ``r1``, ``r2`` (Hq,), a TABLE ``r1`` (Hq, n). Returns
-    o (B, Hq, L, Dv; ``_output``'s memory order) and the saved row statistics of ``_Saved``: shift, 1/ℓ, m, 1/δ
-    (float32), argmin, argmax (int32) and t (float32, with ``s``), each (B·Hq, L) (empty where the normalizer,
-    dtype or SSMax needs none), and whether the mask lies within the causal pattern (``_mask_within_causal``)."""
+    broadcastable to (B, Hq, L, S); PARAMETRIC kinds read ``r1``, ``r2`` (Hq,), a TABLE ``r1`` (Hq, n); ``grad``:
+    a backward will follow. Returns o (B, Hq, L, Dv; ``_output``'s memory order) and the saved row statistics of
+    ``_Saved``: shift, 1/ℓ, m, 1/δ (float32), argmin, argmax (int32) and t (float32, with ``s``), each (B·Hq, L)
+    (empty where the normalizer, dtype or SSMax needs none), whether the mask lies within the causal pattern
+    (``_mask_within_causal``) and o's rounding residual (``_Saved.o_lo``)."""
     o = _output(q, v.shape[3], v.dtype)
-    opt = _Options(norm, causal, scale, eps, pos0)
+    opt = _Options(norm, causal, scale, eps, pos0, grad)
     saved = _forward(q, k, v, o, t, *_views(q, k, mask, bias), kind, r1, r2, opt, s=s)
     return (o, saved.shift, saved.inv_l, saved.low, saved.inv_delta, saved.argmin, saved.argmax, saved.t_rows,
-            saved.mask_causal)  # fmt: skip
+            saved.mask_causal, saved.o_lo)  # fmt: skip
 
 
 triton_forward = torch.library.custom_op("sasoftmax::triton_forward", _forward_op, mutates_args=())
 
 
 @triton_forward.register_fake
-def _(q, k, v, t, s, mask, bias, kind, r1, r2, norm, causal, scale, eps, pos0):
+def _(q, k, v, t, s, mask, bias, kind, r1, r2, norm, causal, scale, eps, pos0, grad):
     b, hq, lq, _ = q.shape
     rows = (b * hq, lq) if norm == 2 else (0,)
     o = _output(q, v.shape[3], v.dtype)
@@ -878,7 +908,9 @@ def _(q, k, v, t, s, mask, bias, kind, r1, r2, norm, causal, scale, eps, pos0):
     stats = [q.new_empty(rows, dtype=dtype) for dtype in (torch.float32, torch.float32, torch.int32, torch.int32)]
     t_rows = q.new_empty((b * hq, lq) if s is not None else (0,), dtype=torch.float32)
     mask_causal = q.new_empty((1,) if mask is not None and not causal else (0,), dtype=torch.int32)
-    return o, shift, inv_l, *stats, t_rows, mask_causal
+    residual = _saves_residual(grad, v.dtype, norm, t is not None or s is not None, kind)
+    o_lo = q.new_empty((b * hq, lq, v.shape[3]) if residual else (0,), dtype=v.dtype)
+    return o, shift, inv_l, *stats, t_rows, mask_causal, o_lo
 
 
 def _backward_op(
@@ -907,6 +939,7 @@ def _backward_op(
     argmax: Tensor,
     t_rows: Tensor,
     mask_causal: Tensor,
+    o_lo: Tensor,
     bias_grad: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The backward of :func:`triton_forward`: dq, dk, dv (the inputs' dtypes), dL/dt (t's shape) or dL/ds
@@ -915,7 +948,7 @@ def _backward_op(
     gradients) was not asked for with ``bias_grad``."""
     opt = _Options(norm, causal, scale, eps, pos0)
     do = _rows_contiguous(grad_out.to(v.dtype))
-    saved = _Saved(shift, inv_l, low, inv_delta, argmin, argmax, t_rows, mask_causal)
+    saved = _Saved(shift, inv_l, low, inv_delta, argmin, argmax, t_rows, mask_causal, o_lo)
     if s is not None:
         t = t_rows.view(q.shape[0], q.shape[1], q.shape[2])
     dq, dk, dv, dt, bias_grads = _backward(
@@ -942,7 +975,7 @@ triton_backward = torch.library.custom_op("sasoftmax::triton_backward", _backwar
 
 @triton_backward.register_fake
 def _(q, k, v, t, s, mask, bias, kind, r1, r2, norm, causal, scale, eps, pos0, o, grad_out, shift, inv_l, low,
-      inv_delta, argmin, argmax, t_rows, mask_causal, bias_grad):  # fmt: skip
+      inv_delta, argmin, argmax, t_rows, mask_causal, o_lo, bias_grad):  # fmt: skip
     def empty():
         return q.new_empty((0,), dtype=torch.float32)
 
@@ -957,7 +990,7 @@ def _(q, k, v, t, s, mask, bias, kind, r1, r2, norm, causal, scale, eps, pos0, o
 
 
 def _setup_context(ctx, inputs: tuple, output: tuple) -> None:
-    q, k, v, t, s, mask, bias, kind, r1, r2, *options = inputs
+    q, k, v, t, s, mask, bias, kind, r1, r2, *options, _grad = inputs
     ctx.save_for_backward(q, k, v, t, s, mask, bias, r1, r2, *output)
     # The row statistics are for the backward only: no gradient flows to them, and none is made of zeros for them
     # (six fills per backward otherwise).
@@ -967,7 +1000,7 @@ def _setup_context(ctx, inputs: tuple, output: tuple) -> None:
 
 
 def _gradients(ctx, grad_out: Tensor | None, backward) -> tuple:
-    """The gradients of the forward's 15 inputs, from ``backward`` (the operator, or ``_backward_op`` itself)."""
+    """The gradients of the forward's 16 inputs, from ``backward`` (the operator, or ``_backward_op`` itself)."""
     q, k, v, t, s, mask, bias, r1, r2, o, *stats = ctx.saved_tensors
     kind, need = ctx.kind, ctx.needs_input_grad
     bias_grad = (kind == BIAS_TENSOR and need[6]) or (kind > BIAS_TENSOR and (need[8] or need[9]))
@@ -980,7 +1013,7 @@ def _gradients(ctx, grad_out: Tensor | None, backward) -> tuple:
             dbias if kind == BIAS_TENSOR and bias_grad else None, None,
             dr1 if kind > BIAS_TENSOR and bias_grad else None,
             dr2 if kind in (KERPLE_LOG, KERPLE_POWER) and bias_grad else None,
-            None, None, None, None, None)  # fmt: skip
+            None, None, None, None, None, None)  # fmt: skip
 
 
 def _backward_formula(ctx, grad_out: Tensor | None, *_unused_stat_grads) -> tuple:
@@ -1082,7 +1115,7 @@ class _BiasFunctionAttention(torch.autograd.Function):
 
 def _block_options(opt: _Options, rows: slice) -> _Options:
     """The options of a block of query rows starting at ``rows.start``: its row 0 sits at POS0 + start."""
-    return _Options(opt.norm, opt.causal, opt.scale, opt.eps, opt.pos0 + rows.start)
+    return replace(opt, pos0=opt.pos0 + rows.start)
 
 
 def _block_bias(fn, q: Tensor, k: Tensor, rows: slice, opt: _Options, detach: bool = True) -> Tensor:

@@ -497,14 +497,31 @@ def _pin_extremes(x, cols, arg_hi, arg_lo, hi, low):
 
 
 @triton.jit
+def _weighted(acc, w, v, W_LO: tl.constexpr, PRECISION: tl.constexpr):
+    """acc + w·v for a float32 tile of weights w, rounded to v's dtype for the product; with W_LO plus the product of
+    what that rounding dropped (w − w rounded, itself rounded: w to ~2⁻²² in all). sa's weights p·x grow with x, and
+    the backward's D_i = Σ_j w_ij·dW_ij (bwd_dq) must be the sum over the float32 w its tiles cancel against: over
+    the rounded w, D was off by ~2⁻¹¹·|x|·|dW| in float16, in a row one key dominates many times its true dx."""
+    rounded = w.to(v.dtype)
+    acc = tl.dot(rounded, v, acc, input_precision=PRECISION)
+    if W_LO:
+        acc = tl.dot((w - rounded.to(tl.float32)).to(v.dtype), v, acc, input_precision=PRECISION)
+    return acc
+
+
+@triton.jit
 def _fwd_tiles(
     q, acc, mu, total, lo, hi, k_base, v_base, skn, skd, svn, svd,
-    rows, offs_n, offs_d, offs_dv, t, low, arg_hi, arg_lo, L, S, pos0, scale,
+    rows, offs_n, offs_d, offs_dv, t, low, inv_delta, arg_hi, arg_lo, L, S, pos0, scale,
     mask_base, sml, sms, bias_base, sbl, sbs, r1, r2,
     NORM: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, BIAS: tl.constexpr,
-    HAS_SSMAX: tl.constexpr, PRECISION: tl.constexpr, EXACT: tl.constexpr,
+    HAS_SSMAX: tl.constexpr, W_LO: tl.constexpr, PRECISION: tl.constexpr, EXACT: tl.constexpr,
     BLOCK_N: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, DV: tl.constexpr, DV_PAD: tl.constexpr,
 ):  # fmt: skip
+    """sa_norm's weights are w = p·(x − m)·c, c = ``inv_delta`` = 1/(M − m + ε), each in [0, 1] before it is rounded
+    to v's dtype for the product, as plain PyTorch rounds them: a row with one key then gets w = 1 exactly (o = v),
+    where the unnormalised p·(x − m), rounded and scaled by c after the loop, was an ulp of o off. The same
+    instruction count: x·c − m·c is one FFMA, as x − m was one FADD (or folded into q·kᵀ's scaling)."""
     ref = tl.min(rows, 0) + pos0  # (for _alibi_apart: the key on the block's first row's diagonal)
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
@@ -522,14 +539,16 @@ def _fwd_tiles(
             p = _exp_shifted(x, x2, (mu - a)[:, None], ok, MASKED, EXACT)
             total += tl.sum(p, 1)
             if NORM == 2 and not MASKED and BIAS == NO_BIAS and not EXACT:
-                # x − m as one FFMA off q·kᵀ with per-row factors (x itself is not needed here; with SSMax it
+                # (x − m)·c as one FFMA off q·kᵀ with per-row factors (x itself is not needed here; with SSMax it
                 # would cost a second multiply per element)
-                p = p * (qk * (t * scale)[:, None] - low[:, None])
+                p = p * (qk * (t * scale * inv_delta)[:, None] - (low * inv_delta)[:, None])
+            elif NORM == 2 and EXACT:  # (x − m exactly 0 at the argmin, where _pin_extremes set x = m)
+                p = p * ((x - low[:, None]) * inv_delta[:, None])
             elif NORM == 2:
-                p = p * (x - (low - a)[:, None])
+                p = p * (x * inv_delta[:, None] - ((low - a) * inv_delta)[:, None])
             elif NORM == 1:
                 p = p * x
-            acc += tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+            acc = _weighted(acc, p, v, W_LO, PRECISION)
         else:
             # (masked before: the row max needs x masked anyway, and so compiled the loop is shorter)
             x_hi = tl.where(ok, x, float("-inf")) if MASKED else x
@@ -542,7 +561,7 @@ def _fwd_tiles(
             total = total * alpha + tl.sum(p, 1)
             if NORM == 1:  # x is finite where masked (z of a −inf bias is 0), so p·x is 0 there
                 p = p * x
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+            acc = _weighted(acc * alpha[:, None], p, v, W_LO, PRECISION)
             mu = new_mu
     return acc, mu, total
 
@@ -672,15 +691,17 @@ def row_extrema(
 
 @triton.jit
 def fwd(
-    Q, K, V, OUT, SHIFT, INV_L, T, T_ROWS, MU, LOW, INV_DELTA, ARGMAX, ARGMIN, R1, R2,
+    Q, K, V, OUT, OUT_LO, SHIFT, INV_L, T, T_ROWS, MU, LOW, INV_DELTA, ARGMAX, ARGMIN, R1, R2,
     sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, son, sod,
     MASK, smb, smh, sml, sms, MASK_CAUSAL, BIAS, sbb, sbh, sbl, sbs,
     H, GROUPS, L, S, pos0, scale, SECTION, SCHEDULED: tl.constexpr,
     NORM: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, BIAS_KIND: tl.constexpr,
     HAS_SSMAX: tl.constexpr, T_FROM_S: tl.constexpr, ALL_MASKED: tl.constexpr, QK_SCALED: tl.constexpr,
-    PRECISION: tl.constexpr, EXACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    D: tl.constexpr, D_PAD: tl.constexpr, DV: tl.constexpr, DV_PAD: tl.constexpr,
+    O_LO: tl.constexpr, W_LO: tl.constexpr, PRECISION: tl.constexpr, EXACT: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, DV: tl.constexpr, DV_PAD: tl.constexpr,
 ):  # fmt: skip
+    """o ((B, Hq, L, Dv) by its strides) and the row statistics the backward reads. With O_LO also o's rounding
+    residual, (o − o rounded) in o's dtype, into OUT_LO (contiguous (B·Hq, L, Dv)): see bwd_dq's D_i."""
     start_m, bh = _scheduled(SECTION, True, SCHEDULED)
     bh = bh.to(tl.int64)  # offsets can pass 2**31
     b = bh // H
@@ -700,13 +721,16 @@ def fwd(
     if NORM == 2 or EXACT:
         mu = tl.load(MU + stat, mask=row_ok, other=float("-inf"))
         low = mu
+        inv_delta = mu
         if NORM == 2:
             low = tl.load(LOW + stat, mask=row_ok, other=0.0)
+            inv_delta = tl.load(INV_DELTA + stat, mask=row_ok, other=0.0)
         # Rows with no key: exp(x − μ) must be 0, not exp(x + inf).
         mu = tl.where(mu == float("-inf"), float("inf"), mu)
     else:
         mu = tl.full([BLOCK_M], float("-inf"), tl.float32)
         low = mu
+        inv_delta = mu
     arg_hi = rows  # (unused unless float32 sa_norm)
     arg_lo = rows
     if NORM == 2 and EXACT:
@@ -726,19 +750,17 @@ def fwd(
         q, tile_scale = _scaled_operand(q, scale)
     acc, mu, total = _fwd_tiles(
         q, acc, mu, total, 0, full_end, k_base, v_base, skn, skd, svn, svd, rows, offs_n, offs_d, offs_dv, t, low,
-        arg_hi, arg_lo, L, S, pos0, tile_scale, mask_base, sml, sms, bias_base, sbl, sbs, r1, r2,
-        NORM, False, CAUSAL, HAS_MASK, BIAS_KIND, HAS_SSMAX, PRECISION, EXACT, BLOCK_N, D, D_PAD, DV, DV_PAD,
+        inv_delta, arg_hi, arg_lo, L, S, pos0, tile_scale, mask_base, sml, sms, bias_base, sbl, sbs, r1, r2,
+        NORM, False, CAUSAL, HAS_MASK, BIAS_KIND, HAS_SSMAX, W_LO, PRECISION, EXACT, BLOCK_N, D, D_PAD, DV, DV_PAD,
     )  # fmt: skip
     acc, mu, total = _fwd_tiles(
         q, acc, mu, total, full_end, end, k_base, v_base, skn, skd, svn, svd, rows, offs_n, offs_d, offs_dv, t,
-        low, arg_hi, arg_lo, L, S, pos0, tile_scale, mask_base, sml, sms, bias_base, sbl, sbs, r1, r2,
-        NORM, True, CAUSAL, HAS_MASK, BIAS_KIND, HAS_SSMAX, PRECISION, EXACT, BLOCK_N, D, D_PAD, DV, DV_PAD,
+        low, inv_delta, arg_hi, arg_lo, L, S, pos0, tile_scale, mask_base, sml, sms, bias_base, sbl, sbs, r1, r2,
+        NORM, True, CAUSAL, HAS_MASK, BIAS_KIND, HAS_SSMAX, W_LO, PRECISION, EXACT, BLOCK_N, D, D_PAD, DV, DV_PAD,
     )  # fmt: skip
     has_keys = total > 0
     safe_total = tl.where(has_keys, total, 1.0)
     scale_out = 1.0 / safe_total
-    if NORM == 2:
-        scale_out *= tl.load(INV_DELTA + stat, mask=row_ok, other=0.0)
     # The backward's shift (see _probs): +inf for a row with no key, so that recomputed probabilities are 0.
     if EXACT:
         tl.store(SHIFT + stat, tl.where(has_keys, mu, float("inf")), mask=row_ok)
@@ -747,7 +769,12 @@ def fwd(
         tl.store(SHIFT + stat, tl.where(has_keys, mu + tl.log(safe_total), float("inf")), mask=row_ok)
     o_ptr = OUT + b * sob + h * soh + rows[:, None] * son + offs_dv[None, :] * sod
     out = acc * scale_out[:, None]
-    tl.store(o_ptr, out.to(OUT.dtype.element_ty), mask=row_ok[:, None] & (offs_dv[None, :] < DV))
+    rounded = out.to(OUT.dtype.element_ty)
+    in_o = row_ok[:, None] & (offs_dv[None, :] < DV)
+    tl.store(o_ptr, rounded, mask=in_o)
+    if O_LO:
+        residual = (out - rounded.to(tl.float32)).to(OUT.dtype.element_ty)
+        tl.store(OUT_LO + stat[:, None] * DV + offs_dv[None, :], residual, mask=in_o)
 
 
 @triton.jit
@@ -829,18 +856,23 @@ def _dq_tiles(
 
 @triton.jit
 def bwd_dq(
-    Q, K, V, OUT, DO, DQ, SHIFT, INV_L, T, LOW, INV_DELTA, ARGMIN, ARGMAX, ROWS, DT, DK_LOW, R1, R2, DR,
+    Q, K, V, OUT, OUT_LO, DO, DQ, SHIFT, INV_L, T, LOW, INV_DELTA, ARGMIN, ARGMAX, ROWS, DT, DK_LOW, R1, R2, DR,
     DBIAS, sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
     sob, soh, son, sdob, sdoh, sdon, sdqb, sdqh, sdqn,
     MASK, smb, smh, sml, sms, MASK_CAUSAL, BIAS, sbb, sbh, sbl, sbs,
     H, GROUPS, L, S, pos0, scale, SECTION, SCHEDULED: tl.constexpr,
     NORM: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, BIAS_KIND: tl.constexpr,
     BIAS_GRAD: tl.constexpr, HAS_SSMAX: tl.constexpr, DS_PARTIALS: tl.constexpr, LOW_SCATTER: tl.constexpr,
-    ALL_MASKED: tl.constexpr, QK_SCALED: tl.constexpr, DX_FP32: tl.constexpr, PRECISION: tl.constexpr,
-    EXACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    ALL_MASKED: tl.constexpr, QK_SCALED: tl.constexpr, O_LO: tl.constexpr, DX_FP32: tl.constexpr,
+    PRECISION: tl.constexpr, EXACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     D: tl.constexpr, D_PAD: tl.constexpr, DV: tl.constexpr, DV_PAD: tl.constexpr,
 ):  # fmt: skip
     """dq ((B, Hq, L, D), q's dtype), D_i, the min term (D_i − E_i)·c_i and dL/dt_i.
+
+    D_i = Σ_j w_ij·dW_ij = dO_i·o_i, from o as the forward rounded it, plus with O_LO the forward's rounding residual
+    (OUT_LO): then D_i is the float32 o's, the one the tiles' w·dW cancel against. From the rounded o alone, its
+    rounding error (~2⁻¹¹·|dO|·|o| in float16) stays in dx, where for sa (o ~ x·v) and for sa_norm's min/max terms
+    (·c) it can be many times the true dx, and it adds up coherently in dL/ds and the bias parameters' sums.
 
     o, dO and dq by their (batch, head, row) strides, each row contiguous (the layout the caller's tensors
     have: SDPA's (B, L, H, D) order takes no copy). sa_norm with LOW_SCATTER: the min term's part of dk/scale is added
@@ -862,8 +894,10 @@ def bwd_dq(
     row_ok = rows < L
     q = _load(Q + b * sqb + h * sqh, rows, L, sqn, offs_d, sqd, D, D_PAD, True)
     do = _load(DO + b * sdob + h * sdoh, rows, L, sdon, offs_dv, 1, DV, DV_PAD, True)
-    o = _load(OUT + b * sob + h * soh, rows, L, son, offs_dv, 1, DV, DV_PAD, True)
-    d_o = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+    o = _load(OUT + b * sob + h * soh, rows, L, son, offs_dv, 1, DV, DV_PAD, True).to(tl.float32)
+    if O_LO:
+        o += _load(OUT_LO + bh * L * DV, rows, L, DV, offs_dv, 1, DV, DV_PAD, True).to(tl.float32)
+    d_o = tl.sum(do.to(tl.float32) * o, 1)
     shift, inv_l = _row_shift(SHIFT, INV_L, stat, row_ok, EXACT)
     pairs = tl.num_programs(1).to(tl.int64) * L  # B·Hq·L, the stride of ROWS' pairs
     tl.store(ROWS + SHIFT_D * pairs + stat, _pair(shift, d_o), mask=row_ok)
