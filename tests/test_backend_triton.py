@@ -695,10 +695,11 @@ SHARP_ROWS = {
 
 
 @needs_kernels
+@pytest.mark.parametrize("dtype", [d for d in DTYPES if d != torch.float32], ids=str)
 @pytest.mark.parametrize("case", SHARP_ROWS, ids=str)
 @pytest.mark.parametrize("normalizer", NORMALIZERS)
-def test_half_precision_sharp_rows(normalizer, case):
-    """float16 where rows have one key or one dominant key (logits up to ~±30), with Kerple's parameters and SSMax's
+def test_half_precision_sharp_rows(normalizer, case, dtype):
+    """16-bit where rows have one key or one dominant key (logits up to ~±30), with Kerple's parameters and SSMax's
     s summing dx over whole rows: the FlashAttention rule against float64 eager, every gradient."""
     from sasoftmax import RelativeBias
 
@@ -721,12 +722,12 @@ def test_half_precision_sharp_rows(normalizer, case):
         bias = RelativeBias.kerple_power(*params) if params else None
         return run(inputs, dtype, backend, ssmax, bias=bias, params=params, **kwargs)
 
-    got, ref, base = outputs("triton", torch.float16), outputs("eager", torch.float64), outputs("plain", torch.float16)
+    got, ref, base = outputs("triton", dtype), outputs("eager", torch.float64), outputs("plain", dtype)
     names = ["out", "dq", "dk", "dv"] + ["ds"] * spec["ssmax"] + ["dr1", "dr2"] * spec["kerple"]
     assert len(got) == len(names)
     for name, a, p, r in zip(names, got, base, ref):
         err, err_plain = (a.double() - r).abs().max().item(), (p.double() - r).abs().max().item()
-        assert err <= 2 * err_plain + 1e-5, f"{name}: error {err:.3g} > 2 × plain float16's {err_plain:.3g}"
+        assert err <= 2 * err_plain + 1e-5, f"{name}: error {err:.3g} > 2 × plain {dtype}'s {err_plain:.3g}"
 
 
 @needs_kernels

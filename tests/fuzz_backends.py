@@ -1,0 +1,181 @@
+"""Random differential testing of a backend against float64 eager attention: forward and every gradient.
+
+    TRITON_INTERPRET=1 PYTHONPATH=src python tests/fuzz_backends.py --backend triton --seeds 0 300
+    PYTHONPATH=src python tests/fuzz_backends.py --backend cpu --seeds 0 300
+
+Each seed draws one call: batch, query and kv heads (GQA), odd lengths (L = 1, S = 1, L != S), head dims (Dv != D),
+normalizer, causal, a mask (random, key padding, the causal pattern as a mask), a bias (a tensor with a gradient,
+ALiBi, Kerple log and power, a table, all with learnable parameters), SSMax, a scale, logits of moderate or large
+magnitude, and a dtype (float32, float16; the triton backend needs head dims >= 16). A seed fails where
+
+- float32: an output's max error against float64 eager exceeds 1e-4 of its largest magnitude + 1e-6;
+- float16: FlashAttention's rule, the max error exceeds 2× that of plain PyTorch computing every op in float16,
+  or 2× that of eager computing in float32 on the float16-rounded inputs (what rounding the inputs alone costs:
+  a sum over a few rows may come out of plain float16 by chance closer), + 1e-5.
+
+Failures print one line each with the call and the errors; the exit status is 1 if any seed failed. Not part of the
+test suite (minutes per hundred seeds in Triton's interpreter): what it found became tests (test_backend_triton's
+``test_half_precision_sharp_rows``). CUDA inputs where a GPU is there, bfloat16 too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import sys
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import torch  # noqa: E402
+
+import sasoftmax  # noqa: E402
+from sasoftmax import RelativeBias  # noqa: E402
+from sasoftmax.normalizers import masked_weights  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+NAMES = ("out", "dq", "dk", "dv")
+
+
+def draw(seed: int, backend: str) -> dict:
+    """One random call (its sizes, options and tensors) for ``seed``."""
+    rng = random.Random(seed)
+    gen = torch.Generator().manual_seed(seed)
+    hkv, groups = rng.choice([1, 2]), rng.choice([1, 2, 3])
+    shape = dict(b=rng.choice([1, 2]), hq=hkv * groups, hkv=hkv, lq=rng.choice([1, 3, 5, 16, 17, 31, 33, 40]),
+                 lk=rng.choice([1, 2, 7, 16, 19, 32, 37, 48]), d=rng.choice([8, 16, 24, 32, 40, 64]))  # fmt: skip
+    shape["dv"] = rng.choice([shape["d"], shape["d"], 16, 8])
+    if backend == "triton":  # (the kernels need head dims of 16 or more)
+        shape["d"], shape["dv"] = max(shape["d"], 16), max(shape["dv"], 16)
+    dtypes = [torch.float32, torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
+    call = dict(
+        shape, normalizer=rng.choice(["softmax", "sa", "sa_norm"]), causal=rng.random() < 0.4,
+        dtype=rng.choice(dtypes), mask_kind=rng.choice([None, None, "random", "padding", "causal pattern"]),
+        bias_kind=rng.choice([None, None, "tensor", "alibi", "kerple_log", "kerple_power", "table"]),
+        ssmax=rng.random() < 0.3, scale=rng.choice([None, None, 0.3]), magnitude=rng.choice([1.0, 1.0, 4.0]),
+    )  # fmt: skip
+    b, hq, lq, lk, d, dv = (shape[n] for n in ("b", "hq", "lq", "lk", "d", "dv"))
+
+    def randn(*size):
+        return torch.randn(*size, generator=gen, dtype=torch.float64)
+
+    call["tensors"] = dict(q=randn(b, hq, lq, d) * call["magnitude"], k=randn(b, hkv, lk, d), v=randn(b, hkv, lk, dv),
+                           grad_out=randn(b, hq, lq, dv))  # fmt: skip
+    mask = None
+    if call["mask_kind"] == "random":
+        mask = torch.rand(b, 1, lq, lk, generator=gen) < 0.7
+    elif call["mask_kind"] == "padding":
+        lengths = torch.randint(0, lk + 1, (b,), generator=gen)
+        mask = (torch.arange(lk)[None, :] < lengths[:, None])[:, None, None, :]
+    elif call["mask_kind"] == "causal pattern":
+        mask = torch.ones(lq, lk, dtype=torch.bool).tril(lk - lq)[None, None]
+    call["mask"] = mask
+    params = {}
+    if call["bias_kind"] == "tensor":
+        params["bias"] = randn(1, hq, lq, lk)
+    elif call["bias_kind"] == "alibi":
+        params["r1"] = torch.rand(hq, generator=gen, dtype=torch.float64) * 0.5
+    elif call["bias_kind"] in ("kerple_log", "kerple_power"):
+        params["r1"] = torch.rand(hq, generator=gen, dtype=torch.float64) + 0.1
+        params["r2"] = torch.rand(hq, generator=gen, dtype=torch.float64) * 0.9 + 0.1
+    elif call["bias_kind"] == "table":
+        params["table"] = randn(hq, rng.choice([1, 5, 60]))
+    if call["ssmax"]:
+        params["s"] = torch.rand(hq, generator=gen, dtype=torch.float64) * 0.5 + 0.2
+    call["params"] = params
+    return call
+
+
+def plain(q, k, v, call: dict, bias, s):
+    """Materialised attention with every op in q's dtype (FlashAttention's baseline)."""
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
+    lq, lk = q.shape[2], k.shape[2]
+    x = q @ k.transpose(-1, -2) * (call["scale"] if call["scale"] is not None else q.shape[-1] ** -0.5)
+    allowed = torch.ones(lq, lk, dtype=torch.bool, device=q.device)
+    if call["causal"]:
+        allowed = torch.arange(lk, device=q.device)[None, :] <= torch.arange(lk - lq, lk, device=q.device)[:, None]
+    if call["mask"] is not None:
+        allowed = allowed & call["mask"].to(q.device)
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor):
+            bias = bias(torch.arange(lk - lq, lk, device=q.device), torch.arange(lk, device=q.device))
+        bias = bias.to(q.dtype)
+        allowed = allowed & ~torch.isneginf(bias)
+        x = x + bias.masked_fill(torch.isneginf(bias), 0)
+    allowed = allowed.expand_as(x)
+    if s is not None:
+        x = x * (s.to(q.dtype).view(1, -1, 1, 1) * torch.log(allowed.sum(-1, keepdim=True).clamp_min(1).to(q.dtype)))
+    return masked_weights(x, allowed, call["normalizer"], 1e-6) @ v
+
+
+def run(call: dict, backend: str, dtype: torch.dtype) -> list[torch.Tensor]:
+    """o and the gradients of q, k, v and every parameter, for ``backend`` ("plain": every op in ``dtype``)."""
+    tensors = call["tensors"]
+    q, k, v = (tensors[n].to(DEVICE, dtype).requires_grad_() for n in "qkv")
+    param_dtype = torch.float64 if dtype == torch.float64 else torch.float32  # parameters stay float32, as in models
+    params = {n: t.to(DEVICE, param_dtype).requires_grad_() for n, t in call["params"].items()}
+    kind = call["bias_kind"]
+    bias = params.get("bias")
+    if kind == "alibi":
+        bias = RelativeBias.alibi(params["r1"])
+    elif kind in ("kerple_log", "kerple_power"):
+        bias = getattr(RelativeBias, kind)(params["r1"], params["r2"])
+    elif kind == "table":
+        bias = RelativeBias.table(params["table"])
+    mask = None if call["mask"] is None else call["mask"].to(DEVICE)
+    if backend == "plain":
+        out = plain(q, k, v, call, bias, params.get("s"))
+    else:
+        out = sasoftmax.attention(q, k, v, normalizer=call["normalizer"], causal=call["causal"], mask=mask, bias=bias,
+                                  scale=call["scale"], ssmax=params.get("s"), backend=backend)  # fmt: skip
+    leaves = [q, k, v, *params.values()]
+    grads = torch.autograd.grad(out, leaves, tensors["grad_out"].to(DEVICE, out.dtype), allow_unused=True)
+    return [out, *(torch.zeros_like(x) if g is None else g for x, g in zip(leaves, grads))]
+
+
+def check(call: dict, backend: str) -> list[str]:
+    """What fails for ``call`` (empty: nothing)."""
+    dtype = call["dtype"]
+    names = [*NAMES, *(f"d{n}" for n in call["params"])]
+    got, ref = run(call, backend, dtype), run(call, "eager", torch.float64)
+    baselines = [] if dtype == torch.float32 else [run(call, "plain", dtype), run(call, "eager", dtype)]
+    failures = []
+    for i, name in enumerate(names):
+        if not torch.isfinite(got[i]).all():
+            failures.append(f"{name}: non-finite")
+            continue
+        err = (got[i].double() - ref[i]).abs().max().item()
+        if dtype == torch.float32:
+            limit = 1e-4 * ref[i].abs().max().item() + 1e-6
+        else:
+            limit = 2 * max((base[i].double() - ref[i]).abs().max().item() for base in baselines) + 1e-5
+        if err > limit:
+            failures.append(f"{name}: error {err:.3g} > {limit:.3g}")
+    return failures
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--backend", choices=("triton", "cpu"), default="triton")
+    parser.add_argument("--seeds", nargs=2, type=int, default=(0, 100), metavar=("FIRST", "COUNT"))
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    failed = 0
+    for seed in range(args.seeds[0], args.seeds[0] + args.seeds[1]):
+        call = draw(seed, args.backend)
+        summary = {n: call[n] for n in ("b", "hq", "hkv", "lq", "lk", "d", "dv", "normalizer", "causal", "dtype",
+                                        "mask_kind", "bias_kind", "ssmax", "scale", "magnitude")}  # fmt: skip
+        try:
+            failures = check(call, args.backend)
+        except Exception as error:  # noqa: BLE001 (a raise is a finding too: reported, the run goes on)
+            failures = [f"raised {type(error).__name__}: {error}"]
+        if failures:
+            failed += 1
+            print(f"seed {seed} {summary}: {'; '.join(failures)}", flush=True)
+    print(f"{failed} of {args.seeds[1]} seeds failed ({args.backend})", flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
