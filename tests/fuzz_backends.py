@@ -1,7 +1,7 @@
 """Random differential testing of a backend against float64 eager attention: forward and every gradient.
 
     TRITON_INTERPRET=1 PYTHONPATH=src python tests/fuzz_backends.py --backend triton --seeds 0 300
-    PYTHONPATH=src python tests/fuzz_backends.py --backend cpu --seeds 0 300
+    PYTHONPATH=src python tests/fuzz_backends.py --backend cpu --seeds 0 300 --extended --magnitudes 0.01 1 16
 
 Each seed draws one call: batch, query and kv heads (GQA), odd lengths (L = 1, S = 1, L != S), head dims (Dv != D),
 normalizer, causal, a mask (random, key padding, the causal pattern as a mask), a bias (a tensor with a gradient,
@@ -37,8 +37,10 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 NAMES = ("out", "dq", "dk", "dv")
 
 
-def draw(seed: int, backend: str) -> dict:
-    """One random call (its sizes, options and tensors) for ``seed``."""
+def draw(seed: int, backend: str, magnitudes: tuple[float, ...] = (1.0, 1.0, 4.0), extended: bool = False) -> dict:
+    """One random call (its sizes, options and tensors) for ``seed``, q scaled by one of ``magnitudes``; ``extended``
+    also draws FIRE (a bias function module, split into its table and its function around a random threshold) and
+    q, k, v as (B, L, H, D) memory (drawn last: the other draws of a seed stay as they were without it)."""
     rng = random.Random(seed)
     gen = torch.Generator().manual_seed(seed)
     hkv, groups = rng.choice([1, 2]), rng.choice([1, 2, 3])
@@ -52,7 +54,7 @@ def draw(seed: int, backend: str) -> dict:
         shape, normalizer=rng.choice(["softmax", "sa", "sa_norm"]), causal=rng.random() < 0.4,
         dtype=rng.choice(dtypes), mask_kind=rng.choice([None, None, "random", "padding", "causal pattern"]),
         bias_kind=rng.choice([None, None, "tensor", "alibi", "kerple_log", "kerple_power", "table"]),
-        ssmax=rng.random() < 0.3, scale=rng.choice([None, None, 0.3]), magnitude=rng.choice([1.0, 1.0, 4.0]),
+        ssmax=rng.random() < 0.3, scale=rng.choice([None, None, 0.3]), magnitude=rng.choice(magnitudes),
     )  # fmt: skip
     b, hq, lq, lk, d, dv = (shape[n] for n in ("b", "hq", "lq", "lk", "d", "dv"))
 
@@ -83,7 +85,21 @@ def draw(seed: int, backend: str) -> dict:
     if call["ssmax"]:
         params["s"] = torch.rand(hq, generator=gen, dtype=torch.float64) * 0.5 + 0.2
     call["params"] = params
+    call["layout"] = "bhld"
+    if extended:
+        call["layout"] = rng.choice(["bhld", "blhd"])
+        if rng.random() < 0.2:
+            call["bias_kind"], call["fire_len"], call["fire_seed"] = "fire", rng.randint(1, 2 * lq), seed
+            params.pop("bias", None), params.pop("r1", None), params.pop("r2", None), params.pop("table", None)
     return call
+
+
+def fire(call: dict, dtype: torch.dtype):
+    """The call's FIRE module, its parameters drawn from its seed, in ``dtype``."""
+    from sasoftmax.positional import FIRE
+
+    torch.manual_seed(call["fire_seed"])
+    return FIRE(call["hq"], call["fire_len"], width=8).to(DEVICE, dtype)
 
 
 def plain(q, k, v, call: dict, bias, s):
@@ -109,10 +125,16 @@ def plain(q, k, v, call: dict, bias, s):
     return masked_weights(x, allowed, call["normalizer"], 1e-6) @ v
 
 
-def run(call: dict, backend: str, dtype: torch.dtype) -> list[torch.Tensor]:
-    """o and the gradients of q, k, v and every parameter, for ``backend`` ("plain": every op in ``dtype``)."""
+def run(call: dict, backend: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """o and the gradients of q, k, v and every parameter by name, for ``backend`` ("plain": every op in
+    ``dtype``)."""
     tensors = call["tensors"]
-    q, k, v = (tensors[n].to(DEVICE, dtype).requires_grad_() for n in "qkv")
+    if call["layout"] == "blhd":  # leaves in (B, L, H, D) memory, passed as (B, H, L, D) views
+        bases = [tensors[n].transpose(1, 2).to(DEVICE, dtype).requires_grad_() for n in "qkv"]
+        q, k, v = (t.transpose(1, 2) for t in bases)
+    else:
+        bases = [tensors[n].to(DEVICE, dtype).requires_grad_() for n in "qkv"]
+        q, k, v = bases
     param_dtype = torch.float64 if dtype == torch.float64 else torch.float32  # parameters stay float32, as in models
     params = {n: t.to(DEVICE, param_dtype).requires_grad_() for n, t in call["params"].items()}
     kind = call["bias_kind"]
@@ -123,33 +145,38 @@ def run(call: dict, backend: str, dtype: torch.dtype) -> list[torch.Tensor]:
         bias = getattr(RelativeBias, kind)(params["r1"], params["r2"])
     elif kind == "table":
         bias = RelativeBias.table(params["table"])
+    elif kind == "fire":
+        bias = fire(call, param_dtype)
+        params = dict(bias.named_parameters())
     mask = None if call["mask"] is None else call["mask"].to(DEVICE)
     if backend == "plain":
         out = plain(q, k, v, call, bias, params.get("s"))
     else:
         out = sasoftmax.attention(q, k, v, normalizer=call["normalizer"], causal=call["causal"], mask=mask, bias=bias,
                                   scale=call["scale"], ssmax=params.get("s"), backend=backend)  # fmt: skip
-    leaves = [q, k, v, *params.values()]
+    leaves = [*bases, *params.values()]
     grads = torch.autograd.grad(out, leaves, tensors["grad_out"].to(DEVICE, out.dtype), allow_unused=True)
-    return [out, *(torch.zeros_like(x) if g is None else g for x, g in zip(leaves, grads))]
+    grads = [torch.zeros_like(x) if g is None else g for x, g in zip(leaves, grads)]
+    if call["layout"] == "blhd":
+        grads[:3] = [g.transpose(1, 2) for g in grads[:3]]
+    return dict(zip([*NAMES, *(f"d{n}" for n in params)], [out, *grads]))
 
 
 def check(call: dict, backend: str) -> list[str]:
     """What fails for ``call`` (empty: nothing)."""
     dtype = call["dtype"]
-    names = [*NAMES, *(f"d{n}" for n in call["params"])]
     got, ref = run(call, backend, dtype), run(call, "eager", torch.float64)
     baselines = [] if dtype == torch.float32 else [run(call, "plain", dtype), run(call, "eager", dtype)]
     failures = []
-    for i, name in enumerate(names):
-        if not torch.isfinite(got[i]).all():
+    for name, want in ref.items():
+        if not torch.isfinite(got[name]).all():
             failures.append(f"{name}: non-finite")
             continue
-        err = (got[i].double() - ref[i]).abs().max().item()
+        err = (got[name].double() - want).abs().max().item()
         if dtype == torch.float32:
-            limit = 1e-4 * ref[i].abs().max().item() + 1e-6
+            limit = 1e-4 * want.abs().max().item() + 1e-6
         else:
-            limit = 2 * max((base[i].double() - ref[i]).abs().max().item() for base in baselines) + 1e-5
+            limit = 2 * max((base[name].double() - want).abs().max().item() for base in baselines) + 1e-5
         if err > limit:
             failures.append(f"{name}: error {err:.3g} > {limit:.3g}")
     return failures
@@ -159,13 +186,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--backend", choices=("triton", "cpu"), default="triton")
     parser.add_argument("--seeds", nargs=2, type=int, default=(0, 100), metavar=("FIRST", "COUNT"))
+    parser.add_argument("--extended", action="store_true", help="FIRE and (B, L, H, D) inputs too")
+    parser.add_argument("--magnitudes", nargs="+", type=float, default=[1.0, 1.0, 4.0],
+                        help="factors q is scaled by, one drawn per call (tiny ones flatten sa_norm's rows: c large)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     failed = 0
     for seed in range(args.seeds[0], args.seeds[0] + args.seeds[1]):
-        call = draw(seed, args.backend)
+        call = draw(seed, args.backend, tuple(args.magnitudes), args.extended)
         summary = {n: call[n] for n in ("b", "hq", "hkv", "lq", "lk", "d", "dv", "normalizer", "causal", "dtype",
-                                        "mask_kind", "bias_kind", "ssmax", "scale", "magnitude")}  # fmt: skip
+                                        "mask_kind", "bias_kind", "ssmax", "scale", "magnitude", "layout")}  # fmt: skip
         try:
             failures = check(call, args.backend)
         except Exception as error:  # noqa: BLE001 (a raise is a finding too: reported, the run goes on)
