@@ -121,8 +121,11 @@ def _attention(call: AttentionCall) -> Tensor:
     if isinstance(bias, RelativeBias):
         kind, r1, r2, bias = 2 + RELATIVE_BIAS_KINDS.index(bias.kind), bias.r1, bias.r2, None
     # Traced (torch.compile, torch.export): the operator. Eager: its autograd.Function twin, the same functions
-    # without the operator's dispatch and autograd glue, which cost the host more than the Triton launches.
-    forward = triton_forward if torch.compiler.is_compiling() else _EagerAttention.apply
+    # without the operator's dispatch and autograd glue, which cost the host more than the Triton launches; and
+    # where no gradient can flow (inference, decoding) the forward function itself.
+    forward = _EagerAttention.apply if options.grad else _forward_op
+    if torch.compiler.is_compiling():
+        forward = triton_forward
     o, *_ = forward(
         call.q, call.k, call.v, t, s, call.mask, bias, kind, r1, r2, options.norm, call.causal, call.scale, call.eps,
         options.pos0, options.grad,
