@@ -190,7 +190,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--magnitudes", nargs="+", type=float, default=[1.0, 1.0, 4.0],
                         help="factors q is scaled by, one drawn per call (tiny ones flatten sa_norm's rows: c large)")
     args = parser.parse_args(argv)
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    try:
+        failed = _fuzz(args)
+    finally:
+        torch.set_num_threads(threads)
+    print(f"{failed} of {args.seeds[1]} seeds failed ({args.backend})", flush=True)
+    return 1 if failed else 0
+
+
+def _fuzz(args: argparse.Namespace) -> int:
+    """Check every seed of ``args``, printing each failure; how many failed."""
     failed = 0
     for seed in range(args.seeds[0], args.seeds[0] + args.seeds[1]):
         call = draw(seed, args.backend, tuple(args.magnitudes), args.extended)
@@ -203,8 +214,7 @@ def main(argv: list[str] | None = None) -> int:
         if failures:
             failed += 1
             print(f"seed {seed} {summary}: {'; '.join(failures)}", flush=True)
-    print(f"{failed} of {args.seeds[1]} seeds failed ({args.backend})", flush=True)
-    return 1 if failed else 0
+    return failed
 
 
 if __name__ == "__main__":
