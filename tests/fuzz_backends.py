@@ -15,7 +15,9 @@ magnitude, and a dtype (float32, float16; the triton backend needs head dims >= 
 
 Failures print one line each with the call and the errors; the exit status is 1 if any seed failed. Not part of the
 test suite (minutes per hundred seeds in Triton's interpreter): what it found became tests (test_backend_triton's
-``test_half_precision_sharp_rows``). CUDA inputs where a GPU is there, bfloat16 too.
+``test_half_precision_sharp_rows``, and ``test_fuzz_regressions``, which replays seeds through :func:`draw` and
+:func:`check`: keep a seed's draws as they are, adding new ones after the others and behind a flag, as
+``extended`` is). CUDA inputs where a GPU is there, bfloat16 too.
 """
 
 from __future__ import annotations
@@ -35,12 +37,14 @@ from sasoftmax.normalizers import masked_weights  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 NAMES = ("out", "dq", "dk", "dv")
+SUMMARY = ("b", "hq", "hkv", "lq", "lk", "d", "dv", "normalizer", "causal", "dtype", "mask_kind", "bias_kind", "ssmax",
+           "scale", "magnitude", "layout", "eps")  # fmt: skip
 
 
 def draw(seed: int, backend: str, magnitudes: tuple[float, ...] = (1.0, 1.0, 4.0), extended: bool = False) -> dict:
     """One random call (its sizes, options and tensors) for ``seed``, q scaled by one of ``magnitudes``; ``extended``
-    also draws FIRE (a bias function module, split into its table and its function around a random threshold) and
-    q, k, v as (B, L, H, D) memory (drawn last: the other draws of a seed stay as they were without it)."""
+    also draws FIRE (a bias function module, split into its table and its function around a random threshold),
+    q, k, v as (B, L, H, D) memory and sa_norm's ε (drawn last: a seed's other draws stay as they are without)."""
     rng = random.Random(seed)
     gen = torch.Generator().manual_seed(seed)
     hkv, groups = rng.choice([1, 2]), rng.choice([1, 2, 3])
@@ -85,9 +89,9 @@ def draw(seed: int, backend: str, magnitudes: tuple[float, ...] = (1.0, 1.0, 4.0
     if call["ssmax"]:
         params["s"] = torch.rand(hq, generator=gen, dtype=torch.float64) * 0.5 + 0.2
     call["params"] = params
-    call["layout"] = "bhld"
+    call["layout"], call["eps"] = "bhld", 1e-6
     if extended:
-        call["layout"] = rng.choice(["bhld", "blhd"])
+        call["layout"], call["eps"] = rng.choice(["bhld", "blhd"]), rng.choice([1e-6, 1e-6, 1e-3, 0.1])
         if rng.random() < 0.2:
             call["bias_kind"], call["fire_len"], call["fire_seed"] = "fire", rng.randint(1, 2 * lq), seed
             params.pop("bias", None), params.pop("r1", None), params.pop("r2", None), params.pop("table", None)
@@ -122,7 +126,7 @@ def plain(q, k, v, call: dict, bias, s):
     allowed = allowed.expand_as(x)
     if s is not None:
         x = x * (s.to(q.dtype).view(1, -1, 1, 1) * torch.log(allowed.sum(-1, keepdim=True).clamp_min(1).to(q.dtype)))
-    return masked_weights(x, allowed, call["normalizer"], 1e-6) @ v
+    return masked_weights(x, allowed, call["normalizer"], call["eps"]) @ v
 
 
 def run(call: dict, backend: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -152,8 +156,10 @@ def run(call: dict, backend: str, dtype: torch.dtype) -> dict[str, torch.Tensor]
     if backend == "plain":
         out = plain(q, k, v, call, bias, params.get("s"))
     else:
-        out = sasoftmax.attention(q, k, v, normalizer=call["normalizer"], causal=call["causal"], mask=mask, bias=bias,
-                                  scale=call["scale"], ssmax=params.get("s"), backend=backend)  # fmt: skip
+        out = sasoftmax.attention(
+            q, k, v, normalizer=call["normalizer"], causal=call["causal"], mask=mask, bias=bias, scale=call["scale"],
+            ssmax=params.get("s"), eps=call["eps"], backend=backend,
+        )  # fmt: skip
     leaves = [*bases, *params.values()]
     grads = torch.autograd.grad(out, leaves, tensors["grad_out"].to(DEVICE, out.dtype), allow_unused=True)
     grads = [torch.zeros_like(x) if g is None else g for x, g in zip(leaves, grads)]
@@ -186,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--backend", choices=("triton", "cpu"), default="triton")
     parser.add_argument("--seeds", nargs=2, type=int, default=(0, 100), metavar=("FIRST", "COUNT"))
-    parser.add_argument("--extended", action="store_true", help="FIRE and (B, L, H, D) inputs too")
+    parser.add_argument("--extended", action="store_true", help="FIRE, (B, L, H, D) inputs and ε too")
     parser.add_argument("--magnitudes", nargs="+", type=float, default=[1.0, 1.0, 4.0],
                         help="factors q is scaled by, one drawn per call (tiny ones flatten sa_norm's rows: c large)")
     args = parser.parse_args(argv)
@@ -205,8 +211,7 @@ def _fuzz(args: argparse.Namespace) -> int:
     failed = 0
     for seed in range(args.seeds[0], args.seeds[0] + args.seeds[1]):
         call = draw(seed, args.backend, tuple(args.magnitudes), args.extended)
-        summary = {n: call[n] for n in ("b", "hq", "hkv", "lq", "lk", "d", "dv", "normalizer", "causal", "dtype",
-                                        "mask_kind", "bias_kind", "ssmax", "scale", "magnitude", "layout")}  # fmt: skip
+        summary = {n: call[n] for n in SUMMARY}
         try:
             failures = check(call, args.backend)
         except Exception as error:  # noqa: BLE001 (a raise is a finding too: reported, the run goes on)

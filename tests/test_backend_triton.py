@@ -687,10 +687,12 @@ def test_relative_bias_in_half_precision(normalizer):
 # terms that cancel in it (dW·x against D for sa, dW·c against D·c for sa_norm's max term), so D_i = dO_i·o_i must
 # be the sum over the weights the backward's tiles use (o's rounding residual, sa's split weights: bwd_dq, _weighted).
 SHARP_ROWS = {
-    "one-key": dict(shape=(1, 2, 1, 24, 1, 32, 16), q_times=4.0, mask=None, kerple=False, ssmax=False),
-    "padding-two-keys": dict(shape=(2, 2, 1, 17, 2, 32, 32), q_times=1.0, mask="padding", kerple=False, ssmax=False),
-    "padding-kerple-ssmax": dict(shape=(1, 3, 1, 5, 16, 64, 16), q_times=4.0, mask="padding", kerple=True, ssmax=True),
-    "causal-ssmax": dict(shape=(1, 2, 1, 31, 48, 40, 40), q_times=1.0, mask=None, kerple=True, ssmax=True, causal=True),
+    "one-key": dict(shape=(1, 2, 1, 24, 1, 32, 16), q_times=4.0, mask=None, bias=None, ssmax=False),
+    "padding-two-keys": dict(shape=(2, 2, 1, 17, 2, 32, 32), q_times=1.0, mask="padding", bias=None, ssmax=False),
+    "padding-kerple-ssmax": dict(shape=(1, 3, 1, 5, 16, 64, 16), q_times=4.0, mask="padding", bias="kerple",
+                                 ssmax=True),
+    "causal-ssmax": dict(shape=(1, 2, 1, 31, 48, 40, 40), q_times=1.0, mask=None, bias="kerple", ssmax=True,
+                         causal=True),
 }
 
 
@@ -718,36 +720,70 @@ def test_half_precision_sharp_rows(normalizer, case, dtype):
         """o and the gradients of q, k, v (and s, r1, r2) in ``dtype`` (Kerple's parameters in float32 but for
         the float64 reference, as a model keeps them)."""
         params = [t.to(DEVICE, torch.float64 if dtype == torch.float64 else torch.float32).requires_grad_()
-                  for t in ((r1, r2) if spec["kerple"] else ())]  # fmt: skip
+                  for t in ((r1, r2) if spec["bias"] == "kerple" else ())]  # fmt: skip
         bias = RelativeBias.kerple_power(*params) if params else None
         return run(inputs, dtype, backend, ssmax, bias=bias, params=params, **kwargs)
 
     got, ref, base = outputs("triton", dtype), outputs("eager", torch.float64), outputs("plain", dtype)
-    names = ["out", "dq", "dk", "dv"] + ["ds"] * spec["ssmax"] + ["dr1", "dr2"] * spec["kerple"]
+    names = ["out", "dq", "dk", "dv"] + ["ds"] * spec["ssmax"] + ["dr1", "dr2"] * (spec["bias"] == "kerple")
     assert len(got) == len(names)
     for name, a, p, r in zip(names, got, base, ref):
         err, err_plain = (a.double() - r).abs().max().item(), (p.double() - r).abs().max().item()
         assert err <= 2 * err_plain + 1e-5, f"{name}: error {err:.3g} > 2 × plain {dtype}'s {err_plain:.3g}"
 
 
+# Calls tests/fuzz_backends.py drew that broke the FlashAttention rule in float16, each by a cause since mended: seed,
+# its --extended and --magnitudes, and what failed before. (The fuzz's draws are kept stable for these.)
+FUZZ_REGRESSIONS = {
+    20050: (False, (1.0, 1.0, 4.0)),  # sa, Kerple + SSMax: ds 1.3× the limit (D from the rounded o)
+    20055: (False, (1.0, 1.0, 4.0)),  # sa, table + SSMax + padding: ds 9×, dL/dtable 9× (the same)
+    20097: (False, (1.0, 1.0, 4.0)),  # sa_norm, Kerple + padding: dq, dk, dr1, dr2 2–7× (D; weights unnormalised)
+    20222: (False, (1.0, 1.0, 4.0)),  # sa_norm, the causal pattern as a mask: dq, dk 5× (the same)
+    100172: (True, (0.01, 1.0, 4.0)),  # sa_norm, FIRE: dL/d(its MLP's first weight) 2.4× (o over rounded weights)
+    100176: (True, (0.01, 1.0, 4.0)),  # softmax, FIRE: dL/dc 2× (the same)
+}
+
+
+@needs_kernels
+@pytest.mark.parametrize("seed", FUZZ_REGRESSIONS)
+def test_fuzz_regressions(seed):
+    """Random calls that broke the FlashAttention rule in float16 (tests/fuzz_backends.py: every gradient against
+    float64 eager, within twice plain float16's error or float32 eager's on the rounded inputs) now hold it."""
+    import fuzz_backends
+
+    extended, magnitudes = FUZZ_REGRESSIONS[seed]
+    call = fuzz_backends.draw(seed, "triton", magnitudes, extended)
+    assert call["dtype"] == torch.float16
+    assert fuzz_backends.check(call, "triton") == []
+
+
 @needs_kernels
 @pytest.mark.parametrize("ssmax", [False, True], ids=["plain", "ssmax"])
 @pytest.mark.parametrize("normalizer", NORMALIZERS)
 def test_half_precision_forward_saves_its_float32_output(normalizer, ssmax):
-    """A float16 forward that a backward follows saves o's rounding residual o_lo (``_Saved.o_lo``) where the
-    backward's D_i needs it (sa, sa_norm; softmax with SSMax or a relative bias), so that o + o_lo is the float32 o;
-    for sa, whose weights are split too (``triton_kernels._weighted``), within ~2⁻²⁰ of the float64 attention of the
-    same float16 inputs (the rounded weights alone: ~2⁻¹¹·|x|). A forward without a backward saves nothing."""
+    """A 16-bit forward that a backward follows saves o's rounding residual o_lo (``_Saved.o_lo``) where the
+    backward's D_i needs it (``triton._residual``: sa, sa_norm; softmax where a gradient sums over rows, SSMax's s
+    here), so that o + o_lo is the float32 o; for sa, whose weights are split too (``triton_kernels._weighted``),
+    within ~2⁻²⁰ of the float64 attention of the same float16 inputs (the rounded weights alone: ~2⁻¹¹·|x|)."""
     shape = (1, 2, 1, 19, 23, 16, 16)
     q, k, v, _ = (t.to(DEVICE, torch.float16) for t in make_inputs(shape, seed=24))
     q = q * 4  # logits up to ~±15: sa's weights p·x reach ~10
-    norm = NORMALIZERS.index(normalizer)
     s = torch.tensor([0.4, 0.6], device=DEVICE) if ssmax else None
-    for grad in (False, True):
+    s_leaf = None if s is None else s.clone().requires_grad_()
+    call = make_call(q.requires_grad_(), k, v, normalizer, False, None, None, 0.25, s_leaf, 1e-6, 0.0)
+    want_residual = {"sa": triton_backend.SPLIT_WEIGHTS, "sa_norm": triton_backend.RESIDUAL}.get(
+        normalizer, triton_backend.RESIDUAL if ssmax else triton_backend.NO_RESIDUAL
+    )
+    assert triton_backend._residual(call) == want_residual
+    float32 = make_call(q.float(), k.float(), v.float(), normalizer, False, None, None, 0.25, s, 1e-6, 0.0)
+    assert triton_backend._residual(float32) == triton_backend.NO_RESIDUAL
+    norm = NORMALIZERS.index(normalizer)
+    q = q.detach()
+    for residual in (triton_backend.NO_RESIDUAL, want_residual):
         o, *_, o_lo = triton_backend._forward_op(
-            q, k, v, None, s, None, None, 0, None, None, norm, False, 0.25, 1e-6, 0, grad
+            q, k, v, None, s, None, None, 0, None, None, norm, False, 0.25, 1e-6, 0, residual
         )
-        assert o_lo.shape == ((2, 19, 16) if grad and (normalizer != "softmax" or ssmax) else (0,))
+        assert o_lo.shape == ((2, 19, 16) if residual else (0,))
     if normalizer == "sa":
         want = attention(*(t.double() for t in (q, k, v)), normalizer="sa", scale=0.25, backend="eager",
                          ssmax=None if s is None else s.double())  # fmt: skip

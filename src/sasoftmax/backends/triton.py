@@ -102,9 +102,10 @@ def _device_guard(q: Tensor) -> contextlib.AbstractContextManager:
 def _attention(call: AttentionCall) -> Tensor:
     b, hq, _, lq, lk, _ = call.shape
     bias = call.bias
+    grad = torch.is_grad_enabled() and _requires_grad(call)
     options = _Options(
         norm=NORMALIZERS.index(call.normalizer), causal=call.causal, scale=call.scale, eps=call.eps, pos0=lk - lq,
-        grad=torch.is_grad_enabled() and _requires_grad(call),
+        residual=_residual(call) if grad else NO_RESIDUAL,
     )
     if bias is not None and not isinstance(bias, (Tensor, RelativeBias)):
         mask, _ = _views(call.q, call.k, call.mask, None)
@@ -123,24 +124,56 @@ def _attention(call: AttentionCall) -> Tensor:
     # Traced (torch.compile, torch.export): the operator. Eager: its autograd.Function twin, the same functions
     # without the operator's dispatch and autograd glue, which cost the host more than the Triton launches; and
     # where no gradient can flow (inference, decoding) the forward function itself.
-    forward = _EagerAttention.apply if options.grad else _forward_op
+    forward = _EagerAttention.apply if grad else _forward_op
     if torch.compiler.is_compiling():
         forward = triton_forward
     o, *_ = forward(
         call.q, call.k, call.v, t, s, call.mask, bias, kind, r1, r2, options.norm, call.causal, call.scale, call.eps,
-        options.pos0, options.grad,
+        options.pos0, options.residual,
     )  # fmt: skip
     return o
 
 
 def _requires_grad(call: AttentionCall) -> bool:
-    """Whether any input of the call requires grad: q, k, v, SSMax's s, a bias tensor, a ``RelativeBias``'s
-    parameters or a bias function module's."""
+    """Whether any input of the call requires grad: q, k, v, SSMax's s or the bias (``_bias_requires_grad``)."""
+    return any(x.requires_grad for x in (call.q, call.k, call.v)) or _sums_over_rows(call)
+
+
+def _sums_over_rows(call: AttentionCall) -> bool:
+    """Whether a gradient sums dx over whole rows: SSMax's s, or a bias that requires grad (a tensor; a
+    ``RelativeBias``'s parameters; a bias function module's)."""
     bias = call.bias
     params = bias.parameters if isinstance(bias, RelativeBias) else ()
     if isinstance(bias, nn.Module):
         params = tuple(bias.parameters())
-    return any(isinstance(x, Tensor) and x.requires_grad for x in (call.q, call.k, call.v, call.ssmax, bias, *params))
+    return any(isinstance(x, Tensor) and x.requires_grad for x in (call.ssmax, bias, *params))
+
+
+NO_RESIDUAL, RESIDUAL, SPLIT_WEIGHTS = 0, 1, 2
+"""What a 16-bit forward that a backward follows saves for the backward's D_i = dO_i·o_i (``_residual``): nothing,
+o's rounding residual (``_Saved.o_lo``), or that residual with o's product taken over split weights
+(``triton_kernels._weighted``)."""
+
+
+def _residual(call: AttentionCall) -> int:
+    """``NO_RESIDUAL``, ``RESIDUAL`` or ``SPLIT_WEIGHTS`` for a call that a backward follows. D_i must be the sum
+    over the float32 weights that the backward's tiles cancel against. From the rounded o, its rounding error stays
+    in dx: harmless for plain softmax (FlashAttention's D), many times the true dx for sa (o grows with x) and
+    sa_norm (its min and max terms multiply D by 1/(M − m + ε)) in rows one key dominates, and summed up over whole
+    rows where a gradient sums dx there (SSMax's s, a bias's): o's rounding residual for those. Where the weights
+    themselves are rounded for o's product, o is the sum over the rounded weights: sa's grow with x (split always),
+    and a table's or a bias function's gradient sums along the diagonals of every row, where the random
+    differential test (tests/fuzz_backends.py) found the residual alone 1.3–4× over the FlashAttention rule (split
+    there too; sa_norm and softmax with SSMax or Kerple stayed within it, and keep their forward's cost)."""
+    if call.q.dtype == torch.float32:
+        return NO_RESIDUAL  # (the kernels' o is the float32 o)
+    bias = call.bias
+    diagonal_sums = (isinstance(bias, RelativeBias) and bias.kind == "table") or not isinstance(
+        bias, (Tensor, RelativeBias, type(None))
+    )
+    if call.normalizer == "sa" or (diagonal_sums and _sums_over_rows(call)):
+        return SPLIT_WEIGHTS
+    return RESIDUAL if call.normalizer != "softmax" or _sums_over_rows(call) else NO_RESIDUAL
 
 
 def _counts_closed_form(call: AttentionCall) -> bool:
@@ -214,15 +247,15 @@ def _count_allowed(bias: Tensor, mask: Tensor | None, last: Tensor | None) -> Te
 
 @dataclass(frozen=True)
 class _Options:
-    """The call's constants: NORM index, causal, scale, ε, POS0, the key position of query row 0, and whether a
-    backward will follow (``grad``: 16-bit forwards then save what its D_i needs, ``_Saved.o_lo``)."""
+    """The call's constants: NORM index, causal, scale, ε, POS0, the key position of query row 0, and what the forward
+    saves for the backward's D_i (``residual``: ``NO_RESIDUAL``, ``RESIDUAL``, ``SPLIT_WEIGHTS``)."""
 
     norm: int
     causal: bool
     scale: float
     eps: float
     pos0: int
-    grad: bool = False
+    residual: int = 0
 
 
 @dataclass(frozen=True)
@@ -623,7 +656,7 @@ class _Saved:
     inputs; for float32 inputs shift is the row max μ and inv_l = 1/ℓ (see ``triton_kernels._probs``).
     ``t_rows``: SSMax's t where the kernels computed it from s. ``mask_causal``: ``_mask_within_causal``'s (1,)
     int32 flag for a masked call without causal masking (empty otherwise), computed once for both directions.
-    ``o_lo``: (B·Hq, L, Dv) in o's dtype, o's rounding residual, for a 16-bit forward a backward follows (empty
+    ``o_lo``: (B·Hq, L, Dv) in o's dtype, o's rounding residual where ``_Options.residual`` asks for one (empty
     otherwise): the backward's D_i = dO_i·o_i must be the float32 o's (``triton_kernels.bwd_dq``).
     """
 
@@ -636,15 +669,6 @@ class _Saved:
     t_rows: Tensor
     mask_causal: Tensor
     o_lo: Tensor
-
-
-def _saves_residual(grad: bool, dtype: torch.dtype, norm: int, ssmax: bool, kind: int) -> bool:
-    """Whether a forward saves o's rounding residual (``_Saved.o_lo``), for the backward's D_i = dO_i·o_i: 16-bit o
-    of sa and sa_norm, whose D the tiles' float32 w·dW cancel against (sa's o grows with x, sa_norm's min and max
-    terms multiply D by 1/(M − m + ε)), and of softmax where SSMax's s or a relative bias's parameters sum dx over
-    whole rows (D's error adds up there). Plain softmax does what FlashAttention does: D from the rounded o. Only
-    where a backward follows (``grad``)."""
-    return grad and dtype != torch.float32 and (norm != 0 or ssmax or kind in PARAMETRIC or kind == TABLE)
 
 
 def _forward(q, k, v, o, t, mask, bias, kind, r1, r2, opt: _Options, s: Tensor | None = None) -> _Saved:
@@ -666,7 +690,7 @@ def _forward(q, k, v, o, t, mask, bias, kind, r1, r2, opt: _Options, s: Tensor |
 
     masked = mask is not None and not opt.causal  # (a mask may lie within the causal pattern: transformers')
     mask_causal = _mask_within_causal(mask, opt.pos0) if masked else per_row(False, torch.int32)
-    residual = _saves_residual(opt.grad, o.dtype, opt.norm, t is not None or s is not None, kind)
+    residual = opt.residual != NO_RESIDUAL and not exact  # (float32: the kernels' o is the float32 o)
     o_lo = o.new_empty((b * hq, lq, dv) if residual else (0,))
     saved = _Saved(per_row(True), per_row(exact), per_row(sa_norm), per_row(sa_norm), per_row(sa_norm, torch.int32),
                    per_row(sa_norm, torch.int32), per_row(s is not None), mask_causal, o_lo)  # fmt: skip
@@ -700,7 +724,8 @@ def _forward(q, k, v, o, t, mask, bias, kind, r1, r2, opt: _Options, s: Tensor |
         q, k, v, o, saved.o_lo, saved.shift, saved.inv_l, t_arg, saved.t_rows, mu, saved.low, saved.inv_delta,
         saved.argmax, saved.argmin, r1_arg, r2_arg,
         *_strides(q), *_strides(k), *_strides(v), *_strides(o), *common, section,
-        NORM=opt.norm, EXACT=exact, O_LO=residual, W_LO=residual and opt.norm == 1, DV=dv, DV_PAD=_pad(dv), **flags,
+        NORM=opt.norm, EXACT=exact, O_LO=residual, W_LO=residual and opt.residual == SPLIT_WEIGHTS, DV=dv,
+        DV_PAD=_pad(dv), **flags,
     )  # fmt: skip
     return saved
 
@@ -882,17 +907,18 @@ def _forward_op(
     scale: float,
     eps: float,
     pos0: int,
-    grad: bool,
+    residual: int,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """One forward. ``t`` (B, Hq, L) SSMax factors, or ``s`` (Hq,) SSMax's scale where the kernels may compute
     t themselves (``_counts_closed_form``), or neither; ``mask`` bool and ``bias`` (kind BIAS_TENSOR)
-    broadcastable to (B, Hq, L, S); PARAMETRIC kinds read ``r1``, ``r2`` (Hq,), a TABLE ``r1`` (Hq, n); ``grad``:
-    a backward will follow. Returns o (B, Hq, L, Dv; ``_output``'s memory order) and the saved row statistics of
-    ``_Saved``: shift, 1/ℓ, m, 1/δ (float32), argmin, argmax (int32) and t (float32, with ``s``), each (B·Hq, L)
-    (empty where the normalizer, dtype or SSMax needs none), whether the mask lies within the causal pattern
-    (``_mask_within_causal``) and o's rounding residual (``_Saved.o_lo``)."""
+    broadcastable to (B, Hq, L, S); PARAMETRIC kinds read ``r1``, ``r2`` (Hq,), a TABLE ``r1`` (Hq, n);
+    ``residual``: what a 16-bit forward saves for the backward (``_residual``). Returns o (B, Hq, L, Dv;
+    ``_output``'s memory order) and the saved row statistics of ``_Saved``: shift, 1/ℓ, m, 1/δ (float32), argmin,
+    argmax (int32) and t (float32, with ``s``), each (B·Hq, L) (empty where the normalizer, dtype or SSMax needs
+    none), whether the mask lies within the causal pattern (``_mask_within_causal``) and o's rounding residual
+    (``_Saved.o_lo``)."""
     o = _output(q, v.shape[3], v.dtype)
-    opt = _Options(norm, causal, scale, eps, pos0, grad)
+    opt = _Options(norm, causal, scale, eps, pos0, residual)
     saved = _forward(q, k, v, o, t, *_views(q, k, mask, bias), kind, r1, r2, opt, s=s)
     return (o, saved.shift, saved.inv_l, saved.low, saved.inv_delta, saved.argmin, saved.argmax, saved.t_rows,
             saved.mask_causal, saved.o_lo)  # fmt: skip
@@ -902,7 +928,7 @@ triton_forward = torch.library.custom_op("sasoftmax::triton_forward", _forward_o
 
 
 @triton_forward.register_fake
-def _(q, k, v, t, s, mask, bias, kind, r1, r2, norm, causal, scale, eps, pos0, grad):
+def _(q, k, v, t, s, mask, bias, kind, r1, r2, norm, causal, scale, eps, pos0, residual):
     b, hq, lq, _ = q.shape
     rows = (b * hq, lq) if norm == 2 else (0,)
     o = _output(q, v.shape[3], v.dtype)
@@ -911,8 +937,7 @@ def _(q, k, v, t, s, mask, bias, kind, r1, r2, norm, causal, scale, eps, pos0, g
     stats = [q.new_empty(rows, dtype=dtype) for dtype in (torch.float32, torch.float32, torch.int32, torch.int32)]
     t_rows = q.new_empty((b * hq, lq) if s is not None else (0,), dtype=torch.float32)
     mask_causal = q.new_empty((1,) if mask is not None and not causal else (0,), dtype=torch.int32)
-    residual = _saves_residual(grad, v.dtype, norm, t is not None or s is not None, kind)
-    o_lo = q.new_empty((b * hq, lq, v.shape[3]) if residual else (0,), dtype=v.dtype)
+    o_lo = q.new_empty((b * hq, lq, v.shape[3]) if residual and not _exact(q) else (0,), dtype=v.dtype)
     return o, shift, inv_l, *stats, t_rows, mask_causal, o_lo
 
 
@@ -993,7 +1018,7 @@ def _(q, k, v, t, s, mask, bias, kind, r1, r2, norm, causal, scale, eps, pos0, o
 
 
 def _setup_context(ctx, inputs: tuple, output: tuple) -> None:
-    q, k, v, t, s, mask, bias, kind, r1, r2, *options, _grad = inputs
+    q, k, v, t, s, mask, bias, kind, r1, r2, *options, _residual = inputs
     ctx.save_for_backward(q, k, v, t, s, mask, bias, r1, r2, *output)
     # The row statistics are for the backward only: no gradient flows to them, and none is made of zeros for them
     # (six fills per backward otherwise).
