@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 import sasoftmax.backends.cpu as cpu
-from operator_log import OperatorLog, traced_path
+from operator_log import OperatorLog, assert_skips_function_without_grad, traced_path
 from sasoftmax import RelativeBias, benchmark
 from sasoftmax.attention import attention, choose_backend, make_call
 from sasoftmax.backends import cpu_native
@@ -263,23 +263,11 @@ def test_fused_decoding_stacks_the_query_heads_of_a_kv_head(monkeypatch):
 
 
 def test_fused_calls_without_gradients_skip_autograd(monkeypatch):
-    """Inference and decoding (grad mode off, or no input that requires grad) run the fused forward without
-    autograd's Function, which cost a decoding step ~10 of its ~60 µs; the output is the Function's."""
+    """Inference and decoding run the fused forward without autograd's Function, which cost a decoding step ~10 of
+    its ~60 µs; the output is the Function's."""
     from sasoftmax.backends import cpu_ops
 
-    q, k, v, *_ = inputs(1, 4, 2, 1, 37)
-    with torch.no_grad():
-        want = attention(q, k, v, normalizer="sa_norm", backend="cpu")
-
-    def refuse(*args):
-        raise AssertionError("autograd's Function ran for a call without gradients")
-
-    monkeypatch.setattr(cpu_ops._EagerFused, "apply", refuse)
-    with torch.no_grad():
-        assert torch.equal(attention(q, k, v, normalizer="sa_norm", backend="cpu"), want)
-    assert torch.equal(attention(q.detach(), k.detach(), v.detach(), normalizer="sa_norm", backend="cpu"), want)
-    with pytest.raises(AssertionError, match="without gradients"):
-        attention(q.detach().requires_grad_(), k, v, normalizer="sa_norm", backend="cpu")
+    assert_skips_function_without_grad(monkeypatch, cpu_ops, "_EagerFused", "cpu", *inputs(1, 4, 2, 1, 37)[:3])
 
 
 def _spy(fn, calls):

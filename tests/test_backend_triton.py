@@ -19,7 +19,7 @@ import torch
 # Triton ships wheels for Linux only; elsewhere (macOS, Windows) there is nothing to run these kernels with.
 pytest.importorskip("triton", reason="triton is not installed (it has wheels for Linux only)")
 
-from operator_log import OperatorLog, traced_path  # noqa: E402
+from operator_log import OperatorLog, assert_skips_function_without_grad, traced_path  # noqa: E402
 from sasoftmax import attention, backends  # noqa: E402
 from sasoftmax.attention import choose_backend, make_call  # noqa: E402
 from sasoftmax.backends import triton as triton_backend  # noqa: E402
@@ -818,21 +818,10 @@ def test_causal_alibi_in_half_precision(normalizer):
 
 @needs_kernels
 def test_calls_without_gradients_skip_autograd(monkeypatch):
-    """Inference and decoding (grad mode off, or no input that requires grad) run the forward without autograd's
-    Function (on a faked GPU a decoding step's host time went 71–72 → 55–56 µs); the output is the Function's."""
+    """Inference and decoding run the forward without autograd's Function (on a faked GPU a decoding step's host
+    time went 71–72 → 55–56 µs); the output is the Function's."""
     q, k, v, _ = (t.float().to(DEVICE) for t in make_inputs((1, 4, 2, 1, 37, 16, 16), seed=25))
-    with torch.no_grad():
-        want = attention(q, k, v, normalizer="sa_norm", backend="triton")
-
-    def refuse(*args):
-        raise AssertionError("autograd's Function ran for a call without gradients")
-
-    monkeypatch.setattr(triton_backend._EagerAttention, "apply", refuse)
-    with torch.no_grad():
-        assert torch.equal(attention(q, k, v, normalizer="sa_norm", backend="triton"), want)
-    assert torch.equal(attention(q, k, v, normalizer="sa_norm", backend="triton"), want)
-    with pytest.raises(AssertionError, match="without gradients"):
-        attention(q.requires_grad_(), k, v, normalizer="sa_norm", backend="triton")
+    assert_skips_function_without_grad(monkeypatch, triton_backend, "_EagerAttention", "triton", q, k, v)
 
 
 @needs_kernels
