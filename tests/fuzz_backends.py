@@ -6,12 +6,13 @@
 Each seed draws one call: batch, query and kv heads (GQA), odd lengths (L = 1, S = 1, L != S), head dims (Dv != D),
 normalizer, causal, a mask (random, key padding, the causal pattern as a mask), a bias (a tensor with a gradient,
 ALiBi, Kerple log and power, a table, all with learnable parameters), SSMax, a scale, logits of moderate or large
-magnitude, and a dtype (float32, float16; the triton backend needs head dims >= 16). A seed fails where
+magnitude, and a dtype (float32, float16, bfloat16 on a GPU or for the cpu backend with ``--extended``; the triton
+backend needs head dims >= 16). A seed fails where
 
 - float32: an output's max error against float64 eager exceeds 1e-4 of its largest magnitude + 1e-6;
-- float16: FlashAttention's rule, the max error exceeds 2× that of plain PyTorch computing every op in float16,
-  or 2× that of eager computing in float32 on the float16-rounded inputs (what rounding the inputs alone costs:
-  a sum over a few rows may come out of plain float16 by chance closer), + 1e-5.
+- 16-bit: FlashAttention's rule, the max error exceeds 2× that of plain PyTorch computing every op in that dtype,
+  or 2× that of eager computing in float32 on the rounded inputs (what rounding the inputs alone costs: a sum over
+  a few rows may come out of plain 16-bit math by chance closer), + 1e-5.
 
 Failures print one line each with the call and the errors; the exit status is 1 if any seed failed. Not part of the
 test suite (minutes per hundred seeds in Triton's interpreter): what it found became tests (test_backend_triton's
@@ -95,6 +96,8 @@ def draw(seed: int, backend: str, magnitudes: tuple[float, ...] = (1.0, 1.0, 4.0
         if rng.random() < 0.2:
             call["bias_kind"], call["fire_len"], call["fire_seed"] = "fire", rng.randint(1, 2 * lq), seed
             params.pop("bias", None), params.pop("r1", None), params.pop("r2", None), params.pop("table", None)
+        if backend == "cpu" and rng.random() < 0.3:  # (the interpreter's bfloat16 arithmetic is wrong: not triton)
+            call["dtype"] = torch.bfloat16
     return call
 
 
