@@ -10,7 +10,7 @@
 #
 #   benchmarks/gpu_check.sh OUT_DIR
 #
-# Writes at most 14 files, flat, into OUT_DIR:
+# Writes at most 15 files, flat, into OUT_DIR:
 #   run.log      nvidia-smi, versions, each step's command, exit status and duration, the benchmarks' progress
 #   tests.log    pytest tests/test_backend_triton.py on CUDA
 #   kernels.md   kernels.json   attention kernels: ms, TFLOP/s, ratios to SDPA FlashAttention-2 / cuDNN, memory
@@ -22,6 +22,9 @@
 #   grid-order.md grid-order.json  (GRID_ORDER_S > 0 only) kernels.md's causal rows with the programs in the grid's
 #                               order (SASOFTMAX_TRITON_SECTION_HEADS=0) instead of the causal schedule, compiled
 #                               first in WARM_WORKERS processes: the schedule's worth, against FA2 in both tables
+#   fuzz.log                    (FUZZ_S > 0 only) tests/fuzz_backends.py on the triton backend on CUDA, bfloat16
+#                               among its dtypes (the interpreter's tests run float16 only): each call that breaks
+#                               FlashAttention's rule against float64 eager, and how many seeds ran
 #   preset.log                  (PRESET_S > 0 only) `sasoftmax compare --preset gpu` on a fraction of its grid
 #                               (PRESET_ARGS, default one seed of three and 200 of 1000 steps), with the time
 #                               it took: the basis of an estimate of the full preset's time; and its
@@ -40,6 +43,8 @@
 #   PROFILE_STEPS=0      profiled training steps per row (~5 s a row; the profile tables of gpu_train.py)
 #   PROFILE_SEQ=         the training length profiled (default the first, 1024)
 #   PRESET_S=0           limit of the compare step (skipped by default)
+#   FUZZ_S=0             limit of the random differential test (skipped by default; it compiles each call's
+#                        kernels, seconds each, so it gets through as many of FUZZ_SEEDS=200 seeds as the limit allows)
 #   EAGER_MAX_LEN=1024   largest N of the eager (materialised) rows in the kernel table
 #   TEST_WORKERS=14      pytest-xdist workers (if pytest-xdist is installed; 0 runs the tests in one process)
 #   WARM_WORKERS=12      processes compiling the benchmarks' kernels at once (benchmarks/triton_warm.py), and the
@@ -76,6 +81,8 @@ HOST_S=${HOST_S:-25}
 TUNE_S=${TUNE_S:-0}
 GRID_ORDER_S=${GRID_ORDER_S:-0}
 PRESET_S=${PRESET_S:-0}
+FUZZ_S=${FUZZ_S:-0}
+FUZZ_SEEDS=${FUZZ_SEEDS:-200}
 PRESET_ARGS=${PRESET_ARGS:---seeds 0 --steps 200}
 PROFILE_STEPS=${PROFILE_STEPS:-0}
 PROFILE_SEQ=${PROFILE_SEQ:-}
@@ -133,6 +140,7 @@ if [ "${GPU_CHECK_SMOKE:-0}" = 1 ]; then
     TUNE_SIZES=(--smoke --kernels fwd --causal yes)
     GRID_ORDER_SIZES=(--smoke --causal yes --providers sdpa-math cpu:sa_norm)
     HOST=(env -u TRITON_INTERPRET "$PY" benchmarks/triton_host.py --smoke)  # Triton drives a faked GPU
+    FUZZ=(--backend cpu --seeds 0 2)
     PRESET=smoke
 elif [ "$QUICK" = 1 ]; then
     KERNEL_SIZES=(--lengths 1024 4096 --head-dims 128 --modes fwd+bwd)
@@ -152,8 +160,10 @@ else
     PRESET=gpu
 fi
 [ "${GPU_CHECK_SMOKE:-0}" = 1 ] || HOST=("$PY" benchmarks/triton_host.py --device cuda --calls 50 --repeats 5)
+[ "${GPU_CHECK_SMOKE:-0}" = 1 ] || FUZZ=(--backend triton --seeds 0 "$FUZZ_SEEDS" --extended --bfloat16)
 DRY=()
 [ "${GPU_CHECK_DRY:-0}" = 1 ] && DRY=(--dry-run)
+[ "${GPU_CHECK_DRY:-0}" = 1 ] && FUZZ=(--backend cpu --seeds 0 0)
 BIAS_ARGS=(--modes fwd+bwd --bias none alibi kerple kerple-table fire --providers "${BIAS_PROVIDERS[@]}"
     "${BIAS_SIZES[@]}")
 # The benchmarks' Triton kernels compiled in parallel processes first, into Triton's cache (tests compile their own)
@@ -189,6 +199,8 @@ step tests "$TESTS_S" "$OUT/tests.log" "$PY" -m pytest tests/test_backend_triton
     -rfE --tb=short \
     -p no:cacheprovider ${XDIST[@]+"${XDIST[@]}"}
 [ -f "$OUT/tests.log" ] && tail -n 3 "$OUT/tests.log" | sed 's/^/   /' | tee -a "$LOG"
+step fuzz "$FUZZ_S" "$OUT/fuzz.log" "$PY" tests/fuzz_backends.py "${FUZZ[@]}"
+[ -f "$OUT/fuzz.log" ] && tail -n 1 "$OUT/fuzz.log" | sed 's/^/   /' | tee -a "$LOG"
 step tune "$TUNE_S" "$LOG" "$PY" benchmarks/triton_tune.py --out "$OUT" --prefix tune --compile-workers "$WARM_WORKERS" \
     ${TUNE_SIZES[@]+"${TUNE_SIZES[@]}"} ${DRY[@]+"${DRY[@]}"}
 

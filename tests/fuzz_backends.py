@@ -1,13 +1,13 @@
 """Random differential testing of a backend against float64 eager attention: forward and every gradient.
 
     TRITON_INTERPRET=1 PYTHONPATH=src python tests/fuzz_backends.py --backend triton --seeds 0 300
-    PYTHONPATH=src python tests/fuzz_backends.py --backend cpu --seeds 0 300 --extended --magnitudes 0.01 1 16
+    PYTHONPATH=src python tests/fuzz_backends.py --backend cpu --seeds 0 300 --extended --bfloat16 --magnitudes 0.01 1
 
 Each seed draws one call: batch, query and kv heads (GQA), odd lengths (L = 1, S = 1, L != S), head dims (Dv != D),
 normalizer, causal, a mask (random, key padding, the causal pattern as a mask), a bias (a tensor with a gradient,
 ALiBi, Kerple log and power, a table, all with learnable parameters), SSMax, a scale, logits of moderate or large
-magnitude, and a dtype (float32, float16, bfloat16 on a GPU or for the cpu backend with ``--extended``; the triton
-backend needs head dims >= 16). A seed fails where
+magnitude, and a dtype (float32, float16; with ``--bfloat16`` bfloat16 too, on a GPU or for the cpu backend; the
+triton backend needs head dims >= 16). A seed fails where
 
 - float32: an output's max error against float64 eager exceeds 1e-4 of its largest magnitude + 1e-6;
 - 16-bit: FlashAttention's rule, the max error exceeds 2× that of plain PyTorch computing every op in that dtype,
@@ -18,7 +18,7 @@ Failures print one line each with the call and the errors; the exit status is 1 
 test suite (minutes per hundred seeds in Triton's interpreter): what it found became tests (test_backend_triton's
 ``test_half_precision_sharp_rows``, and ``test_fuzz_regressions``, which replays seeds through :func:`draw` and
 :func:`check`: keep a seed's draws as they are, adding new ones after the others and behind a flag, as
-``extended`` is). CUDA inputs where a GPU is there, bfloat16 too.
+``extended`` is). CUDA inputs where a GPU is there.
 """
 
 from __future__ import annotations
@@ -42,10 +42,15 @@ SUMMARY = ("b", "hq", "hkv", "lq", "lk", "d", "dv", "normalizer", "causal", "dty
            "scale", "magnitude", "layout", "eps")  # fmt: skip
 
 
-def draw(seed: int, backend: str, magnitudes: tuple[float, ...] = (1.0, 1.0, 4.0), extended: bool = False) -> dict:
+def draw(
+    seed: int, backend: str, magnitudes: tuple[float, ...] = (1.0, 1.0, 4.0), extended: bool = False,
+    bfloat16: bool = False,
+) -> dict:
     """One random call (its sizes, options and tensors) for ``seed``, q scaled by one of ``magnitudes``; ``extended``
     also draws FIRE (a bias function module, split into its table and its function around a random threshold),
-    q, k, v as (B, L, H, D) memory and sa_norm's ε (drawn last: a seed's other draws stay as they are without)."""
+    q, k, v as (B, L, H, D) memory and sa_norm's ε, and ``bfloat16`` turns some calls bfloat16 (on a GPU, or for the
+    cpu backend: the interpreter's bfloat16 arithmetic is wrong); each drawn after the others, so that a seed's
+    other draws stay as they are without them."""
     rng = random.Random(seed)
     gen = torch.Generator().manual_seed(seed)
     hkv, groups = rng.choice([1, 2]), rng.choice([1, 2, 3])
@@ -54,7 +59,7 @@ def draw(seed: int, backend: str, magnitudes: tuple[float, ...] = (1.0, 1.0, 4.0
     shape["dv"] = rng.choice([shape["d"], shape["d"], 16, 8])
     if backend == "triton":  # (the kernels need head dims of 16 or more)
         shape["d"], shape["dv"] = max(shape["d"], 16), max(shape["dv"], 16)
-    dtypes = [torch.float32, torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
+    dtypes = [torch.float32, torch.float32, torch.float16]
     call = dict(
         shape, normalizer=rng.choice(["softmax", "sa", "sa_norm"]), causal=rng.random() < 0.4,
         dtype=rng.choice(dtypes), mask_kind=rng.choice([None, None, "random", "padding", "causal pattern"]),
@@ -96,8 +101,8 @@ def draw(seed: int, backend: str, magnitudes: tuple[float, ...] = (1.0, 1.0, 4.0
         if rng.random() < 0.2:
             call["bias_kind"], call["fire_len"], call["fire_seed"] = "fire", rng.randint(1, 2 * lq), seed
             params.pop("bias", None), params.pop("r1", None), params.pop("r2", None), params.pop("table", None)
-        if backend == "cpu" and rng.random() < 0.3:  # (the interpreter's bfloat16 arithmetic is wrong: not triton)
-            call["dtype"] = torch.bfloat16
+    if bfloat16 and (DEVICE == "cuda" or backend == "cpu") and rng.random() < 0.3:
+        call["dtype"] = torch.bfloat16
     return call
 
 
@@ -196,33 +201,43 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--backend", choices=("triton", "cpu"), default="triton")
     parser.add_argument("--seeds", nargs=2, type=int, default=(0, 100), metavar=("FIRST", "COUNT"))
     parser.add_argument("--extended", action="store_true", help="FIRE, (B, L, H, D) inputs and ε too")
+    parser.add_argument("--bfloat16", action="store_true", help="some calls in bfloat16 (a GPU, or --backend cpu)")
     parser.add_argument("--magnitudes", nargs="+", type=float, default=[1.0, 1.0, 4.0],
                         help="factors q is scaled by, one drawn per call (tiny ones flatten sa_norm's rows: c large)")
     args = parser.parse_args(argv)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        failed = _fuzz(args)
+        failed, checked = _fuzz(args)
     finally:
         torch.set_num_threads(threads)
-    print(f"{failed} of {args.seeds[1]} seeds failed ({args.backend})", flush=True)
+    print(f"{failed} of {checked} seeds failed ({args.backend})", flush=True)
     return 1 if failed else 0
 
 
-def _fuzz(args: argparse.Namespace) -> int:
-    """Check every seed of ``args``, printing each failure; how many failed."""
-    failed = 0
-    for seed in range(args.seeds[0], args.seeds[0] + args.seeds[1]):
-        call = draw(seed, args.backend, tuple(args.magnitudes), args.extended)
-        summary = {n: call[n] for n in SUMMARY}
-        try:
-            failures = check(call, args.backend)
-        except Exception as error:  # noqa: BLE001 (a raise is a finding too: reported, the run goes on)
-            failures = [f"raised {type(error).__name__}: {error}"]
-        if failures:
-            failed += 1
-            print(f"seed {seed} {summary}: {'; '.join(failures)}", flush=True)
-    return failed
+def _fuzz(args: argparse.Namespace) -> tuple[int, int]:
+    """Check the seeds of ``args``, printing each failure: (failed, checked). Interrupted (SIGINT: gpu_check.sh's time
+    limit), it counts the seeds it got through."""
+    failed = checked = 0
+    try:
+        for seed in range(args.seeds[0], args.seeds[0] + args.seeds[1]):
+            failed += _fuzz_one(seed, args)
+            checked += 1
+    except KeyboardInterrupt:
+        print(f"interrupted during seed {args.seeds[0] + checked}", flush=True)
+    return failed, checked
+
+
+def _fuzz_one(seed: int, args: argparse.Namespace) -> int:
+    """1 if ``seed`` fails (printed), else 0."""
+    call = draw(seed, args.backend, tuple(args.magnitudes), args.extended, args.bfloat16)
+    try:
+        failures = check(call, args.backend)
+    except Exception as error:  # noqa: BLE001 (a raise is a finding too: reported, the run goes on)
+        failures = [f"raised {type(error).__name__}: {error}"]
+    if failures:
+        print(f"seed {seed} {({n: call[n] for n in SUMMARY})}: {'; '.join(failures)}", flush=True)
+    return int(bool(failures))
 
 
 if __name__ == "__main__":

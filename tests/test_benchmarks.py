@@ -259,6 +259,16 @@ def test_gpu_check_times_the_grid_order_when_asked(tmp_path):
     assert "== kernels: skipped (limit 0)" in log
 
 
+@pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None, reason="needs bash and timeout")
+def test_gpu_check_fuzzes_when_asked(tmp_path):
+    """FUZZ_S > 0: tests/fuzz_backends.py into fuzz.log (in dry-run mode on no seeds), its last line in run.log;
+    skipped by default (test_gpu_check_passes_valid_arguments)."""
+    steps = {name: "0" for name in ("VERSIONS_S", "WARM_S", "HOST_S", "KERNELS_S", "BIAS_S", "TRAIN_S", "TESTS_S")}
+    log = dry_gpu_check(tmp_path, FUZZ_S="60", **steps)
+    assert "== fuzz: exit 0" in log and "0 of 0 seeds failed (cpu)" in log
+    assert "0 of 0 seeds failed (cpu)" in (tmp_path / "fuzz.log").read_text()
+
+
 def test_result_headers_name_the_triton_variables(monkeypatch):
     """A table measured with a SASOFTMAX_TRITON_* variable set (tiles, the causal schedule's sections) says so."""
     import gpu_common
