@@ -110,8 +110,10 @@ def fire(call: dict, dtype: torch.dtype):
     """The call's FIRE module, its parameters drawn from its seed, in ``dtype``."""
     from sasoftmax.positional import FIRE
 
-    torch.manual_seed(call["fire_seed"])
-    return FIRE(call["hq"], call["fire_len"], width=8).to(DEVICE, dtype)
+    with torch.random.fork_rng(devices=[]):  # (the global generator as it was, after)
+        torch.manual_seed(call["fire_seed"])
+        module = FIRE(call["hq"], call["fire_len"], width=8)
+    return module.to(DEVICE, dtype)
 
 
 def plain(q, k, v, call: dict, bias, s):
