@@ -1,7 +1,7 @@
 """Random differential testing of a backend against float64 eager attention: forward and every gradient.
 
     TRITON_INTERPRET=1 PYTHONPATH=src python tests/fuzz_backends.py --backend triton --seeds 0 300
-    PYTHONPATH=src python tests/fuzz_backends.py --backend cpu --seeds 0 300 --extended --bfloat16 --magnitudes 0.01 1
+    PYTHONPATH=src python tests/fuzz_backends.py --backend cpu --seeds 0 300 --extended --bfloat16 --broadcasts
 
 Each seed draws one call: batch, query and kv heads (GQA), odd lengths (L = 1, S = 1, L != S), head dims (Dv != D),
 normalizer, causal, a mask (random, key padding, the causal pattern as a mask), a bias (a tensor with a gradient,
@@ -44,13 +44,14 @@ SUMMARY = ("b", "hq", "hkv", "lq", "lk", "d", "dv", "normalizer", "causal", "dty
 
 def draw(
     seed: int, backend: str, magnitudes: tuple[float, ...] = (1.0, 1.0, 4.0), extended: bool = False,
-    bfloat16: bool = False,
+    bfloat16: bool = False, broadcasts: bool = False,
 ) -> dict:
     """One random call (its sizes, options and tensors) for ``seed``, q scaled by one of ``magnitudes``; ``extended``
     also draws FIRE (a bias function module, split into its table and its function around a random threshold),
     q, k, v as (B, L, H, D) memory and sa_norm's ε, and ``bfloat16`` turns some calls bfloat16 (on a GPU, or for the
-    cpu backend: the interpreter's bfloat16 arithmetic is wrong); each drawn after the others, so that a seed's
-    other draws stay as they are without them."""
+    cpu backend: the interpreter's bfloat16 arithmetic is wrong), ``broadcasts`` other shapes of the mask (a mask per
+    head) and of a bias tensor ((B, 1, 1, S), (L, S)) and SSMax's s as a float; each drawn after the others, so that
+    a seed's other draws stay as they are without them."""
     rng = random.Random(seed)
     gen = torch.Generator().manual_seed(seed)
     hkv, groups = rng.choice([1, 2]), rng.choice([1, 2, 3])
@@ -103,6 +104,15 @@ def draw(
             params.pop("bias", None), params.pop("r1", None), params.pop("r2", None), params.pop("table", None)
     if bfloat16 and (DEVICE == "cuda" or backend == "cpu") and rng.random() < 0.3:
         call["dtype"] = torch.bfloat16
+    call["ssmax_value"] = None  # (s as a float, without a gradient)
+    if broadcasts:
+        if call["mask_kind"] == "random" and rng.random() < 0.5:
+            call["mask"], call["mask_kind"] = torch.rand(b, hq, lq, lk, generator=gen) < 0.7, "random per head"
+        if "bias" in params:
+            params["bias"] = rng.choice([randn(b, 1, 1, lk), randn(lq, lk), params["bias"]])
+        if call["ssmax"] and rng.random() < 0.5:
+            call["ssmax_value"] = rng.choice([0.3, 0.7])
+            params.pop("s")
     return call
 
 
@@ -163,12 +173,17 @@ def run(call: dict, backend: str, dtype: torch.dtype) -> dict[str, torch.Tensor]
         bias = fire(call, param_dtype)
         params = dict(bias.named_parameters())
     mask = None if call["mask"] is None else call["mask"].to(DEVICE)
+    s = params.get("s")
+    if backend == "plain" and call["ssmax_value"] is not None:
+        s = torch.full((call["hq"],), call["ssmax_value"], device=DEVICE, dtype=param_dtype)
+    elif call["ssmax_value"] is not None:
+        s = call["ssmax_value"]
     if backend == "plain":
-        out = plain(q, k, v, call, bias, params.get("s"))
+        out = plain(q, k, v, call, bias, s)
     else:
         out = sasoftmax.attention(
             q, k, v, normalizer=call["normalizer"], causal=call["causal"], mask=mask, bias=bias, scale=call["scale"],
-            ssmax=params.get("s"), eps=call["eps"], backend=backend,
+            ssmax=s, eps=call["eps"], backend=backend,
         )  # fmt: skip
     leaves = [*bases, *params.values()]
     grads = torch.autograd.grad(out, leaves, tensors["grad_out"].to(DEVICE, out.dtype), allow_unused=True)
@@ -204,6 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", nargs=2, type=int, default=(0, 100), metavar=("FIRST", "COUNT"))
     parser.add_argument("--extended", action="store_true", help="FIRE, (B, L, H, D) inputs and ε too")
     parser.add_argument("--bfloat16", action="store_true", help="some calls in bfloat16 (a GPU, or --backend cpu)")
+    parser.add_argument("--broadcasts", action="store_true", help="masks per head, bias tensors broadcast, s a float")
     parser.add_argument("--magnitudes", nargs="+", type=float, default=[1.0, 1.0, 4.0],
                         help="factors q is scaled by, one drawn per call (tiny ones flatten sa_norm's rows: c large)")
     args = parser.parse_args(argv)
@@ -232,7 +248,7 @@ def _fuzz(args: argparse.Namespace) -> tuple[int, int]:
 
 def _fuzz_one(seed: int, args: argparse.Namespace) -> int:
     """1 if ``seed`` fails (printed), else 0."""
-    call = draw(seed, args.backend, tuple(args.magnitudes), args.extended, args.bfloat16)
+    call = draw(seed, args.backend, tuple(args.magnitudes), args.extended, args.bfloat16, args.broadcasts)
     try:
         failures = check(call, args.backend)
     except Exception as error:  # noqa: BLE001 (a raise is a finding too: reported, the run goes on)
