@@ -109,6 +109,14 @@ def _evaluated_bias(kwargs, q, k):
     return {**kwargs, "bias": values.to(q.dtype)}
 
 
+def assert_flash_rule(names, got, base, ref, dtype=torch.float16):
+    """FlashAttention's rule per output: max error against the float64 ``ref`` ≤ 2× plain PyTorch's (``base``, every
+    op in ``dtype``) + 1e-5."""
+    for name, a, p, r in zip(names, got, base, ref, strict=True):
+        err, err_plain = (a.double() - r).abs().max().item(), (p.double() - r).abs().max().item()
+        assert err <= 2 * err_plain + 1e-5, f"{name}: error {err:.3g} > 2 × plain {dtype}'s {err_plain:.3g}"
+
+
 def plain_attention(q, k, v, *, normalizer, causal, ssmax=None, mask=None, bias=None, eps=1e-6):
     """Materialised attention computed entirely in the input dtype (the FlashAttention rule's baseline)."""
     groups = q.shape[1] // k.shape[1]
@@ -678,9 +686,7 @@ def test_relative_bias_in_half_precision(normalizer):
     got = run(inputs, torch.float16, "triton", ssmax, bias=bias_in(torch.float32), **kwargs)
     ref = run(inputs, torch.float64, "eager", ssmax, bias=bias_in(torch.float64), **kwargs)
     base = run(inputs, torch.float16, "plain", ssmax, bias=bias_in(torch.float32), **kwargs)
-    for name, a, p, r in zip(["out", "dq", "dk", "dv", "ds"], got, base, ref):
-        err, err_plain = (a.double() - r).abs().max().item(), (p.double() - r).abs().max().item()
-        assert err <= 2 * err_plain + 1e-5, f"{name}: error {err:.3g} > 2 × plain float16's {err_plain:.3g}"
+    assert_flash_rule(["out", "dq", "dk", "dv", "ds"], got, base, ref)
 
 
 # Rows that one key dominates, or that have one key only (padding, causal row 0): there dx is small against the
@@ -726,10 +732,7 @@ def test_half_precision_sharp_rows(normalizer, case, dtype):
 
     got, ref, base = outputs("triton", dtype), outputs("eager", torch.float64), outputs("plain", dtype)
     names = ["out", "dq", "dk", "dv"] + ["ds"] * spec["ssmax"] + ["dr1", "dr2"] * (spec["bias"] == "kerple")
-    assert len(got) == len(names)
-    for name, a, p, r in zip(names, got, base, ref):
-        err, err_plain = (a.double() - r).abs().max().item(), (p.double() - r).abs().max().item()
-        assert err <= 2 * err_plain + 1e-5, f"{name}: error {err:.3g} > 2 × plain {dtype}'s {err_plain:.3g}"
+    assert_flash_rule(names, got, base, ref, dtype)
 
 
 # Calls tests/fuzz_backends.py drew that broke the FlashAttention rule in float16, each by a cause since mended: seed,
@@ -774,9 +777,9 @@ def test_half_precision_forward_saves_its_float32_output(normalizer, ssmax):
     want_residual = {"sa": triton_backend.SPLIT_WEIGHTS, "sa_norm": triton_backend.RESIDUAL}.get(
         normalizer, triton_backend.RESIDUAL if ssmax else triton_backend.NO_RESIDUAL
     )
-    assert triton_backend._residual(call) == want_residual
+    assert triton_backend._residual(call, triton_backend._sums_over_rows(call)) == want_residual
     float32 = make_call(q.float(), k.float(), v.float(), normalizer, False, None, None, 0.25, s, 1e-6, 0.0)
-    assert triton_backend._residual(float32) == triton_backend.NO_RESIDUAL
+    assert triton_backend._residual(float32, triton_backend._sums_over_rows(float32)) == triton_backend.NO_RESIDUAL
     norm = NORMALIZERS.index(normalizer)
     q = q.detach()
     for residual in (triton_backend.NO_RESIDUAL, want_residual):
@@ -811,9 +814,7 @@ def test_causal_alibi_in_half_precision(normalizer):
     got = run(inputs, torch.float16, "triton", bias=bias_in(torch.float32), **kwargs)
     ref = run(inputs, torch.float64, "eager", bias=bias_in(torch.float64), **kwargs)
     base = run(inputs, torch.float16, "plain", bias=bias_in(torch.float32), **kwargs)
-    for name, a, p, r in zip(["out", "dq", "dk", "dv"], got, base, ref):
-        err, err_plain = (a.double() - r).abs().max().item(), (p.double() - r).abs().max().item()
-        assert err <= 2 * err_plain + 1e-5, f"{name}: error {err:.3g} > 2 × plain float16's {err_plain:.3g}"
+    assert_flash_rule(["out", "dq", "dk", "dv"], got, base, ref)
 
 
 @needs_kernels

@@ -102,10 +102,11 @@ def _device_guard(q: Tensor) -> contextlib.AbstractContextManager:
 def _attention(call: AttentionCall) -> Tensor:
     b, hq, _, lq, lk, _ = call.shape
     bias = call.bias
-    grad = torch.is_grad_enabled() and _requires_grad(call)
+    sums_over_rows = _sums_over_rows(call)
+    grad = torch.is_grad_enabled() and (sums_over_rows or any(x.requires_grad for x in (call.q, call.k, call.v)))
     options = _Options(
         norm=NORMALIZERS.index(call.normalizer), causal=call.causal, scale=call.scale, eps=call.eps, pos0=lk - lq,
-        residual=_residual(call) if grad else NO_RESIDUAL,
+        residual=_residual(call, sums_over_rows) if grad else NO_RESIDUAL,
     )
     if bias is not None and not isinstance(bias, (Tensor, RelativeBias)):
         mask, _ = _views(call.q, call.k, call.mask, None)
@@ -134,11 +135,6 @@ def _attention(call: AttentionCall) -> Tensor:
     return o
 
 
-def _requires_grad(call: AttentionCall) -> bool:
-    """Whether any input of the call requires grad: q, k, v, SSMax's s or the bias (``_bias_requires_grad``)."""
-    return any(x.requires_grad for x in (call.q, call.k, call.v)) or _sums_over_rows(call)
-
-
 def _sums_over_rows(call: AttentionCall) -> bool:
     """Whether a gradient sums dx over whole rows: SSMax's s, or a bias that requires grad (a tensor; a
     ``RelativeBias``'s parameters; a bias function module's)."""
@@ -155,8 +151,9 @@ o's rounding residual (``_Saved.o_lo``), or that residual with o's product taken
 (``triton_kernels._weighted``)."""
 
 
-def _residual(call: AttentionCall) -> int:
-    """``NO_RESIDUAL``, ``RESIDUAL`` or ``SPLIT_WEIGHTS`` for a call that a backward follows. D_i must be the sum
+def _residual(call: AttentionCall, sums_over_rows: bool) -> int:
+    """``NO_RESIDUAL``, ``RESIDUAL`` or ``SPLIT_WEIGHTS`` for a call that a backward follows (``sums_over_rows``:
+    ``_sums_over_rows(call)``). D_i must be the sum
     over the float32 weights that the backward's tiles cancel against. From the rounded o, its rounding error stays
     in dx: harmless for plain softmax (FlashAttention's D), many times the true dx for sa (o grows with x) and
     sa_norm (its min and max terms multiply D by 1/(M − m + ε)) in rows one key dominates, and summed up over whole
@@ -171,9 +168,9 @@ def _residual(call: AttentionCall) -> int:
     diagonal_sums = (isinstance(bias, RelativeBias) and bias.kind == "table") or not isinstance(
         bias, (Tensor, RelativeBias, type(None))
     )
-    if call.normalizer == "sa" or (diagonal_sums and _sums_over_rows(call)):
+    if call.normalizer == "sa" or (diagonal_sums and sums_over_rows):
         return SPLIT_WEIGHTS
-    return RESIDUAL if call.normalizer != "softmax" or _sums_over_rows(call) else NO_RESIDUAL
+    return RESIDUAL if call.normalizer != "softmax" or sums_over_rows else NO_RESIDUAL
 
 
 def _counts_closed_form(call: AttentionCall) -> bool:
