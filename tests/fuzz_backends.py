@@ -9,10 +9,15 @@ ALiBi, Kerple log and power, a table, all with learnable parameters), SSMax, a s
 magnitude, and a dtype (float32, float16; with ``--bfloat16`` bfloat16 too, on a GPU or for the cpu backend; the
 triton backend needs head dims >= 16). A seed fails where
 
-- float32: an output's max error against float64 eager exceeds 1e-4 of its largest magnitude + 1e-6;
+- float32: an output's max error against float64 eager exceeds 1e-4 of its largest magnitude and 2× that of eager
+  in float32 (FlashAttention's rule with a relative floor: where a gradient nearly vanishes, or cancels in the
+  formula itself — sa_norm's rows with one key — float32 eager misses the 1e-4 too), + 1e-6;
 - 16-bit: FlashAttention's rule, the max error exceeds 2× that of plain PyTorch computing every op in that dtype,
   or 2× that of eager computing in float32 on the rounded inputs (what rounding the inputs alone costs: a sum over
-  a few rows may come out of plain 16-bit math by chance closer), + 1e-5.
+  a few rows may come out of plain 16-bit math by chance closer), + its tests' absolute term (``dq_atol`` in
+  flash-attention's hopper/test_flash_attn.py: twice the rounding error of adding 0.3 to the reference in the
+  output's dtype, ~2 ulps of its largest entries; in a call of a few dozen entries plain PyTorch's max error may
+  come out far below its typical one by chance) + 1e-5.
 
 Failures print one line each with the call and the errors; the exit status is 1 if any seed failed. Not part of the
 test suite (minutes per hundred seeds in Triton's interpreter): what it found became tests (test_backend_triton's
@@ -197,17 +202,22 @@ def check(call: dict, backend: str) -> list[str]:
     """What fails for ``call`` (empty: nothing)."""
     dtype = call["dtype"]
     got, ref = run(call, backend, dtype), run(call, "eager", torch.float64)
-    baselines = [] if dtype == torch.float32 else [run(call, "plain", dtype), run(call, "eager", dtype)]
+    baselines = [run(call, "eager", dtype)]  # (in float32 for 16-bit inputs)
+    if dtype != torch.float32:
+        baselines.append(run(call, "plain", dtype))
     failures = []
     for name, want in ref.items():
         if not torch.isfinite(got[name]).all():
             failures.append(f"{name}: non-finite")
             continue
         err = (got[name].double() - want).abs().max().item()
+        base_err = max((base[name].double() - want).abs().max().item() for base in baselines)
         if dtype == torch.float32:
-            limit = 1e-4 * want.abs().max().item() + 1e-6
+            limit = max(1e-4 * want.abs().max().item(), 2 * base_err) + 1e-6
         else:
-            limit = 2 * max((base[name].double() - want).abs().max().item() for base in baselines) + 1e-5
+            rounded = want.to(got[name].dtype)
+            atol = 2 * (rounded + 0.3 - 0.3 - rounded).abs().max().item()  # (float32 for parameters: ~nothing)
+            limit = 2 * base_err + atol + 1e-5
         if err > limit:
             failures.append(f"{name}: error {err:.3g} > {limit:.3g}")
     return failures

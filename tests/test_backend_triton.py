@@ -751,7 +751,9 @@ FUZZ_REGRESSIONS = {
 @pytest.mark.parametrize("seed", FUZZ_REGRESSIONS)
 def test_fuzz_regressions(seed):
     """Random calls that broke the FlashAttention rule in float16 (tests/fuzz_backends.py: every gradient against
-    float64 eager, within twice plain float16's error or float32 eager's on the rounded inputs) now hold it."""
+    float64 eager, within twice plain float16's error or float32 eager's on the rounded inputs, plus the rule's
+    absolute term) now hold it. (Each still fails with the kernels before session 15, but 100172, which broke it at
+    an intermediate commit of that session.)"""
     import fuzz_backends
 
     extended, magnitudes = FUZZ_REGRESSIONS[seed]
