@@ -293,3 +293,27 @@ def test_schedule_model(capsys):
     assert schedule_model.finish([1.0] * 8, 4) == 2.0
     assert schedule_model.order(3, 2, 0) == [0, 1, 2, 0, 1, 2]
     assert schedule_model.order(3, 2, 2) == [2, 2, 1, 1, 0, 0]
+
+
+@pytest.mark.skipif(not TRITON_ON_CPU, reason="runs its probe in Triton's interpreter (triton installed, no GPU)")
+def test_warp_specialisation_probe_smoke(tmp_path):
+    """benchmarks/triton_ws_probe.py: its probe of the forward loop equals PyTorch's softmax and sa_norm attention
+    (checked inside before any timing), with and without warp specialisation, and the table carries the header."""
+    import triton_ws_probe
+
+    assert triton_ws_probe.main(["--smoke", "--out", str(tmp_path)]) == 0
+    text, data = read(tmp_path, "ws-probe")
+    assert [row["normalizer"] for row in data["rows"]] == ["softmax", "sa_norm"]
+    assert all(row["max_diff"] == 0 and row["ratio"] > 0 for row in data["rows"])
+    assert data["header"]["smoke"] is True and "| sa_norm | 32 | 16 |" in text
+
+
+@pytest.mark.skipif(not TRITON_ON_CPU, reason="runs its probe in Triton's interpreter (triton installed, no GPU)")
+def test_warp_specialisation_probe_stops_when_wrong(tmp_path, monkeypatch, capsys):
+    """A probe that does not compute attention times nothing and writes nothing."""
+    import triton_ws_probe
+
+    monkeypatch.setattr(triton_ws_probe, "reference", lambda q, *args: torch.zeros(q.shape))
+    assert triton_ws_probe.main(["--smoke", "--out", str(tmp_path)]) == 1
+    assert "the probe is wrong" in capsys.readouterr().err
+    assert not (tmp_path / "ws-probe.md").exists()
