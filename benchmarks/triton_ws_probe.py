@@ -13,7 +13,9 @@ specialised path into ``fwd`` is worth it before anyone does: the probe is not t
 Writes OUT_DIR/ws-probe.md and ws-probe.json: per (normalizer, N, head dim) the probe's ms without (the faster
 of 4 and 8 warps) and with warp specialisation (the faster of 2 and 3 stages; tiles as BMxBNxWARPSxSTAGES), their
 ratio, whether the compiler did specialise (its TTGIR holds ``ttg.warp_specialize``), and the largest difference
-between the two outputs. First it checks both against PyTorch at a small size (the run stops if either is wrong).
+between the two outputs, and for context the triton backend's whole forward of the same call without gradients
+(softmax: ``fwd``; sa_norm: ``row_extrema`` then ``fwd``, of which the probe is the second). First it checks both
+variants against PyTorch at a small size (the run stops if either is wrong).
 """
 
 from __future__ import annotations
@@ -144,7 +146,18 @@ def time_both(triton, probe, inputs: dict, norm: int, device: str, block_m: int,
         row[f"{key}_ms"], row[f"{key}_config"], row[f"{key}_applied"], outs[key] = best
     row["ratio"] = gpu_common.ratio(row["ws_ms"], row["plain_ms"])
     row["max_diff"] = (outs["ws"].float() - outs["plain"].float()).abs().max().item()
+    row["ours_ms"] = gpu_common.median_ms(lambda: backend_forward(inputs, row["normalizer"]), device)
     return row
+
+
+def backend_forward(inputs: dict, normalizer: str) -> torch.Tensor:
+    """The triton backend's whole forward of the same call, without gradients (softmax: its ``fwd``; sa_norm:
+    ``row_extrema`` and ``fwd``), the heads as one batch's."""
+    import sasoftmax
+
+    q, k, v = (inputs[n].view(1, inputs["heads"], inputs["length"], -1) for n in "qkv")
+    with torch.no_grad():
+        return sasoftmax.attention(q, k, v, normalizer=normalizer, backend="triton")
 
 
 def make_inputs(length: int, d: int, heads: int, dtype: torch.dtype, device: str, seed: int = 0) -> dict:
@@ -192,15 +205,16 @@ def probe_all(args: argparse.Namespace) -> int:
                 rows.append(time_both(triton, probe, inputs, norm, device, block_m, block_n))
                 print(rows[-1], flush=True)
     table = [
-        "| normalizer | N | D | without: ms (tiles) | with: ms (tiles) | specialised | with ÷ without | max diff |",
-        "| --- | ---: | ---: | ---: | ---: | :---: | ---: | ---: |",
+        "| normalizer | N | D | without: ms (tiles) | with: ms (tiles) | specialised | with ÷ without | max diff | "
+        "the backend's forward ms |",
+        "| --- | ---: | ---: | ---: | ---: | :---: | ---: | ---: | ---: |",
     ]
     for r in rows:
         applied = {None: "–", True: "yes", False: "no"}[r["ws_applied"]]
         table.append(
             f"| {r['normalizer']} | {r['n']} | {r['d']} | {gpu_common.fmt(r['plain_ms'], 3)} ({r['plain_config']}) | "
             f"{gpu_common.fmt(r['ws_ms'], 3)} ({r['ws_config']}) | {applied} | {gpu_common.fmt(r['ratio'])} | "
-            f"{r['max_diff']:.2g} |"
+            f"{r['max_diff']:.2g} | {gpu_common.fmt(r['ours_ms'], 3)} |"
         )
     if args.out is not None:
         info = gpu_common.header(device, dtype=str(dtype).removeprefix("torch."), smoke=args.smoke)

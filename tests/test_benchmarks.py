@@ -304,7 +304,7 @@ def test_warp_specialisation_probe_smoke(tmp_path):
     assert triton_ws_probe.main(["--smoke", "--out", str(tmp_path)]) == 0
     text, data = read(tmp_path, "ws-probe")
     assert [row["normalizer"] for row in data["rows"]] == ["softmax", "sa_norm"]
-    assert all(row["max_diff"] == 0 and row["ratio"] > 0 for row in data["rows"])
+    assert all(row["max_diff"] == 0 and row["ratio"] > 0 and row["ours_ms"] > 0 for row in data["rows"])
     assert data["header"]["smoke"] is True and "| sa_norm | 32 | 16 |" in text
 
 
