@@ -193,7 +193,7 @@ def probe_all(args: argparse.Namespace) -> int:
         for ws in (False, True):
             got = launch(triton, probe, inputs, norm, ws, 4, 2, block_m, block_n)[0].float()
             err = (got - want).abs().max().item()
-            if err > 2e-2:
+            if err > 0.05 * max(1.0, want.abs().max().item()):  # (16-bit weights; a wrong loop is off by O(1))
                 print(f"the probe is wrong (normalizer {norm}, ws={ws}): max error {err:.3g}", file=sys.stderr)
                 return 1
     rows = []
