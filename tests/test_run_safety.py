@@ -106,11 +106,12 @@ def test_sigint_saves_a_checkpoint_and_resume_is_bit_exact(corpus_file, tmp_path
             os.kill(os.getpid(), signal.SIGINT)  # arrives mid-step: the step finishes, then the run stops
 
     out = tmp_path / "stopped"
+    before = signal.getsignal(signal.SIGINT)  # (Python's default handler, or SIG_IGN where the runner ignores SIGINT)
     with pytest.raises(Interrupted, match="SIGINT at step 6.*checkpoint") as stop:
         train(config, out, progress=False, step_hook=ctrl_c_at_5, hook_every=1)
     assert stop.value.exit_code == 130
     assert read_checkpoint(out)["step"] == 6 and metric_steps(out) == list(range(6))
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+    assert signal.getsignal(signal.SIGINT) is before  # handlers restored
     train(config, out, resume=True, progress=False)
     assert same_weights(tmp_path / "full", out)
     full = (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()
@@ -306,7 +307,12 @@ def _start_compare(corpus_file: str, out: Path, *extra: str) -> subprocess.Popen
                corpus_file, "--pos", "rope", "--normalizers", "softmax,sa_norm", "--no-retrieval", "--jobs", "2",
                "--no-progress", *extra]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": SRC}
-    return subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    # SIGINT as a terminal delivers it, even where the runner ignores it (a background job of a script: the child
+    # would inherit SIG_IGN, and Python then installs no KeyboardInterrupt)
+    return subprocess.Popen(
+        command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )  # fmt: skip
 
 
 def _both_training(out: Path) -> bool:
