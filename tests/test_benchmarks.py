@@ -317,3 +317,23 @@ def test_warp_specialisation_probe_stops_when_wrong(tmp_path, monkeypatch, capsy
     assert triton_ws_probe.main(["--smoke", "--out", str(tmp_path)]) == 1
     assert "the probe is wrong" in capsys.readouterr().err
     assert not (tmp_path / "ws-probe.md").exists()
+
+
+@pytest.mark.skipif(not TRITON_ON_CPU, reason="runs its probe in Triton's interpreter (triton installed, no GPU)")
+def test_warp_specialisation_probe_records_a_failing_configuration(tmp_path, monkeypatch):
+    """A configuration that fails (a compile error, too little shared memory) is a line of the table, and the other
+    configurations are still timed."""
+    import triton_ws_probe
+
+    launch = triton_ws_probe.launch
+
+    def failing(triton, probe, inputs, norm, ws, warps, stages, *blocks):
+        if ws and stages == 3:
+            raise RuntimeError("out of resource: shared memory")
+        return launch(triton, probe, inputs, norm, ws, warps, stages, *blocks)
+
+    monkeypatch.setattr(triton_ws_probe, "launch", failing)
+    assert triton_ws_probe.main(["--smoke", "--out", str(tmp_path)]) == 0
+    text, data = read(tmp_path, "ws-probe")
+    assert all(row["ws_config"] == "16x16x4x2" and len(row["errors"]) == 1 for row in data["rows"])
+    assert "with 16x16x4x3: RuntimeError: out of resource" in text
