@@ -35,6 +35,7 @@ VARIANTS = {  # variant -> the kernels its forward and backward launch (row_extr
     "bf16 D=128 sa_norm (tuned tiles)": {"row_extrema", "fwd", "bwd_dq", "bwd_dkdv"},
     "bf16 D=128 softmax causal (tuned tiles)": {"fwd", "bwd_dq", "bwd_dkdv"},
     "bf16 D=64 softmax (tuned tiles)": {"fwd", "bwd_dq", "bwd_dkdv"},
+    "bf16 D=64 sa causal (softmax's tuned tiles)": {"fwd", "bwd_dq", "bwd_dkdv"},  # (16-bit training: split weights)
     "bf16 D=64 sa_norm causal ssmax (tuned tiles), min term scattered": {"row_extrema", "fwd", "bwd_dq", "bwd_dkdv"},
 }
 SHARED_BYTES = {90: 227 * 1024, 80: 163 * 1024}  # the most shared memory one block may use: Hopper, Ampere (A100)
