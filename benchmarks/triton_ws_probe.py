@@ -100,17 +100,15 @@ def row_statistics(q: torch.Tensor, k: torch.Tensor, heads: int, scale: float) -
 
 
 def reference(q, k, v, heads: int, scale: float, norm: int) -> torch.Tensor:
-    """softmax (norm 0) or sa_norm (2) attention per head, float32, materialised."""
+    """softmax (norm 0) or sa_norm (2) attention per head, float32, materialised (the library's weights)."""
+    import sasoftmax
+
     out = torch.empty(q.shape, device=q.device, dtype=torch.float32)
     length = q.shape[0] // heads
     for h in range(heads):
         part = slice(h * length, (h + 1) * length)
         x = (q[part].float() @ k[part].float().T) * scale
-        w = torch.softmax(x, -1)
-        if norm == 2:
-            low = x.amin(1, keepdim=True).clamp(max=0)
-            w = w * (x - low) / (x.amax(1, keepdim=True).clamp(min=0) - low + EPS)
-        out[part] = w @ v[part].float()
+        out[part] = sasoftmax.normalize(x, sasoftmax.NORMALIZERS[norm], eps=EPS) @ v[part].float()
     return out
 
 
