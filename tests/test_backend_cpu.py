@@ -8,7 +8,11 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -672,3 +676,17 @@ def test_fuzz_tool_runs(capsys):
 
     assert fuzz_backends.main(["--backend", "cpu", "--seeds", "0", "6", "--extended"]) == 0
     assert "0 of 6 seeds failed (cpu)" in capsys.readouterr().out
+
+
+def test_fuzz_tool_leaves_a_gpu_to_its_kernels():
+    """tests/fuzz_backends.py turns Triton's interpreter on only where there is no GPU: on one (here faked:
+    ``torch.cuda.is_available`` returns True) it must not, or gpu_check.sh's fuzz step would test the interpreter."""
+    code = (
+        "import os, sys, torch; torch.cuda.is_available = lambda: True; os.environ.pop('TRITON_INTERPRET', None); "
+        f"sys.path.insert(0, {str(Path(__file__).parent)!r}); import fuzz_backends; "
+        "print(fuzz_backends.DEVICE, os.environ.get('TRITON_INTERPRET'))"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.split() == ["cuda", "None"]
