@@ -134,17 +134,18 @@ def fire(call: dict, dtype: torch.dtype):
     return module.to(DEVICE, dtype)
 
 
-def plain(q, k, v, call: dict, bias, s):
-    """Materialised attention with every op in q's dtype (FlashAttention's baseline)."""
+def plain_attention(q, k, v, *, normalizer, causal, ssmax=None, mask=None, bias=None, eps=1e-6, scale=None):
+    """Materialised attention with every op in q's dtype (FlashAttention's baseline; test_backend_triton's too):
+    ``bias`` a tensor or a function of (query positions, key positions), either taken in q's dtype."""
     groups = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
     lq, lk = q.shape[2], k.shape[2]
-    x = q @ k.transpose(-1, -2) * (call["scale"] if call["scale"] is not None else q.shape[-1] ** -0.5)
+    x = q @ k.transpose(-1, -2) * (scale if scale is not None else q.shape[-1] ** -0.5)
     allowed = torch.ones(lq, lk, dtype=torch.bool, device=q.device)
-    if call["causal"]:
+    if causal:
         allowed = torch.arange(lk, device=q.device)[None, :] <= torch.arange(lk - lq, lk, device=q.device)[:, None]
-    if call["mask"] is not None:
-        allowed = allowed & call["mask"].to(q.device)
+    if mask is not None:
+        allowed = allowed & mask.to(q.device)
     if bias is not None:
         if not isinstance(bias, torch.Tensor):
             bias = bias(torch.arange(lk - lq, lk, device=q.device), torch.arange(lk, device=q.device))
@@ -152,9 +153,10 @@ def plain(q, k, v, call: dict, bias, s):
         allowed = allowed & ~torch.isneginf(bias)
         x = x + bias.masked_fill(torch.isneginf(bias), 0)
     allowed = allowed.expand_as(x)
-    if s is not None:
-        x = x * (s.to(q.dtype).view(1, -1, 1, 1) * torch.log(allowed.sum(-1, keepdim=True).clamp_min(1).to(q.dtype)))
-    return masked_weights(x, allowed, call["normalizer"], call["eps"]) @ v
+    if ssmax is not None:
+        n = allowed.sum(-1, keepdim=True).clamp_min(1).to(q.dtype)
+        x = x * (ssmax.to(q.dtype).view(1, -1, 1, 1) * torch.log(n))
+    return masked_weights(x, allowed, normalizer, eps) @ v
 
 
 def run(call: dict, backend: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -187,7 +189,8 @@ def run(call: dict, backend: str, dtype: torch.dtype) -> dict[str, torch.Tensor]
     elif call["ssmax_value"] is not None:
         s = call["ssmax_value"]
     if backend == "plain":
-        out = plain(q, k, v, call, bias, s)
+        out = plain_attention(q, k, v, normalizer=call["normalizer"], causal=call["causal"], ssmax=s, mask=mask,
+                              bias=bias, eps=call["eps"], scale=call["scale"])  # fmt: skip
     else:
         out = sasoftmax.attention(
             q, k, v, normalizer=call["normalizer"], causal=call["causal"], mask=mask, bias=bias, scale=call["scale"],

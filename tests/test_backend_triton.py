@@ -19,11 +19,11 @@ import torch
 # Triton ships wheels for Linux only; elsewhere (macOS, Windows) there is nothing to run these kernels with.
 pytest.importorskip("triton", reason="triton is not installed (it has wheels for Linux only)")
 
+from fuzz_backends import plain_attention  # noqa: E402
 from operator_log import OperatorLog, assert_skips_function_without_grad, traced_path  # noqa: E402
 from sasoftmax import attention, backends  # noqa: E402
 from sasoftmax.attention import choose_backend, make_call  # noqa: E402
 from sasoftmax.backends import triton as triton_backend  # noqa: E402
-from sasoftmax.normalizers import masked_weights  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -92,21 +92,11 @@ def run(inputs, dtype, backend, ssmax=None, params=(), **kwargs):
         leaves.append(ssmax)
     leaves += list(params)
     if backend == "plain":  # the materialised way, every op in the input dtype (bias functions too)
-        out = plain_attention(*leaves[:3], ssmax=ssmax, **_evaluated_bias(kwargs, *leaves[:2]))
+        out = plain_attention(*leaves[:3], ssmax=ssmax, **kwargs)
     else:
         out = attention(*leaves[:3], ssmax=ssmax, backend=backend, **kwargs)
     grads = torch.autograd.grad(out, leaves, inputs[3].to(DEVICE, dtype))
     return [out, *grads]
-
-
-def _evaluated_bias(kwargs, q, k):
-    """kwargs with a bias function replaced by its (1, Hq, L, S) values in q's dtype."""
-    bias = kwargs.get("bias")
-    if bias is None or isinstance(bias, torch.Tensor):
-        return kwargs
-    lq, lk = q.shape[2], k.shape[2]
-    values = bias(torch.arange(lk - lq, lk, device=q.device), torch.arange(lk, device=q.device))
-    return {**kwargs, "bias": values.to(q.dtype)}
 
 
 def assert_flash_rule(names, got, base, ref, dtype=torch.float16):
@@ -115,28 +105,6 @@ def assert_flash_rule(names, got, base, ref, dtype=torch.float16):
     for name, a, p, r in zip(names, got, base, ref, strict=True):
         err, err_plain = (a.double() - r).abs().max().item(), (p.double() - r).abs().max().item()
         assert err <= 2 * err_plain + 1e-5, f"{name}: error {err:.3g} > 2 × plain {dtype}'s {err_plain:.3g}"
-
-
-def plain_attention(q, k, v, *, normalizer, causal, ssmax=None, mask=None, bias=None, eps=1e-6):
-    """Materialised attention computed entirely in the input dtype (the FlashAttention rule's baseline)."""
-    groups = q.shape[1] // k.shape[1]
-    k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
-    lq, lk = q.shape[2], k.shape[2]
-    x = q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5
-    allowed = torch.ones(lq, lk, dtype=torch.bool, device=q.device)
-    if causal:
-        allowed = torch.arange(lk, device=q.device)[None, :] <= torch.arange(lk - lq, lk, device=q.device)[:, None]
-    if mask is not None:
-        allowed = allowed & mask
-    if bias is not None:
-        allowed = allowed & ~torch.isneginf(bias)
-        x = x + bias.masked_fill(torch.isneginf(bias), 0).to(q.dtype)
-    allowed = allowed.expand_as(x)
-    if ssmax is not None:
-        n = allowed.sum(-1, keepdim=True).clamp_min(1).to(q.dtype)
-        x = x * (ssmax.to(q.dtype).view(1, -1, 1, 1) * torch.log(n))
-    w = masked_weights(x, allowed, normalizer, eps)
-    return w @ v
 
 
 FLOAT32_FLOOR = 1e-5
