@@ -200,10 +200,11 @@ def ratio(a: float | None, b: float | None) -> float | None:
     return None if a is None or not b else a / b
 
 
-def run_processes(commands: Sequence[Sequence[str]], workers: int) -> list[int]:
-    """Run ``commands`` in ``workers`` processes at a time, their output discarded (a failing one's command and the
-    tail of its stderr printed); their exit statuses. On KeyboardInterrupt (a caller's time limit sends SIGINT) no
-    further process starts, the running ones are killed, and the interrupt propagates: none outlives the caller."""
+def run_processes(commands: Sequence[Sequence[str]], workers: int, env: dict | None = None) -> list[int]:
+    """Run ``commands`` in ``workers`` processes at a time (in ``env``, default this one's), their output discarded (a
+    failing one's command and the tail of its stderr printed); their exit statuses. On KeyboardInterrupt (a caller's
+    time limit sends SIGINT) no further process starts, the running ones are killed, and the interrupt propagates:
+    none outlives the caller."""
     running: list[subprocess.Popen] = []
     lock, stopping = threading.Lock(), threading.Event()
 
@@ -211,7 +212,7 @@ def run_processes(commands: Sequence[Sequence[str]], workers: int) -> list[int]:
         with lock:  # no process starts once the interrupt has stopped the rest
             if stopping.is_set():
                 return 1
-            process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
             running.append(process)
         _, err = process.communicate()
         if process.returncode and not stopping.is_set():

@@ -71,8 +71,8 @@ def host_commands(device: str, out: str) -> list[list[str]]:
             for index, row in enumerate(triton_host.ROWS)]  # fmt: skip
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+def plan(argv: list[str], out: str) -> tuple[argparse.Namespace, list[tuple[str, ...]]]:
+    """This script's own arguments, and its command lines (writing into ``out``), from ``argv``."""
     groups: list[list[str]] = [[]]  # its own arguments, then one list per benchmark run, each after a "--"
     for word in argv:
         if word == "--":
@@ -95,11 +95,17 @@ def main(argv: list[str] | None = None) -> int:
             gpu_train.parse_row(row)
         except ValueError as err:
             parser.error(str(err))
+    # the training rows first: each compiles several lengths' kernels one after another, the longest jobs
+    todo = [tuple(c) for c in train_commands(args.train_rows, args.train_seqs, out)] if args.train_seqs else []
+    todo += [tuple(c) for c in host_commands(args.host, out)] if args.host else []
+    todo += list(dict.fromkeys(tuple(c) for bench in benches for c in commands(bench, out)))
+    return args, todo
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     with tempfile.TemporaryDirectory(prefix="triton-warm-") as out:
-        # the training rows first: each compiles several lengths' kernels one after another, the longest jobs
-        todo = [tuple(c) for c in train_commands(args.train_rows, args.train_seqs, out)] if args.train_seqs else []
-        todo += [tuple(c) for c in host_commands(args.host, out)] if args.host else []
-        todo += list(dict.fromkeys(tuple(c) for bench in benches for c in commands(bench, out)))
+        args, todo = plan(argv, out)
         if args.dry_run:
             print("\n".join(" ".join(c) for c in todo))
             return 0
