@@ -49,6 +49,10 @@
 #   TEST_WORKERS=14      pytest-xdist workers (if pytest-xdist is installed; 0 runs the tests in one process)
 #   WARM_WORKERS=12      processes compiling the benchmarks' kernels at once (benchmarks/triton_warm.py), and the
 #                        tuning's candidates
+#   PRIMED=              a Triton cache compiled without a GPU for this commit (benchmarks/triton_prime.py build
+#                        --archive, carried as .prime/): installed into $TRITON_CACHE_DIR (default ~/.triton/cache)
+#                        first if this machine's Triton is the one it was built for; after the tests, how many
+#                        kernels Triton compiled all the same (run.log)
 #   GPU_CHECK_SMOKE=1    tiny sizes on CPU: runs every step's code path anywhere (numbers meaningless)
 #   GPU_CHECK_DRY=1      the benchmarks only check their arguments and print their plan (tests/test_benchmarks.py)
 # Exit status: 0 when every step exited 0, else 1 (the files are written either way).
@@ -130,6 +134,13 @@ for name in ('triton', 'flash_attn', 'pandas', 'matplotlib', 'tqdm', 'pytest', '
         print(name, 'not installed')
 "
 
+# A cache compiled without a GPU (see PRIMED above): what Triton would compile here first, found instead
+PRIMED=${PRIMED:-}
+if [ -n "$PRIMED" ]; then
+    export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-$HOME/.triton/cache}
+    step prime 30 "$LOG" "$PY" benchmarks/triton_prime.py install "$PRIMED" --to "$TRITON_CACHE_DIR"
+fi
+
 BIAS_PROVIDERS=(sdpa-flash2 triton:softmax triton:sa_norm)  # the targets: each bias against the same call without
 if [ "${GPU_CHECK_SMOKE:-0}" = 1 ]; then
     KERNEL_SIZES=(--smoke --providers sdpa-math sdpa-cudnn eager:sa_norm --causal yes)
@@ -199,6 +210,7 @@ step tests "$TESTS_S" "$OUT/tests.log" "$PY" -m pytest tests/test_backend_triton
     -rfE --tb=short \
     -p no:cacheprovider ${XDIST[@]+"${XDIST[@]}"}
 [ -f "$OUT/tests.log" ] && tail -n 3 "$OUT/tests.log" | sed 's/^/   /' | tee -a "$LOG"
+[ -n "$PRIMED" ] && "$PY" benchmarks/triton_prime.py misses --to "$TRITON_CACHE_DIR" 2>&1 | sed 's/^/   /' | tee -a "$LOG"
 step fuzz "$FUZZ_S" "$OUT/fuzz.log" "$PY" tests/fuzz_backends.py "${FUZZ[@]}"
 [ -f "$OUT/fuzz.log" ] && tail -n 1 "$OUT/fuzz.log" | sed 's/^/   /' | tee -a "$LOG"
 step tune "$TUNE_S" "$LOG" "$PY" benchmarks/triton_tune.py --out "$OUT" --prefix tune --compile-workers "$WARM_WORKERS" \
