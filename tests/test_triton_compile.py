@@ -128,3 +128,33 @@ def _compile_unavailable() -> str | None:
         [sys.executable, "-c", code, str(SCRIPT.parent)], env=compile_env(), capture_output=True, text=True
     )
     return run.stdout.strip() or None
+
+
+KEYS_SCRIPT = """
+import json
+from triton.runtime import jit
+from sasoftmax.backends import triton_kernels as kernels
+
+functions = {name: f for name, f in vars(kernels).items() if isinstance(f, jit.JITCallable)}
+at_import = {name: f.hash for name, f in functions.items()}  # (what the module computed: None if nothing)
+for _ in range(len(functions)):  # rehashed, last defined first, until nothing changes: every callee's globals in
+    before = {name: f.cache_key for name, f in functions.items()}
+    for f in functions.values():
+        f.hash = None
+    for f in reversed(list(functions.values())):
+        f.cache_key
+    if {name: f.cache_key for name, f in functions.items()} == before:
+        break
+print(json.dumps({"functions": len(functions), "differ": sorted(n for n in functions if at_import[n] != before[n])}))
+"""
+
+
+def test_kernel_cache_keys_do_not_depend_on_the_launch_order():
+    """Triton's on-disk key of a kernel takes in its callees' module constants only where their hashes were computed
+    first (triton_kernels' last lines): the kernels' keys as the module leaves them must be those of a fixpoint, so
+    that no process, whichever kernel it launches first, compiles a kernel again under another key."""
+    done = subprocess.run([sys.executable, "-c", KEYS_SCRIPT], env=compile_env(), capture_output=True, text=True,
+                          timeout=TIMEOUT_S, check=False)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout)
+    assert result["functions"] > 30 and result["differ"] == []

@@ -1215,3 +1215,18 @@ def bwd_dkdv(
     tl.store(dk_ptr, (dk * scale).to(DK.dtype.element_ty), mask=in_k)
     dv_ptr = DV_OUT + b * sdvb + hk * sdvh + cols[:, None] * sdvn + offs_dv[None, :]
     tl.store(dv_ptr, dv.to(DV_OUT.dtype.element_ty), mask=(cols[:, None] < S) & (offs_dv[None, :] < DV))
+
+
+# Triton keys a compiled kernel on disk by a hash of its source and its callees' (``JITFunction.cache_key``, computed
+# on its first launch in a process), and that hash takes in the module constants a callee reads only if the callee's
+# own hash was computed before (triton 3.6–3.9: ``DependenciesFinder._update_hash`` merges the callee's globals before
+# it hashes the callee). So a kernel's key depended on which kernel a process launched first (sa_norm's row_extrema
+# before fwd, or softmax's fwd alone), and another process, or another run, compiled it again under another key.
+# Hashed here in definition order, callees first (each function calls only ones defined above it;
+# tests/test_triton_compile.py checks that the keys are those of a fixpoint), every kernel's key is the same in
+# every process: ~60 ms at import, what the first launches would take anyway.
+if not triton.knobs.runtime.interpret:
+    for _function in list(globals().values()):
+        if isinstance(_function, getattr(triton.runtime.jit, "JITCallable", triton.runtime.JITFunction)):
+            _function.cache_key  # noqa: B018 (computed and kept by Triton)
+    del _function
