@@ -19,9 +19,10 @@ identity and puts the cache in place; ``misses`` counts afterwards what Triton c
     python3 benchmarks/triton_prime.py install .prime/cache.tar.xz --to ~/.triton/cache
     python3 benchmarks/triton_prime.py misses --to ~/.triton/cache
 
-Under the fake GPU the tests' tensors stay on the CPU and their kernels run in the interpreter, whose bfloat16
-arithmetic is wrong: those tests fail here (their outcome is not the point); a test that stops at a failed check
-before its backward leaves the backward's kernels to the GPU. Nothing here runs on or measures a GPU.
+Under the fake GPU the tests' tensors stay on the CPU and their kernels run in the interpreter (bfloat16 tensors
+as float32 copies: its bfloat16 arithmetic is wrong). Tests that check what only a GPU has fail here, their outcome
+is not the point; a test that stops at a failed check leaves its later kernels to the GPU. Nothing here runs on or
+measures a GPU.
 """
 
 from __future__ import annotations
