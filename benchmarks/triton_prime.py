@@ -191,12 +191,14 @@ def activate(identity_key: str, interpret: bool = True) -> None:
 
 
 def pytest_collection_modifyitems(session, config, items) -> None:
-    """(As a pytest plugin, activated:) the test modules' DEVICE is the CPU: their CUDA cases, tensors on the CPU."""
+    """(As a pytest plugin, activated:) the DEVICE of the test modules and of the helpers they import (the fuzz's)
+    is "cuda" to them and the CPU to torch (``CudaOnCpu``): their CUDA cases, tensors on the CPU."""
     if not os.environ.get(IDENTITY_ENV):
         return
-    for module in {item.module for item in items if getattr(item, "module", None) is not None}:
-        if getattr(module, "DEVICE", None) == "cuda":
-            module.DEVICE = "cpu"
+    tests = str(ROOT / "tests")
+    for module in list(sys.modules.values()):
+        if str(getattr(module, "__file__", None) or "").startswith(tests) and getattr(module, "DEVICE", None) == "cuda":
+            module.DEVICE = CudaOnCpu("cpu")
 
 
 if os.environ.get(IDENTITY_ENV) and __name__ != "__main__":
