@@ -51,8 +51,8 @@
 #                        tuning's candidates
 #   PRIMED=              a Triton cache compiled without a GPU for this commit (benchmarks/triton_prime.py build
 #                        --archive, carried as .prime/): installed into $TRITON_CACHE_DIR (default ~/.triton/cache)
-#                        first if this machine's Triton is the one it was built for; after the tests, how many
-#                        kernels Triton compiled all the same (run.log)
+#                        first if this machine's Triton is the one it was built for; after the tests (and the
+#                        fuzz), how many kernels Triton compiled all the same (run.log)
 #   GPU_CHECK_SMOKE=1    tiny sizes on CPU: runs every step's code path anywhere (numbers meaningless)
 #   GPU_CHECK_DRY=1      the benchmarks only check their arguments and print their plan (tests/test_benchmarks.py)
 # Exit status: 0 when every step exited 0, else 1 (the files are written either way).
@@ -213,6 +213,8 @@ step tests "$TESTS_S" "$OUT/tests.log" "$PY" -m pytest tests/test_backend_triton
 [ -n "$PRIMED" ] && "$PY" benchmarks/triton_prime.py misses --to "$TRITON_CACHE_DIR" 2>&1 | sed 's/^/   /' | tee -a "$LOG"
 step fuzz "$FUZZ_S" "$OUT/fuzz.log" "$PY" tests/fuzz_backends.py "${FUZZ[@]}"
 [ -f "$OUT/fuzz.log" ] && tail -n 1 "$OUT/fuzz.log" | sed 's/^/   /' | tee -a "$LOG"
+[ -n "$PRIMED" ] && [ "$FUZZ_S" -gt 0 ] && "$PY" benchmarks/triton_prime.py misses --to "$TRITON_CACHE_DIR" 2>&1 |
+    sed 's/^/   (after the fuzz) /' | tee -a "$LOG"
 step tune "$TUNE_S" "$LOG" "$PY" benchmarks/triton_tune.py --out "$OUT" --prefix tune --compile-workers "$WARM_WORKERS" \
     ${TUNE_SIZES[@]+"${TUNE_SIZES[@]}"} ${DRY[@]+"${DRY[@]}"}
 
