@@ -11,11 +11,11 @@ Python is 3.12 and their triton 3.6.0 the PyPI wheel (``--wheel``), whose libtri
 machine's (the same sources: the same cubins). ``install`` on the GPU machine says whether its Triton is that
 identity and puts the cache in place; ``misses`` counts afterwards what Triton compiled there all the same.
 
-    python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux_2_28_x86_64 \
-        triton==3.6.0 -d /tmp/wheel
-    env -u TRITON_INTERPRET PYTHONPATH=src:<triton 3.6.0> python3 benchmarks/triton_prime.py build \
-        --wheel /tmp/wheel/triton-3.6.0-cp312-*.whl --out .prime/cache --tests
-    # on the GPU machine, before the runs (gpu_check.sh does it when given PRIMED=.prime/cache.tar.xz):
+    bash benchmarks/triton_prime.sh        # the whole build as a GPU session needs it: side folders, wheel, snapshot
+    env -u TRITON_INTERPRET PYTHONPATH=<numpy 2.3, pytest-xdist>:src:<triton 3.6.0> python3 benchmarks/triton_prime.py \
+        build --wheel triton-3.6.0-cp312-....whl --out CACHE --archive .prime/cache.tar.xz \
+        --tests tests/test_backend_triton.py tests/test_triton_kernels.py --fuzz 0 60 --warm -- <triton_warm.py's>
+    # on the GPU machine, before the runs (gpu_check.sh does both when given PRIMED=.prime/cache.tar.xz):
     python3 benchmarks/triton_prime.py install .prime/cache.tar.xz --to ~/.triton/cache
     python3 benchmarks/triton_prime.py misses --to ~/.triton/cache
 
