@@ -190,15 +190,19 @@ def activate(identity_key: str, interpret: bool = True) -> None:
     backend._launch = launch_then_interpret
 
 
-def pytest_collection_modifyitems(session, config, items) -> None:
-    """(As a pytest plugin, activated:) the DEVICE of the test modules and of the helpers they import (the fuzz's)
-    is "cuda" to them and the CPU to torch (``CudaOnCpu``): their CUDA cases, tensors on the CPU."""
-    if not os.environ.get(IDENTITY_ENV):
-        return
+def devices_on_cpu() -> None:
+    """The DEVICE of every loaded module under tests/ that says "cuda" (test modules, the fuzz): "cuda" to them and
+    the CPU to torch (``CudaOnCpu``), so that they take their CUDA cases with tensors on the CPU."""
     tests = str(ROOT / "tests")
     for module in list(sys.modules.values()):
         if str(getattr(module, "__file__", None) or "").startswith(tests) and getattr(module, "DEVICE", None) == "cuda":
             module.DEVICE = CudaOnCpu("cpu")
+
+
+def pytest_collection_modifyitems(session, config, items) -> None:
+    """(As a pytest plugin, activated:) ``devices_on_cpu`` once the test modules are imported."""
+    if os.environ.get(IDENTITY_ENV):
+        devices_on_cpu()
 
 
 if os.environ.get(IDENTITY_ENV) and __name__ != "__main__":
@@ -296,7 +300,7 @@ class CudaOnCpu(str):
 
 
 def execute(args: argparse.Namespace) -> int:
-    """Run a script's ``main`` under the faked GPU (``activate``), its module's DEVICE, where "cuda", the CPU."""
+    """Run a script's ``main`` under the faked GPU (``activate``), its DEVICE, if one of tests/, ``devices_on_cpu``."""
     activate(os.environ.get(IDENTITY_ENV) or local_triton_key(), interpret=args.interpret)
     path = Path(args.script).resolve()
     sys.path.insert(0, str(path.parent))
@@ -304,8 +308,7 @@ def execute(args: argparse.Namespace) -> int:
     module = importlib.util.module_from_spec(spec)
     sys.modules[path.stem] = module
     spec.loader.exec_module(module)
-    if getattr(module, "DEVICE", None) == "cuda":
-        module.DEVICE = CudaOnCpu("cpu")
+    devices_on_cpu()
     return module.main(args.args)
 
 
